@@ -1,0 +1,1071 @@
+// picotron.cu — ModernBERT masked-language-model pretraining, one source for GPU (nvcc) and CPU (g++).
+//
+// Reads top to bottom in the order data flows:
+//   config and command line → process grid → parameters → activations → model forward →
+//   model backward → optimizer → HF import/export → checkpoints → dump → predictions → training loop.
+// Every numeric op lives in kernels.cuh (reference and CUDA twin); token shards, packing and masking
+// in data.h; the JSON and safetensors formats in safetensors.h.
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <dirent.h>
+#include <cinttypes>
+#include <map>
+#include <string>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <vector>
+
+#include "data.h"
+#include "kernels.cuh"
+#include "safetensors.h"
+
+// ---- config and command line ----
+// ModelConfig is the architecture (a preset, or read from an HF config.json); TrainConfig is every
+// flag. Parsing checks everything up front so that a bad flag costs one line, not a crashed run.
+
+struct ModelConfig {
+    int V = 50368;      // vocabulary (rows of the tied embedding)
+    int H = 256;        // hidden size
+    int I = 384;        // MLP intermediate size (Wi has 2·I rows: GELU half, then gate half)
+    int L = 6;          // layers
+    int nh = 4;         // attention heads
+    int hd = 64;        // head dim, H / nh
+    int global_every = 3;          // layer l attends globally iff l % global_every == 0
+    int window = 64;               // local layers: |i − j| ≤ window (transformers' local_attention / 2)
+    float theta_global = 160000.f; // RoPE base on global layers
+    float theta_local = 10000.f;   // RoPE base on local layers
+    float norm_eps = 1e-5f;
+    float init_std = 0.02f;        // transformers' initializer_range
+    float init_cutoff = 2.0f;      // truncation at ±cutoff·σ
+    SpecialIds special{};          // UNK, CLS, SEP, PAD, MASK (ModernBERT's by default)
+    bool is_global(int layer) const { return layer % global_every == 0; }
+};
+
+// Presets. tiny keeps the real vocabulary (the default tokenizer's ids) so that a tiny model and
+// base share data; it is small enough for the CPU tests.
+static bool model_preset(const std::string& name, ModelConfig* m) {
+    *m = ModelConfig{};
+    if (name == "tiny") { m->H = 256; m->I = 384; m->L = 6; m->nh = 4; }
+    else if (name == "base") { m->H = 768; m->I = 1152; m->L = 22; m->nh = 12; }
+    else if (name == "large") { m->H = 1024; m->I = 2624; m->L = 28; m->nh = 16; }
+    else return false;
+    m->hd = m->H / m->nh;
+    return true;
+}
+
+struct TrainConfig {
+    std::string model = "tiny", init_from, data = "data/default";
+    int seq_len = 512, micro_batch_tokens = 2048, grad_accum = 1, steps = 100;
+    float lr = 1e-3f, decay_frac = 0.1f, weight_decay = 1e-5f, beta1 = 0.9f, beta2 = 0.98f, eps = 1e-6f, clip = 0.f;
+    int warmup = 10;
+    std::string optimizer = "adamw";
+    uint64_t seed = 42;
+    std::string save_dir, resume_dir, export_dir, log_path, dump_dir, prepare_text;
+    int save_every = 0;
+    std::vector<std::string> predict;
+    double peak_tflops = 0.0;  // for MFU; 0 → the build's default
+};
+
+static const char* kUsage =
+    "usage: mpirun -np 1 ./picotron[_cpu] [flags]\n"
+    "model:\n"
+    "  --model tiny|base|large     architecture preset (default tiny)\n"
+    "  --init-from DIR             start from a Hugging Face ModernBertForMaskedLM dir (config.json + model.safetensors)\n"
+    "data:\n"
+    "  --data PATH                 token shard or directory of *.bin shards (default data/default)\n"
+    "  --seq-len N                 longest document piece; longer documents are split (default 512)\n"
+    "  --micro-batch-tokens N      packed tokens per micro-batch (default 2048)\n"
+    "  --grad-accum N              micro-batches per optimizer step (default 1)\n"
+    "  --prepare-text DIR          tokenize every text file in DIR with the default word tokenizer into --data, then exit\n"
+    "training:\n"
+    "  --steps N                   optimizer steps (default 100)\n"
+    "  --lr X                      peak learning rate (default 1e-3)\n"
+    "  --warmup N                  linear warmup steps (default 10)\n"
+    "  --decay-frac X              final fraction of steps with 1-sqrt decay to 0 (default 0.1)\n"
+    "  --weight-decay X            decoupled weight decay on matrices (default 1e-5)\n"
+    "  --optimizer adamw|stable-adamw   (default adamw; betas 0.9/0.98, eps 1e-6)\n"
+    "  --clip X                    clip the global gradient norm to X (default 0: off)\n"
+    "  --seed N                    data order, masking and initialisation (default 42)\n"
+    "output:\n"
+    "  --log FILE.jsonl            one JSON object per step\n"
+    "  --save DIR --save-every N   checkpoints DIR/step_N (written to a temporary name, then renamed)\n"
+    "  --resume DIR                continue exactly from DIR's latest checkpoint\n"
+    "  --export DIR                write the trained model as HF config.json + model.safetensors\n"
+    "  --dump DIR                  write the first batch, its loss and every gradient as DIR/dump.safetensors\n"
+    "  --predict \"TEXT [MASK] …\"   show the top predictions for each [MASK] (repeatable) and exit;\n"
+    "                              the tokenizer is --data's vocab.txt\n"
+    "  --peak-tflops X             peak device throughput used for MFU (default: 989 on GPU, none on CPU)\n"
+    "  --help                      this text\n";
+
+static int parse_int(const std::string& flag, const std::string& v, long lo, long hi) {
+    char* end = nullptr;
+    errno = 0;
+    long x = strtol(v.c_str(), &end, 10);
+    if (v.empty() || *end || errno || x < lo || x > hi)
+        fatal("%s wants an integer in [%ld, %ld], got '%s'", flag.c_str(), lo, hi, v.c_str());
+    return (int)x;
+}
+static float parse_float(const std::string& flag, const std::string& v, double lo, double hi) {
+    char* end = nullptr;
+    errno = 0;
+    double x = strtod(v.c_str(), &end);
+    if (v.empty() || *end || errno || !(x >= lo && x <= hi))
+        fatal("%s wants a number in [%g, %g], got '%s'", flag.c_str(), lo, hi, v.c_str());
+    return (float)x;
+}
+
+static TrainConfig parse_args(int argc, char** argv) {
+    TrainConfig c;
+    for (int i = 1; i < argc; i++) {
+        std::string flag = argv[i];
+        if (flag == "--help" || flag == "-h") {
+            int rank = 0;
+            MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+            if (rank == 0) fputs(kUsage, stdout);
+            MPI_Finalize();
+            exit(0);
+        }
+        if (flag.rfind("--", 0) != 0) fatal("unexpected argument '%s' (see --help)", flag.c_str());
+        if (i + 1 >= argc) fatal("flag %s needs a value (see --help)", flag.c_str());
+        std::string v = argv[++i];
+        if (flag == "--model") c.model = v;
+        else if (flag == "--init-from") c.init_from = v;
+        else if (flag == "--data") c.data = v;
+        else if (flag == "--seq-len") c.seq_len = parse_int(flag, v, 1, 1 << 20);
+        else if (flag == "--micro-batch-tokens") c.micro_batch_tokens = parse_int(flag, v, 1, 1 << 24);
+        else if (flag == "--grad-accum") c.grad_accum = parse_int(flag, v, 1, 1 << 16);
+        else if (flag == "--steps") c.steps = parse_int(flag, v, 0, 1 << 30);
+        else if (flag == "--lr") c.lr = parse_float(flag, v, 0.0, 10.0);
+        else if (flag == "--warmup") c.warmup = parse_int(flag, v, 0, 1 << 30);
+        else if (flag == "--decay-frac") c.decay_frac = parse_float(flag, v, 0.0, 1.0);
+        else if (flag == "--weight-decay") c.weight_decay = parse_float(flag, v, 0.0, 1.0);
+        else if (flag == "--optimizer") c.optimizer = v;
+        else if (flag == "--clip") c.clip = parse_float(flag, v, 0.0, 1e9);
+        else if (flag == "--seed") c.seed = (uint64_t)parse_int(flag, v, 0, 2147483647);
+        else if (flag == "--log") c.log_path = v;
+        else if (flag == "--save") c.save_dir = v;
+        else if (flag == "--save-every") c.save_every = parse_int(flag, v, 0, 1 << 30);
+        else if (flag == "--resume") c.resume_dir = v;
+        else if (flag == "--export") c.export_dir = v;
+        else if (flag == "--dump") c.dump_dir = v;
+        else if (flag == "--predict") c.predict.push_back(v);
+        else if (flag == "--prepare-text") c.prepare_text = v;
+        else if (flag == "--peak-tflops") c.peak_tflops = parse_float(flag, v, 0.0, 1e6);
+        else fatal("unknown flag %s (see --help)", flag.c_str());
+    }
+    if (c.model != "tiny" && c.model != "base" && c.model != "large")
+        fatal("--model must be tiny, base or large, got '%s'", c.model.c_str());
+    if (c.optimizer != "adamw" && c.optimizer != "stable-adamw")
+        fatal("--optimizer must be adamw or stable-adamw, got '%s'", c.optimizer.c_str());
+    if (c.seq_len > c.micro_batch_tokens)
+        fatal("--seq-len %d is longer than --micro-batch-tokens %d: a document piece must fit a micro-batch",
+              c.seq_len, c.micro_batch_tokens);
+    if (c.save_every > 0 && c.save_dir.empty()) fatal("--save-every needs --save DIR");
+    return c;
+}
+
+// ---- process grid ----
+// world = dp·pp·cp·tp with tensor parallel innermost. This foundation runs one rank; the grid
+// already names each coordinate so that the parallel sections slot in where they belong.
+struct ProcessGrid {
+    int world_rank = 0, world_size = 1;
+    int dp = 1, pp = 1, cp = 1, tp = 1;
+    bool is_first_stage() const { return true; }
+    bool is_last_stage() const { return true; }
+};
+
+static ProcessGrid make_grid() {
+    ProcessGrid g;
+    MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &g.world_rank));
+    MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &g.world_size));
+    if (g.world_size != 1)
+        fatal("this build trains on one rank (world size %d): data, tensor, context and pipeline layouts "
+              "come with the rank grid", g.world_size);
+    return g;
+}
+
+// ---- parameters ----
+// All weights live in one flat fp32 buffer, in the order of the table below (transformers' names,
+// shapes and initialisation). Gradients and the two Adam moments are flat buffers of the same layout,
+// so an optimizer step, a checkpoint or a gradient bucket is a walk over one table.
+
+struct ParamInfo {
+    std::string name;          // transformers' parameter name
+    std::vector<int> shape;    // e.g. (3H, H)
+    size_t offset = 0, numel = 0;
+    float init_std = 0.f;      // 0: LayerNorm weight (ones) or bias (zeros)
+    bool is_norm = false;      // LayerNorm weights start at one
+    bool decay() const { return shape.size() >= 2; }  // no weight decay on 1-D tensors
+};
+
+struct LayerWeights {
+    float* attn_norm;  // (H), null on layer 0 (transformers has Identity there)
+    float* wqkv;       // (3H, H) rows: q heads | k heads | v heads
+    float* wo;         // (H, H)
+    float* mlp_norm;   // (H)
+    float* wi;         // (2I, H) rows: GELU half | gate half
+    float* mlp_wo;     // (H, I)
+};
+struct ModelWeights {
+    float* tok_embeddings;  // (V, H), tied to the decoder
+    float* emb_norm;        // (H)
+    std::vector<LayerWeights> layers;
+    float* final_norm;      // (H)
+    float* head_dense;      // (H, H)
+    float* head_norm;       // (H)
+    float* decoder_bias;    // (V)
+};
+
+struct ParamTable {
+    std::vector<ParamInfo> params;
+    size_t total = 0;
+    const ParamInfo* find(const std::string& name) const {
+        for (const auto& p : params)
+            if (p.name == name) return &p;
+        return nullptr;
+    }
+};
+
+static ParamTable make_param_table(const ModelConfig& m) {
+    ParamTable t;
+    // transformers' _init_weights: "in" σ for inputs, "out" σ/√(2L) for projections into the residual
+    float std_in = m.init_std, std_out = m.init_std / sqrtf(2.0f * m.L);
+    auto add = [&](const std::string& name, std::vector<int> shape, float std, bool is_norm) {
+        ParamInfo p;
+        p.name = name;
+        p.shape = shape;
+        p.numel = 1;
+        for (int d : shape) p.numel *= (size_t)d;
+        p.offset = t.total;
+        p.init_std = std;
+        p.is_norm = is_norm;
+        t.total += p.numel;
+        t.params.push_back(p);
+    };
+    add("model.embeddings.tok_embeddings.weight", {m.V, m.H}, std_in, false);
+    add("model.embeddings.norm.weight", {m.H}, 0.f, true);
+    for (int l = 0; l < m.L; l++) {
+        std::string p = "model.layers." + std::to_string(l) + ".";
+        if (l > 0) add(p + "attn_norm.weight", {m.H}, 0.f, true);
+        add(p + "attn.Wqkv.weight", {3 * m.H, m.H}, std_in, false);
+        add(p + "attn.Wo.weight", {m.H, m.H}, std_out, false);
+        add(p + "mlp_norm.weight", {m.H}, 0.f, true);
+        add(p + "mlp.Wi.weight", {2 * m.I, m.H}, std_in, false);
+        add(p + "mlp.Wo.weight", {m.H, m.I}, std_out, false);
+    }
+    add("model.final_norm.weight", {m.H}, 0.f, true);
+    add("head.dense.weight", {m.H, m.H}, std_out, false);
+    add("head.norm.weight", {m.H}, 0.f, true);
+    add("decoder.bias", {m.V}, 0.f, false);
+    return t;
+}
+
+// Pointers into a flat buffer (parameters, or gradients: same layout).
+static ModelWeights view_weights(const ParamTable& t, const ModelConfig& m, float* base) {
+    auto at = [&](const std::string& name) -> float* {
+        const ParamInfo* p = t.find(name);
+        return p ? base + p->offset : nullptr;
+    };
+    ModelWeights w;
+    w.tok_embeddings = at("model.embeddings.tok_embeddings.weight");
+    w.emb_norm = at("model.embeddings.norm.weight");
+    for (int l = 0; l < m.L; l++) {
+        std::string p = "model.layers." + std::to_string(l) + ".";
+        w.layers.push_back({at(p + "attn_norm.weight"), at(p + "attn.Wqkv.weight"), at(p + "attn.Wo.weight"),
+                            at(p + "mlp_norm.weight"), at(p + "mlp.Wi.weight"), at(p + "mlp.Wo.weight")});
+    }
+    w.final_norm = at("model.final_norm.weight");
+    w.head_dense = at("head.dense.weight");
+    w.head_norm = at("head.norm.weight");
+    w.decoder_bias = at("decoder.bias");
+    return w;
+}
+
+// Deterministic initialisation: a counter-based normal draw per (seed, tensor, element), truncated
+// at ±cutoff·σ by redrawing, so that a weight's initial value does not depend on anything else.
+static uint64_t mix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+static double uniform01(uint64_t h) { return ((h >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+
+static void init_params(const ParamTable& t, const ModelConfig& m, uint64_t seed, std::vector<float>* host) {
+    host->assign(t.total, 0.f);
+    for (size_t pi = 0; pi < t.params.size(); pi++) {
+        const ParamInfo& p = t.params[pi];
+        float* w = host->data() + p.offset;
+        for (size_t i = 0; i < p.numel; i++) {
+            if (p.is_norm) { w[i] = 1.f; continue; }
+            if (p.init_std == 0.f) { w[i] = 0.f; continue; }
+            for (uint64_t attempt = 0;; attempt++) {  // Box–Muller, redrawn until inside the cutoff
+                uint64_t key = mix64(mix64(mix64(seed) ^ pi) ^ i) ^ (attempt * 0x2545F4914F6CDD1Dull);
+                double u1 = uniform01(mix64(key)), u2 = uniform01(mix64(key ^ 0xD1B54A32D192ED03ull));
+                double z = sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2);
+                if (fabs(z) <= m.init_cutoff) { w[i] = (float)(z * p.init_std); break; }
+            }
+        }
+    }
+}
+
+// The whole trainable state: parameters, gradients (raw sums over the masked tokens of the step),
+// Adam moments; all on the compute device.
+struct Model {
+    ModelConfig cfg;
+    ParamTable table;
+    float* params = nullptr;  // (total)
+    float* grads = nullptr;   // (total)
+    float* adam_m = nullptr;  // (total)
+    float* adam_v = nullptr;  // (total)
+    ModelWeights w, g;        // views of params and grads
+    int adam_step = 0;        // optimizer steps taken (Adam's t)
+};
+
+static void model_allocate(Model* model, const std::vector<float>& host_params) {
+    model->table = make_param_table(model->cfg);
+    size_t n = model->table.total;
+    if (host_params.size() != n) fatal("internal: %zu initial values for %zu parameters", host_params.size(), n);
+    model->params = ops::alloc_floats(n);
+    model->grads = ops::alloc_floats(n);
+    model->adam_m = ops::alloc_floats(n);
+    model->adam_v = ops::alloc_floats(n);
+    ops::copy_to_device(model->params, host_params.data(), n * sizeof(float));
+    model->w = view_weights(model->table, model->cfg, model->params);
+    model->g = view_weights(model->table, model->cfg, model->grads);
+}
+
+static std::vector<float> device_to_vector(const float* p, size_t n) {
+    std::vector<float> v(n);
+    ops::copy_to_host(v.data(), p, n * sizeof(float));
+    return v;
+}
+
+// ---- activations ----
+// What one micro-batch's forward keeps for its backward, sized for micro_batch_tokens (T) tokens.
+// Scratch buffers for gradients are shared by all layers: the backward visits one layer at a time.
+struct LayerActivations {
+    float* ln_attn;          // (T, H)  attn_norm output (layer 0 uses the residual directly)
+    float* ln_attn_mean;     // (T)
+    float* ln_attn_rstd;     // (T)
+    float* qkv;              // (T, 3H) after RoPE
+    float* lse;              // (T, nh) attention log-sum-exp
+    float* atty;             // (T, H)  attention output before Wo
+    float* resid_mid;        // (T, H)  residual after the attention block
+    float* ln_mlp;           // (T, H)
+    float* ln_mlp_mean;      // (T)
+    float* ln_mlp_rstd;      // (T)
+    float* mlp_in;           // (T, 2I) Wi output [x | gate]
+    float* mlp_act;          // (T, I)  GELU(x) ⊙ gate
+};
+struct Activations {
+    int T = 0, M = 0;        // token capacity, masked-row capacity
+    int* ids;                // (T)
+    int* positions;          // (T)
+    int* cu_seqlens;         // (T + 1)
+    int* masked_rows;        // (M)
+    int* targets;            // (M) labels of the masked rows
+    float* emb;              // (T, H) embedding lookup
+    float* emb_mean;         // (T)
+    float* emb_rstd;         // (T)
+    std::vector<float*> residual;  // L + 1 of (T, H): residual[0] = LN_emb output, residual[l+1] = layer l output
+    std::vector<LayerActivations> layers;
+    float* final_out;        // (T, H)  final_norm output
+    float* final_mean;       // (T)
+    float* final_rstd;       // (T)
+    float* head_in;          // (M, H)  masked rows of final_out
+    float* head_pre;         // (M, H)  dense output
+    float* head_act;         // (M, H)  GELU
+    float* head_out;         // (M, H)  head norm output
+    float* head_mean;        // (M)
+    float* head_rstd;        // (M)
+    float* logits;           // (M, V)  reused for their gradient in the backward
+    float* losses;           // (M)
+    // backward scratch
+    float* d_resid;          // (T, H)  gradient flowing down the residual stream
+    float* d_ln;             // (T, H)
+    float* d_atty;           // (T, H)
+    float* d_qkv;            // (T, 3H)
+    float* d_mlp_act;        // (T, I)
+    float* d_mlp_in;         // (T, 2I)
+    float* d_head_a;         // (M, H)
+    float* d_head_b;         // (M, H)
+};
+
+static Activations alloc_activations(const ModelConfig& m, int T) {
+    Activations a;
+    a.T = T;
+    a.M = T;  // every row could be masked; the head buffers are small next to the layers
+    size_t TH = (size_t)T * m.H, MH = (size_t)a.M * m.H;
+    a.ids = ops::alloc_ints(T);
+    a.positions = ops::alloc_ints(T);
+    a.cu_seqlens = ops::alloc_ints(T + 1);
+    a.masked_rows = ops::alloc_ints(a.M);
+    a.targets = ops::alloc_ints(a.M);
+    a.emb = ops::alloc_floats(TH);
+    a.emb_mean = ops::alloc_floats(T);
+    a.emb_rstd = ops::alloc_floats(T);
+    for (int l = 0; l <= m.L; l++) a.residual.push_back(ops::alloc_floats(TH));
+    for (int l = 0; l < m.L; l++) {
+        LayerActivations la;
+        la.ln_attn = l > 0 ? ops::alloc_floats(TH) : nullptr;
+        la.ln_attn_mean = ops::alloc_floats(T);
+        la.ln_attn_rstd = ops::alloc_floats(T);
+        la.qkv = ops::alloc_floats(3 * TH);
+        la.lse = ops::alloc_floats((size_t)T * m.nh);
+        la.atty = ops::alloc_floats(TH);
+        la.resid_mid = ops::alloc_floats(TH);
+        la.ln_mlp = ops::alloc_floats(TH);
+        la.ln_mlp_mean = ops::alloc_floats(T);
+        la.ln_mlp_rstd = ops::alloc_floats(T);
+        la.mlp_in = ops::alloc_floats((size_t)T * 2 * m.I);
+        la.mlp_act = ops::alloc_floats((size_t)T * m.I);
+        a.layers.push_back(la);
+    }
+    a.final_out = ops::alloc_floats(TH);
+    a.final_mean = ops::alloc_floats(T);
+    a.final_rstd = ops::alloc_floats(T);
+    a.head_in = ops::alloc_floats(MH);
+    a.head_pre = ops::alloc_floats(MH);
+    a.head_act = ops::alloc_floats(MH);
+    a.head_out = ops::alloc_floats(MH);
+    a.head_mean = ops::alloc_floats(a.M);
+    a.head_rstd = ops::alloc_floats(a.M);
+    a.logits = ops::alloc_floats((size_t)a.M * m.V);
+    a.losses = ops::alloc_floats(a.M);
+    a.d_resid = ops::alloc_floats(TH);
+    a.d_ln = ops::alloc_floats(TH);
+    a.d_atty = ops::alloc_floats(TH);
+    a.d_qkv = ops::alloc_floats(3 * TH);
+    a.d_mlp_act = ops::alloc_floats((size_t)T * m.I);
+    a.d_mlp_in = ops::alloc_floats((size_t)T * 2 * m.I);
+    a.d_head_a = ops::alloc_floats(MH);
+    a.d_head_b = ops::alloc_floats(MH);
+    return a;
+}
+
+// The batch metadata one forward needs, on the host (see data.h's MicroBatch).
+struct BatchView {
+    int T = 0, n_docs = 0, n_masked = 0;
+    std::vector<int> ids, positions, cu_seqlens, masked_rows, targets;
+};
+
+static BatchView batch_view(const MicroBatch& mb) {
+    BatchView b;
+    b.T = mb.T;
+    b.n_docs = mb.n_docs;
+    b.ids = mb.ids;
+    b.positions = mb.positions;
+    b.cu_seqlens = mb.cu_seqlens;
+    b.masked_rows = mb.masked_rows;
+    for (int r : mb.masked_rows) b.targets.push_back(mb.labels[r]);
+    b.n_masked = (int)b.masked_rows.size();
+    return b;
+}
+
+static void upload_batch(Activations* a, const BatchView& b, const ModelConfig& m) {
+    if (b.T > a->T) fatal("internal: batch of %d tokens in buffers of %d", b.T, a->T);
+    for (int id : b.ids)
+        if (id < 0 || id >= m.V) fatal("token id %d outside the model's vocabulary of %d", id, m.V);
+    ops::copy_to_device(a->ids, b.ids.data(), sizeof(int) * b.T);
+    ops::copy_to_device(a->positions, b.positions.data(), sizeof(int) * b.T);
+    ops::copy_to_device(a->cu_seqlens, b.cu_seqlens.data(), sizeof(int) * (b.n_docs + 1));
+    if (b.n_masked) {
+        ops::copy_to_device(a->masked_rows, b.masked_rows.data(), sizeof(int) * b.n_masked);
+        ops::copy_to_device(a->targets, b.targets.data(), sizeof(int) * b.n_masked);
+    }
+}
+
+// ---- model forward ----
+// Embedding → LayerNorm → L pre-norm layers (attention, GeGLU MLP, each added to the residual) →
+// final norm → (masked rows only) head dense → GELU → LayerNorm → tied decoder → cross-entropy.
+// Returns the SUM of the masked tokens' losses: normalisation happens once, per optimizer step.
+
+static double model_forward(const Model& model, Activations& a, const BatchView& b) {
+    const ModelConfig& m = model.cfg;
+    const ModelWeights& w = model.w;
+    const int T = b.T, H = m.H, I = m.I, M = b.n_masked;
+    upload_batch(&a, b, m);
+
+    ops::embedding_forward(a.emb, a.ids, w.tok_embeddings, T, H, 0, m.V);
+    ops::layernorm_forward(a.residual[0], a.emb_mean, a.emb_rstd, a.emb, w.emb_norm, T, H, m.norm_eps);
+
+    for (int l = 0; l < m.L; l++) {
+        const LayerWeights& lw = w.layers[l];
+        LayerActivations& la = a.layers[l];
+        const float* h = a.residual[l];
+        // attention block
+        const float* attn_in = h;
+        if (lw.attn_norm) {
+            ops::layernorm_forward(la.ln_attn, la.ln_attn_mean, la.ln_attn_rstd, h, lw.attn_norm, T, H, m.norm_eps);
+            attn_in = la.ln_attn;
+        }
+        ops::matmul_forward(la.qkv, attn_in, lw.wqkv, nullptr, T, H, 3 * H);
+        float theta = m.is_global(l) ? m.theta_global : m.theta_local;
+        int window = m.is_global(l) ? -1 : m.window;
+        ops::rope_forward(la.qkv, a.positions, T, m.nh, m.hd, theta);
+        ops::attention_forward(la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, m.nh, m.hd, window);
+        ops::matmul_forward(la.resid_mid, la.atty, lw.wo, nullptr, T, H, H);
+        ops::add_inplace(la.resid_mid, h, (size_t)T * H);
+        // MLP block
+        ops::layernorm_forward(la.ln_mlp, la.ln_mlp_mean, la.ln_mlp_rstd, la.resid_mid, lw.mlp_norm, T, H, m.norm_eps);
+        ops::matmul_forward(la.mlp_in, la.ln_mlp, lw.wi, nullptr, T, H, 2 * I);
+        ops::geglu_forward(la.mlp_act, la.mlp_in, T, I);
+        ops::matmul_forward(a.residual[l + 1], la.mlp_act, lw.mlp_wo, nullptr, T, I, H);
+        ops::add_inplace(a.residual[l + 1], la.resid_mid, (size_t)T * H);
+    }
+    ops::layernorm_forward(a.final_out, a.final_mean, a.final_rstd, a.residual[m.L], w.final_norm, T, H, m.norm_eps);
+    if (M == 0) return 0.0;
+
+    // sparse prediction: only masked rows go through the head and the decoder
+    ops::gather_rows(a.head_in, a.final_out, a.masked_rows, M, H);
+    ops::matmul_forward(a.head_pre, a.head_in, w.head_dense, nullptr, M, H, H);
+    ops::gelu_forward(a.head_act, a.head_pre, (size_t)M * H);
+    ops::layernorm_forward(a.head_out, a.head_mean, a.head_rstd, a.head_act, w.head_norm, M, H, m.norm_eps);
+    ops::matmul_forward(a.logits, a.head_out, w.tok_embeddings, w.decoder_bias, M, H, m.V);
+    ops::crossentropy_forward(a.losses, a.logits, a.targets, M, m.V);
+    return ops::sum(a.losses, M);
+}
+
+// ---- model backward ----
+// The forward in reverse. Gradients are sums over this micro-batch's masked tokens (dloss = 1 per
+// token) added into model.grads, so micro-batches accumulate and the step normalises once.
+// The tied embedding collects the decoder's gradient and the lookup's scatter in one tensor.
+
+static void model_backward(Model& model, Activations& a, const BatchView& b) {
+    const ModelConfig& m = model.cfg;
+    const ModelWeights& w = model.w;
+    ModelWeights& g = model.g;
+    const int T = b.T, H = m.H, I = m.I, M = b.n_masked;
+    const size_t TH = (size_t)T * H;
+    ops::zero_floats(a.d_resid, TH);
+    if (M > 0) {
+        // logits' gradient overwrites the logits: they are not needed afterwards
+        ops::crossentropy_backward(a.logits, a.logits, a.targets, 1.0f, M, m.V);
+        ops::zero_floats(a.d_head_a, (size_t)M * H);
+        ops::matmul_backward(a.d_head_a, g.tok_embeddings, g.decoder_bias, a.logits, a.head_out, w.tok_embeddings,
+                             M, H, m.V);
+        ops::zero_floats(a.d_head_b, (size_t)M * H);
+        ops::layernorm_backward(a.d_head_b, g.head_norm, a.d_head_a, a.head_act, w.head_norm, a.head_mean,
+                                a.head_rstd, M, H);
+        ops::zero_floats(a.d_head_a, (size_t)M * H);
+        ops::gelu_backward(a.d_head_a, a.d_head_b, a.head_pre, (size_t)M * H);
+        ops::zero_floats(a.d_head_b, (size_t)M * H);
+        ops::matmul_backward(a.d_head_b, g.head_dense, nullptr, a.d_head_a, a.head_in, w.head_dense, M, H, H);
+        ops::zero_floats(a.d_ln, TH);
+        ops::scatter_rows_backward(a.d_ln, a.d_head_b, a.masked_rows, M, H);
+        ops::layernorm_backward(a.d_resid, g.final_norm, a.d_ln, a.residual[m.L], w.final_norm, a.final_mean,
+                                a.final_rstd, T, H);
+    }
+    for (int l = m.L - 1; l >= 0; l--) {
+        const LayerWeights& lw = w.layers[l];
+        LayerWeights& lg = g.layers[l];
+        LayerActivations& la = a.layers[l];
+        // d_resid holds ∂loss/∂residual[l+1]; the MLP branch adds its share of ∂/∂resid_mid
+        ops::zero_floats(a.d_mlp_act, (size_t)T * I);
+        ops::matmul_backward(a.d_mlp_act, lg.mlp_wo, nullptr, a.d_resid, la.mlp_act, lw.mlp_wo, T, I, H);
+        ops::zero_floats(a.d_mlp_in, (size_t)T * 2 * I);
+        ops::geglu_backward(a.d_mlp_in, a.d_mlp_act, la.mlp_in, T, I);
+        ops::zero_floats(a.d_ln, TH);
+        ops::matmul_backward(a.d_ln, lg.wi, nullptr, a.d_mlp_in, la.ln_mlp, lw.wi, T, H, 2 * I);
+        ops::layernorm_backward(a.d_resid, lg.mlp_norm, a.d_ln, la.resid_mid, lw.mlp_norm, la.ln_mlp_mean,
+                                la.ln_mlp_rstd, T, H);
+        // now ∂/∂resid_mid; the attention branch adds its share of ∂/∂residual[l]
+        ops::zero_floats(a.d_atty, TH);
+        ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_resid, la.atty, lw.wo, T, H, H);
+        ops::zero_floats(a.d_qkv, 3 * TH);
+        int window = m.is_global(l) ? -1 : m.window;
+        ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, m.nh, m.hd,
+                                window);
+        ops::rope_backward(a.d_qkv, a.positions, T, m.nh, m.hd, m.is_global(l) ? m.theta_global : m.theta_local);
+        if (lw.attn_norm) {
+            ops::zero_floats(a.d_ln, TH);
+            ops::matmul_backward(a.d_ln, lg.wqkv, nullptr, a.d_qkv, la.ln_attn, lw.wqkv, T, H, 3 * H);
+            ops::layernorm_backward(a.d_resid, lg.attn_norm, a.d_ln, a.residual[l], lw.attn_norm, la.ln_attn_mean,
+                                    la.ln_attn_rstd, T, H);
+        } else {  // layer 0: the attention reads the residual itself
+            ops::matmul_backward(a.d_resid, lg.wqkv, nullptr, a.d_qkv, a.residual[l], lw.wqkv, T, H, 3 * H);
+        }
+    }
+    ops::zero_floats(a.d_ln, TH);
+    ops::layernorm_backward(a.d_ln, g.emb_norm, a.d_resid, a.emb, w.emb_norm, a.emb_mean, a.emb_rstd, T, H);
+    ops::embedding_backward(g.tok_embeddings, a.d_ln, a.ids, T, H, 0, m.V, m.special.pad);
+}
+
+// ---- optimizer ----
+// Warmup-stable-decay learning rate; global-norm clipping; AdamW (or StableAdamW) with fp32 state,
+// no weight decay on 1-D tensors. The raw gradient sums are normalised by the step's masked-token
+// count inside the update (grad_scale), the one place the loss's mean is taken.
+
+static float learning_rate(const TrainConfig& c, int step) {  // step counts from 1
+    if (c.warmup > 0 && step <= c.warmup) return c.lr * (float)step / (float)c.warmup;
+    int decay_steps = (int)(c.decay_frac * c.steps);
+    int decay_start = c.steps - decay_steps;
+    if (decay_steps > 0 && step > decay_start) {
+        float progress = (float)(step - decay_start - 1) / (float)decay_steps;  // in [0, 1)
+        return c.lr * (1.0f - sqrtf(progress));
+    }
+    return c.lr;
+}
+
+// Returns the global gradient norm of the normalised gradient (before clipping).
+static double optimizer_step(Model& model, const TrainConfig& c, float lr, long masked_tokens) {
+    double inv_count = masked_tokens > 0 ? 1.0 / (double)masked_tokens : 0.0;
+    double norm = sqrt(ops::sum_squares(model.grads, model.table.total)) * inv_count;
+    double clip_factor = (c.clip > 0.f && norm > c.clip) ? c.clip / norm : 1.0;
+    float grad_scale = (float)(inv_count * clip_factor);
+    model.adam_step++;
+    for (const ParamInfo& p : model.table.params) {
+        float* param = model.params + p.offset;
+        float* grad = model.grads + p.offset;
+        float tensor_lr = lr;
+        if (c.optimizer == "stable-adamw") {
+            double rms = ops::stable_adamw_rms(grad, model.adam_v + p.offset, p.numel, c.beta2, c.eps,
+                                               model.adam_step, grad_scale);
+            tensor_lr = (float)(lr / std::max(1.0, rms));
+        }
+        ops::adamw_update(param, grad, model.adam_m + p.offset, model.adam_v + p.offset, p.numel, tensor_lr, c.beta1,
+                          c.beta2, c.eps, p.decay() ? c.weight_decay : 0.f, model.adam_step, grad_scale);
+    }
+    return norm;
+}
+
+// ---- HF import/export ----
+// transformers' format: config.json (ModernBertConfig) + model.safetensors with its parameter names.
+// The tied decoder weight is stored once, as the embedding (decoder.weight is accepted on import).
+
+static bool dir_exists(const std::string& path) {
+    struct stat st;
+    return stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+static void make_dirs(const std::string& path) {
+    std::string cur;
+    for (size_t i = 0; i <= path.size(); i++) {
+        if (i == path.size() || path[i] == '/') {
+            if (!cur.empty() && !dir_exists(cur) && mkdir(cur.c_str(), 0755) != 0 && !dir_exists(cur))
+                fatal("cannot create directory %s: %s", cur.c_str(), strerror(errno));
+        }
+        if (i < path.size()) cur += path[i];
+    }
+}
+
+static double json_number(const Json& cfg, const std::string& path, const char* key, double fallback, bool required) {
+    const Json* v = cfg.get(key);
+    if (!v || v->kind == Json::Null) {
+        if (required) fatal("%s: missing \"%s\"", path.c_str(), key);
+        return fallback;
+    }
+    if (v->kind != Json::Number) fatal("%s: \"%s\" must be a number", path.c_str(), key);
+    return v->num;
+}
+static int json_int(const Json& cfg, const std::string& path, const char* key, int fallback, bool required, int lo,
+                    int hi) {
+    double x = json_number(cfg, path, key, fallback, required);
+    if (x != floor(x) || x < lo || x > hi)
+        fatal("%s: \"%s\" must be an integer in [%d, %d], got %g", path.c_str(), key, lo, hi, x);
+    return (int)x;
+}
+static void json_expect(const Json& cfg, const std::string& path, const char* key, bool want) {
+    const Json* v = cfg.get(key);
+    if (v && v->kind == Json::Bool && v->b != want)
+        fatal("%s: \"%s\": %s is not supported (ModernBERT uses %s)", path.c_str(), key, v->b ? "true" : "false",
+              want ? "true" : "false");
+}
+static void json_expect_string(const Json& cfg, const std::string& path, const char* key, const char* want) {
+    const Json* v = cfg.get(key);
+    if (v && v->kind == Json::String && v->str != want)
+        fatal("%s: \"%s\": \"%s\" is not supported (only \"%s\")", path.c_str(), key, v->str.c_str(), want);
+}
+
+static ModelConfig read_hf_config(const std::string& dir) {
+    std::string path = dir + "/config.json", text, err;
+    Json cfg;
+    if (!read_text_file(path, &text, &err)) fatal("%s", err.c_str());
+    if (!json_parse(text, &cfg, &err)) fatal("%s: %s", path.c_str(), err.c_str());
+    if (cfg.kind != Json::Object) fatal("%s: not a JSON object", path.c_str());
+    ModelConfig m;
+    m.V = json_int(cfg, path, "vocab_size", 0, true, 1, 1 << 24);
+    m.H = json_int(cfg, path, "hidden_size", 0, true, 1, 1 << 16);
+    m.I = json_int(cfg, path, "intermediate_size", 0, true, 1, 1 << 18);
+    m.L = json_int(cfg, path, "num_hidden_layers", 0, true, 1, 1024);
+    m.nh = json_int(cfg, path, "num_attention_heads", 0, true, 1, 1024);
+    if (m.H % m.nh) fatal("%s: hidden_size %d is not divisible by num_attention_heads %d", path.c_str(), m.H, m.nh);
+    m.hd = m.H / m.nh;
+    if (m.hd % 2) fatal("%s: head dim %d must be even for RoPE", path.c_str(), m.hd);
+    m.global_every = json_int(cfg, path, "global_attn_every_n_layers", 3, false, 1, 1 << 20);
+    int local_attention = json_int(cfg, path, "local_attention", 128, false, 0, 1 << 24);
+    m.window = local_attention / 2;
+    m.theta_global = (float)json_number(cfg, path, "global_rope_theta", 160000.0, false);
+    m.theta_local = (float)json_number(cfg, path, "local_rope_theta", 10000.0, false);
+    // transformers ≥ 5 writes the thetas per layer type, and the layer kinds as a list
+    if (const Json* rope = cfg.get("rope_parameters")) {
+        for (const char* kind : {"full_attention", "sliding_attention"})
+            if (const Json* params = rope->get(kind)) json_expect_string(*params, path, "rope_type", "default");
+        if (const Json* full = rope->get("full_attention"))
+            m.theta_global = (float)json_number(*full, path, "rope_theta", m.theta_global, false);
+        if (const Json* sliding = rope->get("sliding_attention"))
+            m.theta_local = (float)json_number(*sliding, path, "rope_theta", m.theta_local, false);
+    }
+    if (const Json* types = cfg.get("layer_types")) {
+        if (types->kind != Json::Array || (int)types->arr.size() != m.L)
+            fatal("%s: \"layer_types\" must list %d layer kinds", path.c_str(), m.L);
+        for (int l = 0; l < m.L; l++) {
+            const Json& kind = types->arr[l];
+            bool global = kind.kind == Json::String && kind.str == "full_attention";
+            bool local = kind.kind == Json::String && kind.str == "sliding_attention";
+            if ((!global && !local) || global != m.is_global(l))
+                fatal("%s: \"layer_types\"[%d] does not follow the every-%d-layers-global pattern this trainer "
+                      "implements", path.c_str(), l, m.global_every);
+        }
+    }
+    m.norm_eps = (float)json_number(cfg, path, "norm_eps", 1e-5, false);
+    m.init_std = (float)json_number(cfg, path, "initializer_range", 0.02, false);
+    m.init_cutoff = (float)json_number(cfg, path, "initializer_cutoff_factor", 2.0, false);
+    m.special.pad = json_int(cfg, path, "pad_token_id", m.special.pad, false, 0, m.V - 1);
+    m.special.cls = json_int(cfg, path, "cls_token_id", m.special.cls, false, 0, m.V - 1);
+    m.special.sep = json_int(cfg, path, "sep_token_id", m.special.sep, false, 0, m.V - 1);
+    m.special.mask = json_int(cfg, path, "mask_token_id", m.special.mask, false, 0, m.V - 1);
+    if (m.special.unk >= m.V) m.special.unk = m.special.pad;
+    // the parts of ModernBertConfig this trainer does not implement are refused, not ignored
+    json_expect(cfg, path, "norm_bias", false);
+    json_expect(cfg, path, "attention_bias", false);
+    json_expect(cfg, path, "mlp_bias", false);
+    json_expect(cfg, path, "classifier_bias", false);
+    json_expect(cfg, path, "decoder_bias", true);
+    json_expect(cfg, path, "tie_word_embeddings", true);
+    json_expect_string(cfg, path, "hidden_activation", "gelu");
+    json_expect_string(cfg, path, "classifier_activation", "gelu");
+    return m;
+}
+
+static void write_hf_config(const std::string& path, const ModelConfig& m) {
+    char buf[4096];
+    snprintf(buf, sizeof buf,
+             "{\n"
+             "  \"architectures\": [\"ModernBertForMaskedLM\"],\n"
+             "  \"model_type\": \"modernbert\",\n"
+             "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"intermediate_size\": %d,\n"
+             "  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n"
+             "  \"global_attn_every_n_layers\": %d,\n  \"local_attention\": %d,\n"
+             "  \"global_rope_theta\": %.9g,\n  \"local_rope_theta\": %.9g,\n  \"norm_eps\": %.9g,\n"
+             "  \"initializer_range\": %.9g,\n  \"initializer_cutoff_factor\": %.9g,\n"
+             "  \"pad_token_id\": %d,\n  \"cls_token_id\": %d,\n  \"sep_token_id\": %d,\n"
+             "  \"bos_token_id\": %d,\n  \"eos_token_id\": %d,\n  \"mask_token_id\": %d,\n"
+             "  \"hidden_activation\": \"gelu\",\n  \"classifier_activation\": \"gelu\",\n"
+             "  \"norm_bias\": false,\n  \"attention_bias\": false,\n  \"mlp_bias\": false,\n"
+             "  \"classifier_bias\": false,\n  \"decoder_bias\": true,\n  \"tie_word_embeddings\": true,\n"
+             "  \"attention_dropout\": 0.0,\n  \"embedding_dropout\": 0.0,\n  \"mlp_dropout\": 0.0,\n"
+             "  \"classifier_dropout\": 0.0,\n  \"max_position_embeddings\": 8192,\n"
+             "  \"torch_dtype\": \"float32\"\n"
+             "}\n",
+             m.V, m.H, m.I, m.L, m.nh, m.global_every, 2 * m.window, m.theta_global, m.theta_local, m.norm_eps,
+             m.init_std, m.init_cutoff, m.special.pad, m.special.cls, m.special.sep, m.special.cls, m.special.sep,
+             m.special.mask);
+    std::string tmp = path + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) fatal("cannot write %s: %s", tmp.c_str(), strerror(errno));
+    bool ok = fputs(buf, f) >= 0;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp.c_str(), path.c_str()) != 0) fatal("cannot write %s", path.c_str());
+}
+
+// Flat host vector ← tensors named as in the table; every parameter must be present with its shape.
+static std::vector<float> params_from_tensors(const ParamTable& t, const TensorMap& tensors, const std::string& path,
+                                             const std::string& prefix) {
+    std::vector<float> flat(t.total);
+    for (const ParamInfo& p : t.params) {
+        auto it = tensors.find(prefix + p.name);
+        if (it == tensors.end() && prefix.empty() && p.name == "model.embeddings.tok_embeddings.weight")
+            it = tensors.find("decoder.weight");  // tied: either name carries it
+        if (it == tensors.end()) fatal("%s: missing tensor %s%s", path.c_str(), prefix.c_str(), p.name.c_str());
+        const Tensor& x = it->second;
+        std::vector<int64_t> want(p.shape.begin(), p.shape.end());
+        if (x.shape != want) {
+            std::string got;
+            for (int64_t d : x.shape) got += std::to_string(d) + " ";
+            fatal("%s: tensor %s%s has shape [ %s] but the config needs %zu dims starting with %d", path.c_str(),
+                  prefix.c_str(), p.name.c_str(), got.c_str(), p.shape.size(), p.shape[0]);
+        }
+        if (x.f.size() != p.numel) fatal("%s: tensor %s%s is not a float tensor", path.c_str(), prefix.c_str(), p.name.c_str());
+        std::copy(x.f.begin(), x.f.end(), flat.begin() + p.offset);
+    }
+    return flat;
+}
+
+static TensorMap tensors_from_flat(const ParamTable& t, const std::vector<float>& flat, const std::string& prefix) {
+    TensorMap out;
+    for (const ParamInfo& p : t.params) {
+        Tensor x;
+        x.dtype = "F32";
+        x.shape.assign(p.shape.begin(), p.shape.end());
+        x.f.assign(flat.begin() + p.offset, flat.begin() + p.offset + p.numel);
+        out[prefix + p.name] = std::move(x);
+    }
+    return out;
+}
+
+static std::vector<float> load_hf_weights(const std::string& dir, const ParamTable& t) {
+    std::string path = dir + "/model.safetensors", err;
+    TensorMap tensors;
+    if (!safetensors_read(path, &tensors, nullptr, &err)) fatal("%s", err.c_str());
+    return params_from_tensors(t, tensors, path, "");
+}
+
+static void export_hf(const std::string& dir, const Model& model) {
+    make_dirs(dir);
+    std::string err;
+    TensorMap tensors = tensors_from_flat(model.table, device_to_vector(model.params, model.table.total), "");
+    if (!safetensors_write(dir + "/model.safetensors", tensors, {{"format", "pt"}}, &err)) fatal("%s", err.c_str());
+    write_hf_config(dir + "/config.json", model.cfg);
+}
+
+// ---- checkpoints ----
+// DIR/step_N/ holds the model in HF format, the Adam moments and the step; DIR/latest names the
+// newest. Each is written under a temporary name and renamed, so a crash never damages the last one.
+
+static void save_checkpoint(const std::string& dir, const Model& model, int step) {
+    char name[64];
+    snprintf(name, sizeof name, "step_%08d", step);
+    std::string final_dir = dir + "/" + name, tmp_dir = final_dir + ".tmp";
+    make_dirs(tmp_dir);
+    export_hf(tmp_dir, model);
+    std::string err;
+    TensorMap state = tensors_from_flat(model.table, device_to_vector(model.adam_m, model.table.total), "adam_m.");
+    TensorMap v = tensors_from_flat(model.table, device_to_vector(model.adam_v, model.table.total), "adam_v.");
+    state.insert(v.begin(), v.end());
+    if (!safetensors_write(tmp_dir + "/optimizer.safetensors", state,
+                           {{"step", std::to_string(step)}, {"adam_step", std::to_string(model.adam_step)}}, &err))
+        fatal("%s", err.c_str());
+    if (dir_exists(final_dir)) fatal("checkpoint %s already exists; refusing to overwrite it", final_dir.c_str());
+    if (rename(tmp_dir.c_str(), final_dir.c_str()) != 0) fatal("cannot rename %s: %s", tmp_dir.c_str(), strerror(errno));
+    std::string latest = dir + "/latest", latest_tmp = latest + ".tmp";
+    FILE* f = fopen(latest_tmp.c_str(), "wb");
+    if (!f || fprintf(f, "%s\n", name) < 0 || fclose(f) != 0 || rename(latest_tmp.c_str(), latest.c_str()) != 0)
+        fatal("cannot write %s", latest.c_str());
+}
+
+// Returns the step the checkpoint was taken after; fills params and moments.
+static int load_checkpoint(const std::string& dir, Model* model) {
+    std::string latest_text, err;
+    if (!read_text_file(dir + "/latest", &latest_text, &err)) fatal("--resume: %s", err.c_str());
+    while (!latest_text.empty() && isspace((unsigned char)latest_text.back())) latest_text.pop_back();
+    std::string ckpt = dir + "/" + latest_text;
+    std::vector<float> params = load_hf_weights(ckpt, model->table);
+    TensorMap state;
+    std::map<std::string, std::string> meta;
+    std::string path = ckpt + "/optimizer.safetensors";
+    if (!safetensors_read(path, &state, &meta, &err)) fatal("%s", err.c_str());
+    if (!meta.count("step") || !meta.count("adam_step")) fatal("%s: missing step metadata", path.c_str());
+    std::vector<float> m = params_from_tensors(model->table, state, path, "adam_m.");
+    std::vector<float> v = params_from_tensors(model->table, state, path, "adam_v.");
+    size_t n = model->table.total;
+    ops::copy_to_device(model->params, params.data(), n * sizeof(float));
+    ops::copy_to_device(model->adam_m, m.data(), n * sizeof(float));
+    ops::copy_to_device(model->adam_v, v.data(), n * sizeof(float));
+    model->adam_step = atoi(meta["adam_step"].c_str());
+    return atoi(meta["step"].c_str());
+}
+
+// ---- dump ----
+// --dump DIR: the first step's first micro-batch, the step's loss and every normalised gradient, for
+// inspection from Python (safetensors.torch.load_file).
+
+static void write_dump(const std::string& dir, const Model& model, const MicroBatch& mb, double loss,
+                       long masked_tokens) {
+    make_dirs(dir);
+    TensorMap out;
+    auto ints = [&](const std::string& name, const std::vector<int>& v) {
+        Tensor x;
+        x.dtype = "I32";
+        x.shape = {(int64_t)v.size()};
+        x.i.assign(v.begin(), v.end());
+        out[name] = std::move(x);
+    };
+    ints("input_ids", mb.ids);
+    ints("labels", mb.labels);
+    ints("positions", mb.positions);
+    ints("cu_seqlens", mb.cu_seqlens);
+    Tensor l;
+    l.dtype = "F32";
+    l.shape = {1};
+    l.f = {(float)loss};
+    out["loss"] = l;
+    std::vector<float> grads = device_to_vector(model.grads, model.table.total);
+    for (float& x : grads) x = (float)(x / (double)masked_tokens);
+    TensorMap g = tensors_from_flat(model.table, grads, "grad.");
+    out.insert(g.begin(), g.end());
+    std::string err;
+    if (!safetensors_write(dir + "/dump.safetensors", out, {}, &err)) fatal("%s", err.c_str());
+}
+
+// ---- predictions ----
+// --predict: run the forward on one sentence and show the top guesses for each [MASK].
+
+static void predict(const Model& model, Activations& a, const WordTokenizer& tok, const std::string& text) {
+    const ModelConfig& m = model.cfg;
+    std::vector<int> ids = {m.special.cls};
+    for (int id : tok.encode(text)) ids.push_back(id);
+    ids.push_back(m.special.sep);
+    if ((int)ids.size() > a.T) fatal("--predict: sentence of %zu tokens is longer than %d", ids.size(), a.T);
+    BatchView b;
+    b.T = (int)ids.size();
+    b.n_docs = 1;
+    b.ids = ids;
+    for (int t = 0; t < b.T; t++) b.positions.push_back(t);
+    b.cu_seqlens = {0, b.T};
+    for (int t = 0; t < b.T; t++)
+        if (ids[t] == m.special.mask) {
+            b.masked_rows.push_back(t);
+            b.targets.push_back(m.special.mask);
+        }
+    b.n_masked = (int)b.masked_rows.size();
+    if (b.n_masked == 0) fatal("--predict: \"%s\" has no [MASK]", text.c_str());
+    model_forward(model, a, b);
+    std::vector<float> logits = device_to_vector(a.logits, (size_t)b.n_masked * m.V);
+    printf("%s\n", text.c_str());
+    for (int r = 0; r < b.n_masked; r++) {
+        const float* row = logits.data() + (size_t)r * m.V;
+        std::vector<int> order(m.V);
+        for (int v = 0; v < m.V; v++) order[v] = v;
+        std::partial_sort(order.begin(), order.begin() + 5, order.end(), [&](int x, int y) { return row[x] > row[y]; });
+        double mx = row[order[0]], z = 0.0;
+        for (int v = 0; v < m.V; v++) z += exp(row[v] - mx);
+        printf("  [MASK] #%d:", r + 1);
+        for (int k = 0; k < 5; k++)
+            printf("  %s (%.1f%%)", tok.decode_piece(order[k]).c_str(), 100.0 * exp(row[order[k]] - mx) / z);
+        printf("\n");
+    }
+}
+
+// ---- training loop and logging ----
+// Each step: grad_accum micro-batches (forward + backward into the raw gradient sums), then one
+// optimizer step normalised by the step's masked-token count. Rank 0 prints a line per step and,
+// with --log, appends one JSON object per step.
+
+// Model FLOPs of one step (forward + backward = 3× forward; a GEMM of N×C×OC costs 2·N·C·OC).
+static double step_flops(const ModelConfig& m, const std::vector<BatchView>& batches) {
+    double flops = 0.0;
+    for (const BatchView& b : batches) {
+        double T = b.T, M = b.n_masked;
+        double per_layer = 2.0 * T * ((double)m.H * 3 * m.H + (double)m.H * m.H + (double)m.H * 2 * m.I + (double)m.I * m.H);
+        flops += m.L * per_layer;
+        for (int l = 0; l < m.L; l++)  // attention: q·k and p·v over the keys each query sees
+            for (int d = 0; d < b.n_docs; d++) {
+                double len = b.cu_seqlens[d + 1] - b.cu_seqlens[d];
+                double keys = m.is_global(l) ? len * len : std::min(len * len, len * (2.0 * m.window + 1));
+                flops += 2.0 * 2.0 * keys * m.H;
+            }
+        flops += 2.0 * M * ((double)m.H * m.H + (double)m.H * m.V);
+    }
+    return 3.0 * flops;
+}
+
+#ifndef PICOTRON_NO_MAIN  // the tests include this file for its functions and bring their own main
+int main(int argc, char** argv) {
+    MPI_CHECK(MPI_Init(&argc, &argv));
+    TrainConfig c = parse_args(argc, argv);
+    ProcessGrid grid = make_grid();
+
+    if (!c.prepare_text.empty()) {  // tokenize a folder of text with the default word tokenizer
+        std::vector<std::string> files;
+        std::string err;
+        if (!list_text_files(c.prepare_text, &files, &err)) fatal("--prepare-text: %s", err.c_str());
+        if (!prepare_text_corpus(files, c.data, 50000, &err)) fatal("--prepare-text: %s", err.c_str());
+        printf("prepared %zu text files into %s\n", files.size(), c.data.c_str());
+        MPI_Finalize();
+        return 0;
+    }
+
+    Model model;
+    std::vector<float> host_params;
+    if (!c.init_from.empty()) {
+        model.cfg = read_hf_config(c.init_from);
+        host_params = load_hf_weights(c.init_from, make_param_table(model.cfg));
+    } else {
+        model_preset(c.model, &model.cfg);
+        init_params(make_param_table(model.cfg), model.cfg, c.seed, &host_params);
+    }
+    const ModelConfig& m = model.cfg;
+    model_allocate(&model, host_params);
+
+    if (!c.predict.empty()) {
+        WordTokenizer tok;
+        std::string err;
+        if (!WordTokenizer::load(c.data + "/vocab.txt", &tok, &err)) fatal("--predict: %s", err.c_str());
+        Activations a = alloc_activations(m, c.seq_len);
+        for (const std::string& text : c.predict) predict(model, a, tok, text);
+        MPI_Finalize();
+        return 0;
+    }
+
+    Dataset data;
+    std::string err;
+    if (!load_dataset(c.data, c.seq_len, (uint32_t)m.V, m.special, &data, &err)) fatal("%s", err.c_str());
+    Loader loader(data, c.micro_batch_tokens, c.seed, m.special);
+    Activations acts = alloc_activations(m, c.micro_batch_tokens);
+
+    int start_step = 0;
+    if (!c.resume_dir.empty()) start_step = load_checkpoint(c.resume_dir, &model);
+
+    FILE* log = nullptr;
+    if (!c.log_path.empty() && grid.world_rank == 0) {
+        log = fopen(c.log_path.c_str(), start_step > 0 ? "a" : "w");
+        if (!log) fatal("cannot open --log %s: %s", c.log_path.c_str(), strerror(errno));
+    }
+#ifdef __CUDACC__
+    double peak_tflops = c.peak_tflops > 0 ? c.peak_tflops : 989.0;  // H100/H200 dense bf16
+#else
+    double peak_tflops = c.peak_tflops;
+#endif
+    if (grid.world_rank == 0)
+        printf("model: H %d, I %d, L %d, heads %d, V %d, %.2fM parameters; %d micro-batch(es) of %d tokens per step\n",
+               m.H, m.I, m.L, m.nh, m.V, model.table.total / 1e6, c.grad_accum, c.micro_batch_tokens);
+
+    const int n_micro = grid.dp * c.grad_accum;  // micro-batches in one global batch
+    for (int step = start_step + 1; step <= c.steps; step++) {
+        auto t0 = std::chrono::steady_clock::now();
+        ops::zero_floats(model.grads, model.table.total);
+        double loss_sum = 0.0;
+        long masked = 0, real_tokens = 0;
+        std::vector<BatchView> views;
+        MicroBatch first;
+        for (int k = 0; k < c.grad_accum; k++) {
+            MicroBatch mb = loader.get((uint64_t)(step - 1) * n_micro + k);
+            BatchView b = batch_view(mb);
+            loss_sum += model_forward(model, acts, b);
+            model_backward(model, acts, b);
+            masked += b.n_masked;
+            real_tokens += mb.n_real;
+            if (k == 0) first = mb;
+            views.push_back(std::move(b));
+        }
+        double loss = masked > 0 ? loss_sum / masked : 0.0;
+        if (step == 1 && !c.dump_dir.empty()) write_dump(c.dump_dir, model, first, loss, masked);
+        float lr = learning_rate(c, step);
+        double grad_norm = optimizer_step(model, c, lr, masked);
+        ops::synchronize();
+        double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        double tokens_per_s = real_tokens / (ms / 1e3);
+        double mfu = peak_tflops > 0 ? step_flops(m, views) / (ms / 1e3) / (peak_tflops * 1e12) : 0.0;
+        if (grid.world_rank == 0) {
+            printf("step %5d/%d | loss %.6f | grad norm %.4f | lr %.3e | %.0f tok/s | MFU %.1f%% | %.1f ms\n", step,
+                   c.steps, loss, grad_norm, lr, tokens_per_s, 100.0 * mfu, ms);
+            fflush(stdout);
+            if (log) {
+                fprintf(log,
+                        "{\"step\": %d, \"loss\": %.17g, \"grad_norm\": %.9g, \"lr\": %.9g, \"tokens\": %ld, "
+                        "\"masked_tokens\": %ld, \"tokens_per_s\": %.6g, \"mfu\": %.6g, \"step_ms\": %.6g}\n",
+                        step, loss, grad_norm, lr, real_tokens, masked, tokens_per_s, mfu, ms);
+                fflush(log);
+            }
+        }
+        bool save_now = (c.save_every > 0 && step % c.save_every == 0) || step == c.steps;
+        if (!c.save_dir.empty() && save_now) save_checkpoint(c.save_dir, model, step);
+    }
+    if (log) fclose(log);
+    if (!c.export_dir.empty()) export_hf(c.export_dir, model);
+    MPI_CHECK(MPI_Finalize());
+    return 0;
+}
+#endif  // PICOTRON_NO_MAIN

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# make test: every CPU test, counted. Unit programs print their own "N passed, M failed" and are
+# added in; the end-to-end checks below run the real binary under mpirun. Last line: the total.
+set -u
+cd "$(dirname "$0")/.."
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export OPENBLAS_NUM_THREADS=1
+MPIRUN="mpirun --oversubscribe -x OPENBLAS_NUM_THREADS=1"
+BIN=./picotron_cpu
+WORK=$(mktemp -d /tmp/picotron-test.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+passed=0
+failed=0
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+
+# ---- unit programs ----
+for t in tests/test_ops tests/test_data tests/test_safetensors tests/test_model; do
+    echo "== $t"
+    out=$(timeout 600 "$t" 2>&1)
+    rc=$?
+    echo "$out" | grep -vE '^PASS|^[0-9]+ passed, [0-9]+ failed' || true
+    line=$(echo "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed' | tail -n 1)
+    if [ -z "$line" ]; then fail "$t" "no summary line (exit $rc)"; continue; fi
+    p=${line%% passed*}
+    f=${line#*, }; f=${f%% failed*}
+    passed=$((passed + p))
+    failed=$((failed + f))
+    [ "$rc" = 0 ] || [ "$f" != 0 ] || fail "$t" "exit $rc with no failed check"
+    echo "$t totals: $line"
+done
+
+# ---- end to end ----
+echo "== end to end"
+TINY="--model tiny --data data/default --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2"
+
+# Exact resume: 6 steps straight vs 3 steps + resume to 6, losses and weights bit for bit.
+$MPIRUN -np 1 $BIN $TINY --steps 6 --log "$WORK/full.jsonl" --export "$WORK/full" >/dev/null 2>&1 \
+  && $MPIRUN -np 1 $BIN $TINY --steps 3 --save "$WORK/ck" --save-every 3 --log "$WORK/part.jsonl" >/dev/null 2>&1 \
+  && $MPIRUN -np 1 $BIN $TINY --steps 6 --resume "$WORK/ck" --log "$WORK/part.jsonl" --export "$WORK/resumed" >/dev/null 2>&1
+if [ $? != 0 ]; then fail "exact resume" "a run failed"
+else
+    a=$(grep -o '"loss": [^,]*' "$WORK/full.jsonl"); b=$(grep -o '"loss": [^,]*' "$WORK/part.jsonl")
+    if [ "$a" != "$b" ]; then fail "exact resume" "loss trajectories differ: $(echo $a) vs $(echo $b)"
+    elif ! cmp -s "$WORK/full/model.safetensors" "$WORK/resumed/model.safetensors"; then fail "exact resume" "final weights differ"
+    else pass "exact resume (6 losses and final weights bit for bit)"; fi
+fi
+
+# Export → import round trip is the identity: re-exporting an imported model gives the same bytes.
+if $MPIRUN -np 1 $BIN --init-from "$WORK/full" --data data/default --steps 0 --export "$WORK/again" >/dev/null 2>&1 \
+   && cmp -s "$WORK/full/model.safetensors" "$WORK/again/model.safetensors" \
+   && cmp -s "$WORK/full/config.json" "$WORK/again/config.json"; then
+    pass "export -> import -> export is byte-identical"
+else fail "export round trip" "files differ or a run failed"; fi
+
+# Training tiny on the default corpus lowers the loss: mean of the last 5 of 30 steps must sit at
+# least 2.0 nats below the first step's loss (ln 50368 ≈ 10.8 at the start).
+if $MPIRUN -np 1 $BIN --model tiny --data data/default --seq-len 256 --micro-batch-tokens 512 --steps 30 \
+     --lr 3e-3 --warmup 3 --log "$WORK/train.jsonl" >/dev/null 2>&1; then
+    read first last5 < <(awk -F'"loss": ' '{split($2, a, ","); l[NR] = a[1]} END {s = 0; for (i = NR - 4; i <= NR; i++) s += l[i]; print l[1], s / 5}' "$WORK/train.jsonl")
+    if awk -v a="$first" -v b="$last5" 'BEGIN{exit !(a - b >= 2.0)}'; then pass "loss falls on the default corpus ($first -> $last5)"
+    else fail "loss falls" "first $first, mean of last five $last5 (want a drop of 2.0)"; fi
+else fail "loss falls" "training run failed"; fi
+
+# Bad input: one line naming the problem on stderr, non-zero exit, within seconds.
+bad() {  # name, expected stderr text, command...
+    local name=$1 want=$2; shift 2
+    local err rc
+    err=$(timeout 30 "$@" 2>&1 >/dev/null); rc=$?
+    if [ $rc = 0 ]; then fail "bad input: $name" "exit 0"
+    elif [ $rc = 124 ]; then fail "bad input: $name" "hung (timeout)"
+    elif ! echo "$err" | grep -q "^picotron: .*$want"; then fail "bad input: $name" "no 'picotron: ...$want' line in: $(echo "$err" | head -3)"
+    else pass "bad input: $name"; fi
+}
+mkdir -p "$WORK/bad"
+printf 'NOTMAGIC0000000000000000000000000000' > "$WORK/bad/magic.bin"
+head -c 40 data/default/shard_00000.bin > "$WORK/bad/truncated.bin"
+# a shard whose header is fine but holds token 60000 >= vocab 50368
+printf 'PICOTOK1\x01\x00\x00\x00\x02\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\xc0\xc4\x00\x00\x00\x00\x00\x00\x60\xea' > "$WORK/bad/bigtoken.bin"
+mkdir -p "$WORK/bad/cfg" "$WORK/bad/st"
+echo '{"hidden_size": 64, "vocab_size": ' > "$WORK/bad/cfg/config.json"
+cp "$WORK/full/config.json" "$WORK/bad/st/config.json"
+head -c 100 "$WORK/full/model.safetensors" > "$WORK/bad/st/model.safetensors"
+bad "missing shard" "data/missing" $MPIRUN -np 1 $BIN --data data/missing --steps 1
+bad "wrong magic" "magic" $MPIRUN -np 1 $BIN --data "$WORK/bad/magic.bin" --steps 1
+bad "truncated shard" "truncated.bin" $MPIRUN -np 1 $BIN --data "$WORK/bad/truncated.bin" --steps 1
+bad "token >= vocab" "bigtoken.bin" $MPIRUN -np 1 $BIN --data "$WORK/bad/bigtoken.bin" --steps 1
+bad "unknown flag" "unknown flag --bogus" $MPIRUN -np 1 $BIN --bogus 1
+bad "malformed number" "--steps" $MPIRUN -np 1 $BIN --steps ten
+bad "missing value" "needs a value" $MPIRUN -np 1 $BIN --steps
+bad "unknown model" "--model" $MPIRUN -np 1 $BIN --model huge
+bad "seq-len > micro-batch" "seq-len" $MPIRUN -np 1 $BIN --seq-len 512 --micro-batch-tokens 256
+bad "malformed config.json" "config.json" $MPIRUN -np 1 $BIN --init-from "$WORK/bad/cfg" --steps 1
+bad "malformed safetensors" "model.safetensors" $MPIRUN -np 1 $BIN --init-from "$WORK/bad/st" --steps 1
+bad "two ranks" "one rank" $MPIRUN -np 2 $BIN --steps 1
+
+# --help prints every flag and exits 0
+if $BIN --help | grep -q -- "--micro-batch-tokens"; then pass "--help"; else fail "--help" "no usage text"; fi
+
+# Where nvcc exists the GPU build must exist and carry sm_90 code.
+if command -v nvcc >/dev/null 2>&1; then
+    if make -s picotron >/dev/null && cuobjdump --list-elf picotron 2>/dev/null | grep -q sm_90; then pass "picotron (nvcc) builds with sm_90 code"
+    else fail "GPU build" "picotron did not build or has no sm_90 code"; fi
+fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]

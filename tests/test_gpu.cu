@@ -1,0 +1,618 @@
+// tests/test_gpu.cu — every CUDA kernel against its reference (kernels.cuh, namespace ref).
+//
+// For each op: random inputs on the host, ref:: on the host, cuda:: on the device, compare with the
+// tolerance stated at the call (|got − want| ≤ atol + rtol·|want| for every element). Backward ops
+// start from prefilled gradient buffers (they must ADD), null gradient pointers are exercised, and
+// every backward op runs twice from the same state and must give bit-identical results.
+// Prints "PASS name" / "FAIL name: …" per check and ends with "N passed, M failed"; exit 1 on failure.
+//
+//   nvcc -std=c++17 -O2 -arch=sm_90 -DOMPI_SKIP_MPICXX -I<mpi include> -x cu tests/test_gpu.cu
+//        -o tests/test_gpu -lcublasLt -lcublas -L<mpi lib> -lmpi      (one line; see `mpicxx --showme`)
+#include "../kernels.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+// ---- test harness ----
+static int n_passed = 0, n_failed = 0;
+
+static void record(bool ok, const std::string& name, const char* detail) {
+    if (ok) {
+        n_passed++;
+        printf("PASS %s%s%s\n", name.c_str(), detail[0] ? "  " : "", detail);
+    } else {
+        n_failed++;
+        printf("FAIL %s: %s\n", name.c_str(), detail);
+    }
+    fflush(stdout);
+}
+
+// every element within atol + rtol·|want|; NaN anywhere fails
+static bool check(const std::string& name, const std::vector<float>& got, const std::vector<float>& want, double atol,
+                  double rtol) {
+    char detail[256];
+    if (got.size() != want.size()) {
+        snprintf(detail, sizeof detail, "size %zu != %zu", got.size(), want.size());
+        record(false, name, detail);
+        return false;
+    }
+    double max_err = 0.0;
+    size_t worst = 0, n_bad = 0;
+    for (size_t i = 0; i < got.size(); i++) {
+        double err = std::fabs((double)got[i] - (double)want[i]);
+        bool bad = !(err <= atol + rtol * std::fabs((double)want[i]));  // also catches NaN
+        if (std::isnan(err)) err = INFINITY;
+        if (bad) n_bad++;
+        if (err > max_err) {
+            max_err = err;
+            worst = i;
+        }
+    }
+    bool ok = n_bad == 0;
+    if (ok)
+        snprintf(detail, sizeof detail, "(max err %.3g)", max_err);
+    else
+        snprintf(detail, sizeof detail, "max err %.3g at %zu (got %.9g want %.9g), %zu bad of %zu", max_err, worst,
+                 (double)got[worst], (double)want[worst], n_bad, got.size());
+    record(ok, name, detail);
+    return ok;
+}
+static bool check_scalar(const std::string& name, double got, double want, double tol) {
+    char detail[256];
+    double err = std::fabs(got - want);
+    bool ok = err <= tol;
+    snprintf(detail, sizeof detail, "got %.17g want %.17g err %.3g tol %.3g", got, want, err, tol);
+    record(ok, name, ok ? "" : detail);
+    return ok;
+}
+static bool check_bitwise(const std::string& name, const std::vector<float>& a, const std::vector<float>& b) {
+    bool ok = a.size() == b.size() && (a.empty() || memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+    size_t n_diff = 0;
+    if (!ok && a.size() == b.size())
+        for (size_t i = 0; i < a.size(); i++) n_diff += memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    char detail[128];
+    snprintf(detail, sizeof detail, "%zu elements differ between two runs", n_diff);
+    record(ok, name, ok ? "" : detail);
+    return ok;
+}
+
+// deterministic random numbers (splitmix64)
+struct Rng {
+    uint64_t state;
+    explicit Rng(uint64_t seed) : state(seed) {}
+    uint64_t next() {
+        uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+    }
+    float uniform() { return (float)((next() >> 40) * (1.0 / 16777216.0)); }  // [0, 1)
+    float symmetric(float scale = 1.0f) { return scale * (2.0f * uniform() - 1.0f); }
+    int below(int n) { return (int)(next() % (uint64_t)n); }
+};
+static std::vector<float> random_floats(Rng& rng, size_t n, float scale = 1.0f, float offset = 0.0f) {
+    std::vector<float> x(n);
+    for (auto& v : x) v = offset + rng.symmetric(scale);
+    return x;
+}
+
+// device buffers through the helpers under test
+static float* upload(const std::vector<float>& h) {
+    float* d = cuda::alloc_floats(h.size());
+    cuda::copy_to_device(d, h.data(), h.size() * sizeof(float));
+    return d;
+}
+static int* upload_ints(const std::vector<int>& h) {
+    int* d = cuda::alloc_ints(h.size());
+    cuda::copy_to_device(d, h.data(), h.size() * sizeof(int));
+    return d;
+}
+static void reset(float* d, const std::vector<float>& h) { cuda::copy_to_device(d, h.data(), h.size() * sizeof(float)); }
+static std::vector<float> download(const float* d, size_t n) {
+    std::vector<float> h(n);
+    cuda::copy_to_host(h.data(), d, n * sizeof(float));
+    return h;
+}
+
+// Run a device op twice from the same starting contents of its output buffers; the outputs must be
+// bit-identical. outputs: (device buffer, initial contents).
+struct Output {
+    float* d;
+    const std::vector<float>* init;
+};
+static void check_deterministic(const std::string& name, const std::vector<Output>& outputs,
+                                const std::function<void()>& run) {
+    std::vector<std::vector<float>> first;
+    for (const auto& o : outputs) reset(o.d, *o.init);
+    run();
+    for (const auto& o : outputs) first.push_back(download(o.d, o.init->size()));
+    for (const auto& o : outputs) reset(o.d, *o.init);
+    run();
+    std::vector<float> a, b;
+    for (size_t k = 0; k < outputs.size(); k++) {
+        auto second = download(outputs[k].d, outputs[k].init->size());
+        a.insert(a.end(), first[k].begin(), first[k].end());
+        b.insert(b.end(), second.begin(), second.end());
+    }
+    check_bitwise("determinism " + name, a, b);
+}
+
+static std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+static std::string fmt(const char* f, ...) {
+    char buf[256];
+    va_list args;
+    va_start(args, f);
+    vsnprintf(buf, sizeof buf, f, args);
+    va_end(args);
+    return buf;
+}
+
+// ---- memory ----
+static void test_memory() {
+    Rng rng(1);
+    const size_t n = 1000;
+    float* a = cuda::alloc_floats(n);
+    check("alloc_floats zeroed", download(a, n), std::vector<float>(n, 0.0f), 0, 0);
+    int* ids = cuda::alloc_ints(77);
+    std::vector<int> ids_host(77, -1);
+    cuda::copy_to_host(ids_host.data(), ids, 77 * sizeof(int));
+    bool ints_zero = std::all_of(ids_host.begin(), ids_host.end(), [](int v) { return v == 0; });
+    record(ints_zero, "alloc_ints zeroed", "");
+    auto x = random_floats(rng, n);
+    cuda::copy_to_device(a, x.data(), n * sizeof(float));
+    float* b = cuda::alloc_floats(n);
+    cuda::copy_on_device(b, a, n * sizeof(float));
+    check("copy_to_device / copy_on_device / copy_to_host", download(b, n), x, 0, 0);
+    cuda::zero_floats(b + 100, 500);
+    std::vector<float> want = x;
+    std::fill(want.begin() + 100, want.begin() + 600, 0.0f);
+    check("zero_floats", download(b, n), want, 0, 0);
+    float* empty = cuda::alloc_floats(0);
+    record(empty != nullptr, "alloc_floats(0) non-null", "");
+    cuda::synchronize();
+    cuda::free_buffer(empty);
+    cuda::free_buffer(a);
+    cuda::free_buffer(b);
+    cuda::free_buffer(ids);
+}
+
+// ---- embedding ----
+static void test_embedding(int T, int H, int vocab_start, int vocab_rows, int id_range, int pad_id, uint64_t seed) {
+    Rng rng(seed);
+    std::string tag = fmt("T=%d H=%d shard=[%d,%d) pad=%d", T, H, vocab_start, vocab_start + vocab_rows, pad_id);
+    std::vector<int> ids(T);
+    for (auto& id : ids) id = rng.below(id_range);
+    for (int t = 0; t < T; t += 7) ids[t] = pad_id;  // plenty of padding ids
+    auto wte = random_floats(rng, (size_t)vocab_rows * H);
+    int* d_ids = upload_ints(ids);
+    float* d_wte = upload(wte);
+
+    std::vector<float> out((size_t)T * H);
+    ref::embedding_forward(out.data(), ids.data(), wte.data(), T, H, vocab_start, vocab_rows);
+    float* d_out = upload(std::vector<float>((size_t)T * H, 7.0f));  // garbage: must be overwritten
+    cuda::embedding_forward(d_out, d_ids, d_wte, T, H, vocab_start, vocab_rows);
+    check("embedding_forward " + tag, download(d_out, out.size()), out, 0, 0);
+
+    // backward: adds into a prefilled dwte; same token order as ref, so it is exact up to rounding
+    auto dout = random_floats(rng, (size_t)T * H);
+    auto dwte0 = random_floats(rng, (size_t)vocab_rows * H);
+    std::vector<float> dwte = dwte0;
+    ref::embedding_backward(dwte.data(), dout.data(), ids.data(), T, H, vocab_start, vocab_rows, pad_id);
+    float* d_dout = upload(dout);
+    float* d_dwte = upload(dwte0);
+    cuda::embedding_backward(d_dwte, d_dout, d_ids, T, H, vocab_start, vocab_rows, pad_id);
+    check("embedding_backward " + tag, download(d_dwte, dwte.size()), dwte, 1e-6, 1e-6);
+    check_deterministic("embedding_backward " + tag, {{d_dwte, &dwte0}},
+                        [&] { cuda::embedding_backward(d_dwte, d_dout, d_ids, T, H, vocab_start, vocab_rows, pad_id); });
+    for (void* p : std::initializer_list<void*>{d_ids, d_wte, d_out, d_dout, d_dwte}) cuda::free_buffer(p);
+}
+
+// ---- layernorm ----
+static void test_layernorm(int N, int C, uint64_t seed) {
+    Rng rng(seed);
+    std::string tag = fmt("N=%d C=%d", N, C);
+    const float eps = 1e-5f;
+    auto inp = random_floats(rng, (size_t)N * C, 2.0f, 0.5f);
+    auto weight = random_floats(rng, C, 0.5f, 1.0f);
+    std::vector<float> out((size_t)N * C), mean(N), rstd(N);
+    ref::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(), N, C, eps);
+    float *d_inp = upload(inp), *d_weight = upload(weight);
+    float* d_out = upload(std::vector<float>(out.size(), 7.0f));
+    float *d_mean = cuda::alloc_floats(N), *d_rstd = cuda::alloc_floats(N);
+    cuda::layernorm_forward(d_out, d_mean, d_rstd, d_inp, d_weight, N, C, eps);
+    check("layernorm_forward out " + tag, download(d_out, out.size()), out, 1e-5, 1e-5);
+    check("layernorm_forward mean " + tag, download(d_mean, N), mean, 1e-6, 1e-5);
+    check("layernorm_forward rstd " + tag, download(d_rstd, N), rstd, 1e-6, 1e-5);
+
+    // backward from the reference's mean/rstd, into prefilled buffers, then with each pointer null
+    float *d_mean_ref = upload(mean), *d_rstd_ref = upload(rstd);
+    auto dout = random_floats(rng, (size_t)N * C);
+    auto dinp0 = random_floats(rng, (size_t)N * C);
+    auto dweight0 = random_floats(rng, C);
+    float* d_dout = upload(dout);
+    float *d_dinp = upload(dinp0), *d_dweight = upload(dweight0);
+    for (int variant = 0; variant < 3; variant++) {  // both, dinp only, dweight only
+        bool with_dinp = variant != 2, with_dweight = variant != 1;
+        std::string v = tag + (variant == 0 ? "" : variant == 1 ? " (dweight null)" : " (dinp null)");
+        std::vector<float> dinp = dinp0, dweight = dweight0;
+        ref::layernorm_backward(with_dinp ? dinp.data() : nullptr, with_dweight ? dweight.data() : nullptr,
+                                dout.data(), inp.data(), weight.data(), mean.data(), rstd.data(), N, C);
+        reset(d_dinp, dinp0);
+        reset(d_dweight, dweight0);
+        cuda::layernorm_backward(with_dinp ? d_dinp : nullptr, with_dweight ? d_dweight : nullptr, d_dout, d_inp,
+                                 d_weight, d_mean_ref, d_rstd_ref, N, C);
+        check("layernorm_backward dinp " + v, download(d_dinp, dinp.size()), dinp, 1e-5, 1e-4);
+        check("layernorm_backward dweight " + v, download(d_dweight, C), dweight, 1e-4, 1e-4);
+    }
+    check_deterministic("layernorm_backward " + tag, {{d_dinp, &dinp0}, {d_dweight, &dweight0}}, [&] {
+        cuda::layernorm_backward(d_dinp, d_dweight, d_dout, d_inp, d_weight, d_mean_ref, d_rstd_ref, N, C);
+    });
+    for (void* p : std::initializer_list<void*>{d_inp, d_weight, d_out, d_mean, d_rstd, d_mean_ref, d_rstd_ref, d_dout,
+                                                d_dinp, d_dweight})
+        cuda::free_buffer(p);
+}
+
+// ---- matmul ----
+static void test_matmul(int N, int C, int OC, uint64_t seed) {
+    Rng rng(seed);
+    std::string tag = fmt("N=%d C=%d OC=%d", N, C, OC);
+    auto inp = random_floats(rng, (size_t)N * C);
+    auto weight = random_floats(rng, (size_t)OC * C);
+    auto bias = random_floats(rng, OC);
+    float *d_inp = upload(inp), *d_weight = upload(weight), *d_bias = upload(bias);
+    float* d_out = upload(std::vector<float>((size_t)N * OC, 7.0f));
+    // tolerance: fp32 accumulation over K ≤ 2304 terms of size ≤ 1 against a double reference: sums reach
+    // ~16, each rounding is ~1e-6 and a K-long FMA chain random-walks to ~5e-5, so atol 1e-3 (a layout bug
+    // gives O(1) errors)
+    for (int with_bias = 0; with_bias < 2; with_bias++) {
+        std::vector<float> out((size_t)N * OC);
+        ref::matmul_forward(out.data(), inp.data(), weight.data(), with_bias ? bias.data() : nullptr, N, C, OC);
+        cuda::matmul_forward(d_out, d_inp, d_weight, with_bias ? d_bias : nullptr, N, C, OC);
+        check("matmul_forward " + tag + (with_bias ? " bias" : " no bias"), download(d_out, out.size()), out, 1e-3,
+              1e-4);
+    }
+
+    auto dout = random_floats(rng, (size_t)N * OC);
+    auto dinp0 = random_floats(rng, (size_t)N * C);
+    auto dweight0 = random_floats(rng, (size_t)OC * C);
+    auto dbias0 = random_floats(rng, OC);
+    float* d_dout = upload(dout);
+    float *d_dinp = upload(dinp0), *d_dweight = upload(dweight0), *d_dbias = upload(dbias0);
+    for (int mask = 7; mask >= 1; mask--) {  // every non-empty subset of {dinp, dweight, dbias}
+        if (mask != 7 && mask != 1 && mask != 2 && mask != 4 && mask != 6) continue;
+        bool wi = mask & 1, ww = mask & 2, wb = mask & 4;
+        std::string v = tag + fmt(" (dinp %s, dweight %s, dbias %s)", wi ? "on" : "null", ww ? "on" : "null",
+                                  wb ? "on" : "null");
+        std::vector<float> dinp = dinp0, dweight = dweight0, dbias = dbias0;
+        ref::matmul_backward(wi ? dinp.data() : nullptr, ww ? dweight.data() : nullptr, wb ? dbias.data() : nullptr,
+                             dout.data(), inp.data(), weight.data(), N, C, OC);
+        reset(d_dinp, dinp0);
+        reset(d_dweight, dweight0);
+        reset(d_dbias, dbias0);
+        cuda::matmul_backward(wi ? d_dinp : nullptr, ww ? d_dweight : nullptr, wb ? d_dbias : nullptr, d_dout, d_inp,
+                              d_weight, N, C, OC);
+        check("matmul_backward dinp " + v, download(d_dinp, dinp.size()), dinp, 1e-3, 1e-4);
+        check("matmul_backward dweight " + v, download(d_dweight, dweight.size()), dweight, 1e-3, 1e-4);
+        check("matmul_backward dbias " + v, download(d_dbias, dbias.size()), dbias, 1e-3, 1e-4);
+    }
+    check_deterministic("matmul_backward " + tag, {{d_dinp, &dinp0}, {d_dweight, &dweight0}, {d_dbias, &dbias0}},
+                        [&] { cuda::matmul_backward(d_dinp, d_dweight, d_dbias, d_dout, d_inp, d_weight, N, C, OC); });
+    for (void* p : std::initializer_list<void*>{d_inp, d_weight, d_bias, d_out, d_dout, d_dinp, d_dweight, d_dbias})
+        cuda::free_buffer(p);
+}
+
+// ---- residual ----
+static void test_add_inplace(size_t n) {
+    Rng rng(5);
+    auto x = random_floats(rng, n), y = random_floats(rng, n);
+    float *d_x = upload(x), *d_y = upload(y);
+    ref::add_inplace(x.data(), y.data(), n);
+    cuda::add_inplace(d_x, d_y, n);
+    check(fmt("add_inplace n=%zu", n), download(d_x, n), x, 0, 0);
+    cuda::free_buffer(d_x);
+    cuda::free_buffer(d_y);
+}
+
+// ---- rope ----
+// positions restart at 0 per document (as in training), or are random up to 8191 (long documents)
+static void test_rope(int T, int nh, int hd, float theta, bool long_positions, uint64_t seed) {
+    Rng rng(seed);
+    std::string tag = fmt("T=%d nh=%d hd=%d theta=%g %s", T, nh, hd, theta, long_positions ? "pos<8192" : "per-doc pos");
+    std::vector<int> pos(T);
+    for (int t = 0, p = 0; t < T; t++, p++) {
+        if (rng.below(40) == 0) p = 0;  // a new document
+        pos[t] = long_positions ? rng.below(8192) : p;
+    }
+    auto qkv = random_floats(rng, (size_t)T * 3 * nh * hd);
+    int* d_pos = upload_ints(pos);
+    float* d_qkv = upload(qkv);
+    std::vector<float> fwd = qkv;
+    ref::rope_forward(fwd.data(), pos.data(), T, nh, hd, theta);
+    cuda::rope_forward(d_qkv, d_pos, T, nh, hd, theta);
+    // cosf/sinf differ by ≤ 2 ulp between the device and glibc; the angle itself is bit-identical
+    check("rope_forward " + tag, download(d_qkv, fwd.size()), fwd, 2e-6, 1e-5);
+    std::vector<float> bwd = qkv;
+    ref::rope_backward(bwd.data(), pos.data(), T, nh, hd, theta);
+    reset(d_qkv, qkv);
+    cuda::rope_backward(d_qkv, d_pos, T, nh, hd, theta);
+    check("rope_backward " + tag, download(d_qkv, bwd.size()), bwd, 2e-6, 1e-5);
+    check_deterministic("rope_backward " + tag, {{d_qkv, &qkv}},
+                        [&] { cuda::rope_backward(d_qkv, d_pos, T, nh, hd, theta); });
+    cuda::free_buffer(d_pos);
+    cuda::free_buffer(d_qkv);
+}
+static void test_rope_inv_freq() {
+    bool ok = true;
+    for (float theta : {10000.0f, 160000.0f})
+        for (int hd : {64, 40, 128})
+            for (int i = 0; i < hd / 2; i++) ok &= cuda::rope_inv_freq(i, hd, theta) == ref::rope_inv_freq(i, hd, theta);
+    record(ok, "rope_inv_freq identical to ref", "");
+}
+
+// ---- attention ----
+static void test_attention(const std::vector<int>& doc_lengths, int T, int nh, int hd, int window, uint64_t seed) {
+    Rng rng(seed);
+    std::vector<int> cu_seqlens(1, 0);
+    for (int len : doc_lengths) cu_seqlens.push_back(cu_seqlens.back() + len);
+    const int n_docs = (int)doc_lengths.size();
+    std::string tag = fmt("T=%d docs=%d used=%d nh=%d hd=%d window=%d", T, n_docs, cu_seqlens.back(), nh, hd, window);
+    const size_t H = (size_t)nh * hd;
+    auto qkv = random_floats(rng, (size_t)T * 3 * H, 1.5f);
+    int* d_cu = upload_ints(cu_seqlens);
+    float* d_qkv = upload(qkv);
+
+    std::vector<float> out((size_t)T * H), lse((size_t)T * nh);
+    ref::attention_forward(out.data(), lse.data(), qkv.data(), cu_seqlens.data(), n_docs, T, nh, hd, window);
+    float* d_out = upload(std::vector<float>(out.size(), 7.0f));  // padding rows must become zero
+    float* d_lse = upload(std::vector<float>(lse.size(), 7.0f));
+    cuda::attention_forward(d_out, d_lse, d_qkv, d_cu, n_docs, T, nh, hd, window);
+    check("attention_forward out " + tag, download(d_out, out.size()), out, 1e-5, 1e-4);
+    check("attention_forward lse " + tag, download(d_lse, lse.size()), lse, 1e-5, 1e-5);
+
+    // backward from the reference's out/lse, into a prefilled dqkv (padding rows must stay untouched)
+    float *d_out_ref = upload(out), *d_lse_ref = upload(lse);
+    auto dout = random_floats(rng, (size_t)T * H);
+    for (int t = cu_seqlens.back(); t < T; t++)  // the model's dout on padding rows is arbitrary too
+        for (size_t c = 0; c < H; c++) dout[(size_t)t * H + c] = 3.0f;
+    auto dqkv0 = random_floats(rng, (size_t)T * 3 * H);
+    std::vector<float> dqkv = dqkv0;
+    ref::attention_backward(dqkv.data(), dout.data(), out.data(), lse.data(), qkv.data(), cu_seqlens.data(), n_docs, T,
+                            nh, hd, window);
+    float* d_dout = upload(dout);
+    float* d_dqkv = upload(dqkv0);
+    cuda::attention_backward(d_dqkv, d_dout, d_out_ref, d_lse_ref, d_qkv, d_cu, n_docs, T, nh, hd, window);
+    check("attention_backward dqkv " + tag, download(d_dqkv, dqkv.size()), dqkv, 5e-5, 1e-4);
+    check_deterministic("attention_backward " + tag, {{d_dqkv, &dqkv0}}, [&] {
+        cuda::attention_backward(d_dqkv, d_dout, d_out_ref, d_lse_ref, d_qkv, d_cu, n_docs, T, nh, hd, window);
+    });
+    for (void* p : std::initializer_list<void*>{d_cu, d_qkv, d_out, d_lse, d_out_ref, d_lse_ref, d_dout, d_dqkv})
+        cuda::free_buffer(p);
+}
+
+// ---- gelu, geglu ----
+static void test_gelu(size_t n) {
+    Rng rng(11);
+    auto inp = random_floats(rng, n, 6.0f);
+    inp[0] = 0.0f;
+    inp[1] = 20.0f;
+    inp[2] = -20.0f;
+    inp[3] = 1e-30f;
+    std::vector<float> out(n);
+    ref::gelu_forward(out.data(), inp.data(), n);
+    float* d_inp = upload(inp);
+    float* d_out = upload(std::vector<float>(n, 7.0f));
+    cuda::gelu_forward(d_out, d_inp, n);
+    check(fmt("gelu_forward n=%zu", n), download(d_out, n), out, 1e-6, 1e-5);
+    auto dout = random_floats(rng, n);
+    auto dinp0 = random_floats(rng, n);
+    std::vector<float> dinp = dinp0;
+    ref::gelu_backward(dinp.data(), dout.data(), inp.data(), n);
+    float *d_dout = upload(dout), *d_dinp = upload(dinp0);
+    cuda::gelu_backward(d_dinp, d_dout, d_inp, n);
+    check(fmt("gelu_backward n=%zu", n), download(d_dinp, n), dinp, 1e-6, 1e-5);
+    check_deterministic("gelu_backward", {{d_dinp, &dinp0}}, [&] { cuda::gelu_backward(d_dinp, d_dout, d_inp, n); });
+    for (void* p : std::initializer_list<void*>{d_inp, d_out, d_dout, d_dinp}) cuda::free_buffer(p);
+}
+static void test_geglu(int N, int I) {
+    Rng rng(13);
+    std::string tag = fmt("N=%d I=%d", N, I);
+    auto inp = random_floats(rng, (size_t)N * 2 * I, 4.0f);
+    std::vector<float> out((size_t)N * I);
+    ref::geglu_forward(out.data(), inp.data(), N, I);
+    float* d_inp = upload(inp);
+    float* d_out = upload(std::vector<float>(out.size(), 7.0f));
+    cuda::geglu_forward(d_out, d_inp, N, I);
+    check("geglu_forward " + tag, download(d_out, out.size()), out, 1e-6, 1e-5);
+    auto dout = random_floats(rng, (size_t)N * I);
+    auto dinp0 = random_floats(rng, (size_t)N * 2 * I);
+    std::vector<float> dinp = dinp0;
+    ref::geglu_backward(dinp.data(), dout.data(), inp.data(), N, I);
+    float *d_dout = upload(dout), *d_dinp = upload(dinp0);
+    cuda::geglu_backward(d_dinp, d_dout, d_inp, N, I);
+    check("geglu_backward " + tag, download(d_dinp, dinp.size()), dinp, 1e-6, 1e-5);
+    check_deterministic("geglu_backward " + tag, {{d_dinp, &dinp0}},
+                        [&] { cuda::geglu_backward(d_dinp, d_dout, d_inp, N, I); });
+    for (void* p : std::initializer_list<void*>{d_inp, d_out, d_dout, d_dinp}) cuda::free_buffer(p);
+}
+
+// ---- gather / scatter rows ----
+static void test_rows(int T, int C, int n_rows) {
+    Rng rng(17);
+    std::string tag = fmt("T=%d C=%d rows=%d", T, C, n_rows);
+    std::vector<int> all(T);
+    for (int t = 0; t < T; t++) all[t] = t;
+    for (int t = T - 1; t > 0; t--) std::swap(all[t], all[rng.below(t + 1)]);  // distinct rows, shuffled order
+    std::vector<int> rows(all.begin(), all.begin() + n_rows);
+    auto inp = random_floats(rng, (size_t)T * C);
+    std::vector<float> out((size_t)n_rows * C);
+    ref::gather_rows(out.data(), inp.data(), rows.data(), n_rows, C);
+    int* d_rows = upload_ints(rows);
+    float* d_inp = upload(inp);
+    float* d_out = upload(std::vector<float>(out.size(), 7.0f));
+    cuda::gather_rows(d_out, d_inp, d_rows, n_rows, C);
+    check("gather_rows " + tag, download(d_out, out.size()), out, 0, 0);
+    auto dout = random_floats(rng, (size_t)n_rows * C);
+    auto dinp0 = random_floats(rng, (size_t)T * C);
+    std::vector<float> dinp = dinp0;
+    ref::scatter_rows_backward(dinp.data(), dout.data(), rows.data(), n_rows, C);
+    float *d_dout = upload(dout), *d_dinp = upload(dinp0);
+    cuda::scatter_rows_backward(d_dinp, d_dout, d_rows, n_rows, C);
+    check("scatter_rows_backward " + tag, download(d_dinp, dinp.size()), dinp, 0, 0);
+    check_deterministic("scatter_rows_backward " + tag, {{d_dinp, &dinp0}},
+                        [&] { cuda::scatter_rows_backward(d_dinp, d_dout, d_rows, n_rows, C); });
+    for (void* p : std::initializer_list<void*>{d_rows, d_inp, d_out, d_dout, d_dinp}) cuda::free_buffer(p);
+}
+
+// ---- cross-entropy ----
+static void test_crossentropy(int N, int V, uint64_t seed) {
+    Rng rng(seed);
+    std::string tag = fmt("N=%d V=%d", N, V);
+    auto logits = random_floats(rng, (size_t)N * V, 5.0f);
+    std::vector<int> targets(N);
+    for (auto& t : targets) t = rng.below(V);
+    targets[1] = -100;  // ignored rows
+    targets[N - 1] = -100;
+    targets[0] = V - 1;
+    std::vector<float> losses(N);
+    ref::crossentropy_forward(losses.data(), logits.data(), targets.data(), N, V);
+    float* d_logits = upload(logits);
+    int* d_targets = upload_ints(targets);
+    float* d_losses = upload(std::vector<float>(N, 7.0f));
+    cuda::crossentropy_forward(d_losses, d_logits, d_targets, N, V);
+    check("crossentropy_forward " + tag, download(d_losses, N), losses, 1e-5, 1e-5);
+
+    const float dloss = 1.0f / 37.0f;
+    std::vector<float> dlogits((size_t)N * V);
+    ref::crossentropy_backward(dlogits.data(), logits.data(), targets.data(), dloss, N, V);
+    std::vector<float> garbage(dlogits.size(), 7.0f);
+    float* d_dlogits = upload(garbage);  // overwritten, not accumulated
+    cuda::crossentropy_backward(d_dlogits, d_logits, d_targets, dloss, N, V);
+    check("crossentropy_backward " + tag, download(d_dlogits, dlogits.size()), dlogits, 1e-9, 1e-4);
+    // in place: dlogits == logits
+    float* d_inplace = upload(logits);
+    cuda::crossentropy_backward(d_inplace, d_inplace, d_targets, dloss, N, V);
+    check("crossentropy_backward in place (dlogits == logits) " + tag, download(d_inplace, dlogits.size()), dlogits,
+          1e-9, 1e-4);
+    check_deterministic("crossentropy_backward " + tag, {{d_dlogits, &garbage}},
+                        [&] { cuda::crossentropy_backward(d_dlogits, d_logits, d_targets, dloss, N, V); });
+    check_deterministic("crossentropy_backward in place " + tag, {{d_inplace, &logits}},
+                        [&] { cuda::crossentropy_backward(d_inplace, d_inplace, d_targets, dloss, N, V); });
+    for (void* p : std::initializer_list<void*>{d_logits, d_targets, d_losses, d_dlogits, d_inplace})
+        cuda::free_buffer(p);
+}
+
+// ---- reductions ----
+// The device sums in a different (fixed) order: tolerance relative to Σ|term|.
+static void test_reductions(size_t n) {
+    Rng rng(19 + n);
+    auto x = random_floats(rng, n, 3.0f, 0.1f);
+    float* d_x = upload(x);
+    double abs_sum = 0.0, sq_sum = 0.0;
+    for (float v : x) {
+        abs_sum += std::fabs(v);
+        sq_sum += (double)v * v;
+    }
+    double s1 = cuda::sum(d_x, n), s2 = cuda::sum_squares(d_x, n);
+    check_scalar(fmt("sum n=%zu", n), s1, ref::sum(x.data(), n), 1e-12 * abs_sum + 1e-300);
+    check_scalar(fmt("sum_squares n=%zu", n), s2, ref::sum_squares(x.data(), n), 1e-12 * sq_sum + 1e-300);
+    bool same = cuda::sum(d_x, n) == s1 && cuda::sum_squares(d_x, n) == s2;
+    record(same, fmt("determinism sum / sum_squares n=%zu", n), "");
+    cuda::free_buffer(d_x);
+}
+
+// ---- AdamW ----
+static void test_adamw(size_t n) {
+    Rng rng(23);
+    const float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.98f, eps = 1e-6f, wd = 0.01f, grad_scale = 1.0f / 37.0f;
+    const int t = 3;
+    auto param0 = random_floats(rng, n), grad = random_floats(rng, n, 10.0f);
+    auto m0 = random_floats(rng, n, 0.1f);
+    std::vector<float> v0(n);
+    for (auto& v : v0) v = 0.01f * rng.uniform();
+    v0[0] = 0.0f;
+    grad[0] = 0.0f;  // g = 0, v = 0: the ε² floor in the RMS
+    float *d_param = upload(param0), *d_grad = upload(grad), *d_m = upload(m0), *d_v = upload(v0);
+
+    double rms_ref = ref::stable_adamw_rms(grad.data(), v0.data(), n, beta2, eps, t, grad_scale);
+    double rms = cuda::stable_adamw_rms(d_grad, d_v, n, beta2, eps, t, grad_scale);
+    check_scalar(fmt("stable_adamw_rms n=%zu", n), rms, rms_ref, 1e-10 * rms_ref);
+    record(cuda::stable_adamw_rms(d_grad, d_v, n, beta2, eps, t, grad_scale) == rms, "determinism stable_adamw_rms", "");
+
+    std::vector<float> param = param0, m = m0, v = v0;
+    ref::adamw_update(param.data(), grad.data(), m.data(), v.data(), n, lr, beta1, beta2, eps, wd, t, grad_scale);
+    cuda::adamw_update(d_param, d_grad, d_m, d_v, n, lr, beta1, beta2, eps, wd, t, grad_scale);
+    // the kernel mirrors ref's float operations one by one: expect agreement to the last bit or so
+    check(fmt("adamw_update param n=%zu", n), download(d_param, n), param, 1e-7, 1e-6);
+    check(fmt("adamw_update m n=%zu", n), download(d_m, n), m, 1e-9, 1e-6);
+    check(fmt("adamw_update v n=%zu", n), download(d_v, n), v, 1e-12, 1e-6);
+    for (void* p : std::initializer_list<void*>{d_param, d_grad, d_m, d_v}) cuda::free_buffer(p);
+}
+
+int main(int argc, char** argv) {
+    MPI_CHECK(MPI_Init(&argc, &argv));
+    int device_count = 0;
+    if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) fatal("no CUDA device");
+    CUDA_CHECK(cudaSetDevice(0));
+
+    test_memory();
+
+    // shard [50, 120) of a 200-id range, pad id inside the shard; a 0-based shard with the pad id last;
+    // a shard that the pad id is outside of; a large run with H not a multiple of the 128-column tile
+    test_embedding(333, 100, 50, 70, 200, 60, 101);
+    test_embedding(1500, 768, 0, 1000, 1100, 999, 102);
+    test_embedding(257, 64, 100, 37, 300, 5, 103);
+    test_embedding(4100, 200, 1000, 3000, 5000, 2000, 104);
+
+    test_layernorm(37, 300, 201);
+    test_layernorm(130, 768, 202);
+    test_layernorm(1, 33, 203);
+
+    test_matmul(67, 129, 35, 301);
+    test_matmul(5, 768, 2304, 302);
+    test_matmul(128, 64, 1, 303);
+    test_matmul(300, 200, 257, 304);
+
+    test_add_inplace(1000003);
+
+    test_rope_inv_freq();
+    test_rope(300, 3, 64, 160000.0f, false, 401);
+    test_rope(300, 3, 64, 10000.0f, true, 402);
+    test_rope(77, 2, 40, 10000.0f, false, 403);
+
+    // documents of different lengths (one > 200, one of length 1, one empty), 13 padding tokens
+    const std::vector<int> docs = {37, 230, 1, 64, 0, 5};
+    test_attention(docs, 350, 3, 64, -1, 501);
+    test_attention(docs, 350, 3, 64, 64, 502);
+    test_attention(docs, 337, 2, 64, 64, 503);  // no padding
+    test_attention({100, 250}, 360, 2, 40, 5, 504);
+    test_attention({300}, 300, 1, 128, -1, 505);
+
+    test_gelu(10007);
+    test_geglu(33, 257);
+    test_rows(300, 129, 91);
+
+    test_crossentropy(9, 50368, 601);
+    test_crossentropy(20, 1000, 602);
+    test_crossentropy(3, 7, 603);
+
+    test_reductions(0);
+    test_reductions(1);
+    test_reductions(1000);
+    test_reductions(1000003);
+    test_reductions(5000000);
+
+    test_adamw(10007);
+
+    cuda::synchronize();
+    printf("%d passed, %d failed\n", n_passed, n_failed);
+    fflush(stdout);
+    MPI_CHECK(MPI_Finalize());
+    return n_failed ? 1 : 0;
+}

@@ -1,0 +1,840 @@
+// tests/test_ops.cpp — gradient checks of every reference op in kernels.cuh (namespace ref).
+//
+// Method, for every op and every input x of it:
+//   - random inputs from a fixed-seed xorshift, a random upstream gradient G, objective f = Σ G ⊙ forward(x)
+//     accumulated in double;
+//   - analytic gradient: the op's backward called on gradient buffers pre-filled with C_FILL, minus C_FILL
+//     (this also checks the += contract: a backward that overwrote would be off by C_FILL everywhere);
+//   - numeric gradient: central difference (f(x+h) − f(x−h)) / (x₊ − x₋), where x₊, x₋ are the fp32 values
+//     actually stored (so the rounding of x ± h does not bias the quotient). Linear ops (embedding, matmul,
+//     gather/scatter): h = 1e-2. Nonlinear ops (layernorm, attention, gelu, geglu, crossentropy): h = 5e-2 with
+//     Richardson extrapolation against 2h (see H_NL);
+//   - element-wise test |a − n| ≤ atol + rtol·|n|. Each PASS line prints the worst ratio
+//     |a − n| / (atol + rtol·|n|) so the margin is visible. Tolerances (atol, rtol):
+//       embedding, gather/scatter 1e-5, 1e-5   matmul 1e-4, 1e-4   (linear: the quotient is exact up to fp32)
+//       layernorm, attention, gelu, geglu, crossentropy 2e-5, 2e-4 (observed worst ratio ≈ 0.05–0.1)
+//       rope: transpose element by element 1e-6, 1e-6; forwards against double transcriptions 1e-5 (abs);
+//       adamw: param 2e-6 abs (the per-step update is ~1e-2), m, v 1e-5 rel; stable_adamw_rms 1e-9 rel.
+// Self-checks (attention, layernorm, matmul, geglu, crossentropy): the analytic gradient is corrupted on
+// purpose (largest element ×1.1, a median-size element ×1.1, two elements swapped, a sign flipped, a factor 2;
+// for attention also the backward run with D_i = 0, a missing term) and the same comparison must then FAIL;
+// detecting the corruption counts as a PASS.
+//
+// Build: mpicxx -std=c++17 -O2 -Wall -Wextra -DOMPI_SKIP_MPICXX -I. tests/test_ops.cpp -o tests/test_ops -lopenblas
+// Run:   ./tests/test_ops      (prints PASS/FAIL per check, ends with "N passed, M failed"; exit 1 on failure)
+#include "kernels.cuh"
+
+#include <algorithm>
+#include <functional>
+#include <string>
+#include <vector>
+
+using std::vector;
+
+// ---------------------------------------------------------------------------------------------------------
+// bookkeeping
+static int g_passed = 0, g_failed = 0;
+static void pass(const std::string& name, const char* fmt = nullptr, ...) {
+    char extra[512] = "";
+    if (fmt) {
+        va_list args;
+        va_start(args, fmt);
+        vsnprintf(extra, sizeof extra, fmt, args);
+        va_end(args);
+    }
+    printf("PASS %s%s%s\n", name.c_str(), fmt ? " " : "", extra);
+    g_passed++;
+}
+static void fail(const std::string& name, const char* fmt, ...) {
+    char extra[1024];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(extra, sizeof extra, fmt, args);
+    va_end(args);
+    printf("FAIL %s: %s\n", name.c_str(), extra);
+    g_failed++;
+}
+static void check(const std::string& name, bool ok, const char* fmt, ...) {
+    char extra[1024];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(extra, sizeof extra, fmt, args);
+    va_end(args);
+    if (ok) extra[0] ? pass(name, "%s", extra) : pass(name);
+    else fail(name, "%s", extra);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// random numbers: xorshift64*, fixed seed
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+static uint64_t next_u64() {
+    g_rng ^= g_rng >> 12;
+    g_rng ^= g_rng << 25;
+    g_rng ^= g_rng >> 27;
+    return g_rng * 0x2545F4914F6CDD1Dull;
+}
+static float uniform(float lo, float hi) {  // [lo, hi)
+    double u = (double)(next_u64() >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(lo + (hi - lo) * u);
+}
+static vector<float> random_vec(size_t n, float lo = -1.0f, float hi = 1.0f) {
+    vector<float> v(n);
+    for (auto& x : v) x = uniform(lo, hi);
+    return v;
+}
+
+// nonlinear ops: Richardson-extrapolated central differences at h = 5e-2 (points x ± 0.05, x ± 0.1). At h = 1e-2
+// the plain quotient's error is dominated by the fp32 rounding of the forward (~1e-5 / 2h), not by truncation;
+// a 5x larger h cuts that 5x and the extrapolation removes the O(h²) truncation that a larger h brings.
+static const double H_NL = 5e-2;
+static const bool RICH = true;
+static const float C_FILL = 0.75f;  // the known constant gradient buffers start from
+
+static double dot(const vector<float>& a, const vector<float>& b) {
+    double acc = 0.0;
+    for (size_t i = 0; i < a.size(); i++) acc += (double)a[i] * b[i];
+    return acc;
+}
+static vector<double> minus_fill(const vector<float>& g) {
+    vector<double> r(g.size());
+    for (size_t i = 0; i < g.size(); i++) r[i] = (double)g[i] - C_FILL;
+    return r;
+}
+
+// Central differences of objective() with respect to every element of x (x is perturbed in place and restored).
+// The quotient divides by the spacing of the fp32 values actually stored, so the rounding of x ± h does not bias
+// it. With richardson, the central differences at h and 2h are combined, D = D_h + (D_h − D_2h) / (r² − 1)
+// (r = 2h/h from the stored spacings), which cancels the O(h²) truncation term: the nonlinear ops use this so
+// that the remaining error is the fp32 rounding of the forward (~1e-6 here) and the tolerance can be tight.
+static double central(vector<float>& x, size_t i, const std::function<double()>& objective, double h,
+                      double* spacing) {
+    float x0 = x[i];
+    float xp = (float)(x0 + h), xm = (float)(x0 - h);
+    x[i] = xp;
+    double fp = objective();
+    x[i] = xm;
+    double fm = objective();
+    x[i] = x0;
+    *spacing = (double)xp - (double)xm;
+    return (fp - fm) / *spacing;
+}
+static vector<double> numeric_grad(vector<float>& x, const std::function<double()>& objective, double h,
+                                   bool richardson = false) {
+    vector<double> g(x.size());
+    for (size_t i = 0; i < x.size(); i++) {
+        double s1, s2;
+        double d1 = central(x, i, objective, h, &s1);
+        if (!richardson) {
+            g[i] = d1;
+            continue;
+        }
+        double d2 = central(x, i, objective, 2 * h, &s2);
+        double r = s2 / s1;
+        g[i] = d1 + (d1 - d2) / (r * r - 1.0);
+    }
+    return g;
+}
+
+struct Tol {
+    double atol, rtol;
+};
+struct CompareResult {
+    bool ok;
+    double worst_ratio;  // max |a − n| / (atol + rtol |n|)
+    size_t worst_index;
+    double worst_a, worst_n;
+};
+static CompareResult compare(const vector<double>& a, const vector<double>& n, Tol tol,
+                             const vector<char>* skip = nullptr) {
+    CompareResult r{true, 0.0, 0, 0.0, 0.0};
+    for (size_t i = 0; i < a.size(); i++) {
+        if (skip && (*skip)[i]) continue;
+        double ratio = fabs(a[i] - n[i]) / (tol.atol + tol.rtol * fabs(n[i]));
+        if (!(ratio <= 1.0)) r.ok = false;  // NaN fails too
+        if (!(ratio <= r.worst_ratio)) {
+            r.worst_ratio = ratio;
+            r.worst_index = i;
+            r.worst_a = a[i];
+            r.worst_n = n[i];
+        }
+    }
+    return r;
+}
+// Report an analytic-vs-numeric comparison as one PASS/FAIL line.
+static bool grad_check(const std::string& name, const vector<double>& a, const vector<double>& n, Tol tol,
+                       const vector<char>* skip = nullptr) {
+    CompareResult r = compare(a, n, tol, skip);
+    if (r.ok)
+        pass(name, "(n=%zu, atol %.0e rtol %.0e, worst err/tol %.3f)", a.size(), tol.atol, tol.rtol, r.worst_ratio);
+    else
+        fail(name, "element %zu analytic %.7g numeric %.7g (err/tol %.2f; atol %.0e rtol %.0e)", r.worst_index,
+             r.worst_a, r.worst_n, r.worst_ratio, tol.atol, tol.rtol);
+    return r.ok;
+}
+
+// Self-checks: corrupt a correct analytic gradient in several ways; each corruption must be caught.
+static size_t argmax_abs(const vector<double>& a) {
+    size_t k = 0;
+    for (size_t i = 1; i < a.size(); i++)
+        if (fabs(a[i]) > fabs(a[k])) k = i;
+    return k;
+}
+static void self_checks(const std::string& name, const vector<double>& a, const vector<double>& n, Tol tol) {
+    // (1) one element scaled by 1.1: the largest one (the check must see a 10% error where it matters)
+    {
+        vector<double> b = a;
+        size_t k = argmax_abs(b);
+        b[k] *= 1.1;
+        CompareResult r = compare(b, n, tol);
+        check("selfcheck " + name + " one element x1.1 detected", !r.ok, "(element %zu, err/tol %.2f)", k,
+              r.worst_ratio);
+    }
+    // (2) two elements swapped (a transposed index): the largest with the one most different from it
+    {
+        vector<double> b = a;
+        size_t k = argmax_abs(b), m = 0;
+        for (size_t i = 0; i < b.size(); i++)
+            if (fabs(b[i] - b[k]) > fabs(b[m] - b[k])) m = i;
+        std::swap(b[k], b[m]);
+        CompareResult r = compare(b, n, tol);
+        check("selfcheck " + name + " two elements swapped detected", !r.ok, "(elements %zu,%zu, err/tol %.2f)", k,
+              m, r.worst_ratio);
+    }
+    // (3) a wrong sign on the largest element
+    {
+        vector<double> b = a;
+        b[argmax_abs(b)] *= -1.0;
+        CompareResult r = compare(b, n, tol);
+        check("selfcheck " + name + " wrong sign detected", !r.ok, "(err/tol %.2f)", r.worst_ratio);
+    }
+    // (4) a 10% error on a typical element (the one closest to the median magnitude of the non-zero ones)
+    {
+        vector<double> mags;
+        for (double x : a)
+            if (fabs(x) > 1e-6) mags.push_back(fabs(x));
+        if (!mags.empty()) {
+            std::nth_element(mags.begin(), mags.begin() + mags.size() / 2, mags.end());
+            double med = mags[mags.size() / 2];
+            size_t k = 0;
+            for (size_t i = 0; i < a.size(); i++)
+                if (fabs(fabs(a[i]) - med) < fabs(fabs(a[k]) - med)) k = i;
+            vector<double> b = a;
+            b[k] *= 1.1;
+            CompareResult r = compare(b, n, tol);
+            check("selfcheck " + name + " median-size element x1.1 detected", !r.ok,
+                  "(element %zu, |a| %.3g, err/tol %.2f)", k, fabs(a[k]), r.worst_ratio);
+        }
+    }
+    // (5) a factor 2 on everything
+    {
+        vector<double> b = a;
+        for (auto& x : b) x *= 2.0;
+        CompareResult r = compare(b, n, tol);
+        check("selfcheck " + name + " factor 2 detected", !r.ok, "(err/tol %.2f)", r.worst_ratio);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// embedding: vocabulary shard [10, 16), H = 4; ids below, inside (with repeats), above, and the pad id.
+static void test_embedding() {
+    const int T = 10, H = 4, vocab_start = 10, vocab_rows = 6, pad_id = 13;
+    const int ids[T] = {12, 3, 10, 15, 13, 12, 16, 40, 11, 13};  // 3, 16, 40: outside; 13: pad (twice)
+    vector<float> wte = random_vec((size_t)vocab_rows * H);
+    vector<float> G = random_vec((size_t)T * H);
+    vector<float> out((size_t)T * H);
+
+    // forward: rows outside the shard are exact zeros, rows inside are copies
+    ref::embedding_forward(out.data(), ids, wte.data(), T, H, vocab_start, vocab_rows);
+    bool ok = true;
+    for (int t = 0; t < T; t++) {
+        int row = ids[t] - vocab_start;
+        bool inside = row >= 0 && row < vocab_rows;
+        for (int c = 0; c < H; c++) {
+            float want = inside ? wte[(size_t)row * H + c] : 0.0f;
+            if (out[(size_t)t * H + c] != want) ok = false;
+        }
+    }
+    check("embedding forward (shard rows copied, outside rows zero)", ok, "");
+
+    // backward into a buffer with guard zones on both sides (ids outside the shard must not write anywhere)
+    const int guard = 64;
+    vector<float> buf((size_t)vocab_rows * H + 2 * guard, C_FILL);
+    float* dwte = buf.data() + guard;
+    ref::embedding_backward(dwte, G.data(), ids, T, H, vocab_start, vocab_rows, pad_id);
+    bool guard_ok = true;
+    for (int i = 0; i < guard; i++)
+        if (buf[i] != C_FILL || buf[guard + (size_t)vocab_rows * H + i] != C_FILL) guard_ok = false;
+    check("embedding backward writes nothing outside the shard buffer", guard_ok, "");
+
+    vector<float> dw(dwte, dwte + (size_t)vocab_rows * H);
+    vector<double> a = minus_fill(dw);
+    // the pad row gets no gradient at all (even though the forward does read it)
+    int pad_row = pad_id - vocab_start;
+    bool pad_ok = true;
+    for (int c = 0; c < H; c++)
+        if (dw[(size_t)pad_row * H + c] != C_FILL) pad_ok = false;
+    check("embedding pad id row gets no gradient", pad_ok, "");
+    // rows no token maps to (row 4 = id 14) stay untouched
+    bool unused_ok = true;
+    for (int c = 0; c < H; c++)
+        if (dw[(size_t)4 * H + c] != C_FILL) unused_ok = false;
+    check("embedding unused row gets no gradient", unused_ok, "");
+
+    auto objective = [&]() {
+        ref::embedding_forward(out.data(), ids, wte.data(), T, H, vocab_start, vocab_rows);
+        return dot(G, out);
+    };
+    vector<double> n = numeric_grad(wte, objective, 1e-2);
+    vector<char> skip((size_t)vocab_rows * H, 0);
+    for (int c = 0; c < H; c++) skip[(size_t)pad_row * H + c] = 1;  // the pad row is checked above
+    // linear op: the difference quotient is exact up to fp32 rounding of x ± h → tight tolerance
+    grad_check("embedding dwte (non-pad rows, repeated ids accumulate)", a, n, {1e-5, 1e-5}, &skip);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// layernorm: N = 3, C = 8, eps 1e-5
+static void test_layernorm() {
+    const int N = 3, C = 8;
+    const float eps = 1e-5f;
+    vector<float> inp = random_vec((size_t)N * C, -2.0f, 2.0f);
+    vector<float> w = random_vec(C, 0.5f, 1.5f);
+    vector<float> G = random_vec((size_t)N * C);
+    vector<float> out((size_t)N * C), mean(N), rstd(N);
+
+    // forward against a double transcription
+    ref::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), N, C, eps);
+    double worst = 0.0;
+    for (int n = 0; n < N; n++) {
+        double m = 0, v = 0;
+        for (int c = 0; c < C; c++) m += inp[n * C + c];
+        m /= C;
+        for (int c = 0; c < C; c++) v += (inp[n * C + c] - m) * (inp[n * C + c] - m);
+        v /= C;
+        for (int c = 0; c < C; c++) {
+            double y = (inp[n * C + c] - m) / sqrt(v + eps) * w[c];
+            worst = std::max(worst, fabs(y - out[n * C + c]));
+        }
+    }
+    check("layernorm forward vs double", worst <= 1e-5, "(max abs err %.2e, tol 1e-5)", worst);
+
+    vector<float> dinp((size_t)N * C, C_FILL), dw(C, C_FILL);
+    ref::layernorm_backward(dinp.data(), dw.data(), G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C);
+    vector<double> a_inp = minus_fill(dinp), a_w = minus_fill(dw);
+
+    auto objective = [&]() {
+        vector<float> o((size_t)N * C), mm(N), rs(N);
+        ref::layernorm_forward(o.data(), mm.data(), rs.data(), inp.data(), w.data(), N, C, eps);
+        return dot(G, o);
+    };
+    const Tol tol{2e-5, 2e-4};
+    vector<double> n_inp = numeric_grad(inp, objective, H_NL, RICH);
+    vector<double> n_w = numeric_grad(w, objective, H_NL, RICH);
+    grad_check("layernorm dinp", a_inp, n_inp, tol);
+    grad_check("layernorm dweight", a_w, n_w, tol);
+    self_checks("layernorm dinp", a_inp, n_inp, tol);
+    self_checks("layernorm dweight", a_w, n_w, tol);
+
+    // null gradient pointers: each output alone equals its part of the full call
+    vector<float> dinp2((size_t)N * C, C_FILL), dw2(C, C_FILL);
+    ref::layernorm_backward(dinp2.data(), nullptr, G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C);
+    ref::layernorm_backward(nullptr, dw2.data(), G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C);
+    ref::layernorm_backward(nullptr, nullptr, G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C);
+    check("layernorm null gradient pointers skipped", dinp2 == dinp && dw2 == dw, "");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// matmul: N = 5, C = 6, OC = 4, with and without bias, null gradient pointers
+static void test_matmul() {
+    const int N = 5, C = 6, OC = 4;
+    vector<float> inp = random_vec((size_t)N * C), w = random_vec((size_t)OC * C), b = random_vec(OC);
+    vector<float> G = random_vec((size_t)N * OC);
+    vector<float> out((size_t)N * OC);
+
+    for (int with_bias = 0; with_bias < 2; with_bias++) {
+        ref::matmul_forward(out.data(), inp.data(), w.data(), with_bias ? b.data() : nullptr, N, C, OC);
+        double worst = 0;
+        for (int n = 0; n < N; n++)
+            for (int o = 0; o < OC; o++) {
+                double acc = with_bias ? b[o] : 0.0;
+                for (int c = 0; c < C; c++) acc += (double)inp[n * C + c] * w[o * C + c];
+                worst = std::max(worst, fabs(acc - out[n * OC + o]));
+            }
+        check(with_bias ? "matmul forward (bias) vs loops" : "matmul forward (no bias) vs loops", worst <= 1e-5,
+              "(max abs err %.2e, tol 1e-5)", worst);
+    }
+
+    vector<float> dinp((size_t)N * C, C_FILL), dw((size_t)OC * C, C_FILL), db(OC, C_FILL);
+    ref::matmul_backward(dinp.data(), dw.data(), db.data(), G.data(), inp.data(), w.data(), N, C, OC);
+    vector<double> a_inp = minus_fill(dinp), a_w = minus_fill(dw), a_b = minus_fill(db);
+
+    auto objective = [&]() {
+        ref::matmul_forward(out.data(), inp.data(), w.data(), b.data(), N, C, OC);
+        return dot(G, out);
+    };
+    // linear in each input: the quotient is exact up to fp32 rounding of the outputs (~1e-7 / 2h)
+    const Tol tol{1e-4, 1e-4};
+    vector<double> n_inp = numeric_grad(inp, objective, 1e-2);
+    vector<double> n_w = numeric_grad(w, objective, 1e-2);
+    vector<double> n_b = numeric_grad(b, objective, 1e-2);
+    grad_check("matmul dinp", a_inp, n_inp, tol);
+    grad_check("matmul dweight", a_w, n_w, tol);
+    grad_check("matmul dbias", a_b, n_b, tol);
+    self_checks("matmul dweight", a_w, n_w, tol);
+
+    // null gradient pointers: each combination gives exactly the non-null parts of the full call
+    auto same = [](const vector<float>& x, const vector<float>& y) {
+        for (size_t i = 0; i < x.size(); i++)
+            if (fabs(x[i] - y[i]) > 1e-6) return false;
+        return true;
+    };
+    // all 8 combinations of null / non-null (dinp, dweight, dbias)
+    for (int mask = 0; mask < 8; mask++) {
+        vector<float> di((size_t)N * C, C_FILL), dww((size_t)OC * C, C_FILL), dbb(OC, C_FILL);
+        ref::matmul_backward((mask & 1) ? di.data() : nullptr, (mask & 2) ? dww.data() : nullptr,
+                             (mask & 4) ? dbb.data() : nullptr, G.data(), inp.data(), w.data(), N, C, OC);
+        bool ok = same(di, (mask & 1) ? dinp : vector<float>((size_t)N * C, C_FILL)) &&
+                  same(dww, (mask & 2) ? dw : vector<float>((size_t)OC * C, C_FILL)) &&
+                  same(dbb, (mask & 4) ? db : vector<float>(OC, C_FILL));
+        char name[128];
+        snprintf(name, sizeof name, "matmul backward with dinp %s, dweight %s, dbias %s", (mask & 1) ? "set" : "null",
+                 (mask & 2) ? "set" : "null", (mask & 4) ? "set" : "null");
+        check(name, ok, "");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// rope: qkv (T, 3, nh, hd), checked as a linear map
+static void test_rope() {
+    const int T = 5, nh = 2, hd = 8, W = 3 * nh * hd;
+    const float theta = 10000.0f;
+    const int pos[T] = {0, 3, 1, 7, 0};
+    const size_t n = (size_t)T * W;
+
+    // hand calculation, hd = 8, θ = 10000, pos = 3:
+    //   i = 1: inv_freq = 10000^(−2/8) = 0.1, angle 0.3: cos 0.955336489125606, sin 0.29552020666133955
+    //          q = (x1, x2) = (0.5, −0.25) → (0.5 cos + 0.25 sin, −0.25 cos + 0.5 sin)
+    //            = (0.5515482962281378, −0.09107401895073172)
+    //   i = 0: inv_freq = 1, angle 3 (k part, head 1): cos −0.9899924966004454, sin 0.1411200080598672
+    //          k = (1, 2) → (cos − 2 sin, 2 cos + sin) = (−1.272232512720180, −1.838864985141024)
+    {
+        vector<float> qkv(n, 0.0f);
+        float* q = qkv.data() + (size_t)1 * W;                       // token 1 (pos 3), head 0, q part
+        float* k = qkv.data() + (size_t)1 * W + nh * hd + 1 * hd;    // token 1, head 1, k part
+        q[1] = 0.5f;
+        q[1 + hd / 2] = -0.25f;
+        k[0] = 1.0f;
+        k[0 + hd / 2] = 2.0f;
+        ref::rope_forward(qkv.data(), pos, T, nh, hd, theta);
+        double e1 = fabs(q[1] - 0.5515482962281378), e2 = fabs(q[1 + hd / 2] - (-0.09107401895073172));
+        double e3 = fabs(k[0] - (-1.272232512720180)), e4 = fabs(k[hd / 2] - (-1.838864985141024));
+        double worst = std::max(std::max(e1, e2), std::max(e3, e4));
+        check("rope forward vs hand calculation (theta 10000, pos 3, i = 0 and 1)", worst <= 2e-6,
+              "(max abs err %.2e, tol 2e-6)", worst);
+    }
+
+    vector<float> x = random_vec(n), y = random_vec(n);
+    vector<float> Rx = x, RTy = y;
+    ref::rope_forward(Rx.data(), pos, T, nh, hd, theta);
+    ref::rope_backward(RTy.data(), pos, T, nh, hd, theta);
+
+    // ⟨R x, y⟩ = ⟨x, Rᵀ y⟩
+    {
+        double lhs = dot(Rx, y), rhs = dot(x, RTy), scale = 0;
+        for (size_t i = 0; i < n; i++) scale += fabs((double)x[i] * y[i]);
+        check("rope <Rx,y> = <x,R^T y>", fabs(lhs - rhs) <= 1e-6 * scale, "(%.9g vs %.9g, tol 1e-6*%.3g)", lhs, rhs,
+              scale);
+    }
+    // element by element: (Rᵀ y)_k = ⟨R e_k, y⟩ for every basis vector e_k (the full transpose)
+    {
+        vector<double> a(n), num(n);
+        for (size_t k = 0; k < n; k++) {
+            vector<float> e(n, 0.0f);
+            e[k] = 1.0f;
+            ref::rope_forward(e.data(), pos, T, nh, hd, theta);
+            num[k] = dot(e, y);
+            a[k] = RTy[k];
+        }
+        grad_check("rope backward = transpose of forward (every element)", a, num, {1e-6, 1e-6});
+    }
+    // the backward also accumulates correctly when used as a gradient: dqkv is rotated in place
+    // (rope has no += contract: it transforms the gradient buffer in place), so check R (Rᵀ y) = y
+    {
+        vector<float> z = RTy;
+        ref::rope_forward(z.data(), pos, T, nh, hd, theta);
+        double worst = 0;
+        for (size_t i = 0; i < n; i++) worst = std::max(worst, (double)fabs(z[i] - y[i]));
+        check("rope forward(backward(y)) = y", worst <= 1e-6, "(max abs err %.2e, tol 1e-6)", worst);
+    }
+    // norm preservation, per token row
+    {
+        double worst = 0;
+        for (int t = 0; t < T; t++) {
+            double a = 0, b = 0;
+            for (int c = 0; c < W; c++) {
+                a += (double)x[(size_t)t * W + c] * x[(size_t)t * W + c];
+                b += (double)Rx[(size_t)t * W + c] * Rx[(size_t)t * W + c];
+            }
+            worst = std::max(worst, fabs(sqrt(a) - sqrt(b)) / sqrt(a));
+        }
+        check("rope preserves norms", worst <= 1e-6, "(max rel err %.2e, tol 1e-6)", worst);
+    }
+    // position 0 is the identity (exactly), v is untouched (exactly), in forward and backward
+    {
+        bool pos0 = true, v_untouched = true, qk_moved = false;
+        for (int t = 0; t < T; t++)
+            for (int c = 0; c < W; c++) {
+                size_t i = (size_t)t * W + c;
+                bool is_v = c >= 2 * nh * hd;
+                if ((pos[t] == 0 || is_v) && (Rx[i] != x[i] || RTy[i] != y[i])) (is_v ? v_untouched : pos0) = false;
+                if (pos[t] != 0 && !is_v && Rx[i] != x[i]) qk_moved = true;
+            }
+        check("rope position 0 is the identity", pos0, "");
+        check("rope leaves v untouched", v_untouched, "");
+        check("rope rotates q and k at pos > 0", qk_moved, "");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// attention: brute force with a T×T mask; gradient checks for q, k, v; padding rows
+static void attention_brute(vector<double>& out, vector<double>& lse, const vector<float>& qkv, const int* cu,
+                            int n_docs, int T, int nh, int hd, int window) {
+    const int H = nh * hd;
+    vector<int> doc(T, -1);
+    for (int d = 0; d < n_docs; d++)
+        for (int i = cu[d]; i < cu[d + 1]; i++) doc[i] = d;
+    vector<char> mask((size_t)T * T);
+    for (int i = 0; i < T; i++)
+        for (int j = 0; j < T; j++)
+            mask[(size_t)i * T + j] = doc[i] >= 0 && doc[i] == doc[j] && (window < 0 || abs(i - j) <= window);
+    out.assign((size_t)T * H, 0.0);
+    lse.assign((size_t)T * nh, 0.0);
+    const double scale = 1.0 / sqrt((double)hd);
+    for (int h = 0; h < nh; h++) {
+        vector<double> S((size_t)T * T);
+        for (int i = 0; i < T; i++)
+            for (int j = 0; j < T; j++) {
+                double s = 0;
+                for (int c = 0; c < hd; c++)
+                    s += (double)qkv[(size_t)i * 3 * H + h * hd + c] * qkv[(size_t)j * 3 * H + H + h * hd + c];
+                S[(size_t)i * T + j] = s * scale;
+            }
+        for (int i = 0; i < T; i++) {
+            double denom = 0;
+            for (int j = 0; j < T; j++)
+                if (mask[(size_t)i * T + j]) denom += exp(S[(size_t)i * T + j]);
+            if (denom == 0) continue;  // padding row: no keys, zero output
+            lse[(size_t)i * nh + h] = log(denom);
+            for (int j = 0; j < T; j++) {
+                if (!mask[(size_t)i * T + j]) continue;
+                double p = exp(S[(size_t)i * T + j]) / denom;
+                for (int c = 0; c < hd; c++)
+                    out[(size_t)i * H + h * hd + c] += p * qkv[(size_t)j * 3 * H + 2 * H + h * hd + c];
+            }
+        }
+    }
+}
+
+static void test_attention() {
+    // 3 documents of lengths 6, 1, 4 and 2 padding rows
+    const int n_docs = 3, T = 13, nh = 2, hd = 4, H = nh * hd;
+    const int cu[n_docs + 1] = {0, 6, 7, 11};
+    const size_t nq = (size_t)T * 3 * H;
+    vector<float> qkv = random_vec(nq, -1.5f, 1.5f);
+    vector<float> G = random_vec((size_t)T * H);  // nonzero on the padding rows too
+    const int windows[2] = {-1, 2};
+    const Tol tol{2e-5, 2e-4};
+
+    for (int wi = 0; wi < 2; wi++) {
+        const int window = windows[wi];
+        const std::string tag = std::string("attention window ") + (window < 0 ? "-1" : "2");
+        vector<float> out((size_t)T * H, 123.0f), lse((size_t)T * nh, 123.0f);
+        ref::attention_forward(out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+
+        // forward against the brute force
+        vector<double> bo, bl;
+        attention_brute(bo, bl, qkv, cu, n_docs, T, nh, hd, window);
+        double eo = 0, el = 0;
+        for (size_t i = 0; i < out.size(); i++) eo = std::max(eo, fabs(out[i] - bo[i]));
+        for (size_t i = 0; i < lse.size(); i++)
+            if (i / nh < (size_t)cu[n_docs]) el = std::max(el, fabs(lse[i] - bl[i]));
+        check(tag + " forward vs brute force (out, lse)", eo <= 1e-5 && el <= 1e-5,
+              "(max abs err out %.2e lse %.2e, tol 1e-5)", eo, el);
+        bool pad_zero = true;
+        for (int i = cu[n_docs]; i < T; i++)
+            for (int c = 0; c < H; c++)
+                if (out[(size_t)i * H + c] != 0.0f) pad_zero = false;
+        check(tag + " padding rows give zero output", pad_zero, "");
+
+        // analytic gradient
+        vector<float> dqkv(nq, C_FILL);
+        ref::attention_backward(dqkv.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd,
+                                window);
+        bool pad_nograd = true;
+        for (int i = cu[n_docs]; i < T; i++)
+            for (int c = 0; c < 3 * H; c++)
+                if (dqkv[(size_t)i * 3 * H + c] != C_FILL) pad_nograd = false;
+        check(tag + " padding rows get no gradient", pad_nograd, "");
+
+        vector<double> a = minus_fill(dqkv);
+        auto objective = [&]() {
+            vector<float> o((size_t)T * H), l((size_t)T * nh);
+            ref::attention_forward(o.data(), l.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+            return dot(G, o);
+        };
+        vector<double> n = numeric_grad(qkv, objective, H_NL, RICH);
+        // split q, k, v parts
+        vector<double> ap[3], np[3];
+        for (int t = 0; t < T; t++)
+            for (int part = 0; part < 3; part++)
+                for (int c = 0; c < H; c++) {
+                    size_t i = (size_t)t * 3 * H + part * H + c;
+                    ap[part].push_back(a[i]);
+                    np[part].push_back(n[i]);
+                }
+        const char* names[3] = {"dq", "dk", "dv"};
+        for (int part = 0; part < 3; part++) grad_check(tag + " " + names[part], ap[part], np[part], tol);
+        if (wi == 1)
+            for (int part = 0; part < 3; part++) self_checks(tag + " " + names[part], ap[part], np[part], tol);
+
+        // a missing term: the backward fed out = 0 computes D_i = dout_i · out_i = 0, i.e. drops the
+        // "− D_i" of ds_ij = p_ij (dout_i · v_j − D_i); the dq/dk check must reject that gradient
+        if (wi == 1) {
+            vector<float> zero_out((size_t)T * H, 0.0f), dbad(nq, C_FILL);
+            ref::attention_backward(dbad.data(), G.data(), zero_out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh,
+                                    hd, window);
+            vector<double> bad = minus_fill(dbad), bq, bk;
+            for (int t = 0; t < T; t++)
+                for (int c = 0; c < H; c++) {
+                    bq.push_back(bad[(size_t)t * 3 * H + c]);
+                    bk.push_back(bad[(size_t)t * 3 * H + H + c]);
+                }
+            CompareResult rq = compare(bq, np[0], tol), rk = compare(bk, np[1], tol);
+            check("selfcheck " + tag + " missing D term detected (dq and dk)", !rq.ok && !rk.ok,
+                  "(err/tol dq %.2f dk %.2f)", rq.worst_ratio, rk.worst_ratio);
+        }
+
+        // the band really matters for window 2 (guards against a test that cannot tell the windows apart)
+        if (wi == 1) {
+            vector<float> og((size_t)T * H), lg((size_t)T * nh);
+            ref::attention_forward(og.data(), lg.data(), qkv.data(), cu, n_docs, T, nh, hd, -1);
+            double diff = 0;
+            for (size_t i = 0; i < og.size(); i++) diff = std::max(diff, (double)fabs(og[i] - out[i]));
+            check(tag + " differs from global attention", diff > 1e-3, "(max diff %.3g)", diff);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// gelu and geglu
+static double gelu_exact(double x) { return 0.5 * x * (1.0 + erf(x / sqrt(2.0))); }
+
+static void test_gelu() {
+    const size_t n = 24;
+    vector<float> x = random_vec(n, -4.0f, 4.0f), G = random_vec(n), out(n);
+    ref::gelu_forward(out.data(), x.data(), n);
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) worst = std::max(worst, fabs(out[i] - gelu_exact(x[i])));
+    check("gelu forward vs erf form in double", worst <= 1e-6, "(max abs err %.2e, tol 1e-6)", worst);
+
+    vector<float> dx(n, C_FILL);
+    ref::gelu_backward(dx.data(), G.data(), x.data(), n);
+    vector<double> a = minus_fill(dx);
+    auto objective = [&]() {
+        ref::gelu_forward(out.data(), x.data(), n);
+        return dot(G, out);
+    };
+    vector<double> num = numeric_grad(x, objective, H_NL, RICH);
+    grad_check("gelu dinp", a, num, {2e-5, 2e-4});
+}
+
+static void test_geglu() {
+    const int N = 3, I = 5;
+    vector<float> inp = random_vec((size_t)N * 2 * I, -3.0f, 3.0f), G = random_vec((size_t)N * I);
+    vector<float> out((size_t)N * I);
+    ref::geglu_forward(out.data(), inp.data(), N, I);
+    double worst = 0;
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < I; i++)
+            worst = std::max(worst, fabs(out[n * I + i] - gelu_exact(inp[n * 2 * I + i]) * inp[n * 2 * I + I + i]));
+    check("geglu forward vs gelu(x)*g in double", worst <= 1e-5, "(max abs err %.2e, tol 1e-5)", worst);
+
+    vector<float> dinp((size_t)N * 2 * I, C_FILL);
+    ref::geglu_backward(dinp.data(), G.data(), inp.data(), N, I);
+    vector<double> a = minus_fill(dinp);
+    auto objective = [&]() {
+        ref::geglu_forward(out.data(), inp.data(), N, I);
+        return dot(G, out);
+    };
+    vector<double> num = numeric_grad(inp, objective, H_NL, RICH);
+    vector<double> ax, nx, ag, ng;
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < 2 * I; i++) {
+            (i < I ? ax : ag).push_back(a[n * 2 * I + i]);
+            (i < I ? nx : ng).push_back(num[n * 2 * I + i]);
+        }
+    const Tol tol{2e-5, 2e-4};
+    grad_check("geglu dx (activation half)", ax, nx, tol);
+    grad_check("geglu dg (gate half)", ag, ng, tol);
+    self_checks("geglu dinp (both halves)", a, num, tol);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// gather_rows / scatter_rows_backward
+static void test_gather_scatter() {
+    const int R = 6, C = 3, n_rows = 5;
+    const int rows[n_rows] = {4, 1, 4, 0, 5};  // row 4 twice, rows 2, 3 never
+    vector<float> inp = random_vec((size_t)R * C), G = random_vec((size_t)n_rows * C), out((size_t)n_rows * C);
+    ref::gather_rows(out.data(), inp.data(), rows, n_rows, C);
+    bool ok = true;
+    for (int r = 0; r < n_rows; r++)
+        for (int c = 0; c < C; c++)
+            if (out[r * C + c] != inp[rows[r] * C + c]) ok = false;
+    check("gather_rows forward copies rows", ok, "");
+
+    vector<float> dinp((size_t)R * C, C_FILL);
+    ref::scatter_rows_backward(dinp.data(), G.data(), rows, n_rows, C);
+    vector<double> a = minus_fill(dinp);
+    auto objective = [&]() {
+        ref::gather_rows(out.data(), inp.data(), rows, n_rows, C);
+        return dot(G, out);
+    };
+    vector<double> num = numeric_grad(inp, objective, 1e-2);
+    grad_check("scatter_rows_backward = gradient of gather_rows (repeated row accumulates)", a, num, {1e-5, 1e-5});
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// crossentropy: N = 4, V = 7, one ignored target; backward overwrites (documented), may alias logits
+static void test_crossentropy() {
+    const int N = 4, V = 7;
+    const int targets[N] = {2, -100, 6, 0};
+    const float dloss = 0.37f;
+    vector<float> logits = random_vec((size_t)N * V, -3.0f, 3.0f), losses(N);
+
+    ref::crossentropy_forward(losses.data(), logits.data(), targets, N, V);
+    double worst = 0;
+    for (int n = 0; n < N; n++) {
+        double want = 0;
+        if (targets[n] >= 0) {
+            double s = 0;
+            for (int v = 0; v < V; v++) s += exp((double)logits[n * V + v]);
+            want = log(s) - logits[n * V + targets[n]];
+        }
+        worst = std::max(worst, fabs(losses[n] - want));
+    }
+    check("crossentropy forward vs double (ignored row loss 0)", worst <= 1e-5 && losses[1] == 0.0f,
+          "(max abs err %.2e, tol 1e-5)", worst);
+
+    vector<float> dlogits((size_t)N * V, C_FILL);  // the backward overwrites: C_FILL must disappear
+    ref::crossentropy_backward(dlogits.data(), logits.data(), targets, dloss, N, V);
+    vector<double> a(dlogits.begin(), dlogits.end());
+    bool ignored_zero = true;
+    for (int v = 0; v < V; v++)
+        if (dlogits[1 * V + v] != 0.0f) ignored_zero = false;
+    check("crossentropy ignored target (-100) gets zero gradient", ignored_zero, "");
+
+    auto objective = [&]() {
+        vector<float> l(N);
+        ref::crossentropy_forward(l.data(), logits.data(), targets, N, V);
+        double acc = 0;
+        for (int n = 0; n < N; n++) acc += (double)dloss * l[n];
+        return acc;
+    };
+    vector<double> num = numeric_grad(logits, objective, H_NL, RICH);
+    const Tol tol{2e-5, 2e-4};
+    grad_check("crossentropy dlogits (overwrite semantics)", a, num, tol);
+    self_checks("crossentropy dlogits", a, num, tol);
+
+    // aliasing: dlogits == logits gives the same gradient
+    vector<float> alias = logits;
+    ref::crossentropy_backward(alias.data(), alias.data(), targets, dloss, N, V);
+    check("crossentropy backward in place (dlogits aliases logits)", alias == dlogits, "");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// adamw_update against torch.optim.AdamW (single-tensor path) transcribed in double, 3 steps
+static void test_adamw() {
+    const size_t n = 8;
+    const float lr = 1e-2f, beta1 = 0.9f, beta2 = 0.98f, eps = 1e-6f, wd = 0.1f, grad_scale = 0.5f;
+    vector<float> p = random_vec(n), m(n, 0.0f), v(n, 0.0f);
+    vector<double> P(p.begin(), p.end()), M(n, 0.0), Vv(n, 0.0);
+    double worst_p = 0, worst_m = 0, worst_v = 0;
+    for (int t = 1; t <= 3; t++) {
+        vector<float> g = random_vec(n, -2.0f, 2.0f);
+        g[0] = 0.0f;   // a zero gradient (decay only, eps matters)
+        g[1] = 1e-7f;  // a tiny one
+        ref::adamw_update(p.data(), g.data(), m.data(), v.data(), n, lr, beta1, beta2, eps, wd, t, grad_scale);
+        // torch.optim.adamw._single_tensor_adamw:
+        //   param.mul_(1 - lr * weight_decay)
+        //   exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        //   bias_correction1 = 1 - beta1 ** step; bias_correction2 = 1 - beta2 ** step
+        //   step_size = lr / bias_correction1; bias_correction2_sqrt = sqrt(bias_correction2)
+        //   denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        //   param.addcdiv_(exp_avg, denom, value=-step_size)
+        const double LR = lr, B1 = beta1, B2 = beta2, EPS = eps, WD = wd;
+        double bc1 = 1.0 - pow(B1, t), bc2 = 1.0 - pow(B2, t);
+        double step_size = LR / bc1, bc2_sqrt = sqrt(bc2);
+        for (size_t i = 0; i < n; i++) {
+            double gi = (double)g[i] * grad_scale;
+            P[i] *= 1.0 - LR * WD;
+            M[i] += (gi - M[i]) * (1.0 - B1);
+            Vv[i] = Vv[i] * B2 + (1.0 - B2) * gi * gi;
+            double denom = sqrt(Vv[i]) / bc2_sqrt + EPS;
+            P[i] += -step_size * M[i] / denom;
+        }
+        for (size_t i = 0; i < n; i++) {
+            worst_p = std::max(worst_p, fabs(p[i] - P[i]));
+            worst_m = std::max(worst_m, fabs(m[i] - M[i]) / (1e-12 + fabs(M[i])));
+            worst_v = std::max(worst_v, fabs(v[i] - Vv[i]) / (1e-20 + fabs(Vv[i])));
+        }
+    }
+    // the per-step update is ~lr = 1e-2; 2e-6 absolute is 2e-4 of it (fp32 state allows ~1e-7)
+    check("adamw_update vs torch.optim.AdamW in double, 3 steps, wd 0.1", worst_p <= 2e-6 && worst_m <= 1e-5 &&
+          worst_v <= 1e-5, "(param max abs err %.2e tol 2e-6; m, v max rel err %.2e, %.2e tol 1e-5)", worst_p,
+          worst_m, worst_v);
+}
+
+// stable_adamw_rms: RMS over the tensor of g / sqrt(max(v̂, ε²)), v̂ = (β2 v + (1−β2) g²) / (1 − β2^t)
+static void test_stable_adamw_rms() {
+    const size_t n = 10;
+    const float beta2 = 0.95f, eps = 1e-6f, grad_scale = 0.25f;
+    const int t = 4;
+    vector<float> g = random_vec(n, -1.0f, 1.0f), v = random_vec(n, 0.0f, 0.1f);
+    g[0] = 0.0f;  v[0] = 0.0f;   // 0 / max(0, ε²) = 0
+    g[1] = 1e-9f; v[1] = 0.0f;   // v̂ < ε²: the clamp decides
+    g[2] = 3.0f;  v[2] = 1e-4f;  // a large gradient against a small history: rms well above 1
+    double got = ref::stable_adamw_rms(g.data(), v.data(), n, beta2, eps, t, grad_scale);
+    double acc = 0;
+    const double B2 = beta2, EPS = eps;
+    for (size_t i = 0; i < n; i++) {
+        double gi = (double)g[i] * grad_scale;
+        double v_new = B2 * v[i] + (1.0 - B2) * gi * gi;
+        double v_hat = v_new / (1.0 - pow(B2, t));
+        double u = gi / sqrt(std::max(v_hat, EPS * EPS));
+        acc += u * u;
+    }
+    double want = sqrt(acc / n);
+    check("stable_adamw_rms vs definition", fabs(got - want) <= 1e-9 * want, "(%.12g vs %.12g, rel tol 1e-9)", got,
+          want);
+    double empty = ref::stable_adamw_rms(g.data(), v.data(), 0, beta2, eps, t, grad_scale);
+    check("stable_adamw_rms of an empty tensor is 0", empty == 0.0, "(%g)", empty);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+int main(int argc, char** argv) {
+    MPI_Init(&argc, &argv);
+    test_embedding();
+    test_layernorm();
+    test_matmul();
+    test_rope();
+    test_attention();
+    test_gelu();
+    test_geglu();
+    test_gather_scatter();
+    test_crossentropy();
+    test_adamw();
+    test_stable_adamw_rms();
+    printf("%d passed, %d failed\n", g_passed, g_failed);
+    fflush(stdout);
+    MPI_Finalize();
+    return g_failed ? 1 : 0;
+}
