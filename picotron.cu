@@ -739,6 +739,19 @@ static ModelConfig read_hf_config(const std::string& dir) {
     return m;
 }
 
+// The shortest decimal that reads back as the same fp32 value (1e-05, not 9.99999975e-06), with a
+// decimal point: transformers validates float fields strictly and refuses 2 where 2.0 is expected.
+static std::string json_float(float x) {
+    char b[64];
+    for (int digits = 6; digits <= 9; digits++) {
+        snprintf(b, sizeof b, "%.*g", digits, x);
+        if (strtof(b, nullptr) == x) break;
+    }
+    std::string s = b;
+    if (s.find_first_of(".en") == std::string::npos) s += ".0";
+    return s;
+}
+
 static void write_hf_config(const std::string& path, const ModelConfig& m) {
     char buf[4096];
     snprintf(buf, sizeof buf,
@@ -748,8 +761,8 @@ static void write_hf_config(const std::string& path, const ModelConfig& m) {
              "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"intermediate_size\": %d,\n"
              "  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n"
              "  \"global_attn_every_n_layers\": %d,\n  \"local_attention\": %d,\n"
-             "  \"global_rope_theta\": %.9g,\n  \"local_rope_theta\": %.9g,\n  \"norm_eps\": %.9g,\n"
-             "  \"initializer_range\": %.9g,\n  \"initializer_cutoff_factor\": %.9g,\n"
+             "  \"global_rope_theta\": %s,\n  \"local_rope_theta\": %s,\n  \"norm_eps\": %s,\n"
+             "  \"initializer_range\": %s,\n  \"initializer_cutoff_factor\": %s,\n"
              "  \"pad_token_id\": %d,\n  \"cls_token_id\": %d,\n  \"sep_token_id\": %d,\n"
              "  \"bos_token_id\": %d,\n  \"eos_token_id\": %d,\n  \"mask_token_id\": %d,\n"
              "  \"hidden_activation\": \"gelu\",\n  \"classifier_activation\": \"gelu\",\n"
@@ -759,8 +772,9 @@ static void write_hf_config(const std::string& path, const ModelConfig& m) {
              "  \"classifier_dropout\": 0.0,\n  \"max_position_embeddings\": 8192,\n"
              "  \"torch_dtype\": \"float32\"\n"
              "}\n",
-             m.V, m.H, m.I, m.L, m.nh, m.global_every, 2 * m.window, m.theta_global, m.theta_local, m.norm_eps,
-             m.init_std, m.init_cutoff, m.special.pad, m.special.cls, m.special.sep, m.special.cls, m.special.sep,
+             m.V, m.H, m.I, m.L, m.nh, m.global_every, 2 * m.window, json_float(m.theta_global).c_str(),
+             json_float(m.theta_local).c_str(), json_float(m.norm_eps).c_str(), json_float(m.init_std).c_str(),
+             json_float(m.init_cutoff).c_str(), m.special.pad, m.special.cls, m.special.sep, m.special.cls, m.special.sep,
              m.special.mask);
     std::string tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
