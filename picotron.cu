@@ -38,7 +38,7 @@ struct ModelConfig {
     float norm_eps = 1e-5f;
     float init_std = 0.02f;        // transformers' initializer_range
     float init_cutoff = 2.0f;      // truncation at ±cutoff·σ
-    SpecialIds special{};          // UNK, CLS, SEP, PAD, MASK (ModernBERT's by default)
+    SpecialIds special = kModernBertSpecialIds;  // UNK, CLS, SEP, PAD, MASK
     bool is_global(int layer) const { return layer % global_every == 0; }
 };
 
@@ -171,8 +171,6 @@ static TrainConfig parse_args(int argc, char** argv) {
 struct ProcessGrid {
     int world_rank = 0, world_size = 1;
     int dp = 1, pp = 1, cp = 1, tp = 1;
-    bool is_first_stage() const { return true; }
-    bool is_last_stage() const { return true; }
 };
 
 static ProcessGrid make_grid() {
@@ -940,8 +938,9 @@ static void predict(const Model& model, Activations& a, const WordTokenizer& tok
     printf("%s\n", text.c_str());
     for (int r = 0; r < b.n_masked; r++) {
         const float* row = logits.data() + (size_t)r * m.V;
-        std::vector<int> order(m.V);
-        for (int v = 0; v < m.V; v++) order[v] = v;
+        std::vector<int> order;  // candidate words: special tokens are never an answer
+        for (int v = 0; v < m.V; v++)
+            if (!m.special.is_special(v)) order.push_back(v);
         std::partial_sort(order.begin(), order.begin() + 5, order.end(), [&](int x, int y) { return row[x] > row[y]; });
         double mx = row[order[0]], z = 0.0;
         for (int v = 0; v < m.V; v++) z += exp(row[v] - mx);

@@ -99,7 +99,11 @@ if $BIN --help | grep -q -- "--micro-batch-tokens"; then pass "--help"; else fai
 
 # Where nvcc exists the GPU build must exist and carry sm_90 code.
 if command -v nvcc >/dev/null 2>&1; then
-    if make -s picotron >/dev/null && cuobjdump --list-elf picotron 2>/dev/null | grep -q sm_90; then pass "picotron (nvcc) builds with sm_90 code"
+    # cuobjdump lists the cubins where the toolkit ships it; otherwise the fatbin's recorded
+    # device-link options name the architecture of the cubin it holds
+    if command -v cuobjdump >/dev/null 2>&1; then has_sm90() { cuobjdump --list-elf picotron | grep -q sm_90; }
+    else has_sm90() { readelf -S picotron | grep -q nv_fatbin && strings -a picotron | grep -q -- "-arch sm_90"; }; fi
+    if make -s picotron >/dev/null && has_sm90; then pass "picotron (nvcc) builds with sm_90 code"
     else fail "GPU build" "picotron did not build or has no sm_90 code"; fi
 fi
 

@@ -118,6 +118,107 @@ int main(int argc, char** argv) {
     }
     check(final_worst <= 1e-3, "weight updates of 3 AdamW steps match torch", fmt("worst rel %.2e at ", final_worst) + final_name);
 
+    // Clipping scales the gradient and nothing else: clipping to half the norm must give the same
+    // weights as feeding a gradient that is half as large (bit for bit: same float operations).
+    {
+        Model clipped, scaled;
+        clipped.cfg = scaled.cfg = m;
+        model_allocate(&clipped, host);
+        model_allocate(&scaled, host);
+        ops::zero_floats(clipped.grads, clipped.table.total);
+        model_forward(clipped, a, b);
+        model_backward(clipped, a, b);
+        std::vector<float> g = device_to_vector(clipped.grads, clipped.table.total);
+        double norm = sqrt(ops::sum_squares(clipped.grads, clipped.table.total)) / b.n_masked;
+        TrainConfig cc = c;
+        cc.clip = (float)(0.5 * norm);
+        optimizer_step(clipped, cc, 1e-3f, b.n_masked);
+        // the clip factor cc.clip / norm folds into the grad scale; hand the same scale over directly
+        double factor = cc.clip / norm;
+        long scaled_count = b.n_masked;
+        TrainConfig cs = c;
+        cs.clip = 0.f;
+        // grad_scale = 1/count · factor = 1/(count/factor): same scale through the masked-token count
+        std::vector<float> g2 = g;
+        for (float& x : g2) x = (float)(x * factor);
+        ops::copy_to_device(scaled.grads, g2.data(), g2.size() * sizeof(float));
+        optimizer_step(scaled, cs, 1e-3f, scaled_count);
+        std::vector<float> pa = device_to_vector(clipped.params, clipped.table.total);
+        std::vector<float> pb = device_to_vector(scaled.params, scaled.table.total);
+        double r = rel_err(pa.data(), pb);
+        double moved = rel_err(pa.data(), host);
+        check(r <= 1e-6 && moved > 0, "clipping equals a pre-scaled gradient", fmt("rel %.2e", r) + fmt(", update rel %.2e", moved));
+    }
+    // StableAdamW: on step 1 v̂ = g², so RMS ≤ 1 and it equals AdamW. On step 2 with a gradient 100×
+    // the first, each tensor's update must be AdamW's divided by its RMS, computed here independently:
+    // v1 = (1−β2)g², v2 = β2 v1 + (1−β2)(100g)², RMS = √mean((100g)² / max(v2/(1−β2²), ε²)).
+    {
+        TrainConfig cs = c;
+        cs.optimizer = "stable-adamw";
+        Model stable, plain;
+        stable.cfg = plain.cfg = m;
+        model_allocate(&stable, host);
+        model_allocate(&plain, host);
+        for (Model* x : {&stable, &plain}) {
+            ops::zero_floats(x->grads, x->table.total);
+            model_forward(*x, a, b);
+            model_backward(*x, a, b);
+        }
+        std::vector<float> g1 = device_to_vector(plain.grads, plain.table.total);
+        optimizer_step(stable, cs, 1e-3f, b.n_masked);
+        optimizer_step(plain, c, 1e-3f, b.n_masked);
+        std::vector<float> ps = device_to_vector(stable.params, stable.table.total);
+        std::vector<float> pp = device_to_vector(plain.params, plain.table.total);
+        check(rel_err(ps.data(), pp) == 0.0, "StableAdamW's first step equals AdamW's", "RMS <= 1 on step 1");
+        for (Model* x : {&stable, &plain}) {
+            std::vector<float> g = g1;
+            for (float& v : g) v *= 100.f;
+            ops::copy_to_device(x->grads, g.data(), g.size() * sizeof(float));
+        }
+        optimizer_step(stable, cs, 1e-3f, b.n_masked);
+        optimizer_step(plain, c, 1e-3f, b.n_masked);
+        std::vector<float> ps2 = device_to_vector(stable.params, stable.table.total);
+        std::vector<float> pp2 = device_to_vector(plain.params, plain.table.total);
+        double worst = 0.0, smallest_factor = 1.0;
+        for (const ParamInfo& p : stable.table.params) {
+            double acc = 0.0, b2 = c.beta2, e2 = (double)c.eps * c.eps;
+            for (size_t i = p.offset; i < p.offset + p.numel; i++) {
+                double g = (double)g1[i] / b.n_masked, v1 = (1 - b2) * g * g, g2 = 100.0 * g;
+                double v_hat = (b2 * v1 + (1 - b2) * g2 * g2) / (1 - b2 * b2);
+                acc += g2 * g2 / std::max(v_hat, e2);
+            }
+            double factor = 1.0 / std::max(1.0, sqrt(acc / p.numel));
+            smallest_factor = std::min(smallest_factor, factor);
+            std::vector<float> d_stable(p.numel), d_expected(p.numel);
+            for (size_t i = 0; i < p.numel; i++) {
+                d_stable[i] = ps2[p.offset + i] - ps[p.offset + i];
+                d_expected[i] = (float)((pp2[p.offset + i] - pp[p.offset + i]) * factor);
+            }
+            worst = std::max(worst, rel_err(d_stable.data(), d_expected));
+        }
+        check(worst <= 1e-3 && smallest_factor < 0.9, "StableAdamW divides each tensor's step by its RMS",
+              fmt("worst rel %.2e", worst) + fmt(", smallest factor %.3f", smallest_factor));
+    }
+    // The presets use ModernBERT's special ids (DESIGN.md §6), which the data, the masking, the
+    // PAD row's missing gradient and the export all take from the model config.
+    {
+        ModelConfig tiny;
+        model_preset("tiny", &tiny);
+        const SpecialIds& sp = tiny.special;
+        check(sp.unk == 50280 && sp.cls == 50281 && sp.sep == 50282 && sp.pad == 50283 && sp.mask == 50284 &&
+                  tiny.V == 50368 && tiny.hd == 64 && tiny.L >= 6,
+              "tiny preset: ModernBERT's vocabulary and special ids", "CLS " + std::to_string(sp.cls) + ", MASK " + std::to_string(sp.mask));
+    }
+    // Warmup-stable-decay: linear warmup, flat, then 1-sqrt decay over the last decay_frac of steps.
+    {
+        TrainConfig w;
+        w.lr = 1.0f; w.warmup = 10; w.steps = 100; w.decay_frac = 0.1f;
+        bool ok = fabsf(learning_rate(w, 5) - 0.5f) < 1e-7f && learning_rate(w, 10) == 1.0f &&
+                  learning_rate(w, 50) == 1.0f && learning_rate(w, 90) == 1.0f && learning_rate(w, 91) == 1.0f &&
+                  fabsf(learning_rate(w, 100) - (1.0f - sqrtf(0.9f))) < 1e-7f && learning_rate(w, 95) > learning_rate(w, 96);
+        check(ok, "learning-rate schedule", fmt("lr(5) %.3f", learning_rate(w, 5)) + fmt(" lr(100) %.4f", learning_rate(w, 100)));
+    }
+
     printf("%d passed, %d failed\n", n_pass, n_fail);
     MPI_Finalize();
     return n_fail ? 1 : 0;
