@@ -10,7 +10,7 @@ NVCC        := $(shell command -v nvcc 2>/dev/null)
 CXXFLAGS    := -std=c++17 -O2 -Wall -Wextra -DOMPI_SKIP_MPICXX
 NVCCFLAGS   := -std=c++17 -O2 -arch=sm_90 -DOMPI_SKIP_MPICXX -Xcompiler -Wall,-Wextra
 CUDA_LIBS   := -lcublasLt -lcublas -lnccl
-HEADERS     := kernels.cuh kernels_cuda.cuh data.h safetensors.h
+HEADERS     := kernels.cuh data.h safetensors.h
 # mpirun as root (sessions and CI), more ranks than cores, one BLAS thread per rank
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
@@ -48,7 +48,8 @@ data/default/vocab.txt: picotron_cpu scripts/get_corpus.sh
 data: data/default/vocab.txt
 
 # Train tiny on the GPU build when a GPU is present, else on the CPU build; then ask it questions.
-TRAIN_FLAGS := --model tiny --data data/default --seq-len 256 --micro-batch-tokens 1024 --steps 120 \
+STEPS ?= 120
+TRAIN_FLAGS := --model tiny --data data/default --seq-len 256 --micro-batch-tokens 1024 --steps $(STEPS) \
                --lr 3e-3 --warmup 10 --log out/tiny.jsonl --export out/tiny
 run: deps
 	@$(MAKE) --no-print-directory all data
@@ -67,8 +68,9 @@ test: deps
 	@$(MAKE) --no-print-directory picotron_cpu $(TEST_BINS) data
 	@bash tests/run_tests.sh
 
-test-gpu: picotron tests/test_gpu
+test-gpu: picotron picotron_cpu tests/test_gpu data
 	./tests/test_gpu
+	bash tests/gpu_vs_cpu.sh
 
 clean:
 	rm -f picotron picotron_cpu tests/test_ops tests/test_data tests/test_safetensors tests/test_model tests/test_gpu

@@ -338,7 +338,8 @@ inline void geglu_backward(float* dinp, const float* dout, const float* inp, int
 }
 
 // -- sparse prediction: only the masked rows go through the head --
-// out (n_rows, C) = inp[rows]; its backward scatters: dinp[rows[r]] += dout[r].
+// out (n_rows, C) = inp[rows]; its backward scatters: dinp[rows[r]] += dout[r]. The rows are distinct
+// (masked positions), which lets the GPU scatter without atomics.
 inline void gather_rows(float* out, const float* inp, const int* rows, int n_rows, int C) {
     for (int r = 0; r < n_rows; r++) memcpy(out + (size_t)r * C, inp + (size_t)rows[r] * C, sizeof(float) * C);
 }
@@ -425,8 +426,976 @@ inline double stable_adamw_rms(const float* grad, const float* v, size_t n, floa
 
 #ifdef __CUDACC__
 // ---- CUDA kernels ----
-// Same signatures as namespace ref, device pointers. Written for clarity first; speed comes later.
-#include "kernels_cuda.cuh"
+// The twin of every op in namespace ref: same names, same order, same signatures, device pointers.
+// Written for clarity first; speed (bf16, tensor cores, fused attention) comes later.
+// Ground rules, as for the reference, plus:
+//   - deterministic: every output element is written by exactly one thread, and every sum runs in a
+//     fixed order (no float atomics), so two runs give bit-identical results;
+//   - everything runs on the default stream; the only lazily created state is the cuBLASLt handle
+//     and its workspace (see "device context"). The reductions to the host use a small static device
+//     array;
+//   - no fast math: expf/logf/erff/cosf/sinf/powf are the accurate ones.
+#include <cstdint>
+#include <cuda_runtime.h>
+#include <cublasLt.h>
+
+// ---- error checks ----
+// Every CUDA or cuBLAS call is checked; a kernel launch is followed by CUDA_CHECK(cudaGetLastError()).
+#define CUDA_CHECK(call)                                                                                     \
+    do {                                                                                                     \
+        cudaError_t cuda_status_ = (call);                                                                   \
+        if (cuda_status_ != cudaSuccess)                                                                     \
+            fatal("CUDA error %s (%s) at %s:%d", cudaGetErrorName(cuda_status_),                            \
+                  cudaGetErrorString(cuda_status_), __FILE__, __LINE__);                                     \
+    } while (0)
+#define CUBLAS_CHECK(call)                                                                                   \
+    do {                                                                                                     \
+        cublasStatus_t cublas_status_ = (call);                                                              \
+        if (cublas_status_ != CUBLAS_STATUS_SUCCESS)                                                         \
+            fatal("cuBLAS error %d (%s) at %s:%d", (int)cublas_status_, cublasLtGetStatusString(cublas_status_), \
+                  __FILE__, __LINE__);                                                                       \
+    } while (0)
+
+namespace cuda {
+
+// ---- launch helpers ----
+constexpr int WARP_SIZE = 32;
+constexpr unsigned FULL_MASK = 0xffffffffu;
+constexpr int BLOCK_SIZE = 256;            // threads per block of the element-wise kernels
+constexpr size_t MAX_GRID_BLOCKS = 1 << 20;  // element-wise kernels grid-stride beyond this
+constexpr int MAX_HEAD_DIM = 128;          // attention and rope keep up to 4 dims per lane / 64 angles
+constexpr int DIMS_PER_LANE = MAX_HEAD_DIM / WARP_SIZE;
+
+inline size_t div_round_up(size_t a, size_t b) { return (a + b - 1) / b; }
+// blocks for an element-wise kernel over n items (n > 0); the kernels grid-stride, so capping is safe
+inline unsigned grid_for(size_t n) {
+    size_t blocks = div_round_up(n, BLOCK_SIZE);
+    return (unsigned)(blocks < MAX_GRID_BLOCKS ? blocks : MAX_GRID_BLOCKS);
+}
+// blocks for a kernel with one warp per task and `warps` warps per block (no grid-stride)
+inline unsigned grid_for_warps(size_t tasks, int warps) {
+    size_t blocks = div_round_up(tasks, (size_t)warps);
+    if (blocks > 0x7fffffffu) fatal("kernel grid too large: %zu tasks", tasks);
+    return (unsigned)blocks;
+}
+
+// Reductions with a fixed combination order. The xor butterfly leaves the same value in every lane
+// (each step adds a and b in both lanes; float addition is commutative), so results never depend on
+// which lane reads them.
+template <typename T>
+__device__ inline T warp_sum(T v) {
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+__device__ inline float warp_max(float v) {
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
+    return v;
+}
+// Sum or max over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. Warps reduce by butterfly, then every thread adds the warp partials in warp order. The
+// leading barrier lets a kernel call this several times in a row (the shared slots are reused).
+template <typename T>
+__device__ inline T block_sum(T v) {
+    __shared__ T partial[WARP_SIZE];
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, n_warps = blockDim.x / WARP_SIZE;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    T total = partial[0];
+    for (int w = 1; w < n_warps; w++) total += partial[w];
+    return total;
+}
+__device__ inline float block_max(float v) {
+    __shared__ float partial[WARP_SIZE];
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, n_warps = blockDim.x / WARP_SIZE;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    float total = partial[0];
+    for (int w = 1; w < n_warps; w++) total = fmaxf(total, partial[w]);
+    return total;
+}
+
+// ---- device context ----
+// The one piece of lazily created state: a cuBLASLt handle and a 32 MiB device workspace, made on first
+// use. cuBLASLt uses the workspace inside its GEMMs; between GEMMs the two-pass column sums below keep
+// their partial sums there. Everything runs in order on the default stream, so the two uses never overlap.
+struct Blas {
+    cublasLtHandle_t handle = nullptr;
+    void* workspace = nullptr;
+    size_t workspace_bytes = 0;
+};
+inline Blas& blas() {
+    static Blas b = [] {
+        Blas init;
+        CUBLAS_CHECK(cublasLtCreate(&init.handle));
+        init.workspace_bytes = (size_t)32 << 20;
+        CUDA_CHECK(cudaMalloc(&init.workspace, init.workspace_bytes));
+        return init;
+    }();
+    return b;
+}
+
+// ---- column sums ----
+// out[c] += Σ_n term(n, c) over an (N, C) array of terms (layernorm dweight, matmul dbias), in a fixed
+// order, in two passes.
+// Pass 1: grid (column tiles of 32, R row chunks), block (32, 32). Block (x, r) sums the rows of chunk r
+// for its 32 columns: threadIdx.x is the column (a warp reads 32 consecutive floats of a row),
+// threadIdx.y a row phase; thread (x, y) adds rows n0+y, n0+y+32, … in order, then the y = 0 row of
+// threads adds the 32 phase sums in order and writes the chunk's partial (or, with one chunk, adds
+// straight into out).
+// Pass 2: one thread per column adds the R chunk partials in chunk order into out[c].
+// R depends only on (N, C) — never on the GPU — so results are bit-identical run to run and machine
+// to machine; it aims at ~512 blocks so that small C (768 columns = 24 tiles) still fills the GPU.
+constexpr int COLUMN_SUM_TARGET_BLOCKS = 512;
+template <typename Term>
+__global__ void column_sum_partial_kernel(float* partial, float* out, int N, int C, int rows_per_chunk, Term term) {
+    __shared__ float phase_sum[WARP_SIZE][WARP_SIZE + 1];
+    const int c = blockIdx.x * WARP_SIZE + threadIdx.x;
+    const int n0 = blockIdx.y * rows_per_chunk;
+    const int n1 = n0 + rows_per_chunk < N ? n0 + rows_per_chunk : N;
+    float acc = 0.0f;
+    if (c < C)
+        for (int n = n0 + threadIdx.y; n < n1; n += WARP_SIZE) acc += term(n, c);
+    phase_sum[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float total = 0.0f;
+        for (int r = 0; r < WARP_SIZE; r++) total += phase_sum[r][threadIdx.x];
+        if (partial) partial[(size_t)blockIdx.y * C + c] = total;
+        else out[c] += total;
+    }
+}
+__global__ void column_sum_final_kernel(float* out, const float* partial, int n_chunks, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float total = 0.0f;
+    for (int r = 0; r < n_chunks; r++) total += partial[(size_t)r * C + c];
+    out[c] += total;
+}
+template <typename Term>
+inline void column_sum_add(float* out, int N, int C, Term term) {
+    if (N <= 0 || C <= 0) return;
+    const size_t column_tiles = div_round_up(C, WARP_SIZE);
+    size_t chunks = div_round_up(COLUMN_SUM_TARGET_BLOCKS, column_tiles);
+    const size_t max_chunks = div_round_up(N, WARP_SIZE);  // chunks of about 32 rows or more
+    if (chunks > max_chunks) chunks = max_chunks;
+    const size_t scratch_chunks = blas().workspace_bytes / (sizeof(float) * (size_t)C);
+    if (chunks > scratch_chunks) chunks = scratch_chunks;
+    if (chunks < 1) chunks = 1;
+    const int rows_per_chunk = (int)div_round_up(N, chunks);
+    const int n_chunks = (int)div_round_up(N, rows_per_chunk);  // no empty chunk
+    float* partial = n_chunks > 1 ? static_cast<float*>(blas().workspace) : nullptr;
+    dim3 grid((unsigned)column_tiles, (unsigned)n_chunks);
+    column_sum_partial_kernel<<<grid, dim3(WARP_SIZE, WARP_SIZE)>>>(partial, out, N, C, rows_per_chunk, term);
+    CUDA_CHECK(cudaGetLastError());
+    if (partial) {
+        column_sum_final_kernel<<<(unsigned)div_round_up(C, BLOCK_SIZE), BLOCK_SIZE>>>(out, partial, n_chunks, C);
+        CUDA_CHECK(cudaGetLastError());
+    }
+}
+
+// ---- memory ----
+inline float* alloc_floats(size_t n) {
+    float* p = nullptr;
+    if (cudaMalloc(&p, (n ? n : 1) * sizeof(float)) != cudaSuccess)
+        fatal("out of device memory allocating %zu floats", n);
+    CUDA_CHECK(cudaMemset(p, 0, (n ? n : 1) * sizeof(float)));
+    return p;
+}
+inline int* alloc_ints(size_t n) {
+    int* p = nullptr;
+    if (cudaMalloc(&p, (n ? n : 1) * sizeof(int)) != cudaSuccess) fatal("out of device memory allocating %zu ints", n);
+    CUDA_CHECK(cudaMemset(p, 0, (n ? n : 1) * sizeof(int)));
+    return p;
+}
+inline void free_buffer(void* p) { CUDA_CHECK(cudaFree(p)); }
+inline void zero_floats(float* p, size_t n) {
+    if (n) CUDA_CHECK(cudaMemset(p, 0, n * sizeof(float)));
+}
+inline void copy_to_device(void* dst, const void* src, size_t bytes) {
+    if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+inline void copy_to_host(void* dst, const void* src, size_t bytes) {
+    if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+inline void copy_on_device(void* dst, const void* src, size_t bytes) {
+    if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+}
+inline void synchronize() { CUDA_CHECK(cudaDeviceSynchronize()); }
+
+// ---- embedding ----
+// out (T, H) = wte[ids - vocab_start], zero rows for ids outside the shard.
+// One thread per output element (t, c), grid-stride.
+__global__ void embedding_forward_kernel(float* out, const int* ids, const float* wte, int T, int H, int vocab_start,
+                                         int vocab_rows) {
+    const size_t total = (size_t)T * H;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = idx / H, c = idx % H;
+        const int row = ids[t] - vocab_start;
+        out[idx] = (row >= 0 && row < vocab_rows) ? wte[(size_t)row * H + c] : 0.0f;
+    }
+}
+inline void embedding_forward(float* out, const int* ids, const float* wte, int T, int H, int vocab_start,
+                              int vocab_rows) {
+    if (T <= 0 || H <= 0) return;
+    embedding_forward_kernel<<<grid_for((size_t)T * H), BLOCK_SIZE>>>(out, ids, wte, T, H, vocab_start, vocab_rows);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// dwte (vocab_rows, H) += dout rows scattered by id, pad id skipped — without atomics.
+// Grid (column tiles of 128, EMB_ROW_BLOCKS vocabulary row ranges). Block (x, y) owns columns
+// [128x, 128x+128) of the vocabulary rows [r0, r1) of range y: it walks ALL tokens in order (ids staged
+// through shared memory a chunk at a time) and for each token whose row falls in its range, thread c
+// adds dout[t, c] into dwte[row, c]. Each dwte element has one owner thread and receives its tokens
+// in increasing t, exactly the reference's order, so the result is bit-identical to ref. The branch
+// on the token's row is uniform over the block (no divergence).
+constexpr int EMB_COLS = 128;
+constexpr int EMB_ROW_BLOCKS = 128;
+constexpr int EMB_TOKEN_CHUNK = 1024;
+__global__ void embedding_backward_kernel(float* dwte, const float* dout, const int* ids, int T, int H, int vocab_start,
+                                          int vocab_rows, int pad_id, int rows_per_block) {
+    __shared__ int row_of_token[EMB_TOKEN_CHUNK];  // shard row of each token of the chunk, −1 if not ours
+    const int c = blockIdx.x * EMB_COLS + threadIdx.x;
+    const int r0 = blockIdx.y * rows_per_block;
+    const int r1 = r0 + rows_per_block < vocab_rows ? r0 + rows_per_block : vocab_rows;
+    for (int t0 = 0; t0 < T; t0 += EMB_TOKEN_CHUNK) {
+        const int n = T - t0 < EMB_TOKEN_CHUNK ? T - t0 : EMB_TOKEN_CHUNK;
+        __syncthreads();  // everyone is done with the previous chunk
+        for (int u = threadIdx.x; u < n; u += blockDim.x) {
+            const int id = ids[t0 + u];
+            const int row = id - vocab_start;
+            row_of_token[u] = (id == pad_id || row < r0 || row >= r1) ? -1 : row;
+        }
+        __syncthreads();
+        if (c < H)
+            for (int u = 0; u < n; u++) {
+                const int row = row_of_token[u];
+                if (row >= 0) dwte[(size_t)row * H + c] += dout[(size_t)(t0 + u) * H + c];
+            }
+    }
+}
+inline void embedding_backward(float* dwte, const float* dout, const int* ids, int T, int H, int vocab_start,
+                               int vocab_rows, int pad_id) {
+    if (!dwte || T <= 0 || H <= 0 || vocab_rows <= 0) return;
+    const int row_blocks = vocab_rows < EMB_ROW_BLOCKS ? vocab_rows : EMB_ROW_BLOCKS;
+    const int rows_per_block = (int)div_round_up(vocab_rows, row_blocks);
+    dim3 grid((unsigned)div_round_up(H, EMB_COLS), (unsigned)row_blocks);
+    embedding_backward_kernel<<<grid, EMB_COLS>>>(dwte, dout, ids, T, H, vocab_start, vocab_rows, pad_id,
+                                                  rows_per_block);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- layernorm ----
+// out (N, C) = (inp - mean) * rstd * weight, mean and rstd (N) saved. One warp per row: lanes stride
+// over the columns; two passes (mean, then the variance of x - mean) with warp butterfly sums.
+constexpr int LN_WARPS = 4;  // rows per block
+__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                                         int N, int C, float eps) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const size_t n = (size_t)blockIdx.x * LN_WARPS + threadIdx.x / WARP_SIZE;
+    if (n >= (size_t)N) return;  // the whole warp leaves together
+    const float* x = inp + n * C;
+    float acc = 0.0f;
+    for (int c = lane; c < C; c += WARP_SIZE) acc += x[c];
+    const float m = warp_sum(acc) / C;
+    acc = 0.0f;
+    for (int c = lane; c < C; c += WARP_SIZE) acc += (x[c] - m) * (x[c] - m);
+    const float var = warp_sum(acc) / C;
+    const float s = 1.0f / sqrtf(var + eps);
+    for (int c = lane; c < C; c += WARP_SIZE) out[n * C + c] = ((x[c] - m) * s) * weight[c];
+    if (lane == 0) {
+        mean[n] = m;
+        rstd[n] = s;
+    }
+}
+inline void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, int N,
+                              int C, float eps) {
+    if (N <= 0 || C <= 0) return;
+    layernorm_forward_kernel<<<grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE>>>(out, mean, rstd, inp, weight, N,
+                                                                                     C, eps);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// dinp (N, C) += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * weight.
+// One warp per row: a butterfly sum of the two row means, then each lane updates its columns.
+__global__ void layernorm_backward_dinp_kernel(float* dinp, const float* dout, const float* inp, const float* weight,
+                                               const float* mean, const float* rstd, int N, int C) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const size_t n = (size_t)blockIdx.x * LN_WARPS + threadIdx.x / WARP_SIZE;
+    if (n >= (size_t)N) return;
+    const float* x = inp + n * C;
+    const float* dy = dout + n * C;
+    const float m = mean[n], s = rstd[n];
+    float sum_dxhat = 0.0f, sum_dxhat_xhat = 0.0f;
+    for (int c = lane; c < C; c += WARP_SIZE) {
+        const float xhat = (x[c] - m) * s;
+        const float dxhat = dy[c] * weight[c];
+        sum_dxhat += dxhat;
+        sum_dxhat_xhat += dxhat * xhat;
+    }
+    const float mean_dxhat = warp_sum(sum_dxhat) / C;
+    const float mean_dxhat_xhat = warp_sum(sum_dxhat_xhat) / C;
+    for (int c = lane; c < C; c += WARP_SIZE) {
+        const float xhat = (x[c] - m) * s;
+        const float dxhat = dy[c] * weight[c];
+        dinp[n * C + c] += s * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+    }
+}
+// dweight[c] += Σ_n dout[n, c] * xhat[n, c], through column_sum_add (fixed order, two passes).
+struct LayerNormWeightGrad {
+    const float *dout, *inp, *mean, *rstd;
+    int C;
+    __device__ float operator()(int n, int c) const {
+        const size_t idx = (size_t)n * C + c;
+        return dout[idx] * ((inp[idx] - mean[n]) * rstd[n]);
+    }
+};
+inline void layernorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                               const float* mean, const float* rstd, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    if (dinp) {
+        layernorm_backward_dinp_kernel<<<grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE>>>(dinp, dout, inp, weight,
+                                                                                               mean, rstd, N, C);
+        CUDA_CHECK(cudaGetLastError());
+    }
+    if (dweight) column_sum_add(dweight, N, C, LayerNormWeightGrad{dout, inp, mean, rstd, C});
+}
+
+// ---- matmul (cuBLASLt) ----
+// cuBLASLt is column-major; a row-major (r, c) matrix is the column-major (c, r) matrix with the same
+// leading dimension, so each row-major product is computed as its transpose:
+//   forward   out (N, OC) = inp · Wᵀ      ⇔  outᵀ (OC, N)  = W'ᵀ · inp'   (W' = W seen column-major, C×OC)
+//   dinp      (N, C)     += dout · W      ⇔  dinpᵀ (C, N) += W' · dout'
+//   dweight   (OC, C)    += doutᵀ · inp   ⇔  dweightᵀ (C, OC) += inp' · dout'ᵀ
+// The handle and workspace are the device context above (blas()).
+// the largest power of two (≤ 256) dividing the address: tells the heuristic which kernels may run
+inline uint32_t pointer_alignment(const void* p) {
+    const uintptr_t address = (uintptr_t)p;
+    uint32_t align = 256;
+    while (align > 1 && address % align) align /= 2;
+    return align;
+}
+// Column-major D (m, n; leading dim ldd) = op(A) · op(B) + beta · D, fp32 in and out, fp32 compute
+// (CUBLAS_COMPUTE_32F: no TF32). A is stored (m, k), or (k, m) if trans_a; B (k, n), or (n, k) if trans_b.
+inline void gemm(float* d, const float* a, const float* b, bool trans_a, bool trans_b, int m, int n, int k, int lda,
+                 int ldb, int ldd, float beta) {
+    Blas& lt = blas();
+    cublasLtMatmulDesc_t desc;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b));
+    cublasLtMatrixLayout_t layout_a, layout_b, layout_d;
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, CUDA_R_32F, trans_a ? k : m, trans_a ? m : k, lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, CUDA_R_32F, trans_b ? n : k, trans_b ? k : n, ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_d, CUDA_R_32F, m, n, ldd));
+    cublasLtMatmulPreference_t pref;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t workspace_bytes = lt.workspace_bytes;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes,
+                                                      sizeof workspace_bytes));
+    const uint32_t align_a = pointer_alignment(a), align_b = pointer_alignment(b), align_d = pointer_alignment(d);
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
+                                                      sizeof align_a));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
+                                                      sizeof align_b));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d,
+                                                      sizeof align_d));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d,
+                                                      sizeof align_d));
+    cublasLtMatmulHeuristicResult_t heuristic;
+    int n_results = 0;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(lt.handle, desc, layout_a, layout_b, layout_d,
+                                                                 layout_d, pref, 1, &heuristic, &n_results);
+    if (status != CUBLAS_STATUS_SUCCESS || n_results == 0)
+        fatal("cuBLASLt has no algorithm for m=%d n=%d k=%d trans_a=%d trans_b=%d (%s) at %s:%d", m, n, k, (int)trans_a,
+              (int)trans_b, cublasLtGetStatusString(status), __FILE__, __LINE__);
+    const float alpha = 1.0f;
+    CUBLAS_CHECK(cublasLtMatmul(lt.handle, desc, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
+                                &heuristic.algo, lt.workspace, lt.workspace_bytes, 0));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(layout_d));
+    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(layout_b));
+    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(layout_a));
+    CUBLAS_CHECK(cublasLtMatmulDescDestroy(desc));
+}
+
+// out (N, OC) += bias broadcast over rows. One thread per element, grid-stride.
+__global__ void add_bias_kernel(float* out, const float* bias, int N, int OC) {
+    const size_t total = (size_t)N * OC;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x)
+        out[idx] += bias[idx % OC];
+}
+inline void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int C,
+                           int OC) {
+    if (N <= 0 || OC <= 0) return;
+    if (C > 0) {
+        gemm(out, weight, inp, true, false, OC, N, C, C, C, OC, 0.0f);
+    } else {
+        zero_floats(out, (size_t)N * OC);  // an empty sum
+    }
+    if (bias) {
+        add_bias_kernel<<<grid_for((size_t)N * OC), BLOCK_SIZE>>>(out, bias, N, OC);
+        CUDA_CHECK(cudaGetLastError());
+    }
+}
+// dbias[o] += Σ_n dout[n, o], through column_sum_add (fixed order, two passes).
+struct BiasGrad {
+    const float* dout;
+    int OC;
+    __device__ float operator()(int n, int o) const { return dout[(size_t)n * OC + o]; }
+};
+inline void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                            const float* weight, int N, int C, int OC) {
+    if (N <= 0 || C <= 0 || OC <= 0) {
+        if (dbias && N > 0 && OC > 0) column_sum_add(dbias, N, OC, BiasGrad{dout, OC});
+        return;  // every other product is empty: nothing to add
+    }
+    if (dinp) gemm(dinp, weight, dout, false, false, C, N, OC, C, OC, C, 1.0f);
+    if (dweight) gemm(dweight, inp, dout, false, true, C, OC, N, C, OC, C, 1.0f);
+    if (dbias) column_sum_add(dbias, N, OC, BiasGrad{dout, OC});
+}
+
+// ---- residual ----
+// x (n) += y (n). One thread per element, grid-stride.
+__global__ void add_inplace_kernel(float* x, const float* y, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+inline void add_inplace(float* x, const float* y, size_t n) {
+    if (!n) return;
+    add_inplace_kernel<<<grid_for(n), BLOCK_SIZE>>>(x, y, n);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- rope ----
+// The inverse frequencies are computed on the host with the reference's own powf and passed to the
+// kernel by value, so the angle pos · inv_freq is bit-identical to ref's; cosf/sinf are the accurate
+// device versions (≤ 2 ulp). The rotation uses _rn intrinsics so that nvcc does not fuse it into FMAs
+// and the float arithmetic is exactly the reference's.
+inline float rope_inv_freq(int i, int hd, float theta) { return ref::rope_inv_freq(i, hd, theta); }
+struct RopeFrequencies {
+    float inv_freq[MAX_HEAD_DIM / 2];
+};
+// One thread per rotated pair (t, part ∈ {q, k}, head h, i < hd/2), grid-stride; the index runs
+// fastest over i, so a warp touches consecutive floats of one head.
+__global__ void rope_kernel(float* qkv, const int* pos, int T, int nh, int hd, float direction,
+                            RopeFrequencies freqs) {
+    const int half = hd / 2;
+    const size_t total = (size_t)T * 2 * nh * half;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)(idx % half);
+        size_t rest = idx / half;
+        const int h = (int)(rest % nh);
+        rest /= nh;
+        const int part = (int)(rest % 2);
+        const size_t t = rest / 2;
+        float* x = qkv + t * 3 * nh * hd + (size_t)part * nh * hd + (size_t)h * hd;
+        const float angle = __fmul_rn((float)pos[t], freqs.inv_freq[i]);
+        const float c = cosf(angle), s = direction * sinf(angle);
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+        x[i + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+    }
+}
+inline void rope_rotate(float* qkv, const int* pos, int T, int nh, int hd, float theta, float direction) {
+    if (hd > MAX_HEAD_DIM) fatal("rope: head dim %d > %d", hd, MAX_HEAD_DIM);
+    const int half = hd / 2;
+    if (T <= 0 || nh <= 0 || half <= 0) return;
+    RopeFrequencies freqs = {};
+    for (int i = 0; i < half; i++) freqs.inv_freq[i] = rope_inv_freq(i, hd, theta);
+    rope_kernel<<<grid_for((size_t)T * 2 * nh * half), BLOCK_SIZE>>>(qkv, pos, T, nh, hd, direction, freqs);
+    CUDA_CHECK(cudaGetLastError());
+}
+inline void rope_forward(float* qkv, const int* pos, int T, int nh, int hd, float theta) {
+    rope_rotate(qkv, pos, T, nh, hd, theta, 1.0f);
+}
+inline void rope_backward(float* dqkv, const int* pos, int T, int nh, int hd, float theta) {
+    rope_rotate(dqkv, pos, T, nh, hd, theta, -1.0f);
+}
+
+// ---- attention ----
+// Same key range as ref::attention_key_range, usable in kernels. The relation "i sees j" (same
+// document, |i − j| ≤ window) is symmetric, so the same function also gives the queries that see key j.
+__host__ __device__ inline void attention_key_range(int i, int doc_start, int doc_end, int window, int* j0, int* j1) {
+    *j0 = doc_start;
+    *j1 = doc_end;
+    if (window >= 0) {
+        if (i - window > *j0) *j0 = i - window;
+        if (i + window + 1 < *j1) *j1 = i + window + 1;
+    }
+}
+// The document d with cu_seqlens[d] ≤ i < cu_seqlens[d + 1], or −1 for padding (binary search for the
+// last d < n_docs with cu_seqlens[d] ≤ i; empty documents are stepped over).
+__device__ inline int find_document(const int* cu_seqlens, int n_docs, int i) {
+    int lo = 0, hi = n_docs;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (cu_seqlens[mid] <= i) lo = mid + 1;
+        else hi = mid;
+    }
+    const int d = lo - 1;
+    return (d >= 0 && i < cu_seqlens[d + 1]) ? d : -1;
+}
+
+// Forward. One warp per (query i, head h), ATT_WARPS per block; q sits in shared memory. The key
+// range is walked in chunks of 32: lane l scores key jb + l (a full dot product over hd), the chunk's
+// max updates the running max (online softmax), and then for each key of the chunk the warp adds
+// p · v_j into the output, lane l holding dims l, l+32, l+64, l+96. Padding tokens get zeros, lse 0.
+constexpr int ATT_WARPS = 4;
+__global__ void attention_forward_kernel(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs,
+                                         int T, int nh, int hd, int window, float scale) {
+    __shared__ float q_shared[ATT_WARPS][MAX_HEAD_DIM];
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const size_t task = (size_t)blockIdx.x * ATT_WARPS + warp;
+    if (task >= (size_t)T * nh) return;  // the whole warp leaves together; no block barriers below
+    const int i = (int)(task / nh), h = (int)(task % nh);
+    const size_t H = (size_t)nh * hd;
+    float* o = out + (size_t)i * H + (size_t)h * hd;
+    const int d = find_document(cu_seqlens, n_docs, i);
+    if (d < 0) {
+        for (int c = lane; c < hd; c += WARP_SIZE) o[c] = 0.0f;
+        if (lane == 0) lse[task] = 0.0f;
+        return;
+    }
+    int j0, j1;
+    attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
+    float* q = q_shared[warp];
+    for (int c = lane; c < hd; c += WARP_SIZE) q[c] = qkv[(size_t)i * 3 * H + (size_t)h * hd + c];
+    __syncwarp();
+
+    float running_max = -INFINITY, denom = 0.0f;
+    float acc[DIMS_PER_LANE] = {};
+    for (int jb = j0; jb < j1; jb += WARP_SIZE) {
+        const int j = jb + lane;
+        float score = -INFINITY;
+        if (j < j1) {
+            const float* k = qkv + (size_t)j * 3 * H + H + (size_t)h * hd;
+            float dot = 0.0f;
+            for (int c = 0; c < hd; c++) dot += q[c] * k[c];
+            score = dot * scale;
+        }
+        const float new_max = fmaxf(running_max, warp_max(score));  // finite: key jb is in range
+        const float p = j < j1 ? expf(score - new_max) : 0.0f;
+        const float correction = expf(running_max - new_max);  // 0 on the first chunk
+        denom = denom * correction + warp_sum(p);
+        for (int r = 0; r < DIMS_PER_LANE; r++) acc[r] *= correction;
+        const int n_keys = j1 - jb < WARP_SIZE ? j1 - jb : WARP_SIZE;
+        for (int u = 0; u < n_keys; u++) {
+            const float p_u = __shfl_sync(FULL_MASK, p, u);
+            const float* v = qkv + (size_t)(jb + u) * 3 * H + 2 * H + (size_t)h * hd;
+            for (int r = 0; r < DIMS_PER_LANE; r++) {
+                const int c = lane + r * WARP_SIZE;
+                if (c < hd) acc[r] += p_u * v[c];
+            }
+        }
+        running_max = new_max;
+    }
+    for (int r = 0; r < DIMS_PER_LANE; r++) {
+        const int c = lane + r * WARP_SIZE;
+        if (c < hd) o[c] = acc[r] / denom;
+    }
+    if (lane == 0) lse[task] = running_max + logf(denom);
+}
+inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs, int T,
+                              int nh, int hd, int window) {
+    if (hd <= 0 || hd > MAX_HEAD_DIM) fatal("attention: head dim %d outside [1, %d]", hd, MAX_HEAD_DIM);
+    if (T <= 0 || nh <= 0) return;
+    const float scale = 1.0f / sqrtf((float)hd);
+    attention_forward_kernel<<<grid_for_warps((size_t)T * nh, ATT_WARPS), ATT_WARPS * WARP_SIZE>>>(
+        out, lse, qkv, cu_seqlens, n_docs, T, nh, hd, window, scale);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// Backward, query side: dq_i += scale Σ_j ds_ij k_j with ds_ij = p_ij (dout_i · v_j − D_i),
+// p_ij = exp(s_ij · scale − lse_i), D_i = dout_i · out_i. One warp per (query i, head h); q_i and
+// dout_i in shared memory; keys in chunks of 32, lane l computing ds for key jb + l, then the warp
+// accumulates ds · k_j over the chunk in key order (lane l owns dims l, l+32, …). Each dq element is
+// owned by one lane: no atomics.
+__global__ void attention_backward_dq_kernel(float* dqkv, const float* dout, const float* out, const float* lse,
+                                             const float* qkv, const int* cu_seqlens, int n_docs, int T, int nh,
+                                             int hd, int window, float scale) {
+    __shared__ float q_shared[ATT_WARPS][MAX_HEAD_DIM];
+    __shared__ float dout_shared[ATT_WARPS][MAX_HEAD_DIM];
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const size_t task = (size_t)blockIdx.x * ATT_WARPS + warp;
+    if (task >= (size_t)T * nh) return;
+    const int i = (int)(task / nh), h = (int)(task % nh);
+    const int d = find_document(cu_seqlens, n_docs, i);
+    if (d < 0) return;  // padding: no gradient
+    const size_t H = (size_t)nh * hd;
+    int j0, j1;
+    attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
+    float* q = q_shared[warp];
+    float* dout_i = dout_shared[warp];
+    float D = 0.0f;
+    for (int c = lane; c < hd; c += WARP_SIZE) {
+        q[c] = qkv[(size_t)i * 3 * H + (size_t)h * hd + c];
+        dout_i[c] = dout[(size_t)i * H + (size_t)h * hd + c];
+        D += dout_i[c] * out[(size_t)i * H + (size_t)h * hd + c];
+    }
+    D = warp_sum(D);
+    __syncwarp();
+    const float lse_i = lse[task];
+
+    float acc[DIMS_PER_LANE] = {};
+    for (int jb = j0; jb < j1; jb += WARP_SIZE) {
+        const int j = jb + lane;
+        float ds = 0.0f;
+        if (j < j1) {
+            const float* k = qkv + (size_t)j * 3 * H + H + (size_t)h * hd;
+            const float* v = qkv + (size_t)j * 3 * H + 2 * H + (size_t)h * hd;
+            float s = 0.0f, dp = 0.0f;
+            for (int c = 0; c < hd; c++) {
+                s += q[c] * k[c];
+                dp += dout_i[c] * v[c];
+            }
+            const float p = expf(s * scale - lse_i);
+            ds = p * (dp - D) * scale;
+        }
+        const int n_keys = j1 - jb < WARP_SIZE ? j1 - jb : WARP_SIZE;
+        for (int u = 0; u < n_keys; u++) {
+            const float ds_u = __shfl_sync(FULL_MASK, ds, u);
+            const float* k = qkv + (size_t)(jb + u) * 3 * H + H + (size_t)h * hd;
+            for (int r = 0; r < DIMS_PER_LANE; r++) {
+                const int c = lane + r * WARP_SIZE;
+                if (c < hd) acc[r] += ds_u * k[c];
+            }
+        }
+    }
+    float* dq = dqkv + (size_t)i * 3 * H + (size_t)h * hd;
+    for (int r = 0; r < DIMS_PER_LANE; r++) {
+        const int c = lane + r * WARP_SIZE;
+        if (c < hd) dq[c] += acc[r];
+    }
+}
+// Backward, key side: dk_j += scale Σ_i ds_ij q_i, dv_j += Σ_i p_ij dout_i over the queries i that see
+// key j (by symmetry, attention_key_range(j, …)). One warp per (key j, head h); k_j and v_j in shared
+// memory; queries in chunks of 32, lane l recomputing s, dout·v, D and lse for query ib + l, then the
+// warp accumulates over the chunk in query order. Each dk/dv element is owned by one lane.
+__global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, const float* out, const float* lse,
+                                              const float* qkv, const int* cu_seqlens, int n_docs, int T, int nh,
+                                              int hd, int window, float scale) {
+    __shared__ float k_shared[ATT_WARPS][MAX_HEAD_DIM];
+    __shared__ float v_shared[ATT_WARPS][MAX_HEAD_DIM];
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const size_t task = (size_t)blockIdx.x * ATT_WARPS + warp;
+    if (task >= (size_t)T * nh) return;
+    const int j = (int)(task / nh), h = (int)(task % nh);
+    const int d = find_document(cu_seqlens, n_docs, j);
+    if (d < 0) return;  // padding key: nobody attends to it
+    const size_t H = (size_t)nh * hd;
+    int i0, i1;
+    attention_key_range(j, cu_seqlens[d], cu_seqlens[d + 1], window, &i0, &i1);
+    float* k = k_shared[warp];
+    float* v = v_shared[warp];
+    for (int c = lane; c < hd; c += WARP_SIZE) {
+        k[c] = qkv[(size_t)j * 3 * H + H + (size_t)h * hd + c];
+        v[c] = qkv[(size_t)j * 3 * H + 2 * H + (size_t)h * hd + c];
+    }
+    __syncwarp();
+
+    float acc_k[DIMS_PER_LANE] = {}, acc_v[DIMS_PER_LANE] = {};
+    for (int ib = i0; ib < i1; ib += WARP_SIZE) {
+        const int i = ib + lane;
+        float p = 0.0f, ds = 0.0f;
+        if (i < i1) {
+            const float* q = qkv + (size_t)i * 3 * H + (size_t)h * hd;
+            const float* dout_i = dout + (size_t)i * H + (size_t)h * hd;
+            const float* out_i = out + (size_t)i * H + (size_t)h * hd;
+            float s = 0.0f, dp = 0.0f, D = 0.0f;
+            for (int c = 0; c < hd; c++) {
+                s += q[c] * k[c];
+                dp += dout_i[c] * v[c];
+                D += dout_i[c] * out_i[c];
+            }
+            p = expf(s * scale - lse[(size_t)i * nh + h]);
+            ds = p * (dp - D) * scale;
+        }
+        const int n_queries = i1 - ib < WARP_SIZE ? i1 - ib : WARP_SIZE;
+        for (int u = 0; u < n_queries; u++) {
+            const float p_u = __shfl_sync(FULL_MASK, p, u);
+            const float ds_u = __shfl_sync(FULL_MASK, ds, u);
+            const float* q = qkv + (size_t)(ib + u) * 3 * H + (size_t)h * hd;
+            const float* dout_u = dout + (size_t)(ib + u) * H + (size_t)h * hd;
+            for (int r = 0; r < DIMS_PER_LANE; r++) {
+                const int c = lane + r * WARP_SIZE;
+                if (c < hd) {
+                    acc_k[r] += ds_u * q[c];
+                    acc_v[r] += p_u * dout_u[c];
+                }
+            }
+        }
+    }
+    float* dk = dqkv + (size_t)j * 3 * H + H + (size_t)h * hd;
+    float* dv = dqkv + (size_t)j * 3 * H + 2 * H + (size_t)h * hd;
+    for (int r = 0; r < DIMS_PER_LANE; r++) {
+        const int c = lane + r * WARP_SIZE;
+        if (c < hd) {
+            dk[c] += acc_k[r];
+            dv[c] += acc_v[r];
+        }
+    }
+}
+inline void attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
+                               const int* cu_seqlens, int n_docs, int T, int nh, int hd, int window) {
+    if (hd <= 0 || hd > MAX_HEAD_DIM) fatal("attention: head dim %d outside [1, %d]", hd, MAX_HEAD_DIM);
+    if (!dqkv || T <= 0 || nh <= 0) return;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const unsigned blocks = grid_for_warps((size_t)T * nh, ATT_WARPS);
+    // the two kernels write disjoint parts of dqkv (q vs k, v), so their order does not matter
+    attention_backward_dq_kernel<<<blocks, ATT_WARPS * WARP_SIZE>>>(dqkv, dout, out, lse, qkv, cu_seqlens, n_docs, T,
+                                                                    nh, hd, window, scale);
+    CUDA_CHECK(cudaGetLastError());
+    attention_backward_dkv_kernel<<<blocks, ATT_WARPS * WARP_SIZE>>>(dqkv, dout, out, lse, qkv, cu_seqlens, n_docs, T,
+                                                                     nh, hd, window, scale);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- gelu ----
+// The exact (erf) GELU and its derivative, written as in ref, usable on both sides.
+__host__ __device__ inline float gelu(float x) { return 0.5f * x * (1.0f + erff(x * (float)M_SQRT1_2)); }
+__host__ __device__ inline float gelu_grad(float x) {
+    return 0.5f * (1.0f + erff(x * (float)M_SQRT1_2)) + x * expf(-0.5f * x * x) * (float)(0.5 * M_2_SQRTPI * M_SQRT1_2);
+}
+// out = gelu(inp), dinp += gelu'(inp) · dout. One thread per element, grid-stride.
+__global__ void gelu_forward_kernel(float* out, const float* inp, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = gelu(inp[i]);
+}
+__global__ void gelu_backward_kernel(float* dinp, const float* dout, const float* inp, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dinp[i] += gelu_grad(inp[i]) * dout[i];
+}
+inline void gelu_forward(float* out, const float* inp, size_t n) {
+    if (!n) return;
+    gelu_forward_kernel<<<grid_for(n), BLOCK_SIZE>>>(out, inp, n);
+    CUDA_CHECK(cudaGetLastError());
+}
+inline void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n) {
+    if (!n || !dinp) return;
+    gelu_backward_kernel<<<grid_for(n), BLOCK_SIZE>>>(dinp, dout, inp, n);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- geglu ----
+// out (N, I) = gelu(x) ⊙ g with inp rows [x | g]; dinp (N, 2I) += [gelu'(x) g dout | gelu(x) dout].
+// One thread per (n, i), grid-stride; the backward thread writes both halves of its pair.
+__global__ void geglu_forward_kernel(float* out, const float* inp, int N, int I) {
+    const size_t total = (size_t)N * I;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t n = idx / I, i = idx % I;
+        const float* row = inp + n * 2 * I;
+        out[idx] = gelu(row[i]) * row[I + i];
+    }
+}
+__global__ void geglu_backward_kernel(float* dinp, const float* dout, const float* inp, int N, int I) {
+    const size_t total = (size_t)N * I;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t n = idx / I, i = idx % I;
+        const float* row = inp + n * 2 * I;
+        const float dy = dout[idx];
+        dinp[n * 2 * I + i] += gelu_grad(row[i]) * row[I + i] * dy;
+        dinp[n * 2 * I + I + i] += gelu(row[i]) * dy;
+    }
+}
+inline void geglu_forward(float* out, const float* inp, int N, int I) {
+    if (N <= 0 || I <= 0) return;
+    geglu_forward_kernel<<<grid_for((size_t)N * I), BLOCK_SIZE>>>(out, inp, N, I);
+    CUDA_CHECK(cudaGetLastError());
+}
+inline void geglu_backward(float* dinp, const float* dout, const float* inp, int N, int I) {
+    if (!dinp || N <= 0 || I <= 0) return;
+    geglu_backward_kernel<<<grid_for((size_t)N * I), BLOCK_SIZE>>>(dinp, dout, inp, N, I);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- sparse prediction rows ----
+// out (n_rows, C) = inp[rows]; dinp[rows[r]] += dout[r]. One thread per (r, c), grid-stride.
+// The scatter assumes the rows are distinct (they are: the masked positions of the batch); with a
+// repeated row two threads would race on the same element.
+__global__ void gather_rows_kernel(float* out, const float* inp, const int* rows, int n_rows, int C) {
+    const size_t total = (size_t)n_rows * C;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = idx / C, c = idx % C;
+        out[idx] = inp[(size_t)rows[r] * C + c];
+    }
+}
+__global__ void scatter_rows_backward_kernel(float* dinp, const float* dout, const int* rows, int n_rows, int C) {
+    const size_t total = (size_t)n_rows * C;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = idx / C, c = idx % C;
+        dinp[(size_t)rows[r] * C + c] += dout[idx];
+    }
+}
+inline void gather_rows(float* out, const float* inp, const int* rows, int n_rows, int C) {
+    if (n_rows <= 0 || C <= 0) return;
+    gather_rows_kernel<<<grid_for((size_t)n_rows * C), BLOCK_SIZE>>>(out, inp, rows, n_rows, C);
+    CUDA_CHECK(cudaGetLastError());
+}
+inline void scatter_rows_backward(float* dinp, const float* dout, const int* rows, int n_rows, int C) {
+    if (!dinp || n_rows <= 0 || C <= 0) return;
+    scatter_rows_backward_kernel<<<grid_for((size_t)n_rows * C), BLOCK_SIZE>>>(dinp, dout, rows, n_rows, C);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- cross-entropy ----
+// One block per row n: a block max, then a block sum of exp(x − max) (both in a fixed order), then
+// loss = max + log(sum) − x[target]. Ignored rows (target < 0) get 0.
+constexpr int CE_THREADS = 512;
+__global__ void crossentropy_forward_kernel(float* losses, const float* logits, const int* targets, int V) {
+    const size_t n = blockIdx.x;
+    const int target = targets[n];
+    if (target < 0) {  // uniform over the block: nobody reaches a barrier
+        if (threadIdx.x == 0) losses[n] = 0.0f;
+        return;
+    }
+    const float* x = logits + n * V;
+    float m = -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, x[v]);
+    m = block_max(m);
+    float s = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(x[v] - m);
+    s = block_sum(s);
+    if (threadIdx.x == 0) losses[n] = m + logf(s) - x[target];
+}
+inline void crossentropy_forward(float* losses, const float* logits, const int* targets, int N, int V) {
+    if (N <= 0) return;
+    if (V <= 0) fatal("crossentropy: vocabulary size %d", V);
+    crossentropy_forward_kernel<<<(unsigned)N, CE_THREADS>>>(losses, logits, targets, V);
+    CUDA_CHECK(cudaGetLastError());
+}
+// dlogits (N, V) = dloss · (softmax − onehot(target)), overwriting; ignored rows get zeros.
+// One block per row. dlogits may alias logits: every read of the row (max and sum passes) happens
+// before the barriers inside block_sum, and afterwards each thread reads x[v] just before writing
+// dx[v] at the same index, so no thread ever reads an element another thread has overwritten.
+__global__ void crossentropy_backward_kernel(float* dlogits, const float* logits, const int* targets, float dloss,
+                                             int V) {
+    const size_t n = blockIdx.x;
+    const int target = targets[n];
+    const float* x = logits + n * V;
+    float* dx = dlogits + n * V;
+    if (target < 0) {
+        for (int v = threadIdx.x; v < V; v += blockDim.x) dx[v] = 0.0f;
+        return;
+    }
+    float m = -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, x[v]);
+    m = block_max(m);
+    float s = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(x[v] - m);
+    s = block_sum(s);
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        const float p = expf(x[v] - m) / s;
+        dx[v] = dloss * (p - (v == target ? 1.0f : 0.0f));
+    }
+}
+inline void crossentropy_backward(float* dlogits, const float* logits, const int* targets, float dloss, int N,
+                                  int V) {
+    if (N <= 0) return;
+    if (V <= 0) fatal("crossentropy: vocabulary size %d", V);
+    crossentropy_backward_kernel<<<(unsigned)N, CE_THREADS>>>(dlogits, logits, targets, dloss, V);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- reductions to the host ----
+// Two passes in a fixed order, in double: pass 1 runs a fixed grid (depending only on n) whose
+// threads grid-stride over their elements and whose blocks write one partial each; pass 2, one block,
+// adds the partials. Partials and result live in static device arrays (not lazily created state).
+constexpr int REDUCE_THREADS = 256;
+constexpr int REDUCE_MAX_BLOCKS = 1024;
+static __device__ double reduce_partials[REDUCE_MAX_BLOCKS];
+static __device__ double reduce_result;
+template <typename Term>
+__global__ void reduce_partials_kernel(size_t n, Term term) {
+    double acc = 0.0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        acc += term(i);
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) reduce_partials[blockIdx.x] = acc;
+}
+__global__ void reduce_final_kernel(int n_partials) {
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < n_partials; i += blockDim.x) acc += reduce_partials[i];
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) reduce_result = acc;
+}
+template <typename Term>
+inline double reduce_to_host(size_t n, Term term) {
+    if (!n) return 0.0;
+    const size_t blocks = div_round_up(n, REDUCE_THREADS);
+    const int n_blocks = (int)(blocks < (size_t)REDUCE_MAX_BLOCKS ? blocks : (size_t)REDUCE_MAX_BLOCKS);
+    reduce_partials_kernel<<<n_blocks, REDUCE_THREADS>>>(n, term);
+    CUDA_CHECK(cudaGetLastError());
+    reduce_final_kernel<<<1, REDUCE_THREADS>>>(n_blocks);
+    CUDA_CHECK(cudaGetLastError());
+    double result = 0.0;
+    CUDA_CHECK(cudaMemcpyFromSymbol(&result, reduce_result, sizeof result));
+    return result;
+}
+struct SumTerm {
+    const float* x;
+    __device__ double operator()(size_t i) const { return x[i]; }
+};
+struct SumSquaresTerm {
+    const float* x;
+    __device__ double operator()(size_t i) const { return (double)x[i] * x[i]; }
+};
+inline double sum(const float* x, size_t n) { return reduce_to_host(n, SumTerm{x}); }
+inline double sum_squares(const float* x, size_t n) { return reduce_to_host(n, SumSquaresTerm{x}); }
+
+// ---- AdamW ----
+// One thread per parameter, grid-stride. The scalar factors are computed on the host exactly as ref
+// computes them, and the update uses _rn intrinsics (no FMA contraction), so it matches ref bit for bit.
+__global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, size_t n, float beta1, float beta2,
+                             float one_minus_beta1, float one_minus_beta2, float eps, float decay, float step_size,
+                             float bias_correction2_sqrt, float grad_scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float g = __fmul_rn(grad[i], grad_scale);
+        float p = __fmul_rn(param[i], decay);
+        const float m_i = __fadd_rn(__fmul_rn(beta1, m[i]), __fmul_rn(one_minus_beta1, g));
+        const float v_i = __fadd_rn(__fmul_rn(beta2, v[i]), __fmul_rn(__fmul_rn(one_minus_beta2, g), g));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v_i), bias_correction2_sqrt), eps);
+        p = __fsub_rn(p, __fdiv_rn(__fmul_rn(step_size, m_i), denom));
+        m[i] = m_i;
+        v[i] = v_i;
+        param[i] = p;
+    }
+}
+inline void adamw_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
+                         float beta2, float eps, float weight_decay, int t, float grad_scale) {
+    if (!n) return;
+    const float bias_correction1 = 1.0f - powf(beta1, (float)t);
+    const float bias_correction2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
+    const float step_size = lr / bias_correction1;
+    const float decay = 1.0f - lr * weight_decay;
+    adamw_kernel<<<grid_for(n), BLOCK_SIZE>>>(param, grad, m, v, n, beta1, beta2, 1.0f - beta1, 1.0f - beta2, eps,
+                                              decay, step_size, bias_correction2_sqrt, grad_scale);
+    CUDA_CHECK(cudaGetLastError());
+}
+// StableAdamW's RMS(g / √max(v̂, ε²)), v̂ the bias-corrected second moment after this step: the same
+// fixed-order double reduction as sum(), each term computed in double exactly as ref does.
+struct StableAdamwTerm {
+    const float *grad, *v;
+    float beta2, eps, grad_scale;
+    double bias_correction2;
+    __device__ double operator()(size_t i) const {
+        const double g = (double)grad[i] * grad_scale;
+        const double v_hat = (beta2 * (double)v[i] + (1.0 - beta2) * g * g) / bias_correction2;
+        return g * g / fmax(v_hat, (double)eps * eps);
+    }
+};
+inline double stable_adamw_rms(const float* grad, const float* v, size_t n, float beta2, float eps, int t,
+                               float grad_scale) {
+    const double bias_correction2 = 1.0 - pow((double)beta2, t);
+    const double acc = reduce_to_host(n, StableAdamwTerm{grad, v, beta2, eps, grad_scale, bias_correction2});
+    return sqrt(acc / (double)(n ? n : 1));
+}
+
+}  // namespace cuda
 namespace ops = cuda;
 #else
 namespace ops = ref;
