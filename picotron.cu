@@ -19,6 +19,15 @@
 #include "data.h"
 #include "kernels.cuh"
 #include "safetensors.h"
+#ifdef __CUDACC__
+#include <nccl.h>
+#define NCCL_CHECK(call)                                                                            \
+    do {                                                                                            \
+        ncclResult_t nccl_status_ = (call);                                                         \
+        if (nccl_status_ != ncclSuccess)                                                            \
+            fatal("NCCL error %s at %s:%d", ncclGetErrorString(nccl_status_), __FILE__, __LINE__);  \
+    } while (0)
+#endif
 
 // ---- config and command line ----
 // ModelConfig is the architecture (a preset, or read from an HF config.json); TrainConfig is every
@@ -65,6 +74,15 @@ struct TrainConfig {
     int save_every = 0;
     std::vector<std::string> predict;
     double peak_tflops = 0.0;  // for MFU; 0 → the build's default
+    // layout and communication
+    int dp = 1, tp = 1, pp = 1, cp = 1, zero = 0;
+    float bucket_mb = 25.f;
+#ifdef __CUDACC__
+    std::string comm = "nccl";
+#else
+    std::string comm = "mpi";
+#endif
+    std::string trace_dir;
 };
 
 static const char* kUsage =
@@ -87,6 +105,12 @@ static const char* kUsage =
     "  --optimizer adamw|stable-adamw   (default adamw; betas 0.9/0.98, eps 1e-6)\n"
     "  --clip X                    clip the global gradient norm to X (default 0: off)\n"
     "  --seed N                    data order, masking and initialisation (default 42)\n"
+    "layout (world = dp·pp·cp·tp ranks):\n"
+    "  --dp N --tp N --pp N --cp N data / tensor / pipeline / context parallel sizes (default 1; only dp > 1 for now)\n"
+    "  --zero 0|1                  1: shard the optimizer state over data parallel ranks (default 0)\n"
+    "  --bucket-mb X               gradient all-reduce bucket size in MiB (default 25)\n"
+    "  --comm nccl|mpi             collectives backend (default nccl on GPU, mpi on CPU; GPU + mpi stages\n"
+    "                              through host memory so that many ranks can share one GPU)\n"
     "output:\n"
     "  --log FILE.jsonl            one JSON object per step\n"
     "  --save DIR --save-every N   checkpoints DIR/step_N (written to a temporary name, then renamed)\n"
@@ -95,6 +119,7 @@ static const char* kUsage =
     "  --dump DIR                  write the first batch, its loss and every gradient as DIR/dump.safetensors\n"
     "  --predict \"TEXT [MASK] …\"   show the top predictions for each [MASK] (repeatable) and exit;\n"
     "                              the tokenizer is --data's vocab.txt\n"
+    "  --trace DIR                 Chrome trace per rank (merge with scripts/merge_traces.py)\n"
     "  --peak-tflops X             peak device throughput used for MFU (default: 989 on GPU, none on CPU)\n"
     "  --help                      this text\n";
 
@@ -152,6 +177,14 @@ static TrainConfig parse_args(int argc, char** argv) {
         else if (flag == "--predict") c.predict.push_back(v);
         else if (flag == "--prepare-text") c.prepare_text = v;
         else if (flag == "--peak-tflops") c.peak_tflops = parse_float(flag, v, 0.0, 1e6);
+        else if (flag == "--dp") c.dp = parse_int(flag, v, 1, 1 << 20);
+        else if (flag == "--tp") c.tp = parse_int(flag, v, 1, 1 << 20);
+        else if (flag == "--pp") c.pp = parse_int(flag, v, 1, 1 << 20);
+        else if (flag == "--cp") c.cp = parse_int(flag, v, 1, 1 << 20);
+        else if (flag == "--zero") c.zero = parse_int(flag, v, 0, 1);
+        else if (flag == "--bucket-mb") c.bucket_mb = parse_float(flag, v, 1e-6, 1e6);
+        else if (flag == "--comm") c.comm = v;
+        else if (flag == "--trace") c.trace_dir = v;
         else fatal("unknown flag %s (see --help)", flag.c_str());
     }
     if (c.model != "tiny" && c.model != "base" && c.model != "large")
@@ -162,25 +195,430 @@ static TrainConfig parse_args(int argc, char** argv) {
         fatal("--seq-len %d is longer than --micro-batch-tokens %d: a document piece must fit a micro-batch",
               c.seq_len, c.micro_batch_tokens);
     if (c.save_every > 0 && c.save_dir.empty()) fatal("--save-every needs --save DIR");
+    if (c.comm != "nccl" && c.comm != "mpi") fatal("--comm must be nccl or mpi, got '%s'", c.comm.c_str());
+#ifndef __CUDACC__
+    if (c.comm == "nccl") fatal("--comm nccl needs the GPU build; picotron_cpu communicates with MPI");
+#endif
     return c;
 }
 
 // ---- process grid ----
-// world = dp·pp·cp·tp with tensor parallel innermost. This foundation runs one rank; the grid
-// already names each coordinate so that the parallel sections slot in where they belong.
-struct ProcessGrid {
-    int world_rank = 0, world_size = 1;
-    int dp = 1, pp = 1, cp = 1, tp = 1;
+// world = dp·pp·cp·tp, rank = ((dp_i·pp + pp_i)·cp + cp_i)·tp + tp_i: tensor parallel innermost
+// (its ranks talk every layer, so they sit on the fastest links), data parallel outermost.
+// Each group is the set of ranks that differ in one coordinate only; dp×cp is the gradient group
+// (weights are replicated over both), and with pp > 1 the first and last stages share the tied
+// embedding. The groups are built once, here; every collective names the group it runs on.
+
+enum class CommBackend { mpi, nccl };
+
+struct Group {
+    const char* name = "";         // "tp", "cp", "pp", "dp", "dp_cp", "embedding"
+    int size = 1, rank = 0;        // this rank's place in the group
+    std::vector<int> world_ranks;  // members, in group-rank order
+    MPI_Comm mpi = MPI_COMM_NULL;
+#ifdef __CUDACC__
+    ncclComm_t nccl = nullptr;
+#endif
+    double bytes_sent = 0;         // this step's traffic, by the ring formulas of the comm section
 };
 
-static ProcessGrid make_grid() {
+struct ProcessGrid {
+    int world_rank = 0, world_size = 1;
+    int dp = 1, pp = 1, cp = 1, tp = 1;                  // sizes
+    int dp_rank = 0, pp_rank = 0, cp_rank = 0, tp_rank = 0;  // coordinates
+    CommBackend backend = CommBackend::mpi;
+    Group tp_group, cp_group, pp_group, dp_group, dp_cp_group, embedding_group;
+#ifdef __CUDACC__
+    cudaStream_t comm_stream = nullptr;  // NCCL collectives run here, overlapping the compute stream
+#endif
+    int rank_of(int dp_i, int pp_i, int cp_i, int tp_i) const { return ((dp_i * pp + pp_i) * cp + cp_i) * tp + tp_i; }
+    std::vector<Group*> groups() { return {&tp_group, &cp_group, &pp_group, &dp_group, &dp_cp_group, &embedding_group}; }
+};
+
+// A group from a rule: members(coords) lists, for this rank's coordinates, the world ranks of its
+// group in group-rank order (empty: this rank is not in such a group). MPI_Comm_split needs a
+// colour shared by exactly the members: the smallest member's world rank is one.
+template <typename Members>
+static void make_group(ProcessGrid& g, Group& group, const char* name, Members members) {
+    group.name = name;
+    group.world_ranks = members(g.dp_rank, g.pp_rank, g.cp_rank, g.tp_rank);
+    auto it = std::find(group.world_ranks.begin(), group.world_ranks.end(), g.world_rank);
+    int colour = group.world_ranks.empty() ? MPI_UNDEFINED : *std::min_element(group.world_ranks.begin(), group.world_ranks.end());
+    int key = group.world_ranks.empty() ? 0 : (int)(it - group.world_ranks.begin());
+    MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, colour, key, &group.mpi));
+    group.size = (int)group.world_ranks.size();
+    group.rank = key;
+}
+
+static ProcessGrid make_grid(const TrainConfig& c) {
     ProcessGrid g;
     MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &g.world_rank));
     MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &g.world_size));
-    if (g.world_size != 1)
-        fatal("this build trains on one rank (world size %d): data, tensor, context and pipeline layouts "
-              "come with the rank grid", g.world_size);
+    g.dp = c.dp; g.pp = c.pp; g.cp = c.cp; g.tp = c.tp;
+    if ((long)g.dp * g.pp * g.cp * g.tp != g.world_size)
+        fatal("layout dp %d × pp %d × cp %d × tp %d = %ld ranks, but mpirun started %d", g.dp, g.pp, g.cp, g.tp,
+              (long)g.dp * g.pp * g.cp * g.tp, g.world_size);
+    if (g.pp > 1 || g.cp > 1 || g.tp > 1)
+        fatal("this build trains data parallel only (--tp, --pp and --cp must be 1 for now)");
+    int r = g.world_rank;
+    g.tp_rank = r % g.tp;
+    g.cp_rank = (r / g.tp) % g.cp;
+    g.pp_rank = (r / (g.tp * g.cp)) % g.pp;
+    g.dp_rank = r / (g.tp * g.cp * g.pp);
+    g.backend = c.comm == "nccl" ? CommBackend::nccl : CommBackend::mpi;
+    make_group(g, g.tp_group, "tp", [&](int d, int p, int x, int) {
+        std::vector<int> v; for (int t = 0; t < g.tp; t++) v.push_back(g.rank_of(d, p, x, t)); return v; });
+    make_group(g, g.cp_group, "cp", [&](int d, int p, int, int t) {
+        std::vector<int> v; for (int x = 0; x < g.cp; x++) v.push_back(g.rank_of(d, p, x, t)); return v; });
+    make_group(g, g.pp_group, "pp", [&](int d, int, int x, int t) {
+        std::vector<int> v; for (int p = 0; p < g.pp; p++) v.push_back(g.rank_of(d, p, x, t)); return v; });
+    make_group(g, g.dp_group, "dp", [&](int, int p, int x, int t) {
+        std::vector<int> v; for (int d = 0; d < g.dp; d++) v.push_back(g.rank_of(d, p, x, t)); return v; });
+    make_group(g, g.dp_cp_group, "dp_cp", [&](int, int p, int, int t) {
+        std::vector<int> v;
+        for (int d = 0; d < g.dp; d++)
+            for (int x = 0; x < g.cp; x++) v.push_back(g.rank_of(d, p, x, t));
+        return v; });
+    make_group(g, g.embedding_group, "embedding", [&](int d, int p, int x, int t) {
+        std::vector<int> v;  // first and last stage hold the tied embedding; only they are members
+        if (g.pp > 1 && (p == 0 || p == g.pp - 1)) v = {g.rank_of(d, 0, x, t), g.rank_of(d, g.pp - 1, x, t)};
+        return v; });
+#ifdef __CUDACC__
+    if (g.backend == CommBackend::nccl) {
+        // one GPU per rank: NCCL refuses two ranks on one device (use --comm mpi for that)
+        MPI_Comm node;
+        int local_rank, local_size, devices;
+        MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, g.world_rank, MPI_INFO_NULL, &node));
+        MPI_CHECK(MPI_Comm_rank(node, &local_rank));
+        MPI_CHECK(MPI_Comm_size(node, &local_size));
+        MPI_CHECK(MPI_Comm_free(&node));
+        CUDA_CHECK(cudaGetDeviceCount(&devices));
+        if (local_size > devices)
+            fatal("--comm nccl needs one GPU per rank: %d ranks on a node with %d GPU(s); use --comm mpi", local_size, devices);
+        CUDA_CHECK(cudaSetDevice(local_rank));
+        CUDA_CHECK(cudaStreamCreateWithFlags(&g.comm_stream, cudaStreamNonBlocking));
+        for (Group* group : g.groups()) {
+            if (group->size <= 1) continue;
+            ncclUniqueId id;
+            if (group->rank == 0) NCCL_CHECK(ncclGetUniqueId(&id));
+            MPI_CHECK(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, group->mpi));
+            NCCL_CHECK(ncclCommInitRank(&group->nccl, group->size, id, group->rank));
+        }
+    } else {
+        int devices;
+        CUDA_CHECK(cudaGetDeviceCount(&devices));
+        CUDA_CHECK(cudaSetDevice(g.world_rank % devices));  // --comm mpi: ranks may share a GPU
+    }
+#endif
     return g;
+}
+
+static void print_grid(ProcessGrid& g) {
+    if (g.world_rank != 0) return;
+    printf("rank grid: world %d = dp %d × pp %d × cp %d × tp %d   (rank = ((dp_i·pp + pp_i)·cp + cp_i)·tp + tp_i)\n",
+           g.world_size, g.dp, g.pp, g.cp, g.tp);
+    for (Group* group : g.groups()) {
+        std::vector<std::string> seen;
+        std::string line;
+        // rank 0 lists every group of this kind by applying the same rule to each rank's coordinates
+        for (int r = 0; r < g.world_size; r++) {
+            int t = r % g.tp, x = (r / g.tp) % g.cp, p = (r / (g.tp * g.cp)) % g.pp, d = r / (g.tp * g.cp * g.pp);
+            std::vector<int> members;
+            std::string name = group->name;
+            if (name == "tp") for (int i = 0; i < g.tp; i++) members.push_back(g.rank_of(d, p, x, i));
+            if (name == "cp") for (int i = 0; i < g.cp; i++) members.push_back(g.rank_of(d, p, i, t));
+            if (name == "pp") for (int i = 0; i < g.pp; i++) members.push_back(g.rank_of(d, i, x, t));
+            if (name == "dp") for (int i = 0; i < g.dp; i++) members.push_back(g.rank_of(i, p, x, t));
+            if (name == "dp_cp") for (int i = 0; i < g.dp; i++) for (int j = 0; j < g.cp; j++) members.push_back(g.rank_of(i, p, j, t));
+            if (name == "embedding" && g.pp > 1 && (p == 0 || p == g.pp - 1)) members = {g.rank_of(d, 0, x, t), g.rank_of(d, g.pp - 1, x, t)};
+            if (members.empty()) continue;
+            std::string s = "{";
+            for (size_t i = 0; i < members.size(); i++) s += (i ? "," : "") + std::to_string(members[i]);
+            s += "}";
+            if (std::find(seen.begin(), seen.end(), s) == seen.end()) { seen.push_back(s); line += " " + s; }
+        }
+        printf("  %-9s %s\n", group->name, line.empty() ? " (none)" : line.c_str());
+    }
+}
+
+// ---- tracing ----
+// --trace DIR: each rank records spans (each layer's forward and backward, the optimizer, every
+// collective with its group and bytes) and writes DIR/trace_rank{R}.json in Chrome's trace-event
+// format; scripts/merge_traces.py puts the ranks side by side for Perfetto. Thread 0 is compute,
+// thread 1 communication. On the GPU build tracing synchronises at span ends so that a span covers
+// the work, not just its launch.
+
+struct Tracer {
+    int rank = 0;
+    double t0_us = 0, t0_unix_us = 0;
+    std::string events;  // comma-separated JSON objects
+    void span(const std::string& name, int tid, double t_start_us, double t_end_us, const std::string& args) {
+        char buf[512];
+        snprintf(buf, sizeof buf, "%s{\"name\": \"%s\", \"ph\": \"X\", \"pid\": %d, \"tid\": %d, \"ts\": %.3f, \"dur\": %.3f%s%s%s}",
+                 events.empty() ? "" : ",\n", name.c_str(), rank, tid, t_start_us - t0_us, t_end_us - t_start_us,
+                 args.empty() ? "" : ", \"args\": {", args.c_str(), args.empty() ? "" : "}");
+        events += buf;
+    }
+};
+
+static double now_us() {
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// A compute span from t_start_us to now (after the device finished the work).
+static void trace_compute(Tracer* t, const std::string& name, double t_start_us) {
+    if (!t) return;
+    ops::synchronize();
+    t->span(name, 0, t_start_us, now_us(), "");
+}
+
+// ---- communication ----
+// One small interface, two backends. NCCL (GPU): collectives on a communication stream, ordered
+// after the compute stream with events, so they overlap the backward. MPI (CPU, or GPU with
+// --comm mpi): host buffers; on the GPU build the data is staged through host memory, which lets
+// many ranks share one GPU. Every call is non-blocking (…_start returns a request; comm_wait ends
+// it) or a blocking wrapper, names what it does in the model, counts the bytes this rank sends by
+// the ring formulas (n ranks, S bytes of data):
+//   all-reduce 2(n−1)/n·S, reduce-scatter and all-gather (n−1)/n·S (S the full, unscattered
+//   buffer), broadcast (n−1)/n·S, send S,
+// and, with --trace, leaves a span naming its group and bytes. A group of one rank does nothing.
+
+
+struct CommRequest {
+    Group* group = nullptr;
+    const char* what = "";
+    double bytes = 0;
+    double t_start_us = 0;
+    MPI_Request mpi[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};  // (send, recv for paired send-recv)
+    float* device_dst = nullptr;  // GPU + MPI: where the staged result goes back ...
+    size_t device_n = 0;          // ... and how many floats of it
+    std::vector<float> host;      // GPU + MPI: staging for the received (or in-place) data
+    std::vector<float> host_send; // GPU + MPI: staging for sent data (paired send-recv)
+#ifdef __CUDACC__
+    cudaEvent_t done = nullptr;   // NCCL: recorded on the comm stream after the collective
+#endif
+    bool active = false;
+};
+
+struct Comm {
+    ProcessGrid* grid = nullptr;
+    Tracer* tracer = nullptr;
+};
+
+static void trace_comm(Tracer* t, const CommRequest& r, double t_end_us) {
+    if (!t || !r.group) return;
+    char args[160];
+    snprintf(args, sizeof args, "\"group\": \"%s\", \"bytes\": %.0f", r.group->name, r.bytes);
+    t->span(r.what, 1, r.t_start_us, t_end_us, args);
+}
+
+#ifdef __CUDACC__
+static bool use_nccl(const Comm& comm) { return comm.grid->backend == CommBackend::nccl; }
+#endif
+
+// Where MPI reads and writes: the buffer itself on the CPU build, a host copy on the GPU build.
+// (A vector's heap storage survives the request being moved, so MPI may keep the pointer.)
+static float* mpi_buffer(std::vector<float>& staging, float* device_buf, size_t n, bool copy_in) {
+#ifdef __CUDACC__
+    staging.resize(n);
+    if (copy_in) ops::copy_to_host(staging.data(), device_buf, n * sizeof(float));
+    return staging.data();
+#else
+    (void)staging; (void)n; (void)copy_in;
+    return device_buf;
+#endif
+}
+// GPU + MPI: on completion, copy n floats of the staged result to dst.
+static void stage_back(CommRequest& r, float* host, float* dst, size_t n) {
+    if (host == dst) return;
+    r.device_dst = dst;
+    r.device_n = n;
+}
+
+static CommRequest begin_request(Comm& comm, Group& g, const char* what, double bytes) {
+    CommRequest r;
+    r.group = &g;
+    r.what = what;
+    r.bytes = bytes;
+    r.t_start_us = now_us();
+    r.active = true;
+    g.bytes_sent += bytes;
+#ifdef __CUDACC__
+    if (use_nccl(comm)) {  // the comm stream waits for everything the compute stream queued so far
+        cudaEvent_t ready;
+        CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventRecord(ready, 0));
+        CUDA_CHECK(cudaStreamWaitEvent(comm.grid->comm_stream, ready, 0));
+        CUDA_CHECK(cudaEventDestroy(ready));
+    }
+#else
+    (void)comm;
+#endif
+    return r;
+}
+#ifdef __CUDACC__
+static void end_nccl_launch(Comm& comm, CommRequest& r) {
+    CUDA_CHECK(cudaEventCreateWithFlags(&r.done, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventRecord(r.done, comm.grid->comm_stream));
+}
+#endif
+
+// Finishes a request: MPI waits (and copies a staged result back); NCCL makes the compute stream
+// wait for the collective's event, so later kernels see its result.
+static void comm_wait(Comm& comm, CommRequest& r) {
+    if (!r.active) return;
+#ifdef __CUDACC__
+    if (use_nccl(comm)) {
+        CUDA_CHECK(cudaStreamWaitEvent(0, r.done, 0));
+        if (comm.tracer) CUDA_CHECK(cudaEventSynchronize(r.done));  // so the span ends when the data arrived
+        CUDA_CHECK(cudaEventDestroy(r.done));
+    } else
+#endif
+    {
+        MPI_CHECK(MPI_Waitall(2, r.mpi, MPI_STATUSES_IGNORE));
+        if (r.device_dst) ops::copy_to_device(r.device_dst, r.host.data(), r.device_n * sizeof(float));
+    }
+    r.active = false;
+    trace_comm(comm.tracer, r, now_us());
+}
+
+// Lets MPI progress a pending request while the backward computes (MPI moves data only inside
+// MPI calls); true when it has completed.
+static bool comm_test(Comm& comm, CommRequest& r) {
+    if (!r.active) return true;
+#ifdef __CUDACC__
+    if (use_nccl(comm)) return cudaEventQuery(r.done) == cudaSuccess;
+#else
+    (void)comm;
+#endif
+    int done = 0;
+    MPI_CHECK(MPI_Testall(2, r.mpi, &done, MPI_STATUSES_IGNORE));
+    if (done) r.mpi[0] = r.mpi[1] = MPI_REQUEST_NULL;  // Testall freed them; comm_wait still finishes
+    return done != 0;
+}
+
+// buf (n) ← Σ over the group of buf (n), in place.
+static CommRequest comm_all_reduce_sum_start(Comm& comm, Group& g, float* buf, size_t n, const char* what) {
+    if (g.size <= 1) return CommRequest{};
+    CommRequest r = begin_request(comm, g, what, 2.0 * (g.size - 1) / g.size * n * sizeof(float));
+#ifdef __CUDACC__
+    if (use_nccl(comm)) {
+        NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, g.nccl, comm.grid->comm_stream));
+        end_nccl_launch(comm, r);
+        return r;
+    }
+#endif
+    float* host = mpi_buffer(r.host, buf, n, true);
+    stage_back(r, host, buf, n);
+    MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, host, (int)n, MPI_FLOAT, MPI_SUM, g.mpi, &r.mpi[0]));
+    return r;
+}
+// recv (n) ← group-rank r's block of Σ over the group of send (n·size).
+static CommRequest comm_reduce_scatter_start(Comm& comm, Group& g, float* send, float* recv, size_t n, const char* what) {
+    if (g.size <= 1) {
+        ops::copy_on_device(recv, send, n * sizeof(float));
+        return CommRequest{};
+    }
+    CommRequest r = begin_request(comm, g, what, (double)(g.size - 1) / g.size * n * g.size * sizeof(float));
+#ifdef __CUDACC__
+    if (use_nccl(comm)) {
+        NCCL_CHECK(ncclReduceScatter(send, recv, n, ncclFloat, ncclSum, g.nccl, comm.grid->comm_stream));
+        end_nccl_launch(comm, r);
+        return r;
+    }
+#endif
+    float* host_send = mpi_buffer(r.host, send, n * g.size, true);
+    if (host_send == send) {
+        MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, (int)n, MPI_FLOAT, MPI_SUM, g.mpi, &r.mpi[0]));
+    } else {  // staged: reduce in place, the result lands in the first n floats
+        stage_back(r, host_send, recv, n);
+        MPI_CHECK(MPI_Ireduce_scatter_block(MPI_IN_PLACE, host_send, (int)n, MPI_FLOAT, MPI_SUM, g.mpi, &r.mpi[0]));
+    }
+    return r;
+}
+// recv (n·size) ← the send (n) blocks of every group rank, in group-rank order.
+static CommRequest comm_all_gather_start(Comm& comm, Group& g, float* send, float* recv, size_t n, const char* what) {
+    if (g.size <= 1) {
+        ops::copy_on_device(recv, send, n * sizeof(float));
+        return CommRequest{};
+    }
+    CommRequest r = begin_request(comm, g, what, (double)(g.size - 1) / g.size * n * g.size * sizeof(float));
+#ifdef __CUDACC__
+    if (use_nccl(comm)) {
+        NCCL_CHECK(ncclAllGather(send, recv, n, ncclFloat, g.nccl, comm.grid->comm_stream));
+        end_nccl_launch(comm, r);
+        return r;
+    }
+#endif
+    float* host_recv = mpi_buffer(r.host, recv, n * g.size, false);
+    if (host_recv != recv) {
+        stage_back(r, host_recv, recv, n * g.size);
+        ops::copy_to_host(host_recv + (size_t)g.rank * n, send, n * sizeof(float));
+        MPI_CHECK(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, host_recv, (int)n, MPI_FLOAT, g.mpi, &r.mpi[0]));
+    } else {
+        MPI_CHECK(MPI_Iallgather(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, g.mpi, &r.mpi[0]));
+    }
+    return r;
+}
+// buf (n) ← group-rank root's buf.
+static CommRequest comm_broadcast_start(Comm& comm, Group& g, float* buf, size_t n, int root, const char* what) {
+    if (g.size <= 1) return CommRequest{};
+    CommRequest r = begin_request(comm, g, what, (double)(g.size - 1) / g.size * n * sizeof(float));
+#ifdef __CUDACC__
+    if (use_nccl(comm)) {
+        NCCL_CHECK(ncclBroadcast(buf, buf, n, ncclFloat, root, g.nccl, comm.grid->comm_stream));
+        end_nccl_launch(comm, r);
+        return r;
+    }
+#endif
+    float* host = mpi_buffer(r.host, buf, n, g.rank == root);
+    stage_back(r, host, buf, n);
+    MPI_CHECK(MPI_Ibcast(host, (int)n, MPI_FLOAT, root, g.mpi, &r.mpi[0]));
+    return r;
+}
+// Paired exchange with group neighbours (tests/test_comm checks it; pipeline and context parallel
+// build on it): send (n) to group-rank dst while recv (n) arrives from
+// group-rank src (pipeline stages pass activations this way; ring attention its K/V blocks).
+// Either side may be absent (dst or src < 0).
+[[maybe_unused]] static CommRequest comm_sendrecv_start(Comm& comm, Group& g, float* send, int dst, float* recv, int src, size_t n,
+                                       const char* what) {
+    CommRequest r = begin_request(comm, g, what, dst >= 0 ? (double)n * sizeof(float) : 0.0);
+#ifdef __CUDACC__
+    if (use_nccl(comm)) {
+        NCCL_CHECK(ncclGroupStart());
+        if (dst >= 0) NCCL_CHECK(ncclSend(send, n, ncclFloat, dst, g.nccl, comm.grid->comm_stream));
+        if (src >= 0) NCCL_CHECK(ncclRecv(recv, n, ncclFloat, src, g.nccl, comm.grid->comm_stream));
+        NCCL_CHECK(ncclGroupEnd());
+        end_nccl_launch(comm, r);
+        return r;
+    }
+#endif
+    if (src >= 0) {
+        float* host_recv = mpi_buffer(r.host, recv, n, false);
+        stage_back(r, host_recv, recv, n);
+        MPI_CHECK(MPI_Irecv(host_recv, (int)n, MPI_FLOAT, src, 0, g.mpi, &r.mpi[1]));
+    }
+    if (dst >= 0) MPI_CHECK(MPI_Isend(mpi_buffer(r.host_send, send, n, true), (int)n, MPI_FLOAT, dst, 0, g.mpi, &r.mpi[0]));
+    return r;
+}
+
+// Blocking forms (the all-reduce is tensor parallel's; tests/test_comm checks it meanwhile).
+[[maybe_unused]] static void comm_all_reduce_sum(Comm& comm, Group& g, float* buf, size_t n, const char* what) {
+    CommRequest r = comm_all_reduce_sum_start(comm, g, buf, n, what);
+    comm_wait(comm, r);
+}
+static void comm_broadcast(Comm& comm, Group& g, float* buf, size_t n, int root, const char* what) {
+    CommRequest r = comm_broadcast_start(comm, g, buf, n, root, what);
+    comm_wait(comm, r);
+}
+// Host scalars (loss sums, token counts, squared norms, step times) always go through MPI: they
+// live on the host, and a few doubles are not worth a device round trip.
+static void comm_all_reduce_host(Comm& comm, Group& g, double* values, int n, MPI_Op op, const char* what) {
+    if (g.size <= 1) return;
+    CommRequest r = begin_request(comm, g, what, 2.0 * (g.size - 1) / g.size * n * sizeof(double));
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, values, n, MPI_DOUBLE, op, g.mpi));
+    r.active = false;
+    trace_comm(comm.tracer, r, now_us());
 }
 
 // ---- parameters ----
@@ -218,6 +656,10 @@ struct ModelWeights {
 struct ParamTable {
     std::vector<ParamInfo> params;
     size_t total = 0;
+    // The backward finishes gradients in decreasing table order (head, last layer, …, embedding);
+    // these indices mark the watermarks at which the data-parallel sync may launch buckets.
+    std::vector<size_t> layer_first;  // (L) index of each layer's first tensor
+    size_t head_first = 0;            // index of model.final_norm.weight
     const ParamInfo* find(const std::string& name) const {
         for (const auto& p : params)
             if (p.name == name) return &p;
@@ -245,6 +687,7 @@ static ParamTable make_param_table(const ModelConfig& m) {
     add("model.embeddings.norm.weight", {m.H}, 0.f, true);
     for (int l = 0; l < m.L; l++) {
         std::string p = "model.layers." + std::to_string(l) + ".";
+        t.layer_first.push_back(t.params.size());
         if (l > 0) add(p + "attn_norm.weight", {m.H}, 0.f, true);
         add(p + "attn.Wqkv.weight", {3 * m.H, m.H}, std_in, false);
         add(p + "attn.Wo.weight", {m.H, m.H}, std_out, false);
@@ -252,6 +695,7 @@ static ParamTable make_param_table(const ModelConfig& m) {
         add(p + "mlp.Wi.weight", {2 * m.I, m.H}, std_in, false);
         add(p + "mlp.Wo.weight", {m.H, m.I}, std_out, false);
     }
+    t.head_first = t.params.size();
     add("model.final_norm.weight", {m.H}, 0.f, true);
     add("head.dense.weight", {m.H, m.H}, std_out, false);
     add("head.norm.weight", {m.H}, 0.f, true);
@@ -480,7 +924,7 @@ static void upload_batch(Activations* a, const BatchView& b, const ModelConfig& 
 // final norm → (masked rows only) head dense → GELU → LayerNorm → tied decoder → cross-entropy.
 // Returns the SUM of the masked tokens' losses: normalisation happens once, per optimizer step.
 
-static double model_forward(const Model& model, Activations& a, const BatchView& b) {
+static double model_forward(const Model& model, Activations& a, const BatchView& b, Tracer* trace = nullptr) {
     const ModelConfig& m = model.cfg;
     const ModelWeights& w = model.w;
     const int T = b.T, H = m.H, I = m.I, M = b.n_masked;
@@ -490,6 +934,7 @@ static double model_forward(const Model& model, Activations& a, const BatchView&
     ops::layernorm_forward(a.residual[0], a.emb_mean, a.emb_rstd, a.emb, w.emb_norm, T, H, m.norm_eps);
 
     for (int l = 0; l < m.L; l++) {
+        double t_layer = trace ? now_us() : 0;
         const LayerWeights& lw = w.layers[l];
         LayerActivations& la = a.layers[l];
         const float* h = a.residual[l];
@@ -512,9 +957,11 @@ static double model_forward(const Model& model, Activations& a, const BatchView&
         ops::geglu_forward(la.mlp_act, la.mlp_in, T, I);
         ops::matmul_forward(a.residual[l + 1], la.mlp_act, lw.mlp_wo, nullptr, T, I, H);
         ops::add_inplace(a.residual[l + 1], la.resid_mid, (size_t)T * H);
+        trace_compute(trace, "layer " + std::to_string(l) + " forward", t_layer);
     }
     ops::layernorm_forward(a.final_out, a.final_mean, a.final_rstd, a.residual[m.L], w.final_norm, T, H, m.norm_eps);
     if (M == 0) return 0.0;
+    double t_head = trace ? now_us() : 0;
 
     // sparse prediction: only masked rows go through the head and the decoder
     ops::gather_rows(a.head_in, a.final_out, a.masked_rows, M, H);
@@ -523,21 +970,30 @@ static double model_forward(const Model& model, Activations& a, const BatchView&
     ops::layernorm_forward(a.head_out, a.head_mean, a.head_rstd, a.head_act, w.head_norm, M, H, m.norm_eps);
     ops::matmul_forward(a.logits, a.head_out, w.tok_embeddings, w.decoder_bias, M, H, m.V);
     ops::crossentropy_forward(a.losses, a.logits, a.targets, M, m.V);
-    return ops::sum(a.losses, M);
+    double loss_sum = ops::sum(a.losses, M);
+    trace_compute(trace, "head forward", t_head);
+    return loss_sum;
 }
 
 // ---- model backward ----
 // The forward in reverse. Gradients are sums over this micro-batch's masked tokens (dloss = 1 per
 // token) added into model.grads, so micro-batches accumulate and the step normalises once.
 // The tied embedding collects the decoder's gradient and the lookup's scatter in one tensor.
+// With a GradSync (the last micro-batch of a data-parallel step), each time a stretch of gradients
+// is final the backward says so, and the sync launches the buckets that are complete.
 
-static void model_backward(Model& model, Activations& a, const BatchView& b) {
+struct GradSync;
+static void grad_sync_ready(GradSync* sync, size_t first_final_param);
+
+static void model_backward(Model& model, Activations& a, const BatchView& b, GradSync* sync = nullptr,
+                           Tracer* trace = nullptr) {
     const ModelConfig& m = model.cfg;
     const ModelWeights& w = model.w;
     ModelWeights& g = model.g;
     const int T = b.T, H = m.H, I = m.I, M = b.n_masked;
     const size_t TH = (size_t)T * H;
     ops::zero_floats(a.d_resid, TH);
+    double t_head = trace ? now_us() : 0;
     if (M > 0) {
         // logits' gradient overwrites the logits: they are not needed afterwards
         ops::crossentropy_backward(a.logits, a.logits, a.targets, 1.0f, M, m.V);
@@ -556,7 +1012,10 @@ static void model_backward(Model& model, Activations& a, const BatchView& b) {
         ops::layernorm_backward(a.d_resid, g.final_norm, a.d_ln, a.residual[m.L], w.final_norm, a.final_mean,
                                 a.final_rstd, T, H);
     }
+    trace_compute(trace, "head backward", t_head);
+    grad_sync_ready(sync, model.table.head_first);
     for (int l = m.L - 1; l >= 0; l--) {
+        double t_layer = trace ? now_us() : 0;
         const LayerWeights& lw = w.layers[l];
         LayerWeights& lg = g.layers[l];
         LayerActivations& la = a.layers[l];
@@ -585,16 +1044,206 @@ static void model_backward(Model& model, Activations& a, const BatchView& b) {
         } else {  // layer 0: the attention reads the residual itself
             ops::matmul_backward(a.d_resid, lg.wqkv, nullptr, a.d_qkv, a.residual[l], lw.wqkv, T, H, 3 * H);
         }
+        trace_compute(trace, "layer " + std::to_string(l) + " backward", t_layer);
+        grad_sync_ready(sync, model.table.layer_first[l]);
     }
+    double t_emb = trace ? now_us() : 0;
     ops::zero_floats(a.d_ln, TH);
     ops::layernorm_backward(a.d_ln, g.emb_norm, a.d_resid, a.emb, w.emb_norm, a.emb_mean, a.emb_rstd, T, H);
     ops::embedding_backward(g.tok_embeddings, a.d_ln, a.ids, T, H, 0, m.V, m.special.pad);
+    trace_compute(trace, "embedding backward", t_emb);
+    grad_sync_ready(sync, 0);
+}
+
+// ---- gradient sync (data parallel) ----
+// Every rank of the dp×cp group holds the same weights and trains on its own micro-batches; their
+// gradient sums are added up in fixed-size buckets of the flat gradient buffer. Buckets are cut from
+// the end of the buffer, the order in which the backward finishes gradients, and each is launched
+// (non-blocking) as soon as its last gradient is final during the last micro-batch's backward, so
+// communication overlaps the rest of the backward. Named collectives:
+//   ZeRO-0  "dp grad all-reduce"       every rank gets the whole summed gradient;
+//   ZeRO-1  "dp grad reduce-scatter"   every rank gets the sum of its 1/n share of each bucket,
+//                                      updates only that share (Adam state is sharded too), then
+//           "dp param all-gather"      every rank gets the updated weights back.
+
+struct Bucket {
+    size_t first_param, end_param;  // tensors [first, end) of the table
+    size_t offset, numel;           // the stretch of the flat buffers they occupy
+    size_t chunk = 0;               // ZeRO-1: each rank's share, ⌈numel / n⌉ (the last one padded)
+    size_t shard_offset = 0;        // ZeRO-1: where this rank's share lives in the sharded buffers
+    size_t staging_offset = 0;      // ZeRO-1: where the bucket's n·chunk staging lives
+    CommRequest request;
+};
+
+// One contiguous stretch of a tensor that this rank updates, with where its gradient and its Adam
+// state live (the whole tensor without ZeRO; the owned part of a bucket share with it).
+struct OptimizerPiece {
+    size_t param;         // index in the table
+    size_t offset, n;     // in the flat parameter buffer
+    size_t state_offset;  // in adam_m / adam_v
+    float* grad;          // (n) the summed gradient
+};
+
+struct GradSync {
+    Comm* comm = nullptr;
+    Group* group = nullptr;         // dp×cp: the ranks that hold the same weights
+    bool zero = false;
+    float* grads = nullptr;         // the model's flat gradient buffer
+    std::vector<Bucket> buckets;    // launch order
+    size_t next = 0;                // first bucket not launched yet
+    int launched_during_backward = 0;  // overlap: buckets launched before the backward ended
+    float* staging = nullptr;       // ZeRO-1: (Σ n·chunk) buckets laid out for reduce-scatter / all-gather
+    float* shard_grad = nullptr;    // ZeRO-1: (Σ chunk) this rank's summed gradient share
+    float* shard_param = nullptr;   // ZeRO-1: (Σ chunk) this rank's updated weights, to be gathered
+    size_t shard_total = 0;
+    std::vector<OptimizerPiece> pieces;
+};
+
+// This rank's share of a bucket under ZeRO-1: [begin, begin + n) of the flat buffer (n may be 0).
+static void owned_range(const Bucket& b, int rank, size_t* begin, size_t* n) {
+    size_t start = (size_t)rank * b.chunk;
+    *begin = b.offset + std::min(start, b.numel);
+    *n = start >= b.numel ? 0 : std::min(b.chunk, b.numel - start);
+}
+
+// Pieces for the plain optimizer: every tensor whole, gradient and state at the tensor's offset.
+static std::vector<OptimizerPiece> whole_tensor_pieces(const Model& model) {
+    std::vector<OptimizerPiece> pieces;
+    for (size_t i = 0; i < model.table.params.size(); i++) {
+        const ParamInfo& p = model.table.params[i];
+        pieces.push_back({i, p.offset, p.numel, p.offset, model.grads + p.offset});
+    }
+    return pieces;
+}
+
+static GradSync* make_grad_sync(Comm* comm, Group* group, Model& model, bool zero, float bucket_mb) {
+    GradSync* s = new GradSync;
+    s->comm = comm;
+    s->group = group;
+    s->zero = zero;
+    s->grads = model.grads;
+    const ParamTable& t = model.table;
+    size_t bucket_floats = std::max<size_t>(1, (size_t)(bucket_mb * 1024.0 * 1024.0 / sizeof(float)));
+    for (size_t end = t.params.size(); end > 0;) {  // whole tensors, from the back, until the bucket is full
+        size_t first = end, numel = 0;
+        while (first > 0 && (numel == 0 || numel + t.params[first - 1].numel <= bucket_floats))
+            numel += t.params[--first].numel;
+        Bucket b;
+        b.first_param = first;
+        b.end_param = end;
+        b.offset = t.params[first].offset;
+        b.numel = numel;
+        s->buckets.push_back(b);
+        end = first;
+    }
+    if (!zero) {
+        s->pieces = whole_tensor_pieces(model);
+        return s;
+    }
+    int n = group->size;
+    size_t staging_total = 0;
+    for (Bucket& b : s->buckets) {
+        b.chunk = (b.numel + n - 1) / n;
+        b.shard_offset = s->shard_total;
+        b.staging_offset = staging_total;
+        s->shard_total += b.chunk;
+        staging_total += (size_t)n * b.chunk;
+        size_t own_begin, own_n;
+        owned_range(b, group->rank, &own_begin, &own_n);
+        for (size_t i = b.first_param; i < b.end_param; i++) {  // the owned share, cut at tensor borders
+            const ParamInfo& p = t.params[i];
+            size_t lo = std::max(p.offset, own_begin), hi = std::min(p.offset + p.numel, own_begin + own_n);
+            if (lo >= hi) continue;
+            size_t state = b.shard_offset + (lo - own_begin);
+            s->pieces.push_back({i, lo, hi - lo, state, nullptr});
+        }
+    }
+    s->staging = ops::alloc_floats(staging_total);
+    s->shard_grad = ops::alloc_floats(s->shard_total);
+    s->shard_param = ops::alloc_floats(s->shard_total);
+    for (OptimizerPiece& piece : s->pieces) piece.grad = s->shard_grad + piece.state_offset;
+    // the Adam state shrinks to this rank's share
+    ops::free_buffer(model.adam_m);
+    ops::free_buffer(model.adam_v);
+    model.adam_m = ops::alloc_floats(s->shard_total);
+    model.adam_v = ops::alloc_floats(s->shard_total);
+    return s;
+}
+
+static void launch_bucket(GradSync* s, Bucket& b) {
+    if (!s->zero) {
+        b.request = comm_all_reduce_sum_start(*s->comm, *s->group, s->grads + b.offset, b.numel, "dp grad all-reduce");
+        return;
+    }
+    float* send = s->staging + b.staging_offset;  // (n·chunk); the padding past numel stays zero
+    ops::copy_on_device(send, s->grads + b.offset, b.numel * sizeof(float));
+    b.request = comm_reduce_scatter_start(*s->comm, *s->group, send, s->shard_grad + b.shard_offset, b.chunk,
+                                          "dp grad reduce-scatter");
+}
+
+// Called by the backward: every tensor from first_final_param on has its final gradient.
+static void grad_sync_ready(GradSync* s, size_t first_final_param) {
+    if (!s) return;
+    while (s->next < s->buckets.size() && s->buckets[s->next].first_param >= first_final_param) {
+        launch_bucket(s, s->buckets[s->next++]);
+        if (first_final_param > 0) s->launched_during_backward++;
+    }
+    for (size_t i = 0; i < s->next; i++) comm_test(*s->comm, s->buckets[i].request);
+}
+
+// After the last backward: every bucket launched and complete.
+static void grad_sync_finish(GradSync* s) {
+    grad_sync_ready(s, 0);
+    for (Bucket& b : s->buckets) comm_wait(*s->comm, b.request);
+    s->next = 0;
+}
+
+// ZeRO-1, after the update: every rank's share of the new weights, to every rank.
+static void gather_params(GradSync* s, float* params) {
+    for (Bucket& b : s->buckets) {
+        size_t own_begin, own_n;
+        owned_range(b, s->group->rank, &own_begin, &own_n);
+        ops::copy_on_device(s->shard_param + b.shard_offset, params + own_begin, own_n * sizeof(float));
+        b.request = comm_all_gather_start(*s->comm, *s->group, s->shard_param + b.shard_offset,
+                                          s->staging + b.staging_offset, b.chunk, "dp param all-gather");
+    }
+    for (Bucket& b : s->buckets) {
+        comm_wait(*s->comm, b.request);
+        ops::copy_on_device(params + b.offset, s->staging + b.staging_offset, b.numel * sizeof(float));
+    }
+}
+
+// ZeRO-1 checkpoints hold full tensors: state (shard_total) of every rank → full (total) on every rank.
+static std::vector<float> gather_state(GradSync* s, const float* state, size_t total) {
+    float* full = ops::alloc_floats(total);
+    for (Bucket& b : s->buckets) {
+        size_t own_begin, own_n;
+        owned_range(b, s->group->rank, &own_begin, &own_n);
+        ops::copy_on_device(s->shard_param + b.shard_offset, state + b.shard_offset, b.chunk * sizeof(float));
+        CommRequest r = comm_all_gather_start(*s->comm, *s->group, s->shard_param + b.shard_offset,
+                                              s->staging + b.staging_offset, b.chunk, "checkpoint state all-gather");
+        comm_wait(*s->comm, r);
+        ops::copy_on_device(full + b.offset, s->staging + b.staging_offset, b.numel * sizeof(float));
+    }
+    std::vector<float> host = device_to_vector(full, total);
+    ops::free_buffer(full);
+    return host;
+}
+// …and back: each rank keeps its share of full tensors read from a checkpoint.
+static void scatter_state(GradSync* s, const std::vector<float>& full, float* state) {
+    for (Bucket& b : s->buckets) {
+        size_t own_begin, own_n;
+        owned_range(b, s->group->rank, &own_begin, &own_n);
+        ops::copy_to_device(state + b.shard_offset, full.data() + own_begin, own_n * sizeof(float));
+    }
 }
 
 // ---- optimizer ----
 // Warmup-stable-decay learning rate; global-norm clipping; AdamW (or StableAdamW) with fp32 state,
 // no weight decay on 1-D tensors. The raw gradient sums are normalised by the step's masked-token
-// count inside the update (grad_scale), the one place the loss's mean is taken.
+// count inside the update (grad_scale), the one place the loss's mean is taken. Under ZeRO-1 the
+// squared norm and StableAdamW's per-tensor sums are added up over the shards ("grad norm
+// all-reduce", "stable-adamw rms all-reduce").
 
 static float learning_rate(const TrainConfig& c, int step) {  // step counts from 1
     if (c.warmup > 0 && step <= c.warmup) return c.lr * (float)step / (float)c.warmup;
@@ -607,25 +1256,42 @@ static float learning_rate(const TrainConfig& c, int step) {  // step counts fro
     return c.lr;
 }
 
-// Returns the global gradient norm of the normalised gradient (before clipping).
-static double optimizer_step(Model& model, const TrainConfig& c, float lr, long masked_tokens) {
+// Returns the global gradient norm of the normalised gradient (before clipping). Without a sync
+// (one rank) the whole model is this rank's to update.
+static double optimizer_step(Model& model, const TrainConfig& c, float lr, long masked_tokens, GradSync* sync = nullptr) {
+    std::vector<OptimizerPiece> local;
+    if (!sync) local = whole_tensor_pieces(model);
+    const std::vector<OptimizerPiece>& pieces = sync ? sync->pieces : local;
+    bool sharded = sync && sync->zero;
     double inv_count = masked_tokens > 0 ? 1.0 / (double)masked_tokens : 0.0;
-    double norm = sqrt(ops::sum_squares(model.grads, model.table.total)) * inv_count;
+    double sum_sq = 0.0;
+    for (const OptimizerPiece& p : pieces) sum_sq += ops::sum_squares(p.grad, p.n);
+    if (sharded) comm_all_reduce_host(*sync->comm, *sync->group, &sum_sq, 1, MPI_SUM, "grad norm all-reduce");
+    double norm = sqrt(sum_sq) * inv_count;
     double clip_factor = (c.clip > 0.f && norm > c.clip) ? c.clip / norm : 1.0;
     float grad_scale = (float)(inv_count * clip_factor);
     model.adam_step++;
-    for (const ParamInfo& p : model.table.params) {
-        float* param = model.params + p.offset;
-        float* grad = model.grads + p.offset;
-        float tensor_lr = lr;
-        if (c.optimizer == "stable-adamw") {
-            double rms = ops::stable_adamw_rms(grad, model.adam_v + p.offset, p.numel, c.beta2, c.eps,
+    std::vector<double> tensor_lr(model.table.params.size(), lr);
+    if (c.optimizer == "stable-adamw") {  // RMS over each whole tensor, whichever ranks hold its pieces
+        std::vector<double> sums(model.table.params.size(), 0.0);
+        for (const OptimizerPiece& p : pieces) {
+            double rms = ops::stable_adamw_rms(p.grad, model.adam_v + p.state_offset, p.n, c.beta2, c.eps,
                                                model.adam_step, grad_scale);
-            tensor_lr = (float)(lr / std::max(1.0, rms));
+            sums[p.param] += rms * rms * (double)p.n;
         }
-        ops::adamw_update(param, grad, model.adam_m + p.offset, model.adam_v + p.offset, p.numel, tensor_lr, c.beta1,
-                          c.beta2, c.eps, p.decay() ? c.weight_decay : 0.f, model.adam_step, grad_scale);
+        if (sharded)
+            comm_all_reduce_host(*sync->comm, *sync->group, sums.data(), (int)sums.size(), MPI_SUM,
+                                 "stable-adamw rms all-reduce");
+        for (size_t i = 0; i < sums.size(); i++)
+            tensor_lr[i] = lr / std::max(1.0, sqrt(sums[i] / (double)model.table.params[i].numel));
     }
+    for (const OptimizerPiece& p : pieces) {
+        const ParamInfo& info = model.table.params[p.param];
+        ops::adamw_update(model.params + p.offset, p.grad, model.adam_m + p.state_offset, model.adam_v + p.state_offset,
+                          p.n, (float)tensor_lr[p.param], c.beta1, c.beta2, c.eps, info.decay() ? c.weight_decay : 0.f,
+                          model.adam_step, grad_scale);
+    }
+    if (sharded) gather_params(sync, model.params);
     return norm;
 }
 
@@ -836,20 +1502,27 @@ static void export_hf(const std::string& dir, const Model& model) {
 // DIR/step_N/ holds the model in HF format, the Adam moments and the step; DIR/latest names the
 // newest. Each is written under a temporary name and renamed, so a crash never damages the last one.
 
-static void save_checkpoint(const std::string& dir, const Model& model, int step) {
+// Full tensors whatever the layout: under ZeRO-1 the Adam state is gathered first (every rank takes
+// part), then world rank 0 alone writes, so a checkpoint resumes under any dp size.
+static void save_checkpoint(const std::string& dir, const Model& model, int step, GradSync* sync, int world_rank) {
+    size_t n = model.table.total;
+    bool sharded = sync && sync->zero;
+    std::vector<float> m = sharded ? gather_state(sync, model.adam_m, n) : device_to_vector(model.adam_m, n);
+    std::vector<float> v = sharded ? gather_state(sync, model.adam_v, n) : device_to_vector(model.adam_v, n);
+    if (world_rank != 0) return;
     char name[64];
     snprintf(name, sizeof name, "step_%08d", step);
     std::string final_dir = dir + "/" + name, tmp_dir = final_dir + ".tmp";
+    if (dir_exists(final_dir)) fatal("checkpoint %s already exists; refusing to overwrite it", final_dir.c_str());
     make_dirs(tmp_dir);
     export_hf(tmp_dir, model);
     std::string err;
-    TensorMap state = tensors_from_flat(model.table, device_to_vector(model.adam_m, model.table.total), "adam_m.");
-    TensorMap v = tensors_from_flat(model.table, device_to_vector(model.adam_v, model.table.total), "adam_v.");
-    state.insert(v.begin(), v.end());
+    TensorMap state = tensors_from_flat(model.table, m, "adam_m.");
+    TensorMap vt = tensors_from_flat(model.table, v, "adam_v.");
+    state.insert(vt.begin(), vt.end());
     if (!safetensors_write(tmp_dir + "/optimizer.safetensors", state,
                            {{"step", std::to_string(step)}, {"adam_step", std::to_string(model.adam_step)}}, &err))
         fatal("%s", err.c_str());
-    if (dir_exists(final_dir)) fatal("checkpoint %s already exists; refusing to overwrite it", final_dir.c_str());
     if (rename(tmp_dir.c_str(), final_dir.c_str()) != 0) fatal("cannot rename %s: %s", tmp_dir.c_str(), strerror(errno));
     std::string latest = dir + "/latest", latest_tmp = latest + ".tmp";
     FILE* f = fopen(latest_tmp.c_str(), "wb");
@@ -857,8 +1530,9 @@ static void save_checkpoint(const std::string& dir, const Model& model, int step
         fatal("cannot write %s", latest.c_str());
 }
 
-// Returns the step the checkpoint was taken after; fills params and moments.
-static int load_checkpoint(const std::string& dir, Model* model) {
+// Every rank reads the full tensors and keeps what it holds. Returns the step the checkpoint was
+// taken after.
+static int load_checkpoint(const std::string& dir, Model* model, GradSync* sync) {
     std::string latest_text, err;
     if (!read_text_file(dir + "/latest", &latest_text, &err)) fatal("--resume: %s", err.c_str());
     while (!latest_text.empty() && isspace((unsigned char)latest_text.back())) latest_text.pop_back();
@@ -873,8 +1547,13 @@ static int load_checkpoint(const std::string& dir, Model* model) {
     std::vector<float> v = params_from_tensors(model->table, state, path, "adam_v.");
     size_t n = model->table.total;
     ops::copy_to_device(model->params, params.data(), n * sizeof(float));
-    ops::copy_to_device(model->adam_m, m.data(), n * sizeof(float));
-    ops::copy_to_device(model->adam_v, v.data(), n * sizeof(float));
+    if (sync && sync->zero) {
+        scatter_state(sync, m, model->adam_m);
+        scatter_state(sync, v, model->adam_v);
+    } else {
+        ops::copy_to_device(model->adam_m, m.data(), n * sizeof(float));
+        ops::copy_to_device(model->adam_v, v.data(), n * sizeof(float));
+    }
     model->adam_step = atoi(meta["adam_step"].c_str());
     return atoi(meta["step"].c_str());
 }
@@ -975,12 +1654,23 @@ static double step_flops(const ModelConfig& m, const std::vector<BatchView>& bat
 }
 
 #ifndef PICOTRON_NO_MAIN  // the tests include this file for its functions and bring their own main
+// PICOTRON_FAIL_AT=RANK:STEP makes that rank fail at the start of that step: the fault tests use it
+// to check that one rank's error ends every rank.
+static void maybe_inject_failure(int world_rank, int step) {
+    const char* spec = getenv("PICOTRON_FAIL_AT");
+    int rank = -1, at = -1;
+    if (spec && sscanf(spec, "%d:%d", &rank, &at) == 2 && rank == world_rank && at == step)
+        fatal("injected failure at step %d", step);
+}
+
 int main(int argc, char** argv) {
     MPI_CHECK(MPI_Init(&argc, &argv));
     TrainConfig c = parse_args(argc, argv);
-    ProcessGrid grid = make_grid();
+    ProcessGrid grid = make_grid(c);
+    bool one_rank = grid.world_size == 1;
 
     if (!c.prepare_text.empty()) {  // tokenize a folder of text with the default word tokenizer
+        if (!one_rank) fatal("--prepare-text runs on one rank");
         std::vector<std::string> files;
         std::string err;
         if (!list_text_files(c.prepare_text, &files, &err)) fatal("--prepare-text: %s", err.c_str());
@@ -989,6 +1679,7 @@ int main(int argc, char** argv) {
         MPI_Finalize();
         return 0;
     }
+    if (c.zero && !c.dump_dir.empty()) fatal("--dump needs --zero 0 (under ZeRO-1 no rank holds the whole gradient)");
 
     Model model;
     std::vector<float> host_params;
@@ -1003,6 +1694,7 @@ int main(int argc, char** argv) {
     model_allocate(&model, host_params);
 
     if (!c.predict.empty()) {
+        if (!one_rank) fatal("--predict runs on one rank");
         WordTokenizer tok;
         std::string err;
         if (!WordTokenizer::load(c.data + "/vocab.txt", &tok, &err)) fatal("--predict: %s", err.c_str());
@@ -1012,14 +1704,26 @@ int main(int argc, char** argv) {
         return 0;
     }
 
+    print_grid(grid);
     Dataset data;
     std::string err;
     if (!load_dataset(c.data, c.seq_len, (uint32_t)m.V, m.special, &data, &err)) fatal("%s", err.c_str());
     Loader loader(data, c.micro_batch_tokens, c.seed, m.special);
     Activations acts = alloc_activations(m, c.micro_batch_tokens);
 
+    Tracer tracer;
+    Tracer* trace = c.trace_dir.empty() ? nullptr : &tracer;
+    tracer.rank = grid.world_rank;
+    tracer.t0_us = now_us();
+    tracer.t0_unix_us = std::chrono::duration<double, std::micro>(std::chrono::system_clock::now().time_since_epoch()).count();
+    Comm comm{&grid, trace};
+    Group& grad_group = grid.dp_cp_group;  // the ranks that hold the same weights
+    // replicas start identical whatever each rank computed: rank 0's weights win
+    comm_broadcast(comm, grad_group, model.params, model.table.total, 0, "initial weights broadcast");
+    GradSync* sync = (grad_group.size > 1 || c.zero) ? make_grad_sync(&comm, &grad_group, model, c.zero, c.bucket_mb) : nullptr;
+
     int start_step = 0;
-    if (!c.resume_dir.empty()) start_step = load_checkpoint(c.resume_dir, &model);
+    if (!c.resume_dir.empty()) start_step = load_checkpoint(c.resume_dir, &model, sync);
 
     FILE* log = nullptr;
     if (!c.log_path.empty() && grid.world_rank == 0) {
@@ -1031,53 +1735,91 @@ int main(int argc, char** argv) {
 #else
     double peak_tflops = c.peak_tflops;
 #endif
-    if (grid.world_rank == 0)
-        printf("model: H %d, I %d, L %d, heads %d, V %d, %.2fM parameters; %d micro-batch(es) of %d tokens per step\n",
-               m.H, m.I, m.L, m.nh, m.V, model.table.total / 1e6, c.grad_accum, c.micro_batch_tokens);
-
     const int n_micro = grid.dp * c.grad_accum;  // micro-batches in one global batch
+    if (grid.world_rank == 0)
+        printf("model: H %d, I %d, L %d, heads %d, V %d, %.2fM parameters; global batch %d micro-batch(es) of %d "
+               "tokens (dp %d × grad-accum %d)%s\n",
+               m.H, m.I, m.L, m.nh, m.V, model.table.total / 1e6, n_micro, c.micro_batch_tokens, grid.dp, c.grad_accum,
+               sync ? (", " + std::to_string(sync->buckets.size()) + " gradient buckets" + (c.zero ? ", ZeRO-1" : "")).c_str() : "");
+
     for (int step = start_step + 1; step <= c.steps; step++) {
+        maybe_inject_failure(grid.world_rank, step);
         auto t0 = std::chrono::steady_clock::now();
+        for (Group* g : grid.groups()) g->bytes_sent = 0;
+        if (sync) sync->launched_during_backward = 0;
         ops::zero_floats(model.grads, model.table.total);
         double loss_sum = 0.0;
         long masked = 0, real_tokens = 0;
         std::vector<BatchView> views;
         MicroBatch first;
-        for (int k = 0; k < c.grad_accum; k++) {
-            MicroBatch mb = loader.get((uint64_t)(step - 1) * n_micro + k);
+        for (int k = 0; k < c.grad_accum; k++) {  // this dp rank's share of the global batch
+            MicroBatch mb = loader.get((uint64_t)(step - 1) * n_micro + (uint64_t)grid.dp_rank * c.grad_accum + k);
             BatchView b = batch_view(mb);
-            loss_sum += model_forward(model, acts, b);
-            model_backward(model, acts, b);
+            bool last = k == c.grad_accum - 1;
+            loss_sum += model_forward(model, acts, b, trace);
+            model_backward(model, acts, b, last ? sync : nullptr, trace);
             masked += b.n_masked;
             real_tokens += mb.n_real;
             if (k == 0) first = mb;
             views.push_back(std::move(b));
         }
-        double loss = masked > 0 ? loss_sum / masked : 0.0;
-        if (step == 1 && !c.dump_dir.empty()) write_dump(c.dump_dir, model, first, loss, masked);
+        if (sync) grad_sync_finish(sync);
+        double totals[3] = {loss_sum, (double)masked, (double)real_tokens};
+        comm_all_reduce_host(comm, grad_group, totals, 3, MPI_SUM, "loss and token count all-reduce");
+        double loss = totals[1] > 0 ? totals[0] / totals[1] : 0.0;
+        masked = (long)totals[1];
+        real_tokens = (long)totals[2];
+        if (step == 1 && !c.dump_dir.empty() && grid.world_rank == 0) write_dump(c.dump_dir, model, first, loss, masked);
         float lr = learning_rate(c, step);
-        double grad_norm = optimizer_step(model, c, lr, masked);
+        double t_opt = now_us();
+        double grad_norm = optimizer_step(model, c, lr, masked, sync);
+        trace_compute(trace, "optimizer", t_opt);
         ops::synchronize();
         double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        comm_all_reduce_host(comm, grad_group, &ms, 1, MPI_MAX, "step time max");  // the slowest rank sets the pace
         double tokens_per_s = real_tokens / (ms / 1e3);
-        double mfu = peak_tflops > 0 ? step_flops(m, views) / (ms / 1e3) / (peak_tflops * 1e12) : 0.0;
+        double flops = step_flops(m, views) * grid.dp;  // every dp rank's share is alike in cost
+        double mfu = peak_tflops > 0 ? flops / (ms / 1e3) / (peak_tflops * 1e12 * grid.world_size) : 0.0;
         if (grid.world_rank == 0) {
-            printf("step %5d/%d | loss %.6f | grad norm %.4f | lr %.3e | %.0f tok/s | MFU %.1f%% | %.1f ms\n", step,
+            std::string bytes_json;
+            double bytes_total = 0;
+            for (Group* g : grid.groups()) {
+                if (g->size <= 1) continue;
+                char b[96];
+                snprintf(b, sizeof b, "%s\"%s\": %.0f", bytes_json.empty() ? "" : ", ", g->name, g->bytes_sent);
+                bytes_json += b;
+                bytes_total += g->bytes_sent;
+            }
+            printf("step %5d/%d | loss %.6f | grad norm %.4f | lr %.3e | %.0f tok/s | MFU %.1f%% | %.1f ms", step,
                    c.steps, loss, grad_norm, lr, tokens_per_s, 100.0 * mfu, ms);
+            if (sync) printf(" | sent %.2f MB, %d/%zu buckets during backward", bytes_total / 1e6,
+                             sync->launched_during_backward, sync->buckets.size());
+            printf("\n");
             fflush(stdout);
             if (log) {
                 fprintf(log,
                         "{\"step\": %d, \"loss\": %.17g, \"grad_norm\": %.9g, \"lr\": %.9g, \"tokens\": %ld, "
-                        "\"masked_tokens\": %ld, \"tokens_per_s\": %.6g, \"mfu\": %.6g, \"step_ms\": %.6g}\n",
-                        step, loss, grad_norm, lr, real_tokens, masked, tokens_per_s, mfu, ms);
+                        "\"masked_tokens\": %ld, \"tokens_per_s\": %.6g, \"mfu\": %.6g, \"step_ms\": %.6g, "
+                        "\"bytes_sent\": {%s}, \"buckets\": %zu, \"buckets_during_backward\": %d}\n",
+                        step, loss, grad_norm, lr, real_tokens, masked, tokens_per_s, mfu, ms, bytes_json.c_str(),
+                        sync ? sync->buckets.size() : 0, sync ? sync->launched_during_backward : 0);
                 fflush(log);
             }
         }
         bool save_now = (c.save_every > 0 && step % c.save_every == 0) || step == c.steps;
-        if (!c.save_dir.empty() && save_now) save_checkpoint(c.save_dir, model, step);
+        if (!c.save_dir.empty() && save_now) save_checkpoint(c.save_dir, model, step, sync, grid.world_rank);
     }
     if (log) fclose(log);
-    if (!c.export_dir.empty()) export_hf(c.export_dir, model);
+    if (!c.export_dir.empty() && grid.world_rank == 0) export_hf(c.export_dir, model);
+    if (trace) {
+        make_dirs(c.trace_dir);
+        std::string path = c.trace_dir + "/trace_rank" + std::to_string(grid.world_rank) + ".json";
+        FILE* f = fopen(path.c_str(), "wb");
+        if (!f || fprintf(f, "{\"otherData\": {\"t0_unix_us\": %.0f}, \"traceEvents\": [\n%s\n]}\n", tracer.t0_unix_us,
+                          tracer.events.c_str()) < 0 || fclose(f) != 0)
+            fatal("cannot write %s", path.c_str());
+    }
+    MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));  // nobody finalizes while rank 0 may still fail writing
     MPI_CHECK(MPI_Finalize());
     return 0;
 }
