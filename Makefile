@@ -37,6 +37,9 @@ picotron: picotron.cu $(HEADERS)
 tests/test_%: tests/test_%.cpp picotron.cu $(HEADERS)
 	g++ $(CXXFLAGS) -Wno-unused-function $(MPI_COMPILE) -I. $< -o $@ $(MPI_LINK) -lopenblas
 
+tests/compare_runs: tests/compare_runs.cpp safetensors.h
+	g++ $(CXXFLAGS) -I. $< -o $@
+
 tests/test_gpu: tests/test_gpu.cu $(HEADERS)
 	nvcc $(NVCCFLAGS) $(MPI_COMPILE) -I. tests/test_gpu.cu -o $@ $(CUDA_LIBS) $(MPI_LINK)
 
@@ -63,7 +66,7 @@ run: deps
 	  --predict "a [MASK] in the hand is worth two in the bush ." \
 	  --predict "there is no [MASK] like home ."
 
-TEST_BINS := tests/test_ops tests/test_data tests/test_safetensors tests/test_model
+TEST_BINS := tests/test_ops tests/test_data tests/test_safetensors tests/test_model tests/test_comm tests/compare_runs
 test: deps
 	@$(MAKE) --no-print-directory picotron_cpu $(TEST_BINS) data
 	@bash tests/run_tests.sh
@@ -73,4 +76,4 @@ test-gpu: picotron picotron_cpu tests/test_gpu data
 	bash tests/gpu_vs_cpu.sh
 
 clean:
-	rm -f picotron picotron_cpu tests/test_ops tests/test_data tests/test_safetensors tests/test_model tests/test_gpu
+	rm -f picotron picotron_cpu $(TEST_BINS) tests/test_gpu

@@ -14,14 +14,26 @@ failed=0
 pass() { echo "PASS $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
 
-# ---- unit programs ----
-for t in tests/test_ops tests/test_data tests/test_safetensors tests/test_model; do
+# ---- suites that count for themselves ----
+# unit programs, the 4-rank communication test, layout equivalence, data-parallel end to end, faults
+SUITES=(
+  "tests/test_ops"
+  "tests/test_data"
+  "tests/test_safetensors"
+  "tests/test_model"
+  "$MPIRUN -np 4 tests/test_comm"
+  "bash tests/layouts.sh"
+  "bash tests/parallel_tests.sh"
+  "bash tests/fault_tests.sh"
+)
+for t in "${SUITES[@]}"; do
     echo "== $t"
-    out=$(timeout 600 "$t" 2>&1)
+    out=$(timeout 900 $t 2>&1)
     rc=$?
-    echo "$out" | grep -vE '^PASS|^[0-9]+ passed, [0-9]+ failed' || true
+    if [[ $t == bash* ]]; then echo "$out" | grep -E '^(PASS|FAIL)' || true  # few lines, each worth reading
+    else echo "$out" | grep -E '^FAIL|^ ' || true; fi
     line=$(echo "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed' | tail -n 1)
-    if [ -z "$line" ]; then fail "$t" "no summary line (exit $rc)"; continue; fi
+    if [ -z "$line" ]; then fail "$t" "no summary line (exit $rc): $(echo "$out" | tail -n 3)"; continue; fi
     p=${line%% passed*}
     f=${line#*, }; f=${f%% failed*}
     passed=$((passed + p))
@@ -92,7 +104,10 @@ bad "unknown model" "--model" $MPIRUN -np 1 $BIN --model huge
 bad "seq-len > micro-batch" "seq-len" $MPIRUN -np 1 $BIN --seq-len 512 --micro-batch-tokens 256
 bad "malformed config.json" "config.json" $MPIRUN -np 1 $BIN --init-from "$WORK/bad/cfg" --steps 1
 bad "malformed safetensors" "model.safetensors" $MPIRUN -np 1 $BIN --init-from "$WORK/bad/st" --steps 1
-bad "two ranks" "one rank" $MPIRUN -np 2 $BIN --steps 1
+bad "layout does not match the world" "dp 3 × pp 1 × cp 1 × tp 1 = 3 ranks, but mpirun started 2" $MPIRUN -np 2 $BIN --dp 3 --steps 1
+bad "tensor parallel not yet" "data parallel only" $MPIRUN -np 2 $BIN --tp 2 --steps 1
+bad "nccl on the CPU build" "--comm nccl needs the GPU build" $MPIRUN -np 1 $BIN --comm nccl --steps 1
+bad "zero 2" "--zero" $MPIRUN -np 1 $BIN --zero 2 --steps 1
 
 # --help prints every flag and exits 0
 if $BIN --help | grep -q -- "--micro-batch-tokens"; then pass "--help"; else fail "--help" "no usage text"; fi
