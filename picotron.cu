@@ -1,8 +1,9 @@
 // picotron.cu — ModernBERT masked-language-model pretraining, one source for GPU (nvcc) and CPU (g++).
 //
 // Reads top to bottom in the order data flows:
-//   config and command line → process grid → parameters → activations → model forward →
-//   model backward → optimizer → HF import/export → checkpoints → dump → predictions → training loop.
+//   config and command line → process grid → tracing → communication → parameters → activations →
+//   model forward → model backward → gradient sync (data parallel) → optimizer → HF import/export →
+//   checkpoints → dump → predictions → training loop.
 // Every numeric op lives in kernels.cuh (reference and CUDA twin); token shards, packing and masking
 // in data.h; the JSON and safetensors formats in safetensors.h.
 #include <algorithm>
@@ -235,13 +236,26 @@ struct ProcessGrid {
     std::vector<Group*> groups() { return {&tp_group, &cp_group, &pp_group, &dp_group, &dp_cp_group, &embedding_group}; }
 };
 
-// A group from a rule: members(coords) lists, for this rank's coordinates, the world ranks of its
-// group in group-rank order (empty: this rank is not in such a group). MPI_Comm_split needs a
-// colour shared by exactly the members: the smallest member's world rank is one.
-template <typename Members>
-static void make_group(ProcessGrid& g, Group& group, const char* name, Members members) {
+// The members of world rank r's group of one kind, in group-rank order (empty: r is in no such
+// group; only first and last stages share the embedding).
+static std::vector<int> group_members(const ProcessGrid& g, const std::string& kind, int r) {
+    int t = r % g.tp, x = (r / g.tp) % g.cp, p = (r / (g.tp * g.cp)) % g.pp, d = r / (g.tp * g.cp * g.pp);
+    std::vector<int> v;
+    if (kind == "tp") for (int i = 0; i < g.tp; i++) v.push_back(g.rank_of(d, p, x, i));
+    if (kind == "cp") for (int i = 0; i < g.cp; i++) v.push_back(g.rank_of(d, p, i, t));
+    if (kind == "pp") for (int i = 0; i < g.pp; i++) v.push_back(g.rank_of(d, i, x, t));
+    if (kind == "dp") for (int i = 0; i < g.dp; i++) v.push_back(g.rank_of(i, p, x, t));
+    if (kind == "dp_cp")
+        for (int i = 0; i < g.dp; i++)
+            for (int j = 0; j < g.cp; j++) v.push_back(g.rank_of(i, p, j, t));
+    if (kind == "embedding" && g.pp > 1 && (p == 0 || p == g.pp - 1)) v = {g.rank_of(d, 0, x, t), g.rank_of(d, g.pp - 1, x, t)};
+    return v;
+}
+
+// MPI_Comm_split needs a colour shared by exactly the members: the smallest member's world rank.
+static void make_group(ProcessGrid& g, Group& group, const char* name) {
     group.name = name;
-    group.world_ranks = members(g.dp_rank, g.pp_rank, g.cp_rank, g.tp_rank);
+    group.world_ranks = group_members(g, name, g.world_rank);
     auto it = std::find(group.world_ranks.begin(), group.world_ranks.end(), g.world_rank);
     int colour = group.world_ranks.empty() ? MPI_UNDEFINED : *std::min_element(group.world_ranks.begin(), group.world_ranks.end());
     int key = group.world_ranks.empty() ? 0 : (int)(it - group.world_ranks.begin());
@@ -266,23 +280,9 @@ static ProcessGrid make_grid(const TrainConfig& c) {
     g.pp_rank = (r / (g.tp * g.cp)) % g.pp;
     g.dp_rank = r / (g.tp * g.cp * g.pp);
     g.backend = c.comm == "nccl" ? CommBackend::nccl : CommBackend::mpi;
-    make_group(g, g.tp_group, "tp", [&](int d, int p, int x, int) {
-        std::vector<int> v; for (int t = 0; t < g.tp; t++) v.push_back(g.rank_of(d, p, x, t)); return v; });
-    make_group(g, g.cp_group, "cp", [&](int d, int p, int, int t) {
-        std::vector<int> v; for (int x = 0; x < g.cp; x++) v.push_back(g.rank_of(d, p, x, t)); return v; });
-    make_group(g, g.pp_group, "pp", [&](int d, int, int x, int t) {
-        std::vector<int> v; for (int p = 0; p < g.pp; p++) v.push_back(g.rank_of(d, p, x, t)); return v; });
-    make_group(g, g.dp_group, "dp", [&](int, int p, int x, int t) {
-        std::vector<int> v; for (int d = 0; d < g.dp; d++) v.push_back(g.rank_of(d, p, x, t)); return v; });
-    make_group(g, g.dp_cp_group, "dp_cp", [&](int, int p, int, int t) {
-        std::vector<int> v;
-        for (int d = 0; d < g.dp; d++)
-            for (int x = 0; x < g.cp; x++) v.push_back(g.rank_of(d, p, x, t));
-        return v; });
-    make_group(g, g.embedding_group, "embedding", [&](int d, int p, int x, int t) {
-        std::vector<int> v;  // first and last stage hold the tied embedding; only they are members
-        if (g.pp > 1 && (p == 0 || p == g.pp - 1)) v = {g.rank_of(d, 0, x, t), g.rank_of(d, g.pp - 1, x, t)};
-        return v; });
+    const char* kinds[] = {"tp", "cp", "pp", "dp", "dp_cp", "embedding"};
+    std::vector<Group*> groups = g.groups();
+    for (size_t i = 0; i < groups.size(); i++) make_group(g, *groups[i], kinds[i]);
 #ifdef __CUDACC__
     if (g.backend == CommBackend::nccl) {
         // one GPU per rank: NCCL refuses two ranks on one device (use --comm mpi for that)
@@ -317,27 +317,18 @@ static void print_grid(ProcessGrid& g) {
     if (g.world_rank != 0) return;
     printf("rank grid: world %d = dp %d × pp %d × cp %d × tp %d   (rank = ((dp_i·pp + pp_i)·cp + cp_i)·tp + tp_i)\n",
            g.world_size, g.dp, g.pp, g.cp, g.tp);
-    for (Group* group : g.groups()) {
-        std::vector<std::string> seen;
+    for (Group* group : g.groups()) {  // every group of each kind: the same rule applied to every rank
+        std::vector<std::vector<int>> seen;
         std::string line;
-        // rank 0 lists every group of this kind by applying the same rule to each rank's coordinates
         for (int r = 0; r < g.world_size; r++) {
-            int t = r % g.tp, x = (r / g.tp) % g.cp, p = (r / (g.tp * g.cp)) % g.pp, d = r / (g.tp * g.cp * g.pp);
-            std::vector<int> members;
-            std::string name = group->name;
-            if (name == "tp") for (int i = 0; i < g.tp; i++) members.push_back(g.rank_of(d, p, x, i));
-            if (name == "cp") for (int i = 0; i < g.cp; i++) members.push_back(g.rank_of(d, p, i, t));
-            if (name == "pp") for (int i = 0; i < g.pp; i++) members.push_back(g.rank_of(d, i, x, t));
-            if (name == "dp") for (int i = 0; i < g.dp; i++) members.push_back(g.rank_of(i, p, x, t));
-            if (name == "dp_cp") for (int i = 0; i < g.dp; i++) for (int j = 0; j < g.cp; j++) members.push_back(g.rank_of(i, p, j, t));
-            if (name == "embedding" && g.pp > 1 && (p == 0 || p == g.pp - 1)) members = {g.rank_of(d, 0, x, t), g.rank_of(d, g.pp - 1, x, t)};
-            if (members.empty()) continue;
-            std::string s = "{";
-            for (size_t i = 0; i < members.size(); i++) s += (i ? "," : "") + std::to_string(members[i]);
-            s += "}";
-            if (std::find(seen.begin(), seen.end(), s) == seen.end()) { seen.push_back(s); line += " " + s; }
+            std::vector<int> members = group_members(g, group->name, r);
+            if (members.empty() || std::find(seen.begin(), seen.end(), members) != seen.end()) continue;
+            seen.push_back(members);
+            line += " {";
+            for (size_t i = 0; i < members.size(); i++) line += (i ? "," : "") + std::to_string(members[i]);
+            line += "}";
         }
-        printf("  %-9s %s\n", group->name, line.empty() ? " (none)" : line.c_str());
+        printf("  %-9s%s\n", group->name, line.empty() ? " (none)" : line.c_str());
     }
 }
 

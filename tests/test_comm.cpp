@@ -31,6 +31,26 @@ int main(int argc, char** argv) {
     check(grid.dp_rank == grid.world_rank && grid.tp_group.size == 1 && grid.dp_cp_group.size == n &&
           g.world_ranks.size() == (size_t)n && g.world_ranks[r] == grid.world_rank, "grid coordinates and groups");
 
+    {  // the group rule on a 2×3×2×2 layout (no MPI needed): brute force over coordinates, built the
+       // way DESIGN.md §4 writes the placement, must give the same members in the same order
+        ProcessGrid q;
+        q.dp = 2; q.pp = 3; q.cp = 2; q.tp = 2;
+        bool ok = true;
+        for (int d = 0; d < q.dp; d++) for (int p = 0; p < q.pp; p++) for (int x = 0; x < q.cp; x++) for (int t = 0; t < q.tp; t++) {
+            int r = ((d * q.pp + p) * q.cp + x) * q.tp + t;
+            std::vector<int> tp, cp, pp, dp, dpcp, emb;
+            for (int i = 0; i < q.tp; i++) tp.push_back(((d * q.pp + p) * q.cp + x) * q.tp + i);
+            for (int i = 0; i < q.cp; i++) cp.push_back(((d * q.pp + p) * q.cp + i) * q.tp + t);
+            for (int i = 0; i < q.pp; i++) pp.push_back(((d * q.pp + i) * q.cp + x) * q.tp + t);
+            for (int i = 0; i < q.dp; i++) dp.push_back(((i * q.pp + p) * q.cp + x) * q.tp + t);
+            for (int i = 0; i < q.dp; i++) for (int j = 0; j < q.cp; j++) dpcp.push_back(((i * q.pp + p) * q.cp + j) * q.tp + t);
+            if (p == 0 || p == q.pp - 1) emb = {((d * q.pp + 0) * q.cp + x) * q.tp + t, ((d * q.pp + q.pp - 1) * q.cp + x) * q.tp + t};
+            ok &= group_members(q, "tp", r) == tp && group_members(q, "cp", r) == cp && group_members(q, "pp", r) == pp &&
+                  group_members(q, "dp", r) == dp && group_members(q, "dp_cp", r) == dpcp && group_members(q, "embedding", r) == emb;
+        }
+        check(ok, "group membership on a dp 2 × pp 3 × cp 2 × tp 2 layout");
+    }
+
     const size_t N = 1000;  // not a multiple of the rank count
     {  // all-reduce sum
         g.bytes_sent = 0;
