@@ -71,7 +71,7 @@ test: deps
 	@$(MAKE) --no-print-directory picotron_cpu $(TEST_BINS) data
 	@bash tests/run_tests.sh
 
-test-gpu: picotron picotron_cpu tests/test_gpu data
+test-gpu: picotron picotron_cpu tests/test_gpu tests/compare_runs data
 	./tests/test_gpu
 	bash tests/gpu_vs_cpu.sh
 
