@@ -87,7 +87,7 @@ struct TrainConfig {
 };
 
 static const char* kUsage =
-    "usage: mpirun -np 1 ./picotron[_cpu] [flags]\n"
+    "usage: mpirun -np N ./picotron[_cpu] [flags]   (N = dp·pp·cp·tp)\n"
     "model:\n"
     "  --model tiny|base|large     architecture preset (default tiny)\n"
     "  --init-from DIR             start from a Hugging Face ModernBertForMaskedLM dir (config.json + model.safetensors)\n"
