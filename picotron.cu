@@ -373,6 +373,7 @@ static void trace_compute(Tracer* t, const std::string& name, double t_start_us)
 //   all-reduce 2(n−1)/n·S, reduce-scatter and all-gather (n−1)/n·S (S the full, unscattered
 //   buffer), broadcast (n−1)/n·S, send S,
 // and, with --trace, leaves a span naming its group and bytes. A group of one rank does nothing.
+// (comm is the grid's backend and streams; only the GPU build's NCCL path reads it.)
 
 
 struct CommRequest {
@@ -426,7 +427,7 @@ static void stage_back(CommRequest& r, float* host, float* dst, size_t n) {
     r.device_n = n;
 }
 
-static CommRequest begin_request(Comm& comm, Group& g, const char* what, double bytes) {
+static CommRequest begin_request(Group& g, const char* what, double bytes) {
     CommRequest r;
     r.group = &g;
     r.what = what;
@@ -434,20 +435,18 @@ static CommRequest begin_request(Comm& comm, Group& g, const char* what, double 
     r.t_start_us = now_us();
     r.active = true;
     g.bytes_sent += bytes;
-#ifdef __CUDACC__
-    if (use_nccl(comm)) {  // the comm stream waits for everything the compute stream queued so far
-        cudaEvent_t ready;
-        CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-        CUDA_CHECK(cudaEventRecord(ready, 0));
-        CUDA_CHECK(cudaStreamWaitEvent(comm.grid->comm_stream, ready, 0));
-        CUDA_CHECK(cudaEventDestroy(ready));
-    }
-#else
-    (void)comm;
-#endif
     return r;
 }
 #ifdef __CUDACC__
+// An NCCL collective sits between these two: the comm stream first waits for everything the compute
+// stream queued so far (the data it reads), then records the event comm_wait orders the compute on.
+static void begin_nccl_launch(Comm& comm) {
+    cudaEvent_t ready;
+    CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventRecord(ready, 0));
+    CUDA_CHECK(cudaStreamWaitEvent(comm.grid->comm_stream, ready, 0));
+    CUDA_CHECK(cudaEventDestroy(ready));
+}
 static void end_nccl_launch(Comm& comm, CommRequest& r) {
     CUDA_CHECK(cudaEventCreateWithFlags(&r.done, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventRecord(r.done, comm.grid->comm_stream));
@@ -489,11 +488,12 @@ static bool comm_test(Comm& comm, CommRequest& r) {
 }
 
 // buf (n) ← Σ over the group of buf (n), in place.
-static CommRequest comm_all_reduce_sum_start(Comm& comm, Group& g, float* buf, size_t n, const char* what) {
+static CommRequest comm_all_reduce_sum_start([[maybe_unused]] Comm& comm, Group& g, float* buf, size_t n, const char* what) {
     if (g.size <= 1) return CommRequest{};
-    CommRequest r = begin_request(comm, g, what, 2.0 * (g.size - 1) / g.size * n * sizeof(float));
+    CommRequest r = begin_request(g, what, 2.0 * (g.size - 1) / g.size * n * sizeof(float));
 #ifdef __CUDACC__
     if (use_nccl(comm)) {
+        begin_nccl_launch(comm);
         NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, g.nccl, comm.grid->comm_stream));
         end_nccl_launch(comm, r);
         return r;
@@ -505,14 +505,15 @@ static CommRequest comm_all_reduce_sum_start(Comm& comm, Group& g, float* buf, s
     return r;
 }
 // recv (n) ← group-rank r's block of Σ over the group of send (n·size).
-static CommRequest comm_reduce_scatter_start(Comm& comm, Group& g, float* send, float* recv, size_t n, const char* what) {
+static CommRequest comm_reduce_scatter_start([[maybe_unused]] Comm& comm, Group& g, float* send, float* recv, size_t n, const char* what) {
     if (g.size <= 1) {
         ops::copy_on_device(recv, send, n * sizeof(float));
         return CommRequest{};
     }
-    CommRequest r = begin_request(comm, g, what, (double)(g.size - 1) / g.size * n * g.size * sizeof(float));
+    CommRequest r = begin_request(g, what, (double)(g.size - 1) / g.size * n * g.size * sizeof(float));
 #ifdef __CUDACC__
     if (use_nccl(comm)) {
+        begin_nccl_launch(comm);
         NCCL_CHECK(ncclReduceScatter(send, recv, n, ncclFloat, ncclSum, g.nccl, comm.grid->comm_stream));
         end_nccl_launch(comm, r);
         return r;
@@ -528,14 +529,15 @@ static CommRequest comm_reduce_scatter_start(Comm& comm, Group& g, float* send, 
     return r;
 }
 // recv (n·size) ← the send (n) blocks of every group rank, in group-rank order.
-static CommRequest comm_all_gather_start(Comm& comm, Group& g, float* send, float* recv, size_t n, const char* what) {
+static CommRequest comm_all_gather_start([[maybe_unused]] Comm& comm, Group& g, float* send, float* recv, size_t n, const char* what) {
     if (g.size <= 1) {
         ops::copy_on_device(recv, send, n * sizeof(float));
         return CommRequest{};
     }
-    CommRequest r = begin_request(comm, g, what, (double)(g.size - 1) / g.size * n * g.size * sizeof(float));
+    CommRequest r = begin_request(g, what, (double)(g.size - 1) / g.size * n * g.size * sizeof(float));
 #ifdef __CUDACC__
     if (use_nccl(comm)) {
+        begin_nccl_launch(comm);
         NCCL_CHECK(ncclAllGather(send, recv, n, ncclFloat, g.nccl, comm.grid->comm_stream));
         end_nccl_launch(comm, r);
         return r;
@@ -552,11 +554,12 @@ static CommRequest comm_all_gather_start(Comm& comm, Group& g, float* send, floa
     return r;
 }
 // buf (n) ← group-rank root's buf.
-static CommRequest comm_broadcast_start(Comm& comm, Group& g, float* buf, size_t n, int root, const char* what) {
+static CommRequest comm_broadcast_start([[maybe_unused]] Comm& comm, Group& g, float* buf, size_t n, int root, const char* what) {
     if (g.size <= 1) return CommRequest{};
-    CommRequest r = begin_request(comm, g, what, (double)(g.size - 1) / g.size * n * sizeof(float));
+    CommRequest r = begin_request(g, what, (double)(g.size - 1) / g.size * n * sizeof(float));
 #ifdef __CUDACC__
     if (use_nccl(comm)) {
+        begin_nccl_launch(comm);
         NCCL_CHECK(ncclBroadcast(buf, buf, n, ncclFloat, root, g.nccl, comm.grid->comm_stream));
         end_nccl_launch(comm, r);
         return r;
@@ -571,11 +574,12 @@ static CommRequest comm_broadcast_start(Comm& comm, Group& g, float* buf, size_t
 // build on it): send (n) to group-rank dst while recv (n) arrives from
 // group-rank src (pipeline stages pass activations this way; ring attention its K/V blocks).
 // Either side may be absent (dst or src < 0).
-[[maybe_unused]] static CommRequest comm_sendrecv_start(Comm& comm, Group& g, float* send, int dst, float* recv, int src, size_t n,
+[[maybe_unused]] static CommRequest comm_sendrecv_start([[maybe_unused]] Comm& comm, Group& g, float* send, int dst, float* recv, int src, size_t n,
                                        const char* what) {
-    CommRequest r = begin_request(comm, g, what, dst >= 0 ? (double)n * sizeof(float) : 0.0);
+    CommRequest r = begin_request(g, what, dst >= 0 ? (double)n * sizeof(float) : 0.0);
 #ifdef __CUDACC__
     if (use_nccl(comm)) {
+        begin_nccl_launch(comm);
         NCCL_CHECK(ncclGroupStart());
         if (dst >= 0) NCCL_CHECK(ncclSend(send, n, ncclFloat, dst, g.nccl, comm.grid->comm_stream));
         if (src >= 0) NCCL_CHECK(ncclRecv(recv, n, ncclFloat, src, g.nccl, comm.grid->comm_stream));
@@ -606,7 +610,7 @@ static void comm_broadcast(Comm& comm, Group& g, float* buf, size_t n, int root,
 // live on the host, and a few doubles are not worth a device round trip.
 static void comm_all_reduce_host(Comm& comm, Group& g, double* values, int n, MPI_Op op, const char* what) {
     if (g.size <= 1) return;
-    CommRequest r = begin_request(comm, g, what, 2.0 * (g.size - 1) / g.size * n * sizeof(double));
+    CommRequest r = begin_request(g, what, 2.0 * (g.size - 1) / g.size * n * sizeof(double));
     MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, values, n, MPI_DOUBLE, op, g.mpi));
     r.active = false;
     trace_comm(comm.tracer, r, now_us());

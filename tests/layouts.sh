@@ -5,13 +5,8 @@
 # Adding a layout is one line: "ranks | flags". The single-rank reference for a layout is the run
 # with grad-accum = dp × grad-accum and no layout flags; it is computed once per global batch size.
 # Prints PASS/FAIL lines and "N passed, M failed" last.
-set -u
-cd "$(dirname "$0")/.."
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-MPIRUN="mpirun --oversubscribe -x OPENBLAS_NUM_THREADS=1"
-WORK=$(mktemp -d /tmp/picotron-layouts.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
-BASE="--model tiny --data data/default --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2 --steps 4 --bucket-mb 8"
+source "$(dirname "$0")/common.sh"
+BASE="$TINY --steps 4 --bucket-mb 8"
 LAYOUTS=(
   "2 | --dp 2"
   "3 | --dp 3"
@@ -24,7 +19,6 @@ LAYOUTS=(
   "8 | --dp 8 --zero 1"
   "2 | --dp 2 --zero 1 --optimizer stable-adamw --clip 0.5"
 )
-passed=0; failed=0
 run() {  # name ranks flags...
     local name=$1 ranks=$2; shift 2
     $MPIRUN -np "$ranks" ./picotron_cpu $BASE "$@" --log "$WORK/$name.jsonl" --export "$WORK/$name" > "$WORK/$name.out" 2>&1
@@ -37,17 +31,16 @@ for layout in "${LAYOUTS[@]}"; do
     opt=$(echo " $flags " | grep -o -- "--optimizer [^ ]* \|--clip [^ ]* " | tr -d '\n')
     micro=$((dp * ga))
     ref="ref_${micro}_$(echo "$opt" | tr -c 'a-z0-9' '_')"
-    if [ ! -f "$WORK/$ref.jsonl" ]; then run "$ref" 1 --grad-accum "$micro" $opt || { echo "FAIL reference $ref"; failed=$((failed + 1)); continue; }; fi
+    if [ ! -f "$WORK/$ref.jsonl" ]; then run "$ref" 1 --grad-accum "$micro" $opt || { fail "reference $ref" "run failed"; continue; }; fi
     name=$(echo "$flags" | tr -c 'a-z0-9' '_')
     if ! run "$name" "$ranks" $flags; then
-        echo "FAIL layout [$flags]: run failed: $(grep -m1 picotron: "$WORK/$name.out")"; failed=$((failed + 1)); continue
+        fail "layout [$flags]" "run failed: $(grep -m1 picotron: "$WORK/$name.out")"; continue
     fi
     if verdict=$(./tests/compare_runs "$WORK/$ref.jsonl" "$WORK/$name.jsonl" "$WORK/$ref/model.safetensors" \
                  "$WORK/$name/model.safetensors" --loss-rel 1e-5 --weight-rel 1e-4); then
-        echo "PASS layout [$flags] vs 1 rank × grad-accum $micro: $verdict"; passed=$((passed + 1))
+        pass "layout [$flags] vs 1 rank × grad-accum $micro: $verdict"
     else
-        echo "FAIL layout [$flags] vs 1 rank × grad-accum $micro: $verdict"; failed=$((failed + 1))
+        fail "layout [$flags] vs 1 rank × grad-accum $micro" "$verdict"
     fi
 done
-echo "$passed passed, $failed failed"
-[ "$failed" = 0 ]
+summary

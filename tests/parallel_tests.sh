@@ -7,16 +7,7 @@
 #     collective (group, bytes), gradient buckets start before the backward ends (overlap), and
 #     scripts/merge_traces.py (when python3 is there) merges the ranks into one file.
 # Prints PASS/FAIL lines and "N passed, M failed" last.
-set -u
-cd "$(dirname "$0")/.."
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-MPIRUN="mpirun --oversubscribe -x OPENBLAS_NUM_THREADS=1"
-WORK=$(mktemp -d /tmp/picotron-parallel.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
-TINY="--model tiny --data data/default --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2"
-passed=0; failed=0
-pass() { echo "PASS $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+source "$(dirname "$0")/common.sh"
 
 # ---- checkpoints move between layouts ----
 $MPIRUN -np 1 ./picotron_cpu $TINY --steps 6 --grad-accum 4 --log "$WORK/ref.jsonl" --export "$WORK/ref" > /dev/null 2>&1 &&
@@ -75,5 +66,4 @@ if $MPIRUN -np 2 ./picotron_cpu $TINY --steps 2 --dp 2 --bucket-mb 4 --trace "$W
     fi
 else fail "trace" "run failed"; fi
 
-echo "$passed passed, $failed failed"
-[ "$failed" = 0 ]
+summary

@@ -1,18 +1,8 @@
 #!/usr/bin/env bash
 # make test: every CPU test, counted. Unit programs print their own "N passed, M failed" and are
 # added in; the end-to-end checks below run the real binary under mpirun. Last line: the total.
-set -u
-cd "$(dirname "$0")/.."
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-export OPENBLAS_NUM_THREADS=1
-MPIRUN="mpirun --oversubscribe -x OPENBLAS_NUM_THREADS=1"
+source "$(dirname "$0")/common.sh"
 BIN=./picotron_cpu
-WORK=$(mktemp -d /tmp/picotron-test.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
-passed=0
-failed=0
-pass() { echo "PASS $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
 
 # ---- suites that count for themselves ----
 # unit programs, the 4-rank communication test, layout equivalence, data-parallel end to end, faults
@@ -44,7 +34,6 @@ done
 
 # ---- end to end ----
 echo "== end to end"
-TINY="--model tiny --data data/default --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2"
 
 # Exact resume: 6 steps straight vs 3 steps + resume to 6, losses and weights bit for bit.
 $MPIRUN -np 1 $BIN $TINY --steps 6 --log "$WORK/full.jsonl" --export "$WORK/full" >/dev/null 2>&1 \
@@ -122,5 +111,4 @@ if command -v nvcc >/dev/null 2>&1; then
     else fail "GPU build" "picotron did not build or has no sm_90 code"; fi
 fi
 
-echo "$passed passed, $failed failed"
-[ "$failed" = 0 ]
+summary
