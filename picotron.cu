@@ -438,18 +438,21 @@ static CommRequest begin_request(Group& g, const char* what, double bytes) {
     return r;
 }
 #ifdef __CUDACC__
-// An NCCL collective sits between these two: the comm stream first waits for everything the compute
-// stream queued so far (the data it reads), then records the event comm_wait orders the compute on.
-static void begin_nccl_launch(Comm& comm) {
+// Every NCCL collective goes through here: the comm stream first waits for everything the compute
+// stream queued so far (the data the collective reads), launch(stream) enqueues it, and the event
+// recorded after it is what comm_wait orders the compute stream on.
+template <typename Launch>
+static CommRequest nccl_request(Comm& comm, CommRequest r, Launch launch) {
+    cudaStream_t stream = comm.grid->comm_stream;
     cudaEvent_t ready;
     CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventRecord(ready, 0));
-    CUDA_CHECK(cudaStreamWaitEvent(comm.grid->comm_stream, ready, 0));
+    CUDA_CHECK(cudaStreamWaitEvent(stream, ready, 0));
     CUDA_CHECK(cudaEventDestroy(ready));
-}
-static void end_nccl_launch(Comm& comm, CommRequest& r) {
+    launch(stream);
     CUDA_CHECK(cudaEventCreateWithFlags(&r.done, cudaEventDisableTiming));
-    CUDA_CHECK(cudaEventRecord(r.done, comm.grid->comm_stream));
+    CUDA_CHECK(cudaEventRecord(r.done, stream));
+    return r;
 }
 #endif
 
@@ -483,7 +486,6 @@ static bool comm_test(Comm& comm, CommRequest& r) {
 #endif
     int done = 0;
     MPI_CHECK(MPI_Testall(2, r.mpi, &done, MPI_STATUSES_IGNORE));
-    if (done) r.mpi[0] = r.mpi[1] = MPI_REQUEST_NULL;  // Testall freed them; comm_wait still finishes
     return done != 0;
 }
 
@@ -492,12 +494,8 @@ static CommRequest comm_all_reduce_sum_start([[maybe_unused]] Comm& comm, Group&
     if (g.size <= 1) return CommRequest{};
     CommRequest r = begin_request(g, what, 2.0 * (g.size - 1) / g.size * n * sizeof(float));
 #ifdef __CUDACC__
-    if (use_nccl(comm)) {
-        begin_nccl_launch(comm);
-        NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, g.nccl, comm.grid->comm_stream));
-        end_nccl_launch(comm, r);
-        return r;
-    }
+    if (use_nccl(comm))
+        return nccl_request(comm, r, [&](cudaStream_t st) { NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, g.nccl, st)); });
 #endif
     float* host = mpi_buffer(r.host, buf, n, true);
     stage_back(r, host, buf, n);
@@ -512,12 +510,8 @@ static CommRequest comm_reduce_scatter_start([[maybe_unused]] Comm& comm, Group&
     }
     CommRequest r = begin_request(g, what, (double)(g.size - 1) / g.size * n * g.size * sizeof(float));
 #ifdef __CUDACC__
-    if (use_nccl(comm)) {
-        begin_nccl_launch(comm);
-        NCCL_CHECK(ncclReduceScatter(send, recv, n, ncclFloat, ncclSum, g.nccl, comm.grid->comm_stream));
-        end_nccl_launch(comm, r);
-        return r;
-    }
+    if (use_nccl(comm))
+        return nccl_request(comm, r, [&](cudaStream_t st) { NCCL_CHECK(ncclReduceScatter(send, recv, n, ncclFloat, ncclSum, g.nccl, st)); });
 #endif
     float* host_send = mpi_buffer(r.host, send, n * g.size, true);
     if (host_send == send) {
@@ -529,19 +523,15 @@ static CommRequest comm_reduce_scatter_start([[maybe_unused]] Comm& comm, Group&
     return r;
 }
 // recv (n·size) ← the send (n) blocks of every group rank, in group-rank order.
-static CommRequest comm_all_gather_start([[maybe_unused]] Comm& comm, Group& g, float* send, float* recv, size_t n, const char* what) {
+static CommRequest comm_all_gather_start([[maybe_unused]] Comm& comm, Group& g, const float* send, float* recv, size_t n, const char* what) {
     if (g.size <= 1) {
         ops::copy_on_device(recv, send, n * sizeof(float));
         return CommRequest{};
     }
     CommRequest r = begin_request(g, what, (double)(g.size - 1) / g.size * n * g.size * sizeof(float));
 #ifdef __CUDACC__
-    if (use_nccl(comm)) {
-        begin_nccl_launch(comm);
-        NCCL_CHECK(ncclAllGather(send, recv, n, ncclFloat, g.nccl, comm.grid->comm_stream));
-        end_nccl_launch(comm, r);
-        return r;
-    }
+    if (use_nccl(comm))
+        return nccl_request(comm, r, [&](cudaStream_t st) { NCCL_CHECK(ncclAllGather(send, recv, n, ncclFloat, g.nccl, st)); });
 #endif
     float* host_recv = mpi_buffer(r.host, recv, n * g.size, false);
     if (host_recv != recv) {
@@ -558,35 +548,28 @@ static CommRequest comm_broadcast_start([[maybe_unused]] Comm& comm, Group& g, f
     if (g.size <= 1) return CommRequest{};
     CommRequest r = begin_request(g, what, (double)(g.size - 1) / g.size * n * sizeof(float));
 #ifdef __CUDACC__
-    if (use_nccl(comm)) {
-        begin_nccl_launch(comm);
-        NCCL_CHECK(ncclBroadcast(buf, buf, n, ncclFloat, root, g.nccl, comm.grid->comm_stream));
-        end_nccl_launch(comm, r);
-        return r;
-    }
+    if (use_nccl(comm))
+        return nccl_request(comm, r, [&](cudaStream_t st) { NCCL_CHECK(ncclBroadcast(buf, buf, n, ncclFloat, root, g.nccl, st)); });
 #endif
     float* host = mpi_buffer(r.host, buf, n, g.rank == root);
     stage_back(r, host, buf, n);
     MPI_CHECK(MPI_Ibcast(host, (int)n, MPI_FLOAT, root, g.mpi, &r.mpi[0]));
     return r;
 }
-// Paired exchange with group neighbours (tests/test_comm checks it; pipeline and context parallel
-// build on it): send (n) to group-rank dst while recv (n) arrives from
-// group-rank src (pipeline stages pass activations this way; ring attention its K/V blocks).
-// Either side may be absent (dst or src < 0).
+// Paired exchange with group neighbours: send (n) to group-rank dst while recv (n) arrives from
+// group-rank src; either side may be absent (< 0). Pipeline stages will pass activations this way,
+// ring attention its K/V blocks; until then tests/test_comm is its user.
 [[maybe_unused]] static CommRequest comm_sendrecv_start([[maybe_unused]] Comm& comm, Group& g, float* send, int dst, float* recv, int src, size_t n,
                                        const char* what) {
     CommRequest r = begin_request(g, what, dst >= 0 ? (double)n * sizeof(float) : 0.0);
 #ifdef __CUDACC__
-    if (use_nccl(comm)) {
-        begin_nccl_launch(comm);
-        NCCL_CHECK(ncclGroupStart());
-        if (dst >= 0) NCCL_CHECK(ncclSend(send, n, ncclFloat, dst, g.nccl, comm.grid->comm_stream));
-        if (src >= 0) NCCL_CHECK(ncclRecv(recv, n, ncclFloat, src, g.nccl, comm.grid->comm_stream));
-        NCCL_CHECK(ncclGroupEnd());
-        end_nccl_launch(comm, r);
-        return r;
-    }
+    if (use_nccl(comm))
+        return nccl_request(comm, r, [&](cudaStream_t st) {
+            NCCL_CHECK(ncclGroupStart());
+            if (dst >= 0) NCCL_CHECK(ncclSend(send, n, ncclFloat, dst, g.nccl, st));
+            if (src >= 0) NCCL_CHECK(ncclRecv(recv, n, ncclFloat, src, g.nccl, st));
+            NCCL_CHECK(ncclGroupEnd());
+        });
 #endif
     if (src >= 0) {
         float* host_recv = mpi_buffer(r.host, recv, n, false);
@@ -1193,33 +1176,33 @@ static void grad_sync_finish(GradSync* s) {
     s->next = 0;
 }
 
-// ZeRO-1, after the update: every rank's share of the new weights, to every rank.
+// ZeRO-1: every rank's share of each bucket (shares: Σ chunk, laid out like the Adam state) to every
+// rank, into the flat buffer dest. All buckets are launched before the first wait.
+static void gather_buckets(GradSync* s, const float* shares, float* dest, const char* what) {
+    for (Bucket& b : s->buckets)
+        b.request = comm_all_gather_start(*s->comm, *s->group, shares + b.shard_offset, s->staging + b.staging_offset,
+                                          b.chunk, what);
+    for (Bucket& b : s->buckets) {
+        comm_wait(*s->comm, b.request);
+        ops::copy_on_device(dest + b.offset, s->staging + b.staging_offset, b.numel * sizeof(float));
+    }
+}
+
+// After the update: this rank's share of the new weights, to every rank.
 static void gather_params(GradSync* s, float* params) {
     for (Bucket& b : s->buckets) {
         size_t own_begin, own_n;
         owned_range(b, s->group->rank, &own_begin, &own_n);
         ops::copy_on_device(s->shard_param + b.shard_offset, params + own_begin, own_n * sizeof(float));
-        b.request = comm_all_gather_start(*s->comm, *s->group, s->shard_param + b.shard_offset,
-                                          s->staging + b.staging_offset, b.chunk, "dp param all-gather");
     }
-    for (Bucket& b : s->buckets) {
-        comm_wait(*s->comm, b.request);
-        ops::copy_on_device(params + b.offset, s->staging + b.staging_offset, b.numel * sizeof(float));
-    }
+    gather_buckets(s, s->shard_param, params, "dp param all-gather");
 }
 
-// ZeRO-1 checkpoints hold full tensors: state (shard_total) of every rank → full (total) on every rank.
+// Checkpoints hold full tensors: the sharded state (shard_total) of every rank → full (total).
+// The state's padding past each share stays zero (the update never writes it), so it is sent as is.
 static std::vector<float> gather_state(GradSync* s, const float* state, size_t total) {
     float* full = ops::alloc_floats(total);
-    for (Bucket& b : s->buckets) {
-        size_t own_begin, own_n;
-        owned_range(b, s->group->rank, &own_begin, &own_n);
-        ops::copy_on_device(s->shard_param + b.shard_offset, state + b.shard_offset, b.chunk * sizeof(float));
-        CommRequest r = comm_all_gather_start(*s->comm, *s->group, s->shard_param + b.shard_offset,
-                                              s->staging + b.staging_offset, b.chunk, "checkpoint state all-gather");
-        comm_wait(*s->comm, r);
-        ops::copy_on_device(full + b.offset, s->staging + b.staging_offset, b.numel * sizeof(float));
-    }
+    gather_buckets(s, state, full, "checkpoint state all-gather");
     std::vector<float> host = device_to_vector(full, total);
     ops::free_buffer(full);
     return host;
@@ -1501,7 +1484,8 @@ static void export_hf(const std::string& dir, const Model& model) {
 // part), then world rank 0 alone writes, so a checkpoint resumes under any dp size.
 static void save_checkpoint(const std::string& dir, const Model& model, int step, GradSync* sync, int world_rank) {
     size_t n = model.table.total;
-    bool sharded = sync && sync->zero;
+    bool sharded = sync && sync->zero;  // then every rank takes part in the gather; else rank 0 alone works
+    if (!sharded && world_rank != 0) return;
     std::vector<float> m = sharded ? gather_state(sync, model.adam_m, n) : device_to_vector(model.adam_m, n);
     std::vector<float> v = sharded ? gather_state(sync, model.adam_v, n) : device_to_vector(model.adam_v, n);
     if (world_rank != 0) return;
