@@ -1697,12 +1697,12 @@ int main(int argc, char** argv) {
     tracer.t0_unix_us = std::chrono::duration<double, std::micro>(std::chrono::system_clock::now().time_since_epoch()).count();
     Comm comm{&grid, trace};
     Group& grad_group = grid.dp_cp_group;  // the ranks that hold the same weights
-    // replicas start identical whatever each rank computed: rank 0's weights win
-    comm_broadcast(comm, grad_group, model.params, model.table.total, 0, "initial weights broadcast");
     GradSync* sync = (grad_group.size > 1 || c.zero) ? make_grad_sync(&comm, &grad_group, model, c.zero, c.bucket_mb) : nullptr;
 
     int start_step = 0;
-    if (!c.resume_dir.empty()) start_step = load_checkpoint(c.resume_dir, &model, sync);
+    if (!c.resume_dir.empty()) start_step = load_checkpoint(c.resume_dir, &model, sync);  // every rank reads the same files
+    else  // replicas start identical whatever each rank computed: rank 0's weights win
+        comm_broadcast(comm, grad_group, model.params, model.table.total, 0, "initial weights broadcast");
 
     FILE* log = nullptr;
     if (!c.log_path.empty() && grid.world_rank == 0) {
