@@ -1,5 +1,5 @@
 # picotron.cu — two builds of one source, the corpus, and the tests.
-#   make run        set-up, build, prepare the default corpus, train tiny, show masked predictions
+#   make run        set-up, build, prepare the default corpus, train the mini demo, show masked predictions
 #   make test       the CPU test suite (no GPU needed); ends with "N passed, M failed"
 #   make test-gpu   every CUDA kernel against its reference, on a machine with a GPU
 SHELL := /bin/bash
@@ -11,11 +11,13 @@ CXXFLAGS    := -std=c++17 -O2 -Wall -Wextra -DOMPI_SKIP_MPICXX
 NVCCFLAGS   := -std=c++17 -O2 -arch=sm_90 -DOMPI_SKIP_MPICXX -Xcompiler -Wall,-Wextra
 CUDA_LIBS   := -lcublasLt -lcublas -lnccl
 HEADERS     := kernels.cuh data.h safetensors.h
+# the BLAS the CPU build links; scripts/install_deps.sh probes the same library
+BLAS_LIB    ?= openblas
 # mpirun as root (sessions and CI), more ranks than cores, one BLAS thread per rank
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export OMPI_MCA_rmaps_base_oversubscribe := 1
-MPIRUN      := mpirun --oversubscribe -x OPENBLAS_NUM_THREADS=1 -np 1
+MPIRUN      := mpirun --oversubscribe -x OPENBLAS_NUM_THREADS=1
 
 BINARIES := picotron_cpu
 ifneq ($(NVCC),)
@@ -29,44 +31,58 @@ deps:
 	@bash scripts/install_deps.sh
 
 picotron_cpu: picotron.cu $(HEADERS)
-	g++ $(CXXFLAGS) $(MPI_COMPILE) -x c++ picotron.cu -o $@ $(MPI_LINK) -lopenblas
+	g++ $(CXXFLAGS) $(MPI_COMPILE) -x c++ picotron.cu -o $@ $(MPI_LINK) -l$(BLAS_LIB)
 
 picotron: picotron.cu $(HEADERS)
 	nvcc $(NVCCFLAGS) $(MPI_COMPILE) picotron.cu -o $@ $(CUDA_LIBS) $(MPI_LINK)
 
 tests/test_%: tests/test_%.cpp picotron.cu $(HEADERS)
-	g++ $(CXXFLAGS) -Wno-unused-function $(MPI_COMPILE) -I. $< -o $@ $(MPI_LINK) -lopenblas
+	g++ $(CXXFLAGS) -Wno-unused-function $(MPI_COMPILE) -I. $< -o $@ $(MPI_LINK) -l$(BLAS_LIB)
 
 tests/compare_runs: tests/compare_runs.cpp safetensors.h
+	g++ $(CXXFLAGS) -I. $< -o $@
+
+tests/st_edit: tests/st_edit.cpp safetensors.h
 	g++ $(CXXFLAGS) -I. $< -o $@
 
 tests/test_gpu: tests/test_gpu.cu $(HEADERS)
 	nvcc $(NVCCFLAGS) $(MPI_COMPILE) -I. tests/test_gpu.cu -o $@ $(CUDA_LIBS) $(MPI_LINK)
 
 # The default corpus: English text from Debian's fortune files, tokenized with the built-in word
-# tokenizer (no Python, no hub).
-data/default/vocab.txt: picotron_cpu scripts/get_corpus.sh
+# tokenizer (no Python, no hub): data/default for ModernBERT's vocabulary (tiny, base, large),
+# data/mini for the demo model's 4096 ids.
+data/corpus/text: scripts/get_corpus.sh
 	bash scripts/get_corpus.sh data/corpus
+data/default/vocab.txt: picotron_cpu | data/corpus/text
 	./picotron_cpu --prepare-text data/corpus/text --data data/default
-data: data/default/vocab.txt
+data/mini/vocab.txt: picotron_cpu | data/corpus/text
+	./picotron_cpu --model mini --prepare-text data/corpus/text --data data/mini
+data: data/default/vocab.txt data/mini/vocab.txt
 
-# Train tiny on the GPU build when a GPU is present, else on the CPU build; then ask it questions.
-STEPS ?= 120
-TRAIN_FLAGS := --model tiny --data data/default --seq-len 256 --micro-batch-tokens 1024 --steps $(STEPS) \
-               --lr 3e-3 --warmup 10 --log out/tiny.jsonl --export out/tiny
+# The demo: train mini (H 64, 2 layers, 4096 ids) for about 5 minutes on 2 CPU cores (2
+# data-parallel ranks; the GPU build when a GPU is present, its ranks sharing it through
+# --comm mpi), then ask it to fill in sentences whose
+# answers need their context: a model of word frequencies alone would answer "the" or ",".
+STEPS ?= 1800
+RANKS ?= 2
+TRAIN_FLAGS := --model mini --data data/mini --seq-len 128 --micro-batch-tokens 1024 --steps $(STEPS) \
+               --lr 5e-3 --warmup 50 --log out/mini.jsonl --export out/mini
 run: deps
 	@$(MAKE) --no-print-directory all data
 	@mkdir -p out
 	@if [ -x ./picotron ] && nvidia-smi -L >/dev/null 2>&1; then BIN=./picotron; else BIN=./picotron_cpu; fi; \
-	  echo "training tiny with $$BIN"; \
-	  mpirun -np 1 $$BIN $(TRAIN_FLAGS)
-	@./picotron_cpu --init-from out/tiny --data data/default \
-	  --predict "the [MASK] of the world is [MASK] ." \
-	  --predict "you will [MASK] a long and happy life ." \
+	  echo "training mini with $$BIN on $(RANKS) data-parallel ranks"; \
+	  $(MPIRUN) -np $(RANKS) $$BIN --dp $(RANKS) --comm mpi $(TRAIN_FLAGS)
+	@$(MPIRUN) -np 1 ./picotron_cpu --init-from out/mini --data data/mini \
+	  --predict "i don't [MASK] what you mean ." \
 	  --predict "a [MASK] in the hand is worth two in the bush ." \
-	  --predict "there is no [MASK] like home ."
+	  --predict "if at first you don't [MASK] , try , try again ." \
+	  --predict "it is better to [MASK] than to [MASK] ." \
+	  --predict "on the other [MASK] , you have different fingers ." \
+	  --predict "to err is [MASK] ."
 
-TEST_BINS := tests/test_ops tests/test_data tests/test_safetensors tests/test_model tests/test_comm tests/compare_runs
+TEST_BINS := tests/test_ops tests/test_data tests/test_safetensors tests/test_model tests/test_comm tests/compare_runs \
+             tests/st_edit
 test: deps
 	@$(MAKE) --no-print-directory picotron_cpu $(TEST_BINS) data
 	@bash tests/run_tests.sh

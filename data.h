@@ -14,7 +14,9 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -309,7 +311,33 @@ inline bool load_dataset(const std::string& path, int seq_len, uint32_t model_vo
         set_data_error(err, path + ": dataset has no tokens");
         return false;
     }
+    // Only ordinary tokens are ever masked: without one, every step would train on nothing.
+    if (std::all_of(out->tokens.begin(), out->tokens.end(), [&](uint32_t id) { return sp.is_special(id); })) {
+        *out = Dataset{};
+        set_data_error(err, path + ": nothing to train on: every token is a special id ([CLS], [SEP], [PAD], "
+                                   "[MASK] or [UNK]), so no token can be masked");
+        return false;
+    }
     return true;
+}
+
+// The loss of a model that knows only word frequencies: the entropy (nats) of the ordinary
+// tokens' unigram distribution. Masked positions are drawn uniformly from the ordinary tokens,
+// so predicting p(word) at every one of them costs exactly this; a model below it uses context.
+inline double unigram_entropy(const Dataset& ds, const SpecialIds& sp) {
+    std::unordered_map<uint32_t, uint64_t> counts;
+    uint64_t total = 0;
+    for (uint32_t id : ds.tokens)
+        if (!sp.is_special(id)) {
+            counts[id]++;
+            total++;
+        }
+    double h = 0.0;
+    for (const auto& entry : counts) {
+        const double p = (double)entry.second / (double)total;
+        h -= p * std::log(p);
+    }
+    return h;
 }
 
 // ---- micro-batches ----
@@ -550,11 +578,28 @@ private:
 // symbol; whitespace, control characters and non-ASCII bytes separate pieces and vanish.
 // The literal "[MASK]" is one piece (the [MASK] id). Ordinary pieces take ids
 // 0..words.size()-1, most frequent first (ties by string order); pieces seen only once
-// stay out and encode as [UNK]. The ModernBERT special ids (50280..50284) are unchanged,
-// so models with V = 50368 use this vocabulary as is.
+// stay out and encode as [UNK]. The special ids are the model's (ModernBERT's 50280..50284
+// by default); words take the ids below the smallest of them, so a model of V = 50368 keeps up
+// to 50280 words and a small-vocabulary model (the mini preset) as many as fit below its own.
 
 inline constexpr const char* kMaskLiteral = "[MASK]";
-inline constexpr int kMaxWords = kUnkId;  // ids 0..50279 are the ordinary ones
+inline int first_special_id(const SpecialIds& sp) { return std::min({sp.unk, sp.cls, sp.sep, sp.pad, sp.mask}); }
+
+// A path that names a regular file (not a directory, not missing); else a one-line error.
+inline bool check_regular_file(const std::string& path, const std::string& what, std::string* err) {
+    std::error_code ec;
+    const auto st = std::filesystem::status(path, ec);
+    if (ec || !std::filesystem::exists(st)) {
+        set_data_error(err, path + ": cannot open " + what + ": no such file");
+        return false;
+    }
+    if (!std::filesystem::is_regular_file(st)) {
+        set_data_error(err, path + ": " + what + " is not a regular file" +
+                                (std::filesystem::is_directory(st) ? " (it is a directory)" : ""));
+        return false;
+    }
+    return true;
+}
 
 inline bool is_word_char(unsigned char c) {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
@@ -596,8 +641,9 @@ struct WordTokenizer {
     std::unordered_map<std::string, int> index; // word -> id
     SpecialIds sp = kModernBertSpecialIds;
 
-    // max_words is clamped to [0, 50280].
-    static WordTokenizer build(const std::vector<std::string>& documents, int max_words) {
+    // max_words is clamped to [0, first special id].
+    static WordTokenizer build(const std::vector<std::string>& documents, int max_words,
+                               const SpecialIds& sp = kModernBertSpecialIds) {
         std::unordered_map<std::string, int64_t> counts;
         for (const std::string& doc : documents)
             for (std::string& piece : split_pieces(doc))
@@ -608,8 +654,9 @@ struct WordTokenizer {
         std::sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) {
             return a.second != b.second ? a.second > b.second : a.first < b.first;
         });
-        const size_t n_words = std::min(ranked.size(), (size_t)std::clamp(max_words, 0, kMaxWords));
+        const size_t n_words = std::min(ranked.size(), (size_t)std::clamp(max_words, 0, first_special_id(sp)));
         WordTokenizer tok;
+        tok.sp = sp;
         for (size_t id = 0; id < n_words; id++) tok.add_word(ranked[id].first);
         return tok;
     }
@@ -634,8 +681,12 @@ struct WordTokenizer {
         return true;
     }
 
-    static bool load(const std::string& path, WordTokenizer* out, std::string* err) {
+    // sp: the model's special ids; every word's id must lie below them.
+    static bool load(const std::string& path, WordTokenizer* out, std::string* err,
+                     const SpecialIds& sp = kModernBertSpecialIds) {
         *out = WordTokenizer{};
+        out->sp = sp;
+        if (!check_regular_file(path, "vocabulary", err)) return false;
         std::ifstream f(path, std::ios::binary);
         if (!f) {
             set_data_error(err, path + ": cannot open vocabulary");
@@ -653,11 +704,21 @@ struct WordTokenizer {
                 set_data_error(err, where + " repeats the word '" + line + "'");
                 return false;
             }
-            if ((int)out->words.size() == kMaxWords) {
-                set_data_error(err, path + ": more than " + std::to_string(kMaxWords) + " words");
+            if ((int)out->words.size() == first_special_id(sp)) {
+                set_data_error(err, path + ": more than " + std::to_string(first_special_id(sp)) +
+                                        " words: word ids would reach the model's special ids (is this "
+                                        "the vocabulary of another model's data?)");
                 return false;
             }
             out->add_word(line);
+        }
+        if (f.bad()) {
+            set_data_error(err, path + ": read failed");
+            return false;
+        }
+        if (out->words.empty()) {
+            set_data_error(err, path + ": vocabulary is empty");
+            return false;
         }
         return true;
     }
@@ -756,7 +817,11 @@ inline std::vector<std::string> split_documents(const std::string& text) {
     return documents;
 }
 
+// A text file: no NUL byte, and at most 1% control bytes other than tab, newline, carriage
+// return, form feed, vertical tab and the fortunes' backspace. Binary files are refused, not
+// tokenized into noise.
 inline bool read_corpus_text(const std::string& path, std::string* text, std::string* err) {
+    if (!check_regular_file(path, "text file", err)) return false;
     std::ifstream f(path, std::ios::binary);
     if (!f) {
         set_data_error(err, path + ": cannot open text file");
@@ -769,6 +834,20 @@ inline bool read_corpus_text(const std::string& path, std::string* text, std::st
         return false;
     }
     *text = contents.str();
+    size_t control = 0;
+    for (size_t i = 0; i < text->size(); i++) {
+        const unsigned char c = (unsigned char)(*text)[i];
+        if (c == 0) {
+            set_data_error(err, path + ": not a text file (NUL byte at offset " + std::to_string(i) + ")");
+            return false;
+        }
+        if ((c < 0x20 && !std::strchr("\t\n\r\f\v\b", (char)c)) || c == 0x7F) control++;
+    }
+    if (control * 100 > text->size()) {
+        set_data_error(err, path + ": not a text file (" + std::to_string(control) + " of " +
+                                std::to_string(text->size()) + " bytes are control characters)");
+        return false;
+    }
     return true;
 }
 
@@ -800,11 +879,14 @@ inline bool list_text_files(const std::string& path, std::vector<std::string>* f
 
 inline constexpr uint64_t kMaxShardTokens = 16ull << 20;  // 16M tokens per shard
 
-// text_files: files, or directories expanded by list_text_files. Writes out_dir/vocab.txt and out_dir/shard_NNNNN.bin (vocab_size 50368, every
-// document as [CLS] ... [SEP], no document split across shards) and deletes stale
-// shard_NNNNN.bin files left by an earlier, larger run. Creates out_dir if missing.
-inline bool prepare_text_corpus(const std::vector<std::string>& text_files,
-                                const std::string& out_dir, int max_words, std::string* err,
+// text_files: files, or directories expanded by list_text_files. Writes out_dir/vocab.txt and
+// out_dir/shard_NNNNN.bin (every document as [CLS] ... [SEP], no document split across shards)
+// for a model of vocab_size ids whose special ids are sp, and deletes stale shard_NNNNN.bin
+// files left by an earlier, larger run. Creates out_dir if missing. Nothing in out_dir changes
+// unless every input was read and tokenized: all files are first written under .tmp names,
+// then renamed.
+inline bool prepare_text_corpus(const std::vector<std::string>& text_files, const std::string& out_dir,
+                                uint32_t vocab_size, const SpecialIds& sp, int max_words, std::string* err,
                                 uint64_t max_shard_tokens = kMaxShardTokens) {
     namespace fs = std::filesystem;
     std::error_code ec;
@@ -822,6 +904,12 @@ inline bool prepare_text_corpus(const std::vector<std::string>& text_files,
         set_data_error(err, out_dir + ": no text files given");
         return false;
     }
+    const int highest_special = std::max({sp.unk, sp.cls, sp.sep, sp.pad, sp.mask});
+    if (highest_special < 0 || (uint32_t)highest_special >= vocab_size) {
+        set_data_error(err, out_dir + ": special id " + std::to_string(highest_special) +
+                                " outside the model's vocabulary of " + std::to_string(vocab_size));
+        return false;
+    }
     std::vector<std::string> documents;
     for (const std::string& file : files) {
         std::string text;
@@ -832,50 +920,66 @@ inline bool prepare_text_corpus(const std::vector<std::string>& text_files,
         set_data_error(err, files[0] + ": no documents in the text files");
         return false;
     }
+    const WordTokenizer tok = WordTokenizer::build(documents, max_words, sp);
+    if (tok.words.empty()) {
+        set_data_error(err, files[0] + ": the text files repeat no word, so the vocabulary would be empty");
+        return false;
+    }
 
+    // Everything in memory first: shards of whole documents.
+    std::vector<std::vector<uint32_t>> shards(1);
+    for (const std::string& doc : documents) {
+        const std::vector<int> ids = tok.encode(doc);
+        if (ids.empty()) continue;  // nothing but dropped bytes
+        if (!shards.back().empty() && shards.back().size() + ids.size() + 2 > max_shard_tokens) shards.emplace_back();
+        shards.back().push_back((uint32_t)sp.cls);
+        for (int id : ids) shards.back().push_back((uint32_t)id);
+        shards.back().push_back((uint32_t)sp.sep);
+    }
+    if (shards.back().empty()) {
+        set_data_error(err, files[0] + ": the text files hold no encodable text");
+        return false;
+    }
+
+    if (fs::exists(out_dir, ec) && !fs::is_directory(out_dir, ec)) {
+        set_data_error(err, out_dir + ": exists and is not a directory");
+        return false;
+    }
     fs::create_directories(out_dir, ec);
     if (ec) {
         set_data_error(err, out_dir + ": cannot create directory (" + ec.message() + ")");
         return false;
     }
-    const WordTokenizer tok = WordTokenizer::build(documents, max_words);
-    if (!tok.save((fs::path(out_dir) / "vocab.txt").string(), err)) return false;
-
-    auto shard_name = [&](int k) {
+    auto shard_name = [&](size_t k) {
         char name[32];
-        std::snprintf(name, sizeof(name), "shard_%05d.bin", k);
+        std::snprintf(name, sizeof(name), "shard_%05zu.bin", k);
         return (fs::path(out_dir) / name).string();
     };
-    int n_shards = 0;
-    std::vector<uint32_t> shard;
-    auto flush = [&]() {
-        if (shard.empty()) return true;
-        if (!write_shard(shard_name(n_shards), shard, kModernBertVocab, err)) return false;
-        n_shards++;
-        shard.clear();
-        return true;
-    };
-    for (const std::string& doc : documents) {
-        const std::vector<int> ids = tok.encode(doc);
-        if (ids.empty()) continue;  // nothing but dropped bytes
-        if (!shard.empty() && shard.size() + ids.size() + 2 > max_shard_tokens && !flush())
-            return false;
-        shard.push_back((uint32_t)tok.sp.cls);
-        for (int id : ids) shard.push_back((uint32_t)id);
-        shard.push_back((uint32_t)tok.sp.sep);
-    }
-    if (!flush()) return false;
-    if (n_shards == 0) {
-        set_data_error(err, files[0] + ": the text files hold no encodable text");
+    const std::string staging = ".new";  // shards and vocabulary first land as NAME.new
+    std::vector<std::string> written;
+    auto discard = [&]() {
+        for (const std::string& path : written) fs::remove(path + staging, ec);
         return false;
+    };
+    for (size_t k = 0; k < shards.size(); k++) {
+        written.push_back(shard_name(k));
+        if (!write_shard(shard_name(k) + staging, shards[k], vocab_size, err)) return discard();
     }
+    const std::string vocab_path = (fs::path(out_dir) / "vocab.txt").string();
+    written.push_back(vocab_path);
+    if (!tok.save(vocab_path + staging, err)) return discard();
+    for (const std::string& path : written)
+        if (std::rename((path + staging).c_str(), path.c_str()) != 0) {
+            set_data_error(err, path + ": cannot rename " + path + staging + " into place");
+            return discard();
+        }
     // Stale shards of an earlier, larger run would otherwise be loaded with the new ones.
     for (const fs::directory_entry& entry : fs::directory_iterator(out_dir, ec)) {
         const std::string name = entry.path().filename().string();
         int k = -1;
         char tail = 0;
         if (name.size() == 15 && std::sscanf(name.c_str(), "shard_%5d.bi%c", &k, &tail) == 2 &&
-            tail == 'n' && k >= n_shards && shard_name(k) == entry.path().string())
+            tail == 'n' && (size_t)k >= shards.size() && shard_name(k) == entry.path().string())
             fs::remove(entry.path(), ec);
     }
     return true;

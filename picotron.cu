@@ -41,31 +41,47 @@ struct ModelConfig {
     int L = 6;          // layers
     int nh = 4;         // attention heads
     int hd = 64;        // head dim, H / nh
-    int global_every = 3;          // layer l attends globally iff l % global_every == 0
-    int window = 64;               // local layers: |i − j| ≤ window (transformers' local_attention / 2)
+    std::vector<char> layer_global;  // (L) 1: layer attends globally, 0: sliding window (layer_types)
+    int global_every = 3;          // transformers' global_attn_every_n_layers, kept as read for export
+    int local_attention = 128;     // transformers' full window; local layers see |i − j| ≤ local_attention / 2
+    int max_position_embeddings = 8192;  // kept as read for export (positions restart per document)
     float theta_global = 160000.f; // RoPE base on global layers
     float theta_local = 10000.f;   // RoPE base on local layers
     float norm_eps = 1e-5f;
     float init_std = 0.02f;        // transformers' initializer_range
     float init_cutoff = 2.0f;      // truncation at ±cutoff·σ
     SpecialIds special = kModernBertSpecialIds;  // UNK, CLS, SEP, PAD, MASK
-    bool is_global(int layer) const { return layer % global_every == 0; }
+    int bos = kClsId, eos = kSepId;              // transformers' bos/eos_token_id, kept for export
+    bool is_global(int layer) const { return layer_global[layer] != 0; }
+    int window() const { return local_attention / 2; }
 };
 
 // Presets. tiny keeps the real vocabulary (the default tokenizer's ids) so that a tiny model and
-// base share data; it is small enough for the CPU tests.
+// base share data; it is small enough for the CPU tests. mini is the `make run` demo, sized so that
+// 2 CPU cores get well past word frequencies in 5 minutes: one 64-dim head, 2 layers (global, then
+// local), and a vocabulary of 4096 ids (the 4091 most frequent words of the corpus, then the special
+// ids), so that the decoder, which dominates a small model's cost, stays cheap. Layer l is global
+// iff l % 3 == 0, as in ModernBERT.
 static bool model_preset(const std::string& name, ModelConfig* m) {
     *m = ModelConfig{};
     if (name == "tiny") { m->H = 256; m->I = 384; m->L = 6; m->nh = 4; }
+    else if (name == "mini") { m->H = 64; m->I = 128; m->L = 2; m->nh = 1; m->V = 4096; }
     else if (name == "base") { m->H = 768; m->I = 1152; m->L = 22; m->nh = 12; }
     else if (name == "large") { m->H = 1024; m->I = 2624; m->L = 28; m->nh = 16; }
     else return false;
+    if (name == "mini") {
+        m->special = {4091, 4092, 4093, 4094, 4095};
+        m->bos = m->special.cls;
+        m->eos = m->special.sep;
+    }
     m->hd = m->H / m->nh;
+    for (int l = 0; l < m->L; l++) m->layer_global.push_back(l % m->global_every == 0);
     return true;
 }
 
 struct TrainConfig {
     std::string model = "tiny", init_from, data = "data/default";
+    bool model_given = false;  // --model on the command line (a resumed checkpoint must then match it)
     int seq_len = 512, micro_batch_tokens = 2048, grad_accum = 1, steps = 100;
     float lr = 1e-3f, decay_frac = 0.1f, weight_decay = 1e-5f, beta1 = 0.9f, beta2 = 0.98f, eps = 1e-6f, clip = 0.f;
     int warmup = 10;
@@ -89,14 +105,15 @@ struct TrainConfig {
 static const char* kUsage =
     "usage: mpirun -np N ./picotron[_cpu] [flags]   (N = dp·pp·cp·tp)\n"
     "model:\n"
-    "  --model tiny|base|large     architecture preset (default tiny)\n"
+    "  --model tiny|mini|base|large  architecture preset (default tiny; mini: the make run demo, V 4096)\n"
     "  --init-from DIR             start from a Hugging Face ModernBertForMaskedLM dir (config.json + model.safetensors)\n"
     "data:\n"
     "  --data PATH                 token shard or directory of *.bin shards (default data/default)\n"
     "  --seq-len N                 longest document piece; longer documents are split (default 512)\n"
     "  --micro-batch-tokens N      packed tokens per micro-batch (default 2048)\n"
     "  --grad-accum N              micro-batches per optimizer step (default 1)\n"
-    "  --prepare-text DIR          tokenize every text file in DIR with the default word tokenizer into --data, then exit\n"
+    "  --prepare-text DIR          tokenize every text file in DIR with the default word tokenizer into --data,\n"
+    "                              for the vocabulary and special ids of --model / --init-from, then exit\n"
     "training:\n"
     "  --steps N                   optimizer steps (default 100)\n"
     "  --lr X                      peak learning rate (default 1e-3)\n"
@@ -155,7 +172,7 @@ static TrainConfig parse_args(int argc, char** argv) {
         if (flag.rfind("--", 0) != 0) fatal("unexpected argument '%s' (see --help)", flag.c_str());
         if (i + 1 >= argc) fatal("flag %s needs a value (see --help)", flag.c_str());
         std::string v = argv[++i];
-        if (flag == "--model") c.model = v;
+        if (flag == "--model") { c.model = v; c.model_given = true; }
         else if (flag == "--init-from") c.init_from = v;
         else if (flag == "--data") c.data = v;
         else if (flag == "--seq-len") c.seq_len = parse_int(flag, v, 1, 1 << 20);
@@ -188,8 +205,9 @@ static TrainConfig parse_args(int argc, char** argv) {
         else if (flag == "--trace") c.trace_dir = v;
         else fatal("unknown flag %s (see --help)", flag.c_str());
     }
-    if (c.model != "tiny" && c.model != "base" && c.model != "large")
-        fatal("--model must be tiny, base or large, got '%s'", c.model.c_str());
+    ModelConfig preset;
+    if (!model_preset(c.model, &preset)) fatal("--model must be tiny, mini, base or large, got '%s'", c.model.c_str());
+    if (c.model_given && !c.init_from.empty()) fatal("--model and --init-from both name the architecture; give one");
     if (c.optimizer != "adamw" && c.optimizer != "stable-adamw")
         fatal("--optimizer must be adamw or stable-adamw, got '%s'", c.optimizer.c_str());
     if (c.seq_len > c.micro_batch_tokens)
@@ -924,7 +942,7 @@ static double model_forward(const Model& model, Activations& a, const BatchView&
         }
         ops::matmul_forward(la.qkv, attn_in, lw.wqkv, nullptr, T, H, 3 * H);
         float theta = m.is_global(l) ? m.theta_global : m.theta_local;
-        int window = m.is_global(l) ? -1 : m.window;
+        int window = m.is_global(l) ? -1 : m.window();
         ops::rope_forward(la.qkv, a.positions, T, m.nh, m.hd, theta);
         ops::attention_forward(la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, m.nh, m.hd, window);
         ops::matmul_forward(la.resid_mid, la.atty, lw.wo, nullptr, T, H, H);
@@ -1010,7 +1028,7 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         ops::zero_floats(a.d_atty, TH);
         ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_resid, la.atty, lw.wo, T, H, H);
         ops::zero_floats(a.d_qkv, 3 * TH);
-        int window = m.is_global(l) ? -1 : m.window;
+        int window = m.is_global(l) ? -1 : m.window();
         ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, m.nh, m.hd,
                                 window);
         ops::rope_backward(a.d_qkv, a.positions, T, m.nh, m.hd, m.is_global(l) ? m.theta_global : m.theta_local);
@@ -1246,6 +1264,9 @@ static double optimizer_step(Model& model, const TrainConfig& c, float lr, long 
     for (const OptimizerPiece& p : pieces) sum_sq += ops::sum_squares(p.grad, p.n);
     if (sharded) comm_all_reduce_host(*sync->comm, *sync->group, &sum_sq, 1, MPI_SUM, "grad norm all-reduce");
     double norm = sqrt(sum_sq) * inv_count;
+    if (!std::isfinite(norm))  // every rank holds the same norm, so every rank stops here, before any update
+        fatal_all_ranks("step %d: the gradient norm is %g: training diverged (a lower --lr, --clip or "
+                        "--optimizer stable-adamw may help); no weights were updated", model.adam_step + 1, norm);
     double clip_factor = (c.clip > 0.f && norm > c.clip) ? c.clip / norm : 1.0;
     float grad_scale = (float)(inv_count * clip_factor);
     model.adam_step++;
@@ -1320,6 +1341,15 @@ static void json_expect_string(const Json& cfg, const std::string& path, const c
         fatal("%s: \"%s\": \"%s\" is not supported (only \"%s\")", path.c_str(), key, v->str.c_str(), want);
 }
 
+// A number that must be finite and inside (lo, hi] (exclusive_lo) or [lo, hi].
+static double json_bounded(const Json& cfg, const std::string& path, const char* key, double fallback, double lo,
+                           double hi, bool exclusive_lo) {
+    double x = json_number(cfg, path, key, fallback, false);
+    if (!std::isfinite(x) || (exclusive_lo ? x <= lo : x < lo) || x > hi)
+        fatal("%s: \"%s\" must be a number in %s%g, %g], got %g", path.c_str(), key, exclusive_lo ? "(" : "[", lo, hi, x);
+    return x;
+}
+
 static ModelConfig read_hf_config(const std::string& dir) {
     std::string path = dir + "/config.json", text, err;
     Json cfg;
@@ -1336,39 +1366,51 @@ static ModelConfig read_hf_config(const std::string& dir) {
     m.hd = m.H / m.nh;
     if (m.hd % 2) fatal("%s: head dim %d must be even for RoPE", path.c_str(), m.hd);
     m.global_every = json_int(cfg, path, "global_attn_every_n_layers", 3, false, 1, 1 << 20);
-    int local_attention = json_int(cfg, path, "local_attention", 128, false, 0, 1 << 24);
-    m.window = local_attention / 2;
-    m.theta_global = (float)json_number(cfg, path, "global_rope_theta", 160000.0, false);
-    m.theta_local = (float)json_number(cfg, path, "local_rope_theta", 10000.0, false);
+    m.local_attention = json_int(cfg, path, "local_attention", 128, false, 0, 1 << 24);
+    m.max_position_embeddings = json_int(cfg, path, "max_position_embeddings", 8192, false, 1, 1 << 30);
+    m.theta_global = (float)json_bounded(cfg, path, "global_rope_theta", 160000.0, 0.0, 1e30, true);
+    m.theta_local = (float)json_bounded(cfg, path, "local_rope_theta", 10000.0, 0.0, 1e30, true);
     // transformers ≥ 5 writes the thetas per layer type, and the layer kinds as a list
     if (const Json* rope = cfg.get("rope_parameters")) {
         for (const char* kind : {"full_attention", "sliding_attention"})
             if (const Json* params = rope->get(kind)) json_expect_string(*params, path, "rope_type", "default");
         if (const Json* full = rope->get("full_attention"))
-            m.theta_global = (float)json_number(*full, path, "rope_theta", m.theta_global, false);
+            m.theta_global = (float)json_bounded(*full, path, "rope_theta", m.theta_global, 0.0, 1e30, true);
         if (const Json* sliding = rope->get("sliding_attention"))
-            m.theta_local = (float)json_number(*sliding, path, "rope_theta", m.theta_local, false);
+            m.theta_local = (float)json_bounded(*sliding, path, "rope_theta", m.theta_local, 0.0, 1e30, true);
     }
-    if (const Json* types = cfg.get("layer_types")) {
+    // the per-layer pattern: layer_types when given (any mix), else every global_every-th layer
+    const Json* types = cfg.get("layer_types");
+    if (types && types->kind != Json::Null) {
         if (types->kind != Json::Array || (int)types->arr.size() != m.L)
-            fatal("%s: \"layer_types\" must list %d layer kinds", path.c_str(), m.L);
+            fatal("%s: \"layer_types\" must list %d layer kinds (num_hidden_layers)", path.c_str(), m.L);
         for (int l = 0; l < m.L; l++) {
             const Json& kind = types->arr[l];
             bool global = kind.kind == Json::String && kind.str == "full_attention";
             bool local = kind.kind == Json::String && kind.str == "sliding_attention";
-            if ((!global && !local) || global != m.is_global(l))
-                fatal("%s: \"layer_types\"[%d] does not follow the every-%d-layers-global pattern this trainer "
-                      "implements", path.c_str(), l, m.global_every);
+            if (!global && !local)
+                fatal("%s: \"layer_types\"[%d] must be \"full_attention\" or \"sliding_attention\"", path.c_str(), l);
+            m.layer_global.push_back(global);
         }
+    } else {
+        for (int l = 0; l < m.L; l++) m.layer_global.push_back(l % m.global_every == 0);
     }
-    m.norm_eps = (float)json_number(cfg, path, "norm_eps", 1e-5, false);
-    m.init_std = (float)json_number(cfg, path, "initializer_range", 0.02, false);
-    m.init_cutoff = (float)json_number(cfg, path, "initializer_cutoff_factor", 2.0, false);
+    m.norm_eps = (float)json_bounded(cfg, path, "norm_eps", 1e-5, 0.0, 1.0, true);
+    m.init_std = (float)json_bounded(cfg, path, "initializer_range", 0.02, 0.0, 1e3, false);
+    m.init_cutoff = (float)json_bounded(cfg, path, "initializer_cutoff_factor", 2.0, 0.0, 1e3, true);
     m.special.pad = json_int(cfg, path, "pad_token_id", m.special.pad, false, 0, m.V - 1);
     m.special.cls = json_int(cfg, path, "cls_token_id", m.special.cls, false, 0, m.V - 1);
     m.special.sep = json_int(cfg, path, "sep_token_id", m.special.sep, false, 0, m.V - 1);
     m.special.mask = json_int(cfg, path, "mask_token_id", m.special.mask, false, 0, m.V - 1);
+    m.bos = json_int(cfg, path, "bos_token_id", m.special.cls, false, 0, m.V - 1);
+    m.eos = json_int(cfg, path, "eos_token_id", m.special.sep, false, 0, m.V - 1);
     if (m.special.unk >= m.V) m.special.unk = m.special.pad;
+    const int ids[4] = {m.special.cls, m.special.sep, m.special.pad, m.special.mask};
+    for (int i = 0; i < 4; i++)
+        for (int j = i + 1; j < 4; j++)
+            if (ids[i] == ids[j])
+                fatal("%s: cls, sep, pad and mask token ids must differ (they are %d, %d, %d, %d)", path.c_str(),
+                      ids[0], ids[1], ids[2], ids[3]);
     // the parts of ModernBertConfig this trainer does not implement are refused, not ignored
     json_expect(cfg, path, "norm_bias", false);
     json_expect(cfg, path, "attention_bias", false);
@@ -1395,8 +1437,11 @@ static std::string json_float(float x) {
 }
 
 static void write_hf_config(const std::string& path, const ModelConfig& m) {
-    char buf[4096];
-    snprintf(buf, sizeof buf,
+    std::string layer_types;
+    for (int l = 0; l < m.L; l++)
+        layer_types += std::string(l ? ", " : "") + (m.is_global(l) ? "\"full_attention\"" : "\"sliding_attention\"");
+    char head[4096];
+    snprintf(head, sizeof head,
              "{\n"
              "  \"architectures\": [\"ModernBertForMaskedLM\"],\n"
              "  \"model_type\": \"modernbert\",\n"
@@ -1411,41 +1456,66 @@ static void write_hf_config(const std::string& path, const ModelConfig& m) {
              "  \"norm_bias\": false,\n  \"attention_bias\": false,\n  \"mlp_bias\": false,\n"
              "  \"classifier_bias\": false,\n  \"decoder_bias\": true,\n  \"tie_word_embeddings\": true,\n"
              "  \"attention_dropout\": 0.0,\n  \"embedding_dropout\": 0.0,\n  \"mlp_dropout\": 0.0,\n"
-             "  \"classifier_dropout\": 0.0,\n  \"max_position_embeddings\": 8192,\n"
-             "  \"torch_dtype\": \"float32\"\n"
-             "}\n",
-             m.V, m.H, m.I, m.L, m.nh, m.global_every, 2 * m.window, json_float(m.theta_global).c_str(),
+             "  \"classifier_dropout\": 0.0,\n  \"max_position_embeddings\": %d,\n"
+             "  \"torch_dtype\": \"float32\",\n",
+             m.V, m.H, m.I, m.L, m.nh, m.global_every, m.local_attention, json_float(m.theta_global).c_str(),
              json_float(m.theta_local).c_str(), json_float(m.norm_eps).c_str(), json_float(m.init_std).c_str(),
-             json_float(m.init_cutoff).c_str(), m.special.pad, m.special.cls, m.special.sep, m.special.cls, m.special.sep,
-             m.special.mask);
+             json_float(m.init_cutoff).c_str(), m.special.pad, m.special.cls, m.special.sep, m.bos, m.eos,
+             m.special.mask, m.max_position_embeddings);
+    std::string text = std::string(head) + "  \"layer_types\": [" + layer_types + "]\n}\n";
     std::string tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
     if (!f) fatal("cannot write %s: %s", tmp.c_str(), strerror(errno));
-    bool ok = fputs(buf, f) >= 0;
+    bool ok = fputs(text.c_str(), f) >= 0;
     ok = (fclose(f) == 0) && ok;
     if (!ok || rename(tmp.c_str(), path.c_str()) != 0) fatal("cannot write %s", path.c_str());
 }
 
-// Flat host vector ← tensors named as in the table; every parameter must be present with its shape.
+// Flat host vector ← tensors named as in the table. Every parameter must be present with its shape
+// and finite values, and every tensor under prefix must be one the config uses: a file whose
+// weights disagree with its config (a sixth layer where the config says five) is refused, not
+// partly loaded. The tied decoder weight may appear as decoder.weight, alone or equal to the
+// embedding.
 static std::vector<float> params_from_tensors(const ParamTable& t, const TensorMap& tensors, const std::string& path,
                                              const std::string& prefix) {
-    std::vector<float> flat(t.total);
+    const std::string tied = "model.embeddings.tok_embeddings.weight";
+    for (const auto& [name, x] : tensors) {
+        if (name.compare(0, prefix.size(), prefix) != 0) continue;
+        std::string bare = name.substr(prefix.size());
+        if (t.find(bare)) continue;
+        if (prefix.empty() && bare == "decoder.weight") {
+            auto emb = tensors.find(tied);
+            if (emb == tensors.end() || emb->second.f == x.f) continue;
+            fatal("%s: decoder.weight differs from %s, but ModernBERT ties them", path.c_str(), tied.c_str());
+        }
+        fatal("%s: tensor %s is not part of the model config.json describes (L %d layers?): the weights and the "
+              "config disagree", path.c_str(), name.c_str(), (int)t.layer_first.size());
+    }
+    std::vector<const Tensor*> found;
     for (const ParamInfo& p : t.params) {
         auto it = tensors.find(prefix + p.name);
-        if (it == tensors.end() && prefix.empty() && p.name == "model.embeddings.tok_embeddings.weight")
+        if (it == tensors.end() && prefix.empty() && p.name == tied)
             it = tensors.find("decoder.weight");  // tied: either name carries it
         if (it == tensors.end()) fatal("%s: missing tensor %s%s", path.c_str(), prefix.c_str(), p.name.c_str());
         const Tensor& x = it->second;
         std::vector<int64_t> want(p.shape.begin(), p.shape.end());
         if (x.shape != want) {
-            std::string got;
+            std::string got, expected;
             for (int64_t d : x.shape) got += std::to_string(d) + " ";
-            fatal("%s: tensor %s%s has shape [ %s] but the config needs %zu dims starting with %d", path.c_str(),
-                  prefix.c_str(), p.name.c_str(), got.c_str(), p.shape.size(), p.shape[0]);
+            for (int d : p.shape) expected += std::to_string(d) + " ";
+            fatal("%s: tensor %s%s has shape [ %s] but the config needs [ %s]", path.c_str(), prefix.c_str(),
+                  p.name.c_str(), got.c_str(), expected.c_str());
         }
         if (x.f.size() != p.numel) fatal("%s: tensor %s%s is not a float tensor", path.c_str(), prefix.c_str(), p.name.c_str());
-        std::copy(x.f.begin(), x.f.end(), flat.begin() + p.offset);
+        for (size_t i = 0; i < x.f.size(); i++)
+            if (!std::isfinite(x.f[i]))
+                fatal("%s: tensor %s%s holds a non-finite value (%g at element %zu)", path.c_str(), prefix.c_str(),
+                      p.name.c_str(), x.f[i], i);
+        found.push_back(&x);
     }
+    std::vector<float> flat(t.total);
+    for (size_t i = 0; i < t.params.size(); i++)
+        std::copy(found[i]->f.begin(), found[i]->f.end(), flat.begin() + t.params[i].offset);
     return flat;
 }
 
@@ -1479,16 +1549,44 @@ static void export_hf(const std::string& dir, const Model& model) {
 // ---- checkpoints ----
 // DIR/step_N/ holds the model in HF format, the Adam moments and the step; DIR/latest names the
 // newest. Each is written under a temporary name and renamed, so a crash never damages the last one.
+// optimizer.safetensors also records a checksum of the weights it was saved with, so a model that
+// was replaced afterwards (an --export into the checkpoint, a hand copy) is refused on resume
+// instead of being trained on with another model's optimizer state.
+
+// FNV-1a over the weights' bits: equal weights, equal checksum, on every build.
+static std::string weights_checksum(const std::vector<float>& w) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (float x : w) {
+        uint32_t bits;
+        memcpy(&bits, &x, sizeof bits);
+        for (int b = 0; b < 4; b++) h = (h ^ ((bits >> (8 * b)) & 0xff)) * 0x100000001b3ull;
+    }
+    char buf[17];
+    snprintf(buf, sizeof buf, "%016" PRIx64, h);
+    return buf;
+}
 
 // Full tensors whatever the layout: under ZeRO-1 the Adam state is gathered first (every rank takes
-// part), then world rank 0 alone writes, so a checkpoint resumes under any dp size.
+// part), then world rank 0 alone writes, so a checkpoint resumes under any dp size. Weights that
+// are not finite are never saved: the run stops instead, and latest keeps naming the last good one.
 static void save_checkpoint(const std::string& dir, const Model& model, int step, GradSync* sync, int world_rank) {
     size_t n = model.table.total;
     bool sharded = sync && sync->zero;  // then every rank takes part in the gather; else rank 0 alone works
+    // Every rank checks the weights and its share of the state (a sum of squares is finite iff every
+    // value is), and the verdict is shared, so that all ranks stop together.
+    size_t state_n = sharded ? sync->shard_total : n;
+    double non_finite = !(std::isfinite(ops::sum_squares(model.params, n)) &&
+                          std::isfinite(ops::sum_squares(model.adam_m, state_n)) &&
+                          std::isfinite(ops::sum_squares(model.adam_v, state_n)));
+    if (sync) comm_all_reduce_host(*sync->comm, *sync->group, &non_finite, 1, MPI_MAX, "checkpoint finite-check all-reduce");
+    if (non_finite)
+        fatal_all_ranks("step %d: training diverged: the weights or the optimizer state hold a non-finite value; not "
+                        "saving (latest still names the last good checkpoint)", step);
     if (!sharded && world_rank != 0) return;
     std::vector<float> m = sharded ? gather_state(sync, model.adam_m, n) : device_to_vector(model.adam_m, n);
     std::vector<float> v = sharded ? gather_state(sync, model.adam_v, n) : device_to_vector(model.adam_v, n);
     if (world_rank != 0) return;
+    std::vector<float> params = device_to_vector(model.params, n);
     char name[64];
     snprintf(name, sizeof name, "step_%08d", step);
     std::string final_dir = dir + "/" + name, tmp_dir = final_dir + ".tmp";
@@ -1500,7 +1598,8 @@ static void save_checkpoint(const std::string& dir, const Model& model, int step
     TensorMap vt = tensors_from_flat(model.table, v, "adam_v.");
     state.insert(vt.begin(), vt.end());
     if (!safetensors_write(tmp_dir + "/optimizer.safetensors", state,
-                           {{"step", std::to_string(step)}, {"adam_step", std::to_string(model.adam_step)}}, &err))
+                           {{"step", std::to_string(step)}, {"adam_step", std::to_string(model.adam_step)},
+                            {"model_checksum", weights_checksum(params)}}, &err))
         fatal("%s", err.c_str());
     if (rename(tmp_dir.c_str(), final_dir.c_str()) != 0) fatal("cannot rename %s: %s", tmp_dir.c_str(), strerror(errno));
     std::string latest = dir + "/latest", latest_tmp = latest + ".tmp";
@@ -1509,21 +1608,51 @@ static void save_checkpoint(const std::string& dir, const Model& model, int step
         fatal("cannot write %s", latest.c_str());
 }
 
+// A decimal count in [0, hi]: digits only, no sign, no overflow.
+static bool parse_count(const std::string& text, long hi, long* out) {
+    if (text.empty() || text.size() > 18 || text.find_first_not_of("0123456789") != std::string::npos) return false;
+    *out = std::stol(text);
+    return *out <= hi;
+}
+
+// The directory DIR/latest names, checked: latest is a small file holding one name step_N (no
+// path), and that directory exists. Its N is returned through *step.
+static std::string latest_checkpoint(const std::string& dir, long* step) {
+    std::string text, err;
+    if (!dir_exists(dir)) fatal("--resume %s: no such directory", dir.c_str());
+    if (!read_text_file(dir + "/latest", &text, &err)) fatal("--resume: %s", err.c_str());
+    while (!text.empty() && isspace((unsigned char)text.back())) text.pop_back();
+    if (text.compare(0, 5, "step_") != 0 || !parse_count(text.substr(5), 1 << 30, step))
+        fatal("--resume: %s/latest must hold a checkpoint name step_N, got '%.60s'", dir.c_str(), text.c_str());
+    std::string ckpt = dir + "/" + text;
+    if (!dir_exists(ckpt)) fatal("--resume: %s/latest names %s, which is not a directory", dir.c_str(), ckpt.c_str());
+    return ckpt;
+}
+
 // Every rank reads the full tensors and keeps what it holds. Returns the step the checkpoint was
-// taken after.
+// taken after; everything read is checked before any of it is used.
 static int load_checkpoint(const std::string& dir, Model* model, GradSync* sync) {
-    std::string latest_text, err;
-    if (!read_text_file(dir + "/latest", &latest_text, &err)) fatal("--resume: %s", err.c_str());
-    while (!latest_text.empty() && isspace((unsigned char)latest_text.back())) latest_text.pop_back();
-    std::string ckpt = dir + "/" + latest_text;
+    long named_step = 0;
+    std::string ckpt = latest_checkpoint(dir, &named_step), err;
     std::vector<float> params = load_hf_weights(ckpt, model->table);
     TensorMap state;
     std::map<std::string, std::string> meta;
     std::string path = ckpt + "/optimizer.safetensors";
     if (!safetensors_read(path, &state, &meta, &err)) fatal("%s", err.c_str());
-    if (!meta.count("step") || !meta.count("adam_step")) fatal("%s: missing step metadata", path.c_str());
+    long step = 0, adam_step = 0;
+    if (!meta.count("step") || !parse_count(meta["step"], 1 << 30, &step))
+        fatal("%s: metadata \"step\" must be a count in [0, 2^30], got '%.40s'", path.c_str(), meta["step"].c_str());
+    if (!meta.count("adam_step") || !parse_count(meta["adam_step"], step, &adam_step))
+        fatal("%s: metadata \"adam_step\" must be a count in [0, step %ld], got '%.40s'", path.c_str(), step,
+              meta["adam_step"].c_str());
+    if (step != named_step) fatal("%s: metadata says step %ld but the directory is named for step %ld", path.c_str(), step, named_step);
+    if (!meta.count("model_checksum") || meta["model_checksum"] != weights_checksum(params))
+        fatal("%s: model.safetensors is not the model this optimizer state was saved with (checksum mismatch): "
+              "was the checkpoint's model replaced, e.g. by --export?", path.c_str());
     std::vector<float> m = params_from_tensors(model->table, state, path, "adam_m.");
     std::vector<float> v = params_from_tensors(model->table, state, path, "adam_v.");
+    for (size_t i = 0; i < v.size(); i++)
+        if (v[i] < 0.f) fatal("%s: adam_v holds a negative second moment (%g at element %zu)", path.c_str(), v[i], i);
     size_t n = model->table.total;
     ops::copy_to_device(model->params, params.data(), n * sizeof(float));
     if (sync && sync->zero) {
@@ -1533,37 +1662,44 @@ static int load_checkpoint(const std::string& dir, Model* model, GradSync* sync)
         ops::copy_to_device(model->adam_m, m.data(), n * sizeof(float));
         ops::copy_to_device(model->adam_v, v.data(), n * sizeof(float));
     }
-    model->adam_step = atoi(meta["adam_step"].c_str());
-    return atoi(meta["step"].c_str());
+    model->adam_step = (int)adam_step;
+    return (int)step;
 }
 
 // ---- dump ----
-// --dump DIR: the first step's first micro-batch, the step's loss and every normalised gradient, for
-// inspection from Python (safetensors.torch.load_file).
+// --dump DIR: step 1's whole global batch (every micro-batch of every data-parallel rank, in sample
+// order), the step's loss and every normalised gradient, for inspection from Python
+// (safetensors.torch.load_file; scripts/check_hf_export.py checks it against transformers):
+//   input_ids, labels, positions  (n_micro, T)
+//   cu_seqlens                    (n_micro, D + 1), D the most documents of any micro-batch;
+//                                 shorter rows repeat their last boundary (empty documents)
+//   loss (1), masked_tokens (1), grad.<parameter name> (the parameter's shape)
+// Every layout writes the same file, up to the summation order of the gradients.
 
-static void write_dump(const std::string& dir, const Model& model, const MicroBatch& mb, double loss,
-                       long masked_tokens) {
-    make_dirs(dir);
+static void write_dump(const std::string& dir, const ParamTable& table, const std::vector<MicroBatch>& batches,
+                       double loss, long masked_tokens, std::vector<float> grads) {
+    int n = (int)batches.size(), T = batches[0].T, max_docs = 0;
+    for (const MicroBatch& mb : batches) max_docs = std::max(max_docs, mb.n_docs);
     TensorMap out;
-    auto ints = [&](const std::string& name, const std::vector<int>& v) {
+    auto ints = [&](const std::string& name, std::vector<int64_t> shape, auto row_of) {
         Tensor x;
         x.dtype = "I32";
-        x.shape = {(int64_t)v.size()};
-        x.i.assign(v.begin(), v.end());
+        x.shape = shape;
+        for (const MicroBatch& mb : batches) {
+            std::vector<int> row = row_of(mb);
+            row.resize((size_t)shape[1], row.empty() ? 0 : row.back());
+            x.i.insert(x.i.end(), row.begin(), row.end());
+        }
         out[name] = std::move(x);
     };
-    ints("input_ids", mb.ids);
-    ints("labels", mb.labels);
-    ints("positions", mb.positions);
-    ints("cu_seqlens", mb.cu_seqlens);
-    Tensor l;
-    l.dtype = "F32";
-    l.shape = {1};
-    l.f = {(float)loss};
-    out["loss"] = l;
-    std::vector<float> grads = device_to_vector(model.grads, model.table.total);
+    ints("input_ids", {n, T}, [](const MicroBatch& mb) { return mb.ids; });
+    ints("labels", {n, T}, [](const MicroBatch& mb) { return mb.labels; });
+    ints("positions", {n, T}, [](const MicroBatch& mb) { return mb.positions; });
+    ints("cu_seqlens", {n, max_docs + 1}, [](const MicroBatch& mb) { return mb.cu_seqlens; });
+    out["loss"] = tensor_f32({1}, {(float)loss});
+    out["masked_tokens"] = tensor_i32({1}, {(int32_t)masked_tokens});
     for (float& x : grads) x = (float)(x / (double)masked_tokens);
-    TensorMap g = tensors_from_flat(model.table, grads, "grad.");
+    TensorMap g = tensors_from_flat(table, grads, "grad.");
     out.insert(g.begin(), g.end());
     std::string err;
     if (!safetensors_write(dir + "/dump.safetensors", out, {}, &err)) fatal("%s", err.c_str());
@@ -1609,6 +1745,128 @@ static void predict(const Model& model, Activations& a, const WordTokenizer& tok
     }
 }
 
+// ---- run set-up: which model, does it fit, can the outputs be written ----
+// Everything a run reads or will write is checked here, before step 1, so that a bad path or a
+// contradiction costs one line and a few seconds, never a finished training run. A resumed run
+// takes its architecture from the checkpoint; flags that contradict it are refused.
+
+// Empty when a and b are the same architecture, else the first difference.
+static std::string architecture_difference(const ModelConfig& a, const ModelConfig& b) {
+    char buf[160];
+    auto differs = [&](const char* what, double x, double y) {
+        if (x == y) return false;
+        snprintf(buf, sizeof buf, "%s %g vs %g", what, x, y);
+        return true;
+    };
+    if (differs("vocab_size", a.V, b.V) || differs("hidden_size", a.H, b.H) || differs("intermediate_size", a.I, b.I) ||
+        differs("num_hidden_layers", a.L, b.L) || differs("num_attention_heads", a.nh, b.nh) ||
+        differs("local_attention", a.local_attention, b.local_attention) ||
+        differs("global_rope_theta", a.theta_global, b.theta_global) ||
+        differs("local_rope_theta", a.theta_local, b.theta_local) || differs("norm_eps", a.norm_eps, b.norm_eps) ||
+        differs("cls_token_id", a.special.cls, b.special.cls) || differs("sep_token_id", a.special.sep, b.special.sep) ||
+        differs("pad_token_id", a.special.pad, b.special.pad) || differs("mask_token_id", a.special.mask, b.special.mask))
+        return buf;
+    if (a.layer_global != b.layer_global) return "layer_types differ";
+    return "";
+}
+
+static ModelConfig resolve_model_config(const TrainConfig& c) {
+    ModelConfig preset;
+    model_preset(c.model, &preset);
+    if (c.resume_dir.empty()) return c.init_from.empty() ? preset : read_hf_config(c.init_from);
+    long step;
+    std::string ckpt = latest_checkpoint(c.resume_dir, &step);
+    ModelConfig m = read_hf_config(ckpt);
+    std::string diff;
+    if (!c.init_from.empty() && !(diff = architecture_difference(m, read_hf_config(c.init_from))).empty())
+        fatal("--resume %s holds another architecture than --init-from %s (%s)", ckpt.c_str(), c.init_from.c_str(), diff.c_str());
+    if (c.model_given && !(diff = architecture_difference(m, preset)).empty())
+        fatal("--resume %s holds another architecture than --model %s (%s)", ckpt.c_str(), c.model.c_str(), diff.c_str());
+    return m;
+}
+
+// Refuses a model whose weights, optimizer state and activations would not fit in this machine's
+// memory (the GPU's on the GPU build), before anything is allocated.
+static void check_memory(const ModelConfig& m, int tokens) {
+    double P = make_param_table(m).total, T = tokens;
+    double per_layer = T * m.H * 7 + T * m.I * 3 + T * (2.0 + m.nh);
+    double activations = m.L * per_layer + T * m.H * 16 + T * (double)m.V + T * m.I * 3 + T * 12;
+    double need = 4.0 * (4.0 * P + activations);
+#ifdef __CUDACC__
+    size_t free_bytes = 0, total_bytes = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    double have = (double)total_bytes;
+    const char* where = "this GPU";
+#else
+    double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGE_SIZE);
+    const char* where = "this machine";
+#endif
+    if (need > have)
+        fatal("the model (%.3g parameters) with %d tokens a micro-batch needs about %.1f GiB, but %s has %.1f GiB",
+              P, tokens, need / 1073741824.0, where, have / 1073741824.0);
+}
+
+// An output directory: created now (with its parents) and shown to be writable.
+static void check_output_dir(const char* flag, const std::string& dir) {
+    struct stat st;
+    if (stat(dir.c_str(), &st) == 0 && !S_ISDIR(st.st_mode))
+        fatal("%s %s: exists and is not a directory", flag, dir.c_str());
+    make_dirs(dir);
+    std::string probe = dir + "/.picotron_write_test";
+    FILE* f = fopen(probe.c_str(), "wb");
+    if (!f || fclose(f) != 0 || remove(probe.c_str()) != 0)
+        fatal("%s %s: cannot write there: %s", flag, dir.c_str(), strerror(errno));
+}
+
+static bool same_path(const std::string& a, const std::string& b) {
+    struct stat x, y;
+    return stat(a.c_str(), &x) == 0 && stat(b.c_str(), &y) == 0 && x.st_dev == y.st_dev && x.st_ino == y.st_ino;
+}
+static bool path_exists(const std::string& p) {
+    struct stat st;
+    return stat(p.c_str(), &st) == 0;
+}
+// A checkpoint directory (step_N) or a directory of them (latest, step_N).
+static bool holds_checkpoints(const std::string& dir) {
+    if (path_exists(dir + "/latest") || path_exists(dir + "/optimizer.safetensors")) return true;
+    DIR* d = opendir(dir.c_str());
+    if (!d) return false;
+    bool found = false;
+    while (dirent* e = readdir(d))
+        if (strncmp(e->d_name, "step_", 5) == 0) found = true;
+    closedir(d);
+    return found;
+}
+
+// Rank 0 checks every path the run will write before step 1 (the others wait at its broadcast
+// of the weights, or die with it).
+static void check_outputs(const TrainConfig& c) {
+    if (!c.save_dir.empty()) {
+        check_output_dir("--save", c.save_dir);
+        bool continuing = !c.resume_dir.empty() && same_path(c.save_dir, c.resume_dir);
+        if (!continuing && holds_checkpoints(c.save_dir))
+            fatal("--save %s already holds another run's checkpoints; continue it with --resume %s, or save into an "
+                  "empty directory", c.save_dir.c_str(), c.save_dir.c_str());
+    }
+    if (!c.export_dir.empty()) {
+        if (path_exists(c.export_dir) && holds_checkpoints(c.export_dir))
+            fatal("--export %s is a checkpoint directory: exporting there would replace its model and leave its "
+                  "optimizer state; export somewhere else", c.export_dir.c_str());
+        check_output_dir("--export", c.export_dir);
+        if (!c.save_dir.empty() && same_path(c.export_dir, c.save_dir))
+            fatal("--export and --save name the same directory %s; give the export its own", c.export_dir.c_str());
+    }
+    if (!c.trace_dir.empty()) check_output_dir("--trace", c.trace_dir);
+    if (!c.dump_dir.empty()) check_output_dir("--dump", c.dump_dir);
+    if (!c.log_path.empty()) {
+        struct stat st;
+        if (stat(c.log_path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+            fatal("--log %s: exists and is not a regular file", c.log_path.c_str());
+        FILE* f = fopen(c.log_path.c_str(), "a");
+        if (!f || fclose(f) != 0) fatal("--log %s: cannot write: %s", c.log_path.c_str(), strerror(errno));
+    }
+}
+
 // ---- training loop and logging ----
 // Each step: grad_accum micro-batches (forward + backward into the raw gradient sums), then one
 // optimizer step normalised by the step's masked-token count. Rank 0 prints a line per step and,
@@ -1624,7 +1882,7 @@ static double step_flops(const ModelConfig& m, const std::vector<BatchView>& bat
         for (int l = 0; l < m.L; l++)  // attention: q·k and p·v over the keys each query sees
             for (int d = 0; d < b.n_docs; d++) {
                 double len = b.cu_seqlens[d + 1] - b.cu_seqlens[d];
-                double keys = m.is_global(l) ? len * len : std::min(len * len, len * (2.0 * m.window + 1));
+                double keys = m.is_global(l) ? len * len : std::min(len * len, len * (2.0 * m.window() + 1));
                 flops += 2.0 * 2.0 * keys * m.H;
             }
         flops += 2.0 * M * ((double)m.H * m.H + (double)m.H * m.V);
@@ -1648,41 +1906,38 @@ int main(int argc, char** argv) {
     ProcessGrid grid = make_grid(c);
     bool one_rank = grid.world_size == 1;
 
-    if (!c.prepare_text.empty()) {  // tokenize a folder of text with the default word tokenizer
+    Model model;
+    model.cfg = resolve_model_config(c);
+    const ModelConfig& m = model.cfg;
+    if (!c.prepare_text.empty()) {  // tokenize a folder of text with the default word tokenizer, for this model
         if (!one_rank) fatal("--prepare-text runs on one rank");
         std::vector<std::string> files;
         std::string err;
         if (!list_text_files(c.prepare_text, &files, &err)) fatal("--prepare-text: %s", err.c_str());
-        if (!prepare_text_corpus(files, c.data, 50000, &err)) fatal("--prepare-text: %s", err.c_str());
-        printf("prepared %zu text files into %s\n", files.size(), c.data.c_str());
+        if (!prepare_text_corpus(files, c.data, (uint32_t)m.V, m.special, first_special_id(m.special), &err))
+            fatal("--prepare-text: %s", err.c_str());
+        printf("prepared %zu text files into %s (vocabulary of %d ids for this model)\n", files.size(), c.data.c_str(), m.V);
         MPI_Finalize();
         return 0;
     }
-    if (c.zero && !c.dump_dir.empty()) fatal("--dump needs --zero 0 (under ZeRO-1 no rank holds the whole gradient)");
-
-    Model model;
+    check_memory(m, std::max(c.micro_batch_tokens, c.seq_len));
     std::vector<float> host_params;
-    if (!c.init_from.empty()) {
-        model.cfg = read_hf_config(c.init_from);
-        host_params = load_hf_weights(c.init_from, make_param_table(model.cfg));
-    } else {
-        model_preset(c.model, &model.cfg);
-        init_params(make_param_table(model.cfg), model.cfg, c.seed, &host_params);
-    }
-    const ModelConfig& m = model.cfg;
+    if (!c.init_from.empty()) host_params = load_hf_weights(c.init_from, make_param_table(m));
+    else init_params(make_param_table(m), m, c.seed, &host_params);
     model_allocate(&model, host_params);
 
     if (!c.predict.empty()) {
         if (!one_rank) fatal("--predict runs on one rank");
         WordTokenizer tok;
         std::string err;
-        if (!WordTokenizer::load(c.data + "/vocab.txt", &tok, &err)) fatal("--predict: %s", err.c_str());
+        if (!WordTokenizer::load(c.data + "/vocab.txt", &tok, &err, m.special)) fatal("--predict: %s", err.c_str());
         Activations a = alloc_activations(m, c.seq_len);
         for (const std::string& text : c.predict) predict(model, a, tok, text);
         MPI_Finalize();
         return 0;
     }
 
+    if (grid.world_rank == 0) check_outputs(c);
     print_grid(grid);
     Dataset data;
     std::string err;
@@ -1703,6 +1958,8 @@ int main(int argc, char** argv) {
     if (!c.resume_dir.empty()) start_step = load_checkpoint(c.resume_dir, &model, sync);  // every rank reads the same files
     else  // replicas start identical whatever each rank computed: rank 0's weights win
         comm_broadcast(comm, grad_group, model.params, model.table.total, 0, "initial weights broadcast");
+    if (!c.dump_dir.empty() && start_step > 0)
+        fatal("--dump writes step 1's batch, but this run resumes after step %d", start_step);
 
     FILE* log = nullptr;
     if (!c.log_path.empty() && grid.world_rank == 0) {
@@ -1712,14 +1969,19 @@ int main(int argc, char** argv) {
 #ifdef __CUDACC__
     double peak_tflops = c.peak_tflops > 0 ? c.peak_tflops : 989.0;  // H100/H200 dense bf16
 #else
-    double peak_tflops = c.peak_tflops;
+    double peak_tflops = c.peak_tflops;  // no default: a CPU's peak is not known here
 #endif
     const int n_micro = grid.dp * c.grad_accum;  // micro-batches in one global batch
+    const double unigram = unigram_entropy(data, m.special);
     if (grid.world_rank == 0)
         printf("model: H %d, I %d, L %d, heads %d, V %d, %.2fM parameters; global batch %d micro-batch(es) of %d "
-               "tokens (dp %d × grad-accum %d)%s\n",
+               "tokens (dp %d × grad-accum %d)%s\n"
+               "data: %zu documents, %zu tokens; unigram baseline %.3f (the loss of predicting word frequencies)\n",
                m.H, m.I, m.L, m.nh, m.V, model.table.total / 1e6, n_micro, c.micro_batch_tokens, grid.dp, c.grad_accum,
-               sync ? (", " + std::to_string(sync->buckets.size()) + " gradient buckets" + (c.zero ? ", ZeRO-1" : "")).c_str() : "");
+               sync ? (", " + std::to_string(sync->buckets.size()) + " gradient buckets" + (c.zero ? ", ZeRO-1" : "")).c_str() : "",
+               data.docs.size(), data.tokens.size(), unigram);
+    if (start_step >= c.steps && grid.world_rank == 0)
+        printf("the checkpoint is at step %d, --steps is %d: nothing to train\n", start_step, c.steps);
 
     for (int step = start_step + 1; step <= c.steps; step++) {
         maybe_inject_failure(grid.world_rank, step);
@@ -1730,7 +1992,6 @@ int main(int argc, char** argv) {
         double loss_sum = 0.0;
         long masked = 0, real_tokens = 0;
         std::vector<BatchView> views;
-        MicroBatch first;
         for (int k = 0; k < c.grad_accum; k++) {  // this dp rank's share of the global batch
             MicroBatch mb = loader.get((uint64_t)(step - 1) * n_micro + (uint64_t)grid.dp_rank * c.grad_accum + k);
             BatchView b = batch_view(mb);
@@ -1739,7 +2000,6 @@ int main(int argc, char** argv) {
             model_backward(model, acts, b, last ? sync : nullptr, trace);
             masked += b.n_masked;
             real_tokens += mb.n_real;
-            if (k == 0) first = mb;
             views.push_back(std::move(b));
         }
         if (sync) grad_sync_finish(sync);
@@ -1748,7 +2008,20 @@ int main(int argc, char** argv) {
         double loss = totals[1] > 0 ? totals[0] / totals[1] : 0.0;
         masked = (long)totals[1];
         real_tokens = (long)totals[2];
-        if (step == 1 && !c.dump_dir.empty() && grid.world_rank == 0) write_dump(c.dump_dir, model, first, loss, masked);
+        if (!std::isfinite(loss))  // all-reduced: every rank sees it
+            fatal_all_ranks("step %d: the loss is %g: training diverged (a lower --lr, --clip or --optimizer "
+                            "stable-adamw may help); no weights were updated", step, loss);
+        if (step == 1 && !c.dump_dir.empty()) {  // the whole global batch: rank 0 recomputes every rank's share
+            bool sharded = sync && sync->zero;
+            std::vector<float> grads;
+            if (sharded) grads = gather_state(sync, sync->shard_grad, model.table.total);  // every rank takes part
+            else if (grid.world_rank == 0) grads = device_to_vector(model.grads, model.table.total);
+            if (grid.world_rank == 0) {
+                std::vector<MicroBatch> batches;
+                for (int k = 0; k < n_micro; k++) batches.push_back(loader.get((uint64_t)k));
+                write_dump(c.dump_dir, model.table, batches, loss, masked, std::move(grads));
+            }
+        }
         float lr = learning_rate(c, step);
         double t_opt = now_us();
         double grad_norm = optimizer_step(model, c, lr, masked, sync);
@@ -1757,8 +2030,8 @@ int main(int argc, char** argv) {
         double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
         comm_all_reduce_host(comm, grad_group, &ms, 1, MPI_MAX, "step time max");  // the slowest rank sets the pace
         double tokens_per_s = real_tokens / (ms / 1e3);
-        double flops = step_flops(m, views) * grid.dp;  // every dp rank's share is alike in cost
-        double mfu = peak_tflops > 0 ? flops / (ms / 1e3) / (peak_tflops * 1e12 * grid.world_size) : 0.0;
+        double flops_per_s = step_flops(m, views) * grid.dp / (ms / 1e3);  // every dp rank's share is alike in cost
+        double mfu = peak_tflops > 0 ? flops_per_s / (peak_tflops * 1e12 * grid.world_size) : 0.0;
         if (grid.world_rank == 0) {
             std::string bytes_json;
             double bytes_total = 0;
@@ -1769,19 +2042,25 @@ int main(int argc, char** argv) {
                 bytes_json += b;
                 bytes_total += g->bytes_sent;
             }
-            printf("step %5d/%d | loss %.6f | grad norm %.4f | lr %.3e | %.0f tok/s | MFU %.1f%% | %.1f ms", step,
-                   c.steps, loss, grad_norm, lr, tokens_per_s, 100.0 * mfu, ms);
+            char speed[64];  // MFU only against a known peak; else what was measured
+            if (peak_tflops > 0) snprintf(speed, sizeof speed, "MFU %.1f%%", 100.0 * mfu);
+            else snprintf(speed, sizeof speed, "%.1f GFLOP/s", flops_per_s / 1e9);
+            printf("step %5d/%d | loss %.6f (unigram %.3f) | grad norm %.4f | lr %.3e | %.0f tok/s | %s | %.1f ms", step,
+                   c.steps, loss, unigram, grad_norm, lr, tokens_per_s, speed, ms);
             if (sync) printf(" | sent %.2f MB, %d/%zu buckets during backward", bytes_total / 1e6,
                              sync->launched_during_backward, sync->buckets.size());
             printf("\n");
             fflush(stdout);
             if (log) {
+                char mfu_json[32] = "null";
+                if (peak_tflops > 0) snprintf(mfu_json, sizeof mfu_json, "%.6g", mfu);
                 fprintf(log,
-                        "{\"step\": %d, \"loss\": %.17g, \"grad_norm\": %.9g, \"lr\": %.9g, \"tokens\": %ld, "
-                        "\"masked_tokens\": %ld, \"tokens_per_s\": %.6g, \"mfu\": %.6g, \"step_ms\": %.6g, "
-                        "\"bytes_sent\": {%s}, \"buckets\": %zu, \"buckets_during_backward\": %d}\n",
-                        step, loss, grad_norm, lr, real_tokens, masked, tokens_per_s, mfu, ms, bytes_json.c_str(),
-                        sync ? sync->buckets.size() : 0, sync ? sync->launched_during_backward : 0);
+                        "{\"step\": %d, \"loss\": %.17g, \"unigram_loss\": %.9g, \"grad_norm\": %.9g, \"lr\": %.9g, "
+                        "\"tokens\": %ld, \"masked_tokens\": %ld, \"tokens_per_s\": %.6g, \"flops_per_s\": %.6g, "
+                        "\"mfu\": %s, \"step_ms\": %.6g, \"bytes_sent\": {%s}, \"buckets\": %zu, "
+                        "\"buckets_during_backward\": %d}\n",
+                        step, loss, unigram, grad_norm, lr, real_tokens, masked, tokens_per_s, flops_per_s, mfu_json,
+                        ms, bytes_json.c_str(), sync ? sync->buckets.size() : 0, sync ? sync->launched_during_backward : 0);
                 fflush(log);
             }
         }

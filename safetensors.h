@@ -17,6 +17,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <sys/stat.h>
 #include <set>
 #include <string>
 #include <utility>
@@ -448,7 +449,28 @@ inline std::string json_dump(const Json& v, int indent) {
 // Whole-file reading for config.json and friends, plus the json_parse wrapper that puts the
 // file name into the error, since the file name is what the user needs to see.
 
+// Empty when path names a regular file; else why not ("is a directory", "no such file", ...).
+inline std::string not_a_regular_file(const std::string& path) {
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0) return std::string("cannot open: ") + std::strerror(errno);
+    if (S_ISDIR(st.st_mode)) return "is a directory, not a file";
+    if (!S_ISREG(st.st_mode)) return "is not a regular file";
+    return "";
+}
+
+inline constexpr int64_t kMaxTextFileBytes = 64ll << 20;  // config.json, latest: far smaller
+
 inline bool read_text_file(const std::string& path, std::string* out, std::string* err) {
+    const std::string why = not_a_regular_file(path);
+    if (!why.empty()) {
+        if (err) *err = path + ": " + why;
+        return false;
+    }
+    struct stat st;
+    if (stat(path.c_str(), &st) == 0 && st.st_size > kMaxTextFileBytes) {
+        if (err) *err = path + ": " + std::to_string((long long)st.st_size) + " bytes is too large for a text file";
+        return false;
+    }
     std::ifstream f(path, std::ios::binary);
     if (!f) {
         if (err) *err = path + ": cannot open: " + std::strerror(errno);
@@ -642,6 +664,8 @@ inline bool safetensors_read(const std::string& path, TensorMap* out,
         if (err) *err = path + ": " + m;
         return false;
     };
+    const std::string why = not_a_regular_file(path);
+    if (!why.empty()) return fail(why);
     std::ifstream f(path, std::ios::binary);
     if (!f) return fail(std::string("cannot open: ") + std::strerror(errno));
     f.seekg(0, std::ios::end);

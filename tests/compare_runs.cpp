@@ -7,7 +7,8 @@
 // |ref - run| / |ref| <= loss-rel. Weights: same tensor names and shapes; per tensor
 // max|ref - run| / max|ref| <= weight-rel. Prints one line, "OK ..." (exit 0) or "MISMATCH ..."
 // (exit 1) naming the worst offender; a usage or file error is one line and exit 2.
-// Used to check that a parallel layout (dp, tp, ...) trains the same model as one rank.
+// Integer tensors (a --dump's ids and labels) must be equal. Used to check that a parallel layout
+// (dp, tp, ...) trains the same model as one rank, and writes the same --dump.
 //
 // Build: g++ -std=c++17 -O2 -Wall -Wextra -I. tests/compare_runs.cpp -o tests/compare_runs
 #include "safetensors.h"
@@ -172,6 +173,10 @@ int main(int argc, char** argv) {
             maxabs = std::max(maxabs, std::fabs(va[k]));
         }
         double r = nan ? std::numeric_limits<double>::quiet_NaN() : rel(maxdiff, maxabs);
+        if (a.f.empty() && maxdiff != 0) {  // integer tensors (a --dump's ids, labels) must be equal
+            std::printf("MISMATCH integer tensor %s differs (max |diff| %s)\n", kv.first.c_str(), fmt(maxdiff).c_str());
+            return 1;
+        }
         if (weight_at == "(no tensors)" || worse(r, weight_worst)) { weight_worst = r; weight_at = kv.first; }
     }
 

@@ -15,6 +15,7 @@ SUITES=(
   "bash tests/layouts.sh"
   "bash tests/parallel_tests.sh"
   "bash tests/fault_tests.sh"
+  "bash tests/reliability_tests.sh"
 )
 for t in "${SUITES[@]}"; do
     echo "== $t"

@@ -39,6 +39,12 @@ static bool write_bytes(const std::string& path, const std::vector<unsigned char
     return (bool)f;
 }
 
+static std::string read_file(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+static std::string num(double x) { return std::to_string(x); }
+
 static bool write_text(const std::string& path, const std::string& text) {
     std::ofstream f(path, std::ios::binary | std::ios::trunc);
     f << text;
@@ -427,7 +433,11 @@ static void test_masking(Checker& c, const std::string& dir) {
     Dataset specials;
     write_shard(dir + "/specials.bin", {kClsId, kMaskId, kUnkId, kPadId, kSepId, kClsId, kSepId},
                 kModernBertVocab, &err);
-    load_dataset(dir + "/specials.bin", 16, kModernBertVocab, kModernBertSpecialIds, &specials, &err);
+    bool refused = !load_dataset(dir + "/specials.bin", 16, kModernBertVocab, kModernBertSpecialIds, &specials, &err);
+    c.check(refused && err.find("nothing to train on") != std::string::npos, "load_refuses_dataset_with_nothing_to_mask", err);
+    specials.tokens = {kClsId, kMaskId, kUnkId, kPadId, kSepId, kClsId, kSepId};  // the loader itself still copes
+    specials.vocab_size = kModernBertVocab;
+    cut_documents(&specials, 0, specials.tokens.size(), 16, kClsId);
     Loader special_loader(specials, 16, 3, kModernBertSpecialIds);
     int labelled = 0;
     for (uint64_t s = 0; s < 50; s++) labelled += special_loader.get(s).n_masked;
@@ -531,7 +541,7 @@ static void test_corpus(Checker& c, const std::string& dir) {
     std::string err;
     write_shard(out + "/shard_00099.bin", {1, 2}, kModernBertVocab, &err);  // stale, from a larger run
     write_text(out + "/shard_notes.bin.txt", "kept");                          // not ours
-    bool ok = prepare_text_corpus({text_dir}, out, 100, &err, 40);
+    bool ok = prepare_text_corpus({text_dir}, out, kModernBertVocab, kModernBertSpecialIds, 100, &err, 40);
     Dataset ds;
     ok = ok && load_dataset(out, 64, kModernBertVocab, kModernBertSpecialIds, &ds, &err);
     WordTokenizer tok;
@@ -567,8 +577,41 @@ static void test_corpus(Checker& c, const std::string& dir) {
     ok = list_text_files(out + "/empty_text_dir_missing", &listed, &err);
     c.check(!ok && err.find("empty_text_dir_missing") != std::string::npos, "list_text_files_missing", err);
 
-    ok = prepare_text_corpus({dir + "/no_such_file"}, dir + "/corpus2", 100, &err);
+    ok = prepare_text_corpus({dir + "/no_such_file"}, dir + "/corpus2", kModernBertVocab, kModernBertSpecialIds, 100, &err);
     c.check(!ok && err.find("no_such_file") != std::string::npos, "prepare_text_corpus_missing_file", err);
+
+    // A small model's vocabulary: 16 ids, specials 11..15, so at most 11 words; every token < 16.
+    const SpecialIds small = {11, 12, 13, 14, 15};
+    const std::string out_small = dir + "/corpus_small";
+    ok = prepare_text_corpus({text_dir}, out_small, 16, small, 1000, &err);
+    Dataset ds_small;
+    WordTokenizer tok_small;
+    ok = ok && load_dataset(out_small, 64, 16, small, &ds_small, &err) &&
+         WordTokenizer::load(out_small + "/vocab.txt", &tok_small, &err, small);
+    bool small_ok = ok && tok_small.words.size() == 11 && ds_small.vocab_size == 16;
+    for (uint32_t id : ds_small.tokens) small_ok = small_ok && id < 16;
+    small_ok = small_ok && ds_small.tokens[0] == 12 && tok_small.encode("[MASK]") == std::vector<int>{15};
+    c.check(small_ok, "prepare_text_corpus_small_vocabulary", err + " words " + str((uint64_t)tok_small.words.size()));
+    // ... and its vocabulary does not load for a model whose special ids start lower
+    ok = WordTokenizer::load(out_small + "/vocab.txt", &tok_small, &err, {5, 6, 7, 8, 9});
+    c.check(!ok && err.find("special ids") != std::string::npos, "vocab_refused_for_other_special_ids", err);
+
+    // A failing run changes nothing: a binary file among the inputs leaves the dataset as it was.
+    const std::string before = read_file(out_small + "/vocab.txt");
+    write_text(text_dir + "/c", std::string("binary\0data", 11));
+    ok = prepare_text_corpus({text_dir}, out_small, 16, small, 1000, &err);
+    c.check(!ok && err.find("not a text file") != std::string::npos && read_file(out_small + "/vocab.txt") == before,
+            "prepare_text_corpus_binary_refused_nothing_changed", err);
+    fs::remove(text_dir + "/c");
+}
+
+// The unigram baseline is the entropy of the ordinary tokens' frequencies: a a b c → p = ½, ¼, ¼.
+void test_unigram_entropy(Checker& c) {
+    Dataset ds;
+    ds.tokens = {(uint32_t)kClsId, 7, 7, 8, 9, (uint32_t)kSepId, (uint32_t)kMaskId};
+    const double want = -(0.5 * std::log(0.5) + 2 * 0.25 * std::log(0.25));
+    const double got = unigram_entropy(ds, kModernBertSpecialIds);
+    c.check(std::fabs(got - want) < 1e-12, "unigram_entropy", num(got) + " vs " + num(want));
 }
 
 int main() {
@@ -585,6 +628,7 @@ int main() {
     test_masking(c, dir);
     test_tokenizer(c, dir);
     test_corpus(c, dir);
+    test_unigram_entropy(c);
     std::error_code ec;
     fs::remove_all(dir, ec);
     std::printf("%d passed, %d failed\n", c.passed, c.failed);
