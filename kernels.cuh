@@ -28,35 +28,37 @@
 // ---- errors ----
 // Every failure anywhere ends the whole job: print one line, then MPI_Abort so that no rank is left
 // waiting in a collective. Before MPI is up (or after it is down) a plain exit does the same.
-[[noreturn]] inline void fatal(const char* fmt, ...) {
+// The line is "picotron: rank R: message"; the return says whether MPI is up.
+inline bool print_error_line(const char* fmt, va_list args) {
     char msg[1024];
-    va_list args;
-    va_start(args, fmt);
     vsnprintf(msg, sizeof msg, fmt, args);
-    va_end(args);
     int rank = 0, initialized = 0, finalized = 0;
     MPI_Initialized(&initialized);
     MPI_Finalized(&finalized);
-    if (initialized && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    bool mpi_up = initialized && !finalized;
+    if (mpi_up) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     fprintf(stderr, "picotron: rank %d: %s\n", rank, msg);
     fflush(stderr);
-    if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, 1);
+    return mpi_up;
+}
+[[noreturn]] inline void fatal(const char* fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    bool mpi_up = print_error_line(fmt, args);
+    va_end(args);
+    if (mpi_up) MPI_Abort(MPI_COMM_WORLD, 1);
     exit(1);
 }
 // For a verdict every rank reaches at the same point from the same all-reduced numbers (a loss or
 // gradient norm that is not finite): each rank prints its line, they meet (for at most 5 s, in case
 // one never comes), then the job ends.
 [[noreturn]] inline void fatal_all_ranks(const char* fmt, ...) {
-    char msg[1024];
     va_list args;
     va_start(args, fmt);
-    vsnprintf(msg, sizeof msg, fmt, args);
+    print_error_line(fmt, args);
     va_end(args);
-    int rank = 0, done = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    fprintf(stderr, "picotron: rank %d: %s\n", rank, msg);
-    fflush(stderr);
     MPI_Request barrier;
+    int done = 0;
     MPI_Ibarrier(MPI_COMM_WORLD, &barrier);
     for (double t0 = MPI_Wtime(); !done && MPI_Wtime() - t0 < 5.0;) MPI_Test(&barrier, &done, MPI_STATUS_IGNORE);
     MPI_Abort(MPI_COMM_WORLD, 1);

@@ -1646,7 +1646,10 @@ static int load_checkpoint(const std::string& dir, Model* model, GradSync* sync)
         fatal("%s: metadata \"adam_step\" must be a count in [0, step %ld], got '%.40s'", path.c_str(), step,
               meta["adam_step"].c_str());
     if (step != named_step) fatal("%s: metadata says step %ld but the directory is named for step %ld", path.c_str(), step, named_step);
-    if (!meta.count("model_checksum") || meta["model_checksum"] != weights_checksum(params))
+    if (!meta.count("model_checksum"))  // written before checksums existed: nothing to verify against
+        fprintf(stderr, "picotron: warning: %s has no model_checksum; cannot verify that model.safetensors belongs "
+                        "to it\n", path.c_str());
+    else if (meta["model_checksum"] != weights_checksum(params))
         fatal("%s: model.safetensors is not the model this optimizer state was saved with (checksum mismatch): "
               "was the checkpoint's model replaced, e.g. by --export?", path.c_str());
     std::vector<float> m = params_from_tensors(model->table, state, path, "adam_m.");
