@@ -2,6 +2,11 @@
 """Generate the Hugging Face parity golden files for picotron.cu (tests/golden/).
 
     python scripts/make_golden.py [--out tests/golden]
+    python scripts/make_golden.py --out tests/golden_pattern \
+        --layer-types sliding,full,full,sliding --local-attention 65
+
+The second form gives the attention pattern only through `layer_types` (here one that no
+global_attn_every_n_layers can express) and an odd `local_attention` (65: +-32 tokens).
 
 Builds a small random transformers.ModernBertForMaskedLM (fp32, eager attention, sparse prediction),
 runs one packed batch of three documents through it and records what the C++ HF-parity test compares
@@ -47,15 +52,16 @@ ADAMW = dict(lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
 WEIGHT_DECAY = 1e-5
 
 
-def make_config():
+def make_config(layer_types, local_attention):
+    pattern = {"layer_types": layer_types} if layer_types else {"global_attn_every_n_layers": 3}
     cfg = ModernBertConfig(
+        **pattern,
         vocab_size=384,
         hidden_size=128,
         num_attention_heads=2,  # head dim 64
         intermediate_size=64,
         num_hidden_layers=4,
-        global_attn_every_n_layers=3,  # layers 0 and 3 global (l % 3 == 0), 1 and 2 local
-        local_attention=128,  # 64 tokens each side
+        local_attention=local_attention,  # local_attention // 2 tokens each side
         global_rope_theta=160000.0,
         local_rope_theta=10000.0,
         max_position_embeddings=512,
@@ -90,12 +96,14 @@ def make_config():
     return cfg
 
 
-def check_config(cfg):
+def check_config(cfg, layer_types, local_attention):
     """Make sure the installed transformers reads the config as the architecture we mean."""
     L = cfg.num_hidden_layers
     if hasattr(cfg, "layer_types"):
-        want = ["full_attention" if l % 3 == 0 else "sliding_attention" for l in range(L)]
+        want = layer_types or ["full_attention" if l % 3 == 0 else "sliding_attention" for l in range(L)]
         assert list(cfg.layer_types) == want, cfg.layer_types
+    else:
+        assert not layer_types, "this transformers has no layer_types"
     if hasattr(cfg, "rope_parameters") and cfg.rope_parameters:
         rp = cfg.rope_parameters
         assert rp["full_attention"]["rope_theta"] == 160000.0, rp
@@ -104,7 +112,7 @@ def check_config(cfg):
     else:
         assert cfg.global_rope_theta == 160000.0 and cfg.local_rope_theta == 10000.0
         assert cfg.global_attn_every_n_layers == 3
-    assert cfg.local_attention == 128
+    assert cfg.local_attention == local_attention
     assert cfg._attn_implementation == "eager", cfg._attn_implementation
 
 
@@ -185,7 +193,11 @@ def rel_err(a, b):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden"))
+    ap.add_argument("--layer-types", default="", help="comma list of full/sliding, one per layer (default: every 3rd global)")
+    ap.add_argument("--local-attention", type=int, default=128)
     args = ap.parse_args()
+    kinds = {"full": "full_attention", "sliding": "sliding_attention"}
+    layer_types = [kinds[k] for k in args.layer_types.split(",")] if args.layer_types else None
     out = os.path.abspath(args.out)
     model_dir = os.path.join(out, "model")
     os.makedirs(model_dir, exist_ok=True)
@@ -195,8 +207,8 @@ def main():
     torch.set_num_threads(1)  # bitwise-reproducible CPU reductions
 
     # ------------------------------------------------------------------ model
-    cfg = make_config()
-    check_config(cfg)
+    cfg = make_config(layer_types, args.local_attention)
+    check_config(cfg, layer_types, args.local_attention)
     model = ModernBertForMaskedLM(cfg).float()
     model.eval()  # dropout is 0 anyway
     emb = model.model.embeddings.tok_embeddings
@@ -356,7 +368,8 @@ Produced by `python scripts/make_golden.py` (seed {SEED}, CPU, fp32, 1 thread) w
 torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}.
 
 - `model/` — `save_pretrained` of a random `ModernBertForMaskedLM` (V={V}, H={H}, I={cfg.intermediate_size},
-  L={cfg.num_hidden_layers}, 2 heads of 64, layers 0 and 3 global (θ=160000), 1 and 2 local (θ=10000, ±64),
+  L={cfg.num_hidden_layers}, 2 heads of 64, layer types {list(cfg.layer_types)} (global θ=160000, local θ=10000,
+  ±{cfg.local_attention // 2}; `layer_types` {"given" if layer_types else "from global_attn_every_n_layers=3"}),
   eager attention, sparse prediction, tied decoder). LayerNorm weights are 1 + 0.1·randn and the decoder
   bias 0.1·randn so that their gradients are not trivial. `decoder.weight` is not stored (tied to
   `model.embeddings.tok_embeddings.weight`).

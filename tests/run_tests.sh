@@ -11,6 +11,7 @@ SUITES=(
   "tests/test_data"
   "tests/test_safetensors"
   "tests/test_model"
+  "tests/test_model tests/golden_pattern"
   "$MPIRUN -np 4 tests/test_comm"
   "bash tests/layouts.sh"
   "bash tests/parallel_tests.sh"

@@ -29,7 +29,7 @@ static std::string fmt(const char* f, double x) {
 
 int main(int argc, char** argv) {
     MPI_Init(&argc, &argv);
-    const std::string dir = "tests/golden";
+    const std::string dir = argc > 1 ? argv[1] : "tests/golden";  // or tests/golden_pattern
     Model model;
     model.cfg = read_hf_config(dir + "/model");
     std::vector<float> host = load_hf_weights(dir + "/model", make_param_table(model.cfg));
