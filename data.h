@@ -318,6 +318,15 @@ inline bool load_dataset(const std::string& path, int seq_len, uint32_t model_vo
                                    "[MASK] or [UNK]), so no token can be masked");
         return false;
     }
+    // Documents are [CLS] ... [SEP] in the model's ids; data without one was made for another
+    // vocabulary (data/mini for a 50368-id model, say) and would train on misread ids.
+    if (std::find(out->tokens.begin(), out->tokens.end(), (uint32_t)sp.cls) == out->tokens.end()) {
+        *out = Dataset{};
+        set_data_error(err, path + ": holds no [CLS] (id " + std::to_string(sp.cls) + " of this model), so its "
+                                   "documents are not this model's: was it prepared for another vocabulary? "
+                                   "(prepare text with --prepare-text and this --model or --init-from)");
+        return false;
+    }
     return true;
 }
 

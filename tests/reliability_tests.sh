@@ -142,6 +142,8 @@ bad "files: a missing tensor" "missing tensor head.norm.weight" $RUN --init-from
 # a shard of nothing but [CLS] and [SEP] (ids 4092, 4093 of mini; vocab 4096): nothing can be masked
 printf 'PICOTOK1\x01\x00\x00\x00\x02\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x00\x00\x00\x00\x00\xfc\x0f\xfd\x0f\xfc\x0f\xfd\x0f' > "$W/special.bin"
 bad "files: a shard with nothing maskable" "nothing to train on" $RUN --model mini --data "$W/special.bin" --steps 1
+bad "files: data prepared for another model's vocabulary" "holds no" $RUN --model tiny --data data/mini --steps 1
+bad "files: ... and the other way round" "vocabulary" $RUN --model mini --data data/default --steps 1
 mkdir -p "$W/bin_text"; cp "$BIN" "$W/bin_text/program"
 bad "files: --prepare-text on a binary file" "not a text file" $RUN --model mini --prepare-text "$W/bin_text" --data "$W/bin_data"
 head -c 3000 /dev/urandom | tr -d '\000' > "$W/bin_text/noise"; rm "$W/bin_text/program"
