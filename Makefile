@@ -63,7 +63,7 @@ data: data/default/vocab.txt data/mini/vocab.txt
 # data-parallel ranks; the GPU build when a GPU is present, its ranks sharing it through
 # --comm mpi), then ask it to fill in sentences whose
 # answers need their context: a model of word frequencies alone would answer "the" or ",".
-STEPS ?= 1800
+STEPS ?= 4000
 RANKS ?= 2
 TRAIN_FLAGS := --model mini --data data/mini --seq-len 128 --micro-batch-tokens 1024 --steps $(STEPS) \
                --lr 5e-3 --warmup 50 --log out/mini.jsonl --export out/mini

@@ -242,6 +242,12 @@ inline void rope_backward(float* dqkv, const int* pos, int T, int nh, int hd, fl
 // qkv (T, 3, nh, hd); out (T, nh, hd); lse (T, nh) = log Σ_j exp(s_ij), kept for the backward.
 // Token i of document d = [cu_seqlens[d], cu_seqlens[d+1]) sees keys j of the same document with
 // |i − j| ≤ window (window < 0: no band). Tokens past cu_seqlens[n_docs] are padding: zero output.
+//
+// Computed in blocks of kAttentionBlock queries of one document and one head: the block's scores
+// against the keys any of its rows can see (S = Q Kᵀ, one GEMM), the band masked out, a softmax per
+// row, then O = P V (one GEMM). Only keys inside the document and the band are touched, so a local
+// layer costs O(T · window) and a global one O(Σ len²). tests/test_ops checks this against plain
+// per-query loops and against a brute force with a T×T mask.
 inline void attention_key_range(int i, int doc_start, int doc_end, int window, int* j0, int* j1) {
     *j0 = doc_start;
     *j1 = doc_end;
@@ -250,80 +256,121 @@ inline void attention_key_range(int i, int doc_start, int doc_end, int window, i
         if (i + window + 1 < *j1) *j1 = i + window + 1;
     }
 }
+constexpr int kAttentionBlock = 64;
+
+// Row-major C (M, N) = alpha · op(A) · op(B) + beta · C, op(X) = X or Xᵀ, with row strides lda,
+// ldb, ldc: OpenBLAS on the CPU build, plain loops in the GPU build (whose tests are its only user).
+inline void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                 const float* B, int ldb, float beta, float* C, int ldc) {
+#ifdef __CUDACC__
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double acc = 0.0;
+            for (int k = 0; k < K; k++)
+                acc += (double)(trans_a ? A[(size_t)k * lda + m] : A[(size_t)m * lda + k]) *
+                       (trans_b ? B[(size_t)n * ldb + k] : B[(size_t)k * ldb + n]);
+            float* c = C + (size_t)m * ldc + n;
+            *c = (float)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
+        }
+#else
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K,
+                alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
+}
+
+// One block: queries [q0, q0 + nq) of the document [doc_start, doc_end), keys [k0, k0 + nk).
+struct AttentionBlock {
+    int q0, nq, k0, nk;
+};
+inline AttentionBlock attention_block(int q0, int doc_start, int doc_end, int window) {
+    AttentionBlock b;
+    b.q0 = q0;
+    b.nq = doc_end - q0 < kAttentionBlock ? doc_end - q0 : kAttentionBlock;
+    int first_lo, first_hi, last_lo, last_hi;  // the keys of the block's first and last query
+    attention_key_range(q0, doc_start, doc_end, window, &first_lo, &first_hi);
+    attention_key_range(q0 + b.nq - 1, doc_start, doc_end, window, &last_lo, &last_hi);
+    b.k0 = first_lo;
+    b.nk = last_hi - first_lo;
+    return b;
+}
+// S (nq, nk) ← the block's scaled scores s_ij = q_i · k_j / √hd.
+inline void attention_block_scores(float* S, const float* qkv, const AttentionBlock& b, int nh, int hd, int h) {
+    const int H = nh * hd;
+    gemm(false, true, b.nq, b.nk, hd, 1.0f / sqrtf((float)hd), qkv + (size_t)b.q0 * 3 * H + (size_t)h * hd, 3 * H,
+         qkv + (size_t)b.k0 * 3 * H + H + (size_t)h * hd, 3 * H, 0.0f, S, b.nk);
+}
+// In place, S → P: p_ij = exp(s_ij − lse_i) inside each row's band, 0 outside it.
+inline void attention_block_probs(float* S, const float* lse, const AttentionBlock& b, int doc_start, int doc_end,
+                                  int nh, int h, int window) {
+    for (int r = 0; r < b.nq; r++) {
+        int j0, j1;
+        attention_key_range(b.q0 + r, doc_start, doc_end, window, &j0, &j1);
+        const float l = lse[(size_t)(b.q0 + r) * nh + h];
+        float* row = S + (size_t)r * b.nk;
+        for (int j = b.k0; j < b.k0 + b.nk; j++) row[j - b.k0] = (j >= j0 && j < j1) ? expf(row[j - b.k0] - l) : 0.0f;
+    }
+}
+
 inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs, int T,
                               int nh, int hd, int window) {
-    const int H = nh * hd;
-    const float scale = 1.0f / sqrtf((float)hd);
-    memset(out, 0, (size_t)T * H * sizeof(float));
-    for (int t = 0; t < T * nh; t++) lse[t] = 0.0f;
-    double* scores = static_cast<double*>(malloc(sizeof(double) * (size_t)(T > 0 ? T : 1)));
+    const int H = nh * hd, used = cu_seqlens[n_docs];
+    memset(out + (size_t)used * H, 0, (size_t)(T - used) * H * sizeof(float));  // padding rows
+    memset(lse + (size_t)used * nh, 0, (size_t)(T - used) * nh * sizeof(float));
+    float* P = static_cast<float*>(malloc(sizeof(float) * (size_t)kAttentionBlock * (T > 0 ? T : 1)));
     for (int d = 0; d < n_docs; d++)
-        for (int i = cu_seqlens[d]; i < cu_seqlens[d + 1]; i++)
-            for (int h = 0; h < nh; h++) {
-                const float* q = qkv + (size_t)i * 3 * H + (size_t)h * hd;
-                int j0, j1;
-                attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
-                double max_score = -INFINITY;
-                for (int j = j0; j < j1; j++) {
-                    const float* k = qkv + (size_t)j * 3 * H + H + (size_t)h * hd;
-                    double s = 0.0;
-                    for (int c = 0; c < hd; c++) s += (double)q[c] * k[c];
-                    scores[j - j0] = s * scale;
-                    if (scores[j - j0] > max_score) max_score = scores[j - j0];
+        for (int h = 0; h < nh; h++)
+            for (int q0 = cu_seqlens[d]; q0 < cu_seqlens[d + 1]; q0 += kAttentionBlock) {
+                AttentionBlock b = attention_block(q0, cu_seqlens[d], cu_seqlens[d + 1], window);
+                attention_block_scores(P, qkv, b, nh, hd, h);
+                for (int r = 0; r < b.nq; r++) {  // lse_i = log Σ_j exp(s_ij) over the row's band
+                    int j0, j1;
+                    attention_key_range(b.q0 + r, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
+                    const float* row = P + (size_t)r * b.nk;
+                    float max_score = -INFINITY;
+                    for (int j = j0; j < j1; j++) max_score = fmaxf(max_score, row[j - b.k0]);
+                    double denom = 0.0;
+                    for (int j = j0; j < j1; j++) denom += expf(row[j - b.k0] - max_score);
+                    lse[(size_t)(b.q0 + r) * nh + h] = max_score + (float)log(denom);
                 }
-                double denom = 0.0;
-                for (int j = j0; j < j1; j++) {
-                    scores[j - j0] = exp(scores[j - j0] - max_score);  // now unnormalised probabilities
-                    denom += scores[j - j0];
-                }
-                float* o = out + (size_t)i * H + (size_t)h * hd;
-                for (int c = 0; c < hd; c++) {
-                    double acc = 0.0;
-                    for (int j = j0; j < j1; j++) acc += scores[j - j0] * qkv[(size_t)j * 3 * H + 2 * H + (size_t)h * hd + c];
-                    o[c] = (float)(acc / denom);
-                }
-                lse[(size_t)i * nh + h] = (float)(max_score + log(denom));
+                attention_block_probs(P, lse, b, cu_seqlens[d], cu_seqlens[d + 1], nh, h, window);
+                gemm(false, false, b.nq, hd, b.nk, 1.0f, P, b.nk, qkv + (size_t)b.k0 * 3 * H + 2 * H + (size_t)h * hd,
+                     3 * H, 0.0f, out + (size_t)b.q0 * H + (size_t)h * hd, H);  // O = P V
             }
-    free(scores);
+    free(P);
 }
 // dqkv (T, 3, nh, hd) += gradients of q, k, v. With p_ij = exp(s_ij − lse_i) and
 // D_i = dout_i · out_i: dv_j += p_ij dout_i; ds_ij = p_ij (dout_i · v_j − D_i);
-// dq_i += scale Σ_j ds_ij k_j; dk_j += scale ds_ij q_i.
+// dq_i += scale Σ_j ds_ij k_j; dk_j += scale ds_ij q_i. Per block, P is recomputed from Q, K and
+// the forward's lse (cheaper than keeping it), and every sum above is one GEMM.
 inline void attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
                                const int* cu_seqlens, int n_docs, int T, int nh, int hd, int window) {
-    (void)T;
     const int H = nh * hd;
     const float scale = 1.0f / sqrtf((float)hd);
+    float* P = static_cast<float*>(malloc(sizeof(float) * (size_t)kAttentionBlock * (T > 0 ? T : 1)));
+    float* dS = static_cast<float*>(malloc(sizeof(float) * (size_t)kAttentionBlock * (T > 0 ? T : 1)));
     for (int d = 0; d < n_docs; d++)
-        for (int i = cu_seqlens[d]; i < cu_seqlens[d + 1]; i++)
-            for (int h = 0; h < nh; h++) {
-                const float* q = qkv + (size_t)i * 3 * H + (size_t)h * hd;
-                const float* dout_i = dout + (size_t)i * H + (size_t)h * hd;
-                const float* out_i = out + (size_t)i * H + (size_t)h * hd;
-                float* dq = dqkv + (size_t)i * 3 * H + (size_t)h * hd;
-                double D = 0.0;
-                for (int c = 0; c < hd; c++) D += (double)dout_i[c] * out_i[c];
-                int j0, j1;
-                attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
-                for (int j = j0; j < j1; j++) {
-                    const float* k = qkv + (size_t)j * 3 * H + H + (size_t)h * hd;
-                    const float* v = qkv + (size_t)j * 3 * H + 2 * H + (size_t)h * hd;
-                    float* dk = dqkv + (size_t)j * 3 * H + H + (size_t)h * hd;
-                    float* dv = dqkv + (size_t)j * 3 * H + 2 * H + (size_t)h * hd;
-                    double s = 0.0, dp = 0.0;
-                    for (int c = 0; c < hd; c++) {
-                        s += (double)q[c] * k[c];
-                        dp += (double)dout_i[c] * v[c];
-                    }
-                    double p = exp(s * scale - lse[(size_t)i * nh + h]);
-                    double ds = p * (dp - D) * scale;
-                    for (int c = 0; c < hd; c++) {
-                        dq[c] += (float)(ds * k[c]);
-                        dk[c] += (float)(ds * q[c]);
-                        dv[c] += (float)(p * dout_i[c]);
+        for (int h = 0; h < nh; h++)
+            for (int q0 = cu_seqlens[d]; q0 < cu_seqlens[d + 1]; q0 += kAttentionBlock) {
+                AttentionBlock b = attention_block(q0, cu_seqlens[d], cu_seqlens[d + 1], window);
+                attention_block_scores(P, qkv, b, nh, hd, h);
+                attention_block_probs(P, lse, b, cu_seqlens[d], cu_seqlens[d + 1], nh, h, window);
+                const size_t q_at = (size_t)b.q0 * 3 * H + (size_t)h * hd, k_at = (size_t)b.k0 * 3 * H + H + (size_t)h * hd;
+                const size_t v_at = k_at + H, o_at = (size_t)b.q0 * H + (size_t)h * hd;
+                gemm(false, true, b.nq, b.nk, hd, 1.0f, dout + o_at, H, qkv + v_at, 3 * H, 0.0f, dS, b.nk);  // dout Vᵀ
+                for (int r = 0; r < b.nq; r++) {
+                    double D = 0.0;
+                    for (int c = 0; c < hd; c++) D += (double)dout[o_at + (size_t)r * H + c] * out[o_at + (size_t)r * H + c];
+                    for (int j = 0; j < b.nk; j++) {
+                        float& ds = dS[(size_t)r * b.nk + j];
+                        ds = P[(size_t)r * b.nk + j] * (ds - (float)D) * scale;
                     }
                 }
+                gemm(false, false, b.nq, hd, b.nk, 1.0f, dS, b.nk, qkv + k_at, 3 * H, 1.0f, dqkv + q_at, 3 * H);  // dq += dS K
+                gemm(true, false, b.nk, hd, b.nq, 1.0f, dS, b.nk, qkv + q_at, 3 * H, 1.0f, dqkv + k_at, 3 * H);   // dk += dSᵀ Q
+                gemm(true, false, b.nk, hd, b.nq, 1.0f, P, b.nk, dout + o_at, H, 1.0f, dqkv + v_at, 3 * H);      // dv += Pᵀ dout
             }
+    free(P);
+    free(dS);
 }
 
 // -- GELU, the exact (erf) form: gelu(x) = x/2 · (1 + erf(x/√2)) --

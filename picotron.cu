@@ -1903,7 +1903,26 @@ static void maybe_inject_failure(int world_rank, int step) {
         fatal("injected failure at step %d", step);
 }
 
+// OpenBLAS picks its kernels when it is loaded, from the CPU it detects; on a CPU it does not know
+// (Sapphire Rapids under a hypervisor, for one) it falls back to Prescott's SSE3 kernels, which run
+// sgemm 6× slower than its AVX-512 ones on the same core. Before anything else, a CPU build that got
+// Prescott on an AVX-512 (or AVX2) CPU, with OPENBLAS_CORETYPE unset, restarts itself once with
+// the kernels named. A value the user set is kept. (The weak symbol: another BLAS has no such call.)
+extern "C" char* openblas_get_corename(void) __attribute__((weak));
+static void choose_blas_kernels(char** argv) {
+#ifndef __CUDACC__
+    if (getenv("OPENBLAS_CORETYPE") || !openblas_get_corename || strcmp(openblas_get_corename(), "Prescott") != 0) return;
+    const char* core = __builtin_cpu_supports("avx512f") ? "SkylakeX" : __builtin_cpu_supports("avx2") ? "Haswell" : nullptr;
+    if (!core) return;
+    setenv("OPENBLAS_CORETYPE", core, 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: then the Prescott kernels it is
+#else
+    (void)argv;
+#endif
+}
+
 int main(int argc, char** argv) {
+    choose_blas_kernels(argv);
     MPI_CHECK(MPI_Init(&argc, &argv));
     TrainConfig c = parse_args(argc, argv);
     ProcessGrid grid = make_grid(c);

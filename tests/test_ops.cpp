@@ -624,6 +624,112 @@ static void test_attention() {
     }
 }
 
+// The plain per-query loops (double accumulation) that the blocked attention replaced: the oracle for
+// shapes that span several blocks, windows narrower and wider than a block, and documents that end
+// mid-block.
+static void loops_attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs, int T,
+                              int nh, int hd, int window) {
+    const int H = nh * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    memset(out, 0, (size_t)T * H * sizeof(float));
+    for (int t = 0; t < T * nh; t++) lse[t] = 0.0f;
+    double* scores = static_cast<double*>(malloc(sizeof(double) * (size_t)(T > 0 ? T : 1)));
+    for (int d = 0; d < n_docs; d++)
+        for (int i = cu_seqlens[d]; i < cu_seqlens[d + 1]; i++)
+            for (int h = 0; h < nh; h++) {
+                const float* q = qkv + (size_t)i * 3 * H + (size_t)h * hd;
+                int j0, j1;
+                ref::attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
+                double max_score = -INFINITY;
+                for (int j = j0; j < j1; j++) {
+                    const float* k = qkv + (size_t)j * 3 * H + H + (size_t)h * hd;
+                    double s = 0.0;
+                    for (int c = 0; c < hd; c++) s += (double)q[c] * k[c];
+                    scores[j - j0] = s * scale;
+                    if (scores[j - j0] > max_score) max_score = scores[j - j0];
+                }
+                double denom = 0.0;
+                for (int j = j0; j < j1; j++) {
+                    scores[j - j0] = exp(scores[j - j0] - max_score);  // now unnormalised probabilities
+                    denom += scores[j - j0];
+                }
+                float* o = out + (size_t)i * H + (size_t)h * hd;
+                for (int c = 0; c < hd; c++) {
+                    double acc = 0.0;
+                    for (int j = j0; j < j1; j++) acc += scores[j - j0] * qkv[(size_t)j * 3 * H + 2 * H + (size_t)h * hd + c];
+                    o[c] = (float)(acc / denom);
+                }
+                lse[(size_t)i * nh + h] = (float)(max_score + log(denom));
+            }
+    free(scores);
+}
+// dqkv (T, 3, nh, hd) += gradients of q, k, v. With p_ij = exp(s_ij − lse_i) and
+// D_i = dout_i · out_i: dv_j += p_ij dout_i; ds_ij = p_ij (dout_i · v_j − D_i);
+// dq_i += scale Σ_j ds_ij k_j; dk_j += scale ds_ij q_i.
+static void loops_attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
+                               const int* cu_seqlens, int n_docs, int T, int nh, int hd, int window) {
+    (void)T;
+    const int H = nh * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int d = 0; d < n_docs; d++)
+        for (int i = cu_seqlens[d]; i < cu_seqlens[d + 1]; i++)
+            for (int h = 0; h < nh; h++) {
+                const float* q = qkv + (size_t)i * 3 * H + (size_t)h * hd;
+                const float* dout_i = dout + (size_t)i * H + (size_t)h * hd;
+                const float* out_i = out + (size_t)i * H + (size_t)h * hd;
+                float* dq = dqkv + (size_t)i * 3 * H + (size_t)h * hd;
+                double D = 0.0;
+                for (int c = 0; c < hd; c++) D += (double)dout_i[c] * out_i[c];
+                int j0, j1;
+                ref::attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
+                for (int j = j0; j < j1; j++) {
+                    const float* k = qkv + (size_t)j * 3 * H + H + (size_t)h * hd;
+                    const float* v = qkv + (size_t)j * 3 * H + 2 * H + (size_t)h * hd;
+                    float* dk = dqkv + (size_t)j * 3 * H + H + (size_t)h * hd;
+                    float* dv = dqkv + (size_t)j * 3 * H + 2 * H + (size_t)h * hd;
+                    double s = 0.0, dp = 0.0;
+                    for (int c = 0; c < hd; c++) {
+                        s += (double)q[c] * k[c];
+                        dp += (double)dout_i[c] * v[c];
+                    }
+                    double p = exp(s * scale - lse[(size_t)i * nh + h]);
+                    double ds = p * (dp - D) * scale;
+                    for (int c = 0; c < hd; c++) {
+                        dq[c] += (float)(ds * k[c]);
+                        dk[c] += (float)(ds * q[c]);
+                        dv[c] += (float)(p * dout_i[c]);
+                    }
+                }
+            }
+}
+
+static void test_attention_blocks() {
+    const int n_docs = 4, T = 330, nh = 2, hd = 8, H = nh * hd;
+    const int cu[n_docs + 1] = {0, 150, 250, 251, 317};  // 150, 100, 1, 66 tokens, then 13 padding rows
+    const size_t nq = (size_t)T * 3 * H;
+    vector<float> qkv = random_vec(nq, -1.5f, 1.5f), G = random_vec((size_t)T * H);
+    for (int window : {-1, 16, 64, 70, 200}) {
+        vector<float> out((size_t)T * H), lse((size_t)T * nh), lout((size_t)T * H), llse((size_t)T * nh);
+        ref::attention_forward(out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        loops_attention_forward(lout.data(), llse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        double eo = 0, el = 0;
+        for (size_t i = 0; i < out.size(); i++) eo = std::max(eo, (double)fabs(out[i] - lout[i]));
+        for (size_t i = 0; i < lse.size(); i++) el = std::max(el, (double)fabs(lse[i] - llse[i]));
+        check("attention blocks window " + std::to_string(window) + ": forward equals the plain loops",
+              eo <= 1e-5 && el <= 1e-5, "(max abs diff out %.2e lse %.2e, tol 1e-5)", eo, el);
+        vector<float> d(nq, 0.25f), ld(nq, 0.25f);  // both add into the same nonzero start
+        ref::attention_backward(d.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        loops_attention_backward(ld.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        double ed = 0, scale = 0;
+        for (size_t i = 0; i < nq; i++) {
+            ed = std::max(ed, (double)fabs(d[i] - ld[i]));
+            scale = std::max(scale, (double)fabs(ld[i] - 0.25f));
+        }
+        check("attention blocks window " + std::to_string(window) + ": backward equals the plain loops",
+              ed <= 1e-5 * std::max(1.0, scale), "(max abs diff %.2e, largest gradient %.2f, tol 1e-5 relative)", ed, scale);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // gelu and geglu
 static double gelu_exact(double x) { return 0.5 * x * (1.0 + erf(x / sqrt(2.0))); }
@@ -827,6 +933,7 @@ int main(int argc, char** argv) {
     test_matmul();
     test_rope();
     test_attention();
+    test_attention_blocks();
     test_gelu();
     test_geglu();
     test_gather_scatter();
