@@ -134,7 +134,7 @@ static const char* kUsage =
     "  --save DIR --save-every N   checkpoints DIR/step_N (written to a temporary name, then renamed)\n"
     "  --resume DIR                continue exactly from DIR's latest checkpoint\n"
     "  --export DIR                write the trained model as HF config.json + model.safetensors\n"
-    "  --dump DIR                  write the first batch, its loss and every gradient as DIR/dump.safetensors\n"
+    "  --dump DIR                  write step 1's whole global batch, its loss and every gradient as DIR/dump.safetensors\n"
     "  --predict \"TEXT [MASK] …\"   show the top predictions for each [MASK] (repeatable) and exit;\n"
     "                              the tokenizer is --data's vocab.txt\n"
     "  --trace DIR                 Chrome trace per rank (merge with scripts/merge_traces.py)\n"
