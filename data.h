@@ -10,7 +10,8 @@
 // (dataset, micro_batch_tokens, seed, sample index). Every rank of every layout computes
 // the batches it needs by itself and they agree, token for token, with a single rank.
 //
-// Host-only C++17, standard library only; included by picotron.cu and by the tests.
+// Host-only C++17, standard library and safetensors.h's file checks; included by picotron.cu and by
+// the tests.
 #pragma once
 
 #include <algorithm>
@@ -26,6 +27,8 @@
 #include <unordered_map>
 #include <utility>
 #include <vector>
+
+#include "safetensors.h"  // not_a_regular_file
 
 // ---- constants ----
 // ModernBERT's special token ids and vocabulary size. The loader and the masker take the
@@ -594,20 +597,11 @@ private:
 inline constexpr const char* kMaskLiteral = "[MASK]";
 inline int first_special_id(const SpecialIds& sp) { return std::min({sp.unk, sp.cls, sp.sep, sp.pad, sp.mask}); }
 
-// A path that names a regular file (not a directory, not missing); else a one-line error.
+// A path that names a regular file; else a one-line error naming what it is (safetensors.h's check).
 inline bool check_regular_file(const std::string& path, const std::string& what, std::string* err) {
-    std::error_code ec;
-    const auto st = std::filesystem::status(path, ec);
-    if (ec || !std::filesystem::exists(st)) {
-        set_data_error(err, path + ": cannot open " + what + ": no such file");
-        return false;
-    }
-    if (!std::filesystem::is_regular_file(st)) {
-        set_data_error(err, path + ": " + what + " is not a regular file" +
-                                (std::filesystem::is_directory(st) ? " (it is a directory)" : ""));
-        return false;
-    }
-    return true;
+    const std::string why = not_a_regular_file(path);
+    if (!why.empty()) set_data_error(err, path + ": " + what + " " + why);
+    return why.empty();
 }
 
 inline bool is_word_char(unsigned char c) {
@@ -892,8 +886,8 @@ inline constexpr uint64_t kMaxShardTokens = 16ull << 20;  // 16M tokens per shar
 // out_dir/shard_NNNNN.bin (every document as [CLS] ... [SEP], no document split across shards)
 // for a model of vocab_size ids whose special ids are sp, and deletes stale shard_NNNNN.bin
 // files left by an earlier, larger run. Creates out_dir if missing. Nothing in out_dir changes
-// unless every input was read and tokenized: all files are first written under .tmp names,
-// then renamed.
+// unless every input was read and tokenized: all files are first written as NAME.new, then
+// renamed.
 inline bool prepare_text_corpus(const std::vector<std::string>& text_files, const std::string& out_dir,
                                 uint32_t vocab_size, const SpecialIds& sp, int max_words, std::string* err,
                                 uint64_t max_shard_tokens = kMaxShardTokens) {

@@ -299,7 +299,8 @@ inline void attention_block_scores(float* S, const float* qkv, const AttentionBl
     gemm(false, true, b.nq, b.nk, hd, 1.0f / sqrtf((float)hd), qkv + (size_t)b.q0 * 3 * H + (size_t)h * hd, 3 * H,
          qkv + (size_t)b.k0 * 3 * H + H + (size_t)h * hd, 3 * H, 0.0f, S, b.nk);
 }
-// In place, S → P: p_ij = exp(s_ij − lse_i) inside each row's band, 0 outside it.
+// In place, S → P: p_ij = exp(s_ij − lse_i) inside each row's band, 0 outside it (the backward's
+// recomputation from the forward's lse).
 inline void attention_block_probs(float* S, const float* lse, const AttentionBlock& b, int doc_start, int doc_end,
                                   int nh, int h, int window) {
     for (int r = 0; r < b.nq; r++) {
@@ -322,17 +323,20 @@ inline void attention_forward(float* out, float* lse, const float* qkv, const in
             for (int q0 = cu_seqlens[d]; q0 < cu_seqlens[d + 1]; q0 += kAttentionBlock) {
                 AttentionBlock b = attention_block(q0, cu_seqlens[d], cu_seqlens[d + 1], window);
                 attention_block_scores(P, qkv, b, nh, hd, h);
-                for (int r = 0; r < b.nq; r++) {  // lse_i = log Σ_j exp(s_ij) over the row's band
+                for (int r = 0; r < b.nq; r++) {  // row softmax over the band; lse_i = log Σ_j exp(s_ij)
                     int j0, j1;
                     attention_key_range(b.q0 + r, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
-                    const float* row = P + (size_t)r * b.nk;
+                    float* row = P + (size_t)r * b.nk;
                     float max_score = -INFINITY;
                     for (int j = j0; j < j1; j++) max_score = fmaxf(max_score, row[j - b.k0]);
                     double denom = 0.0;
-                    for (int j = j0; j < j1; j++) denom += expf(row[j - b.k0] - max_score);
+                    for (int j = b.k0; j < b.k0 + b.nk; j++) {
+                        row[j - b.k0] = (j >= j0 && j < j1) ? expf(row[j - b.k0] - max_score) : 0.0f;
+                        denom += row[j - b.k0];
+                    }
+                    for (int j = j0; j < j1; j++) row[j - b.k0] = (float)(row[j - b.k0] / denom);
                     lse[(size_t)(b.q0 + r) * nh + h] = max_score + (float)log(denom);
                 }
-                attention_block_probs(P, lse, b, cu_seqlens[d], cu_seqlens[d + 1], nh, h, window);
                 gemm(false, false, b.nq, hd, b.nk, 1.0f, P, b.nk, qkv + (size_t)b.k0 * 3 * H + 2 * H + (size_t)h * hd,
                      3 * H, 0.0f, out + (size_t)b.q0 * H + (size_t)h * hd, H);  // O = P V
             }

@@ -208,6 +208,8 @@ static TrainConfig parse_args(int argc, char** argv) {
     ModelConfig preset;
     if (!model_preset(c.model, &preset)) fatal("--model must be tiny, mini, base or large, got '%s'", c.model.c_str());
     if (c.model_given && !c.init_from.empty()) fatal("--model and --init-from both name the architecture; give one");
+    if (!c.predict.empty() && !c.resume_dir.empty())
+        fatal("--predict reads its model from --init-from (a checkpoint's step_N directory works); --resume is for training");
     if (c.optimizer != "adamw" && c.optimizer != "stable-adamw")
         fatal("--optimizer must be adamw or stable-adamw, got '%s'", c.optimizer.c_str());
     if (c.seq_len > c.micro_batch_tokens)
@@ -1488,8 +1490,8 @@ static std::vector<float> params_from_tensors(const ParamTable& t, const TensorM
             if (emb == tensors.end() || emb->second.f == x.f) continue;
             fatal("%s: decoder.weight differs from %s, but ModernBERT ties them", path.c_str(), tied.c_str());
         }
-        fatal("%s: tensor %s is not part of the model config.json describes (L %d layers?): the weights and the "
-              "config disagree", path.c_str(), name.c_str(), (int)t.layer_first.size());
+        fatal("%s: tensor %s is not part of the model its config.json describes (num_hidden_layers %d): the "
+              "weights and the config disagree", path.c_str(), name.c_str(), (int)t.layer_first.size());
     }
     std::vector<const Tensor*> found;
     for (const ParamInfo& p : t.params) {
@@ -1943,8 +1945,9 @@ int main(int argc, char** argv) {
         return 0;
     }
     check_memory(m, std::max(c.micro_batch_tokens, c.seq_len));
-    std::vector<float> host_params;
-    if (!c.init_from.empty()) host_params = load_hf_weights(c.init_from, make_param_table(m));
+    std::vector<float> host_params;  // a resumed run's weights come from its checkpoint, below
+    if (!c.resume_dir.empty()) host_params.assign(make_param_table(m).total, 0.f);
+    else if (!c.init_from.empty()) host_params = load_hf_weights(c.init_from, make_param_table(m));
     else init_params(make_param_table(m), m, c.seed, &host_params);
     model_allocate(&model, host_params);
 
@@ -2002,7 +2005,7 @@ int main(int argc, char** argv) {
                m.H, m.I, m.L, m.nh, m.V, model.table.total / 1e6, n_micro, c.micro_batch_tokens, grid.dp, c.grad_accum,
                sync ? (", " + std::to_string(sync->buckets.size()) + " gradient buckets" + (c.zero ? ", ZeRO-1" : "")).c_str() : "",
                data.docs.size(), data.tokens.size(), unigram);
-    if (start_step >= c.steps && grid.world_rank == 0)
+    if (!c.resume_dir.empty() && start_step >= c.steps && grid.world_rank == 0)
         printf("the checkpoint is at step %d, --steps is %d: nothing to train\n", start_step, c.steps);
 
     for (int step = start_step + 1; step <= c.steps; step++) {

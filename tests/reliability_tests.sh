@@ -152,6 +152,7 @@ mkdir -p "$W/vocabdir/vocab.txt"
 bad "files: --predict with a vocab that is a directory" "directory" $RUN --init-from "$W/m0" --data "$W/vocabdir" --predict "a [MASK] ."
 mkdir -p "$W/vocabempty"; : > "$W/vocabempty/vocab.txt"
 bad "files: --predict with an empty vocab" "empty" $RUN --init-from "$W/m0" --data "$W/vocabempty" --predict "a [MASK] ."
+bad "files: --predict with --resume" "--predict reads its model from --init-from" $RUN $MINI --resume "$W/ck" --predict "a [MASK] ."
 bad "files: --predict with tiny's vocabulary on mini" "special ids" $RUN --init-from "$W/m0" --data data/default --predict "a [MASK] ."
 
 # ---- outputs: checked before step 1 ----
