@@ -2,29 +2,34 @@
 #   make run        set-up, build, prepare the default corpus, train the mini demo, show masked predictions
 #   make test       the CPU test suite (no GPU needed); ends with "N passed, M failed"
 #   make test-gpu   every CUDA kernel against its reference, on a machine with a GPU
+#   make bench-cpu  picotron_cpu vs PyTorch + transformers on the tiny model: s/step and peak memory (out/bench/bench.md)
 SHELL := /bin/bash
 
 MPI_COMPILE := $(shell mpicxx --showme:compile 2>/dev/null)
 MPI_LINK    := $(shell mpicxx --showme:link 2>/dev/null)
 NVCC        := $(shell command -v nvcc 2>/dev/null)
-CXXFLAGS    := -std=c++17 -O2 -Wall -Wextra -DOMPI_SKIP_MPICXX
-NVCCFLAGS   := -std=c++17 -O2 -arch=sm_90 -DOMPI_SKIP_MPICXX -Xcompiler -Wall,-Wextra
-CUDA_LIBS   := -lcublasLt -lcublas -lnccl
-HEADERS     := kernels.cuh data.h safetensors.h
+# the CPU build uses every vector unit of the machine it is built on (make CPU_ARCH= for a portable binary);
+# -ffp-contract=off: no fusing of a*b+c into FMAs, so the ops round as the GPU kernels' _rn arithmetic does
+CPU_ARCH    ?= -march=native
+CXXFLAGS    := -std=c++17 -O2 $(CPU_ARCH) -ffp-contract=off -fopenmp -Wall -Wextra -DOMPI_SKIP_MPICXX
+NVCCFLAGS   := -std=c++17 -O2 -arch=sm_90 -DOMPI_SKIP_MPICXX -Xcompiler -fopenmp,-Wall,-Wextra
+CUDA_LIBS   := -lcublasLt -lcublas -lnccl -lgomp
+HEADERS     := kernels.cuh data.h safetensors.h Makefile
 # the BLAS the CPU build links; scripts/install_deps.sh probes the same library
 BLAS_LIB    ?= openblas
-# mpirun as root (sessions and CI), more ranks than cores, one BLAS thread per rank
+# mpirun as root (sessions and CI), more ranks than cores; picotron_cpu picks its threads per rank
+# itself (one per rank when several share the machine; see --threads)
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export OMPI_MCA_rmaps_base_oversubscribe := 1
-MPIRUN      := mpirun --oversubscribe -x OPENBLAS_NUM_THREADS=1
+MPIRUN      := mpirun --oversubscribe
 
 BINARIES := picotron_cpu
 ifneq ($(NVCC),)
 BINARIES += picotron
 endif
 
-.PHONY: all deps data run test test-gpu clean
+.PHONY: all deps data run test test-gpu bench-cpu clean
 all: $(BINARIES)
 
 deps:
@@ -90,6 +95,13 @@ test: deps
 test-gpu: picotron picotron_cpu tests/test_gpu tests/compare_runs data
 	./tests/test_gpu
 	bash tests/gpu_vs_cpu.sh
+
+# The CPU benchmark (scripts/bench_cpu.py): the tiny model trained by picotron_cpu and by torch +
+# transformers on the same synthetic documents, 1 and 2 threads; torch is needed for this target only.
+bench-cpu: picotron_cpu
+	@python3 -c "import torch, transformers" 2>/dev/null || \
+	  { echo "make bench-cpu needs PyTorch and transformers: run pip install torch transformers numpy"; exit 1; }
+	python3 scripts/bench_cpu.py
 
 clean:
 	rm -f picotron picotron_cpu $(TEST_BINS) tests/test_gpu

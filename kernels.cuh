@@ -10,9 +10,15 @@
 //   - row-major fp32 buffers; pointers live where the build computes (host for CPU, device for GPU);
 //   - shape comments use T tokens, N rows, C/H columns, I intermediate, V vocabulary, nh heads,
 //     hd head dim (64);
-//   - a *_forward writes its outputs; a *_backward ADDS into its gradient outputs (+=), so gradients
-//     that meet at a residual or a tied weight simply accumulate; a null gradient pointer is skipped;
+//   - a *_forward writes its outputs. A *_backward ADDS into weight gradients (+=), so micro-batches
+//     and the tied embedding accumulate; it WRITES the gradient of its input (=), except where an op
+//     takes `accumulate` (LayerNorm, matmul: the ops whose input gradient meets a residual) or says
+//     += (scatter_rows_backward: it touches only some rows). No buffer needs zeroing before a
+//     backward that overwrites it. A null gradient pointer is skipped;
 //   - nothing uses float atomics whose order changes between runs: results are deterministic.
+//   - the CPU build splits every op's loop over OpenMP threads so that each output element has one
+//     writer, and sums over rows (weight gradients, reductions) run in fixed chunks added in chunk
+//     order: results do not depend on the thread count.
 #pragma once
 #include <cmath>
 #include <cstdarg>
@@ -20,9 +26,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 #include <mpi.h>
 #ifndef __CUDACC__
 #include <cblas.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 // ---- errors ----
@@ -93,10 +103,100 @@ inline void copy_to_host(void* dst, const void* src, size_t bytes) { memcpy(dst,
 inline void copy_on_device(void* dst, const void* src, size_t bytes) { memcpy(dst, src, bytes); }
 inline void synchronize() {}
 
+// -- threads: loops below are split with `#pragma omp parallel for` (a no-op without OpenMP) --
+// A sum over many terms (rows of a weight gradient, a reduction) is cut into chunks of a fixed
+// size; each chunk is summed in order by whichever thread takes it, then the chunk partials are
+// added in chunk order. The grouping depends only on n, so the result is the same bits for any
+// thread count.
+constexpr size_t kSumChunk = 4096;  // terms per chunk of a reduction
+template <typename Term>
+inline double chunked_sum(size_t n, Term term) {
+    const size_t n_chunks = (n + kSumChunk - 1) / kSumChunk;
+    double* partial = static_cast<double*>(malloc(sizeof(double) * (n_chunks ? n_chunks : 1)));
+    if (!partial) fatal("out of host memory for a reduction of %zu terms", n);
+#pragma omp parallel for schedule(static)
+    for (size_t k = 0; k < n_chunks; k++) {
+        double acc = 0.0;
+        for (size_t i = k * kSumChunk; i < n && i < (k + 1) * kSumChunk; i++) acc += term(i);
+        partial[k] = acc;
+    }
+    double total = 0.0;
+    for (size_t k = 0; k < n_chunks; k++) total += partial[k];
+    free(partial);
+    return total;
+}
+// dst (C) += Σ_n term(n, c) over N rows, for weight and bias gradients: rows in chunks of
+// kRowChunk, each chunk's column sums in double (one thread per chunk), chunks added in order.
+constexpr int kRowChunk = 64;
+template <typename Term>
+inline void column_sums_add(float* dst, int N, int C, Term term) {
+    const int n_chunks = (N + kRowChunk - 1) / kRowChunk;
+    double* partial = static_cast<double*>(calloc((size_t)(n_chunks ? n_chunks : 1) * C, sizeof(double)));
+    if (!partial) fatal("out of host memory for column sums of (%d, %d)", N, C);
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < n_chunks; k++)
+        for (int n = k * kRowChunk; n < N && n < (k + 1) * kRowChunk; n++)
+            for (int c = 0; c < C; c++) partial[(size_t)k * C + c] += term(n, c);
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < C; c++) {
+        double acc = 0.0;
+        for (int k = 0; k < n_chunks; k++) acc += partial[(size_t)k * C + c];
+        dst[c] += (float)acc;
+    }
+    free(partial);
+}
+
+// -- exp for the long loops (softmax rows of attention and cross-entropy) --
+// libm's expf is one call per element, which the compiler cannot vectorize; this one it can
+// (`#pragma omp simd` loops). Cephes' method: x = k·ln2 + r with |r| ≤ ln2/2 (ln2 split in two so
+// that k·ln2 is exact), exp(r) by a degree-7 polynomial, 2^k by writing the exponent bits. Within
+// 2 ulp of exp over the normal range (tests/test_ops checks it); 0 below the smallest normal result.
+inline float exp_vec(float x) {
+    const float big = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+    const bool underflow = x < -87.33f;
+    x = underflow ? -87.33f : (x > 88.72f ? 88.72f : x);
+    const float k = (x * 1.44269504088896341f + big) - big;  // round(x / ln2)
+    const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t k1 = (int32_t)k / 2, k2 = (int32_t)k - k1;  // 2^k = 2^k1 · 2^k2, each normal for k ∈ [−126, 128]
+    const float two_k1 = __builtin_bit_cast(float, (k1 + 127) << 23), two_k2 = __builtin_bit_cast(float, (k2 + 127) << 23);
+    return underflow ? 0.0f : p * two_k1 * two_k2;
+}
+
+// Σ_i exp(x_i − shift) over n values, written to out (which may be x) when out is given: float
+// partial sums of kExpChunk terms (vectorized), added in double.
+constexpr int kExpChunk = 256;
+inline double sum_exp(float* out, const float* x, int n, float shift) {
+    double total = 0.0;
+    for (int i0 = 0; i0 < n; i0 += kExpChunk) {
+        const int i1 = i0 + kExpChunk < n ? i0 + kExpChunk : n;
+        float part = 0.0f;
+        if (out) {
+#pragma omp simd reduction(+ : part)
+            for (int i = i0; i < i1; i++) {
+                out[i] = exp_vec(x[i] - shift);
+                part += out[i];
+            }
+        } else {
+#pragma omp simd reduction(+ : part)
+            for (int i = i0; i < i1; i++) part += exp_vec(x[i] - shift);
+        }
+        total += part;
+    }
+    return total;
+}
+
 // -- embedding lookup over a vocabulary shard [vocab_start, vocab_start + vocab_rows) --
 // out (T, H) = wte[ids - vocab_start]; ids outside the shard give zero rows (tensor parallel sums them).
 inline void embedding_forward(float* out, const int* ids, const float* wte, int T, int H, int vocab_start,
                               int vocab_rows) {
+#pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         int row = ids[t] - vocab_start;
         for (int c = 0; c < H; c++)
@@ -104,19 +204,24 @@ inline void embedding_forward(float* out, const int* ids, const float* wte, int 
     }
 }
 // dwte (vocab_rows, H) += dout rows scattered by id; the padding id gets no gradient (HF padding_idx).
+// Threads split the columns (a repeated id is added by one thread, in token order).
 inline void embedding_backward(float* dwte, const float* dout, const int* ids, int T, int H, int vocab_start,
                                int vocab_rows, int pad_id) {
-    for (int t = 0; t < T; t++) {
-        int row = ids[t] - vocab_start;
-        if (ids[t] == pad_id || row < 0 || row >= vocab_rows) continue;
-        for (int c = 0; c < H; c++) dwte[(size_t)row * H + c] += dout[(size_t)t * H + c];
-    }
+    constexpr int kColumns = 32;
+#pragma omp parallel for schedule(static)
+    for (int c0 = 0; c0 < H; c0 += kColumns)
+        for (int t = 0; t < T; t++) {
+            int row = ids[t] - vocab_start;
+            if (ids[t] == pad_id || row < 0 || row >= vocab_rows) continue;
+            for (int c = c0; c < H && c < c0 + kColumns; c++) dwte[(size_t)row * H + c] += dout[(size_t)t * H + c];
+        }
 }
 
 // -- LayerNorm without bias --
 // out (N, C) = (inp - mean) * rstd * weight; mean, rstd (N) are kept for the backward.
 inline void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, int N,
                               int C, float eps) {
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float* x = inp + (size_t)n * C;
         double m = 0.0;
@@ -131,26 +236,77 @@ inline void layernorm_forward(float* out, float* mean, float* rstd, const float*
         rstd[n] = s;
     }
 }
-// dinp (N, C) += ∂/∂inp, dweight (C) += ∂/∂weight, given dout (N, C).
+// dinp (N, C) = ∂/∂inp (+= with accumulate), dweight (C) += ∂/∂weight, given dout (N, C).
 inline void layernorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
-                               const float* weight, const float* mean, const float* rstd, int N, int C) {
-    for (int n = 0; n < N; n++) {
-        const float* x = inp + (size_t)n * C;
-        const float* dy = dout + (size_t)n * C;
-        // xhat = (x - mean) * rstd; dxhat = dy * w; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        double sum_dxhat = 0.0, sum_dxhat_xhat = 0.0;
-        for (int c = 0; c < C; c++) {
-            double xhat = (x[c] - mean[n]) * rstd[n];
-            double dxhat = (double)dy[c] * weight[c];
-            sum_dxhat += dxhat;
-            sum_dxhat_xhat += dxhat * xhat;
+                               const float* weight, const float* mean, const float* rstd, int N, int C,
+                               bool accumulate) {
+    if (dinp) {
+#pragma omp parallel for schedule(static)
+        for (int n = 0; n < N; n++) {
+            const float* x = inp + (size_t)n * C;
+            const float* dy = dout + (size_t)n * C;
+            // xhat = (x - mean) * rstd; dxhat = dy * w; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+            double sum_dxhat = 0.0, sum_dxhat_xhat = 0.0;
+            for (int c = 0; c < C; c++) {
+                double xhat = (x[c] - mean[n]) * rstd[n];
+                double dxhat = (double)dy[c] * weight[c];
+                sum_dxhat += dxhat;
+                sum_dxhat_xhat += dxhat * xhat;
+            }
+            float* dx = dinp + (size_t)n * C;
+            for (int c = 0; c < C; c++) {
+                double xhat = (x[c] - mean[n]) * rstd[n];
+                double dxhat = (double)dy[c] * weight[c];
+                float grad = (float)(rstd[n] * (dxhat - sum_dxhat / C - xhat * sum_dxhat_xhat / C));
+                dx[c] = accumulate ? dx[c] + grad : grad;
+            }
         }
-        for (int c = 0; c < C; c++) {
-            double xhat = (x[c] - mean[n]) * rstd[n];
-            double dxhat = (double)dy[c] * weight[c];
-            if (dweight) dweight[c] += (float)(dy[c] * xhat);
-            if (dinp) dinp[(size_t)n * C + c] += (float)(rstd[n] * (dxhat - sum_dxhat / C - xhat * sum_dxhat_xhat / C));
+    }
+    if (dweight)
+        column_sums_add(dweight, N, C, [&](int n, int c) {
+            return (double)dout[(size_t)n * C + c] * ((inp[(size_t)n * C + c] - mean[n]) * rstd[n]);
+        });
+}
+
+// -- general matrix products --
+// Row-major C (M, N) = alpha · op(A) · op(B) + beta · C, op(X) = X or Xᵀ, with row strides lda,
+// ldb, ldc: OpenBLAS on the CPU build, plain loops in the GPU build (whose tests are its only user).
+inline void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                 const float* B, int ldb, float beta, float* C, int ldc) {
+#ifdef __CUDACC__
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double acc = 0.0;
+            for (int k = 0; k < K; k++)
+                acc += (double)(trans_a ? A[(size_t)k * lda + m] : A[(size_t)m * lda + k]) *
+                       (trans_b ? B[(size_t)n * ldb + k] : B[(size_t)k * ldb + n]);
+            float* c = C + (size_t)m * ldc + n;
+            *c = (float)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
         }
+#else
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K,
+                alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
+}
+
+// The same product with the rows of C split over the threads, one BLAS call per slice. BLAS itself
+// runs on one thread (set_cpu_threads in picotron.cu): a single pool of OpenMP threads does all the
+// work, so no BLAS thread pool spins while the ops' loops run, and each slice's sums are in the
+// order a one-thread call would use.
+inline void gemm_threaded(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                          const float* B, int ldb, float beta, float* C, int ldc) {
+#pragma omp parallel
+    {
+        int n_threads = 1, thread = 0;
+#ifdef _OPENMP
+        n_threads = omp_get_num_threads();
+        thread = omp_get_thread_num();
+#endif
+        const int rows = ((M + n_threads - 1) / n_threads + 15) / 16 * 16;  // whole 16-row panels per thread
+        const int m0 = thread * rows, m1 = m0 + rows < M ? m0 + rows : M;
+        if (m0 < m1)
+            gemm(trans_a, trans_b, m1 - m0, N, K, alpha, trans_a ? A + m0 : A + (size_t)m0 * lda, lda, B, ldb, beta,
+                 C + (size_t)m0 * ldc, ldc);
     }
 }
 
@@ -167,22 +323,25 @@ inline void matmul_forward(float* out, const float* inp, const float* weight, co
             out[(size_t)n * OC + o] = (float)acc;
         }
 #else
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC);
-    if (bias)
+    gemm_threaded(false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC);
+    if (bias) {
+#pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++)
             for (int o = 0; o < OC; o++) out[(size_t)n * OC + o] += bias[o];
+    }
 #endif
 }
-// dinp (N, C) += dout · weight; dweight (OC, C) += doutᵀ · inp; dbias (OC) += Σ_n dout.
+// dinp (N, C) = dout · weight (+= with accumulate); dweight (OC, C) += doutᵀ · inp; dbias (OC) += Σ_n dout.
 inline void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                            const float* weight, int N, int C, int OC) {
+                            const float* weight, int N, int C, int OC, bool accumulate) {
 #ifdef __CUDACC__
     if (dinp)
         for (int n = 0; n < N; n++)
             for (int c = 0; c < C; c++) {
                 double acc = 0.0;
                 for (int o = 0; o < OC; o++) acc += (double)dout[(size_t)n * OC + o] * weight[(size_t)o * C + c];
-                dinp[(size_t)n * C + c] += (float)acc;
+                float& d = dinp[(size_t)n * C + c];
+                d = accumulate ? d + (float)acc : (float)acc;
             }
     if (dweight)
         for (int o = 0; o < OC; o++)
@@ -192,20 +351,15 @@ inline void matmul_backward(float* dinp, float* dweight, float* dbias, const flo
                 dweight[(size_t)o * C + c] += (float)acc;
             }
 #else
-    if (dinp) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C);
-    if (dweight)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C);
+    if (dinp) gemm_threaded(false, false, N, C, OC, 1.0f, dout, OC, weight, C, accumulate ? 1.0f : 0.0f, dinp, C);
+    if (dweight) gemm_threaded(true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C);
 #endif
-    if (dbias)
-        for (int o = 0; o < OC; o++) {
-            double acc = 0.0;
-            for (int n = 0; n < N; n++) acc += dout[(size_t)n * OC + o];
-            dbias[o] += (float)acc;
-        }
+    if (dbias) column_sums_add(dbias, N, OC, [&](int n, int o) { return (double)dout[(size_t)n * OC + o]; });
 }
 
 // -- residual: x (n) += y (n); its backward is the identity, so it has none --
 inline void add_inplace(float* x, const float* y, size_t n) {
+#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
@@ -216,18 +370,22 @@ inline void add_inplace(float* x, const float* y, size_t n) {
 inline float rope_inv_freq(int i, int hd, float theta) { return 1.0f / powf(theta, (float)(2 * i) / (float)hd); }
 inline void rope_rotate(float* qkv, const int* pos, int T, int nh, int hd, float theta, float direction) {
     int half = hd / 2;
+    float* inv_freq = static_cast<float*>(malloc(sizeof(float) * (half > 0 ? half : 1)));
+    for (int i = 0; i < half; i++) inv_freq[i] = rope_inv_freq(i, hd, theta);
+#pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++)
-        for (int part = 0; part < 2; part++)  // q, then k; v is not rotated
-            for (int h = 0; h < nh; h++) {
-                float* x = qkv + (size_t)t * 3 * nh * hd + (size_t)part * nh * hd + (size_t)h * hd;
-                for (int i = 0; i < half; i++) {
-                    float angle = (float)pos[t] * rope_inv_freq(i, hd, theta);
-                    float c = cosf(angle), s = direction * sinf(angle);
+        for (int i = 0; i < half; i++) {  // one angle per (token, pair), shared by every q and k head
+            float angle = (float)pos[t] * inv_freq[i];
+            float c = cosf(angle), s = direction * sinf(angle);
+            for (int part = 0; part < 2; part++)  // q, then k; v is not rotated
+                for (int h = 0; h < nh; h++) {
+                    float* x = qkv + (size_t)t * 3 * nh * hd + (size_t)part * nh * hd + (size_t)h * hd;
                     float x1 = x[i], x2 = x[i + half];
                     x[i] = x1 * c - x2 * s;
                     x[i + half] = x2 * c + x1 * s;
                 }
-            }
+        }
+    free(inv_freq);
 }
 // in place: q, k ← R(pos) q, R(pos) k
 inline void rope_forward(float* qkv, const int* pos, int T, int nh, int hd, float theta) {
@@ -257,26 +415,6 @@ inline void attention_key_range(int i, int doc_start, int doc_end, int window, i
     }
 }
 constexpr int kAttentionBlock = 64;
-
-// Row-major C (M, N) = alpha · op(A) · op(B) + beta · C, op(X) = X or Xᵀ, with row strides lda,
-// ldb, ldc: OpenBLAS on the CPU build, plain loops in the GPU build (whose tests are its only user).
-inline void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
-                 const float* B, int ldb, float beta, float* C, int ldc) {
-#ifdef __CUDACC__
-    for (int m = 0; m < M; m++)
-        for (int n = 0; n < N; n++) {
-            double acc = 0.0;
-            for (int k = 0; k < K; k++)
-                acc += (double)(trans_a ? A[(size_t)k * lda + m] : A[(size_t)m * lda + k]) *
-                       (trans_b ? B[(size_t)n * ldb + k] : B[(size_t)k * ldb + n]);
-            float* c = C + (size_t)m * ldc + n;
-            *c = (float)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
-        }
-#else
-    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K,
-                alpha, A, lda, B, ldb, beta, C, ldc);
-#endif
-}
 
 // One block: queries [q0, q0 + nq) of the document [doc_start, doc_end), keys [k0, k0 + nk).
 struct AttentionBlock {
@@ -308,8 +446,28 @@ inline void attention_block_probs(float* S, const float* lse, const AttentionBlo
         attention_key_range(b.q0 + r, doc_start, doc_end, window, &j0, &j1);
         const float l = lse[(size_t)(b.q0 + r) * nh + h];
         float* row = S + (size_t)r * b.nk;
-        for (int j = b.k0; j < b.k0 + b.nk; j++) row[j - b.k0] = (j >= j0 && j < j1) ? expf(row[j - b.k0] - l) : 0.0f;
+        for (int j = b.k0; j < j0; j++) row[j - b.k0] = 0.0f;
+#pragma omp simd
+        for (int j = j0; j < j1; j++) row[j - b.k0] = exp_vec(row[j - b.k0] - l);
+        for (int j = j1; j < b.k0 + b.nk; j++) row[j - b.k0] = 0.0f;
     }
+}
+
+// The blocks' (document, first query) in order: the forward's threads share the (block, head) pairs.
+struct AttentionTask {
+    int doc, q0;
+};
+inline std::vector<AttentionTask> attention_tasks(const int* cu_seqlens, int n_docs) {
+    std::vector<AttentionTask> tasks;
+    for (int d = 0; d < n_docs; d++)
+        for (int q0 = cu_seqlens[d]; q0 < cu_seqlens[d + 1]; q0 += kAttentionBlock) tasks.push_back({d, q0});
+    return tasks;
+}
+// a thread's scratch for one block's scores: kAttentionBlock rows of at most T keys
+inline float* attention_scratch(int T) {
+    float* p = static_cast<float*>(malloc(sizeof(float) * (size_t)kAttentionBlock * (T > 0 ? T : 1)));
+    if (!p) fatal("out of host memory for attention scratch of %d keys", T);
+    return p;
 }
 
 inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs, int T,
@@ -317,43 +475,59 @@ inline void attention_forward(float* out, float* lse, const float* qkv, const in
     const int H = nh * hd, used = cu_seqlens[n_docs];
     memset(out + (size_t)used * H, 0, (size_t)(T - used) * H * sizeof(float));  // padding rows
     memset(lse + (size_t)used * nh, 0, (size_t)(T - used) * nh * sizeof(float));
-    float* P = static_cast<float*>(malloc(sizeof(float) * (size_t)kAttentionBlock * (T > 0 ? T : 1)));
-    for (int d = 0; d < n_docs; d++)
-        for (int h = 0; h < nh; h++)
-            for (int q0 = cu_seqlens[d]; q0 < cu_seqlens[d + 1]; q0 += kAttentionBlock) {
-                AttentionBlock b = attention_block(q0, cu_seqlens[d], cu_seqlens[d + 1], window);
-                attention_block_scores(P, qkv, b, nh, hd, h);
-                for (int r = 0; r < b.nq; r++) {  // row softmax over the band; lse_i = log Σ_j exp(s_ij)
-                    int j0, j1;
-                    attention_key_range(b.q0 + r, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
-                    float* row = P + (size_t)r * b.nk;
-                    float max_score = -INFINITY;
-                    for (int j = j0; j < j1; j++) max_score = fmaxf(max_score, row[j - b.k0]);
-                    double denom = 0.0;
-                    for (int j = b.k0; j < b.k0 + b.nk; j++) {
-                        row[j - b.k0] = (j >= j0 && j < j1) ? expf(row[j - b.k0] - max_score) : 0.0f;
-                        denom += row[j - b.k0];
-                    }
-                    for (int j = j0; j < j1; j++) row[j - b.k0] = (float)(row[j - b.k0] / denom);
-                    lse[(size_t)(b.q0 + r) * nh + h] = max_score + (float)log(denom);
-                }
-                gemm(false, false, b.nq, hd, b.nk, 1.0f, P, b.nk, qkv + (size_t)b.k0 * 3 * H + 2 * H + (size_t)h * hd,
-                     3 * H, 0.0f, out + (size_t)b.q0 * H + (size_t)h * hd, H);  // O = P V
+    const std::vector<AttentionTask> tasks = attention_tasks(cu_seqlens, n_docs);
+    const int n_tasks = (int)tasks.size() * nh;
+#pragma omp parallel
+    {
+        float* P = attention_scratch(T);
+#pragma omp for schedule(dynamic)
+        for (int task = 0; task < n_tasks; task++) {
+            const int d = tasks[task / nh].doc, h = task % nh;
+            AttentionBlock b = attention_block(tasks[task / nh].q0, cu_seqlens[d], cu_seqlens[d + 1], window);
+            attention_block_scores(P, qkv, b, nh, hd, h);
+            for (int r = 0; r < b.nq; r++) {  // row softmax over the band; lse_i = log Σ_j exp(s_ij)
+                int j0, j1;
+                attention_key_range(b.q0 + r, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
+                float* row = P + (size_t)r * b.nk;
+                float max_score = -INFINITY;
+#pragma omp simd reduction(max : max_score)
+                for (int j = j0; j < j1; j++) max_score = row[j - b.k0] > max_score ? row[j - b.k0] : max_score;
+                for (int j = b.k0; j < j0; j++) row[j - b.k0] = 0.0f;
+                const double denom = sum_exp(row + (j0 - b.k0), row + (j0 - b.k0), j1 - j0, max_score);
+                for (int j = j1; j < b.k0 + b.nk; j++) row[j - b.k0] = 0.0f;
+                const float inv_denom = (float)(1.0 / denom);
+                for (int j = j0; j < j1; j++) row[j - b.k0] *= inv_denom;
+                lse[(size_t)(b.q0 + r) * nh + h] = max_score + (float)log(denom);
             }
-    free(P);
+            gemm(false, false, b.nq, hd, b.nk, 1.0f, P, b.nk, qkv + (size_t)b.k0 * 3 * H + 2 * H + (size_t)h * hd,
+                 3 * H, 0.0f, out + (size_t)b.q0 * H + (size_t)h * hd, H);  // O = P V
+        }
+        free(P);
+    }
 }
-// dqkv (T, 3, nh, hd) += gradients of q, k, v. With p_ij = exp(s_ij − lse_i) and
-// D_i = dout_i · out_i: dv_j += p_ij dout_i; ds_ij = p_ij (dout_i · v_j − D_i);
-// dq_i += scale Σ_j ds_ij k_j; dk_j += scale ds_ij q_i. Per block, P is recomputed from Q, K and
-// the forward's lse (cheaper than keeping it), and every sum above is one GEMM.
+// dqkv (T, 3, nh, hd) = gradients of q, k, v (written, not added). With p_ij = exp(s_ij − lse_i)
+// and D_i = dout_i · out_i: dv_j = Σ_i p_ij dout_i; ds_ij = p_ij (dout_i · v_j − D_i);
+// dq_i = scale Σ_j ds_ij k_j; dk_j = scale Σ_i ds_ij q_i. Per block, P is recomputed from Q, K and
+// the forward's lse (cheaper than keeping it), and every sum above is one GEMM. A query block sees
+// all its keys at once, so its dq is written by one GEMM; dk and dv collect over the query blocks of
+// the document, so the threads share (document, head) pairs, each of which owns its dk, dv rows.
 inline void attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
                                const int* cu_seqlens, int n_docs, int T, int nh, int hd, int window) {
-    const int H = nh * hd;
+    const int H = nh * hd, used = cu_seqlens[n_docs];
     const float scale = 1.0f / sqrtf((float)hd);
-    float* P = static_cast<float*>(malloc(sizeof(float) * (size_t)kAttentionBlock * (T > 0 ? T : 1)));
-    float* dS = static_cast<float*>(malloc(sizeof(float) * (size_t)kAttentionBlock * (T > 0 ? T : 1)));
-    for (int d = 0; d < n_docs; d++)
-        for (int h = 0; h < nh; h++)
+    memset(dqkv + (size_t)used * 3 * H, 0, (size_t)(T - used) * 3 * H * sizeof(float));  // padding rows
+#pragma omp parallel
+    {
+        float* P = attention_scratch(T);
+        float* dS = attention_scratch(T);
+#pragma omp for schedule(dynamic)
+        for (int task = 0; task < n_docs * nh; task++) {
+            const int d = task / nh, h = task % nh;
+            for (int t = cu_seqlens[d]; t < cu_seqlens[d + 1]; t++) {  // this pair's dk, dv rows collect from 0
+                float* row = dqkv + (size_t)t * 3 * H + (size_t)h * hd;
+                memset(row + H, 0, sizeof(float) * hd);
+                memset(row + 2 * H, 0, sizeof(float) * hd);
+            }
             for (int q0 = cu_seqlens[d]; q0 < cu_seqlens[d + 1]; q0 += kAttentionBlock) {
                 AttentionBlock b = attention_block(q0, cu_seqlens[d], cu_seqlens[d + 1], window);
                 attention_block_scores(P, qkv, b, nh, hd, h);
@@ -369,12 +543,14 @@ inline void attention_backward(float* dqkv, const float* dout, const float* out,
                         ds = P[(size_t)r * b.nk + j] * (ds - (float)D) * scale;
                     }
                 }
-                gemm(false, false, b.nq, hd, b.nk, 1.0f, dS, b.nk, qkv + k_at, 3 * H, 1.0f, dqkv + q_at, 3 * H);  // dq += dS K
+                gemm(false, false, b.nq, hd, b.nk, 1.0f, dS, b.nk, qkv + k_at, 3 * H, 0.0f, dqkv + q_at, 3 * H);  // dq = dS K
                 gemm(true, false, b.nk, hd, b.nq, 1.0f, dS, b.nk, qkv + q_at, 3 * H, 1.0f, dqkv + k_at, 3 * H);   // dk += dSᵀ Q
                 gemm(true, false, b.nk, hd, b.nq, 1.0f, P, b.nk, dout + o_at, H, 1.0f, dqkv + v_at, 3 * H);      // dv += Pᵀ dout
             }
-    free(P);
-    free(dS);
+        }
+        free(P);
+        free(dS);
+    }
 }
 
 // -- GELU, the exact (erf) form: gelu(x) = x/2 · (1 + erf(x/√2)) --
@@ -382,30 +558,34 @@ inline float gelu(float x) { return 0.5f * x * (1.0f + erff(x * (float)M_SQRT1_2
 inline float gelu_grad(float x) {
     return 0.5f * (1.0f + erff(x * (float)M_SQRT1_2)) + x * expf(-0.5f * x * x) * (float)(0.5 * M_2_SQRTPI * M_SQRT1_2);
 }
-// out (n) = gelu(inp); dinp (n) += gelu'(inp) · dout
+// out (n) = gelu(inp); dinp (n) = gelu'(inp) · dout
 inline void gelu_forward(float* out, const float* inp, size_t n) {
+#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) out[i] = gelu(inp[i]);
 }
 inline void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n) {
-    for (size_t i = 0; i < n; i++) dinp[i] += gelu_grad(inp[i]) * dout[i];
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) dinp[i] = gelu_grad(inp[i]) * dout[i];
 }
 
 // -- GeGLU: inp (N, 2I) = [x | g] (the activation is on the first half); out (N, I) = gelu(x) ⊙ g --
 inline void geglu_forward(float* out, const float* inp, int N, int I) {
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int i = 0; i < I; i++) {
             const float* row = inp + (size_t)n * 2 * I;
             out[(size_t)n * I + i] = gelu(row[i]) * row[I + i];
         }
 }
-// dinp (N, 2I) += [gelu'(x) ⊙ g ⊙ dout | gelu(x) ⊙ dout]
+// dinp (N, 2I) = [gelu'(x) ⊙ g ⊙ dout | gelu(x) ⊙ dout]
 inline void geglu_backward(float* dinp, const float* dout, const float* inp, int N, int I) {
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int i = 0; i < I; i++) {
             const float* row = inp + (size_t)n * 2 * I;
             float dy = dout[(size_t)n * I + i];
-            dinp[(size_t)n * 2 * I + i] += gelu_grad(row[i]) * row[I + i] * dy;
-            dinp[(size_t)n * 2 * I + I + i] += gelu(row[i]) * dy;
+            dinp[(size_t)n * 2 * I + i] = gelu_grad(row[i]) * row[I + i] * dy;
+            dinp[(size_t)n * 2 * I + I + i] = gelu(row[i]) * dy;
         }
 }
 
@@ -413,52 +593,63 @@ inline void geglu_backward(float* dinp, const float* dout, const float* inp, int
 // out (n_rows, C) = inp[rows]; its backward scatters: dinp[rows[r]] += dout[r]. The rows are distinct
 // (masked positions), which lets the GPU scatter without atomics.
 inline void gather_rows(float* out, const float* inp, const int* rows, int n_rows, int C) {
+#pragma omp parallel for schedule(static)
     for (int r = 0; r < n_rows; r++) memcpy(out + (size_t)r * C, inp + (size_t)rows[r] * C, sizeof(float) * C);
 }
 inline void scatter_rows_backward(float* dinp, const float* dout, const int* rows, int n_rows, int C) {
+#pragma omp parallel for schedule(static)
     for (int r = 0; r < n_rows; r++)
         for (int c = 0; c < C; c++) dinp[(size_t)rows[r] * C + c] += dout[(size_t)r * C + c];
 }
 
-// -- cross-entropy over the vocabulary: losses (N) = logsumexp(logits_n) − logits_n[target_n] --
-// A target of −100 is ignored (loss 0, gradient 0).
-inline void crossentropy_forward(float* losses, const float* logits, const int* targets, int N, int V) {
+// -- cross-entropy over the vocabulary: losses (N) = lse_n − logits_n[target_n] --
+// lse (N) = logsumexp(logits_n) is kept for the backward, which then needs one pass over the row.
+// A target of −100 is ignored (loss 0, lse 0, gradient 0). The exponentials are fp32 (as torch's),
+// their sum double.
+inline void crossentropy_forward(float* losses, float* lse, const float* logits, const int* targets, int N, int V) {
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float* x = logits + (size_t)n * V;
-        if (targets[n] < 0) { losses[n] = 0.0f; continue; }
-        double m = -INFINITY, s = 0.0;
+        if (targets[n] < 0) {
+            losses[n] = lse[n] = 0.0f;
+            continue;
+        }
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
         for (int v = 0; v < V; v++) m = x[v] > m ? x[v] : m;
-        for (int v = 0; v < V; v++) s += exp(x[v] - m);
-        losses[n] = (float)(m + log(s) - x[targets[n]]);
+        const double s = sum_exp(nullptr, x, V, m);
+        lse[n] = m + (float)log(s);
+        losses[n] = (float)((double)m + log(s) - x[targets[n]]);
     }
 }
-// dlogits (N, V) = dloss · (softmax(logits) − onehot(target)). Overwrites; may alias logits.
-inline void crossentropy_backward(float* dlogits, const float* logits, const int* targets, float dloss, int N, int V) {
+// dlogits (N, V) = dloss · (softmax(logits) − onehot(target)), softmax = exp(logits − lse).
+// Overwrites; may alias logits.
+inline void crossentropy_backward(float* dlogits, const float* logits, const float* lse, const int* targets,
+                                  float dloss, int N, int V) {
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float* x = logits + (size_t)n * V;
         float* dx = dlogits + (size_t)n * V;
-        if (targets[n] < 0) { memset(dx, 0, sizeof(float) * V); continue; }
-        double m = -INFINITY, s = 0.0;
-        for (int v = 0; v < V; v++) m = x[v] > m ? x[v] : m;
-        for (int v = 0; v < V; v++) s += exp(x[v] - m);
-        int target = targets[n];
+        if (targets[n] < 0) {
+            memset(dx, 0, sizeof(float) * V);
+            continue;
+        }
+        const float l = lse[n];
+        const int target = targets[n];
+#pragma omp simd
         for (int v = 0; v < V; v++) {
-            double p = exp(x[v] - m) / s;
-            dx[v] = (float)(dloss * (p - (v == target ? 1.0 : 0.0)));
+            const float p = exp_vec(x[v] - l);
+            dx[v] = dloss * (v == target ? p - 1.0f : p);
         }
     }
 }
 
 // -- reductions, returned to the host in double (the loss sum, the gradient norm) --
 inline double sum(const float* x, size_t n) {
-    double acc = 0.0;
-    for (size_t i = 0; i < n; i++) acc += x[i];
-    return acc;
+    return chunked_sum(n, [&](size_t i) { return (double)x[i]; });
 }
 inline double sum_squares(const float* x, size_t n) {
-    double acc = 0.0;
-    for (size_t i = 0; i < n; i++) acc += (double)x[i] * x[i];
-    return acc;
+    return chunked_sum(n, [&](size_t i) { return (double)x[i] * x[i]; });
 }
 
 // -- AdamW, as torch.optim.AdamW computes it --
@@ -470,6 +661,7 @@ inline void adamw_update(float* param, const float* grad, float* m, float* v, si
     float bias_correction1 = 1.0f - powf(beta1, (float)t);
     float bias_correction2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
     float step_size = lr / bias_correction1;
+#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
         float g = grad[i] * grad_scale;
         param[i] *= 1.0f - lr * weight_decay;
@@ -485,12 +677,11 @@ inline void adamw_update(float* param, const float* grad, float* m, float* v, si
 inline double stable_adamw_rms(const float* grad, const float* v, size_t n, float beta2, float eps, int t,
                                float grad_scale) {
     double bias_correction2 = 1.0 - pow((double)beta2, t);
-    double acc = 0.0;
-    for (size_t i = 0; i < n; i++) {
+    double acc = chunked_sum(n, [&](size_t i) {
         double g = (double)grad[i] * grad_scale;
         double v_hat = (beta2 * (double)v[i] + (1.0 - beta2) * g * g) / bias_correction2;
-        acc += g * g / fmax(v_hat, (double)eps * eps);
-    }
+        return g * g / fmax(v_hat, (double)eps * eps);
+    });
     return sqrt(acc / (double)(n ? n : 1));
 }
 
@@ -791,10 +982,10 @@ inline void layernorm_forward(float* out, float* mean, float* rstd, const float*
     CUDA_CHECK(cudaGetLastError());
 }
 
-// dinp (N, C) += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * weight.
+// dinp (N, C) = (or +=, accumulate) rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * weight.
 // One warp per row: a butterfly sum of the two row means, then each lane updates its columns.
 __global__ void layernorm_backward_dinp_kernel(float* dinp, const float* dout, const float* inp, const float* weight,
-                                               const float* mean, const float* rstd, int N, int C) {
+                                               const float* mean, const float* rstd, int N, int C, bool accumulate) {
     const int lane = threadIdx.x % WARP_SIZE;
     const size_t n = (size_t)blockIdx.x * LN_WARPS + threadIdx.x / WARP_SIZE;
     if (n >= (size_t)N) return;
@@ -813,7 +1004,8 @@ __global__ void layernorm_backward_dinp_kernel(float* dinp, const float* dout, c
     for (int c = lane; c < C; c += WARP_SIZE) {
         const float xhat = (x[c] - m) * s;
         const float dxhat = dy[c] * weight[c];
-        dinp[n * C + c] += s * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+        const float grad = s * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+        dinp[n * C + c] = accumulate ? dinp[n * C + c] + grad : grad;
     }
 }
 // dweight[c] += Σ_n dout[n, c] * xhat[n, c], through column_sum_add (fixed order, two passes).
@@ -826,11 +1018,11 @@ struct LayerNormWeightGrad {
     }
 };
 inline void layernorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
-                               const float* mean, const float* rstd, int N, int C) {
+                               const float* mean, const float* rstd, int N, int C, bool accumulate) {
     if (N <= 0 || C <= 0) return;
     if (dinp) {
-        layernorm_backward_dinp_kernel<<<grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE>>>(dinp, dout, inp, weight,
-                                                                                               mean, rstd, N, C);
+        layernorm_backward_dinp_kernel<<<grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE>>>(
+            dinp, dout, inp, weight, mean, rstd, N, C, accumulate);
         CUDA_CHECK(cudaGetLastError());
     }
     if (dweight) column_sum_add(dweight, N, C, LayerNormWeightGrad{dout, inp, mean, rstd, C});
@@ -840,7 +1032,7 @@ inline void layernorm_backward(float* dinp, float* dweight, const float* dout, c
 // cuBLASLt is column-major; a row-major (r, c) matrix is the column-major (c, r) matrix with the same
 // leading dimension, so each row-major product is computed as its transpose:
 //   forward   out (N, OC) = inp · Wᵀ      ⇔  outᵀ (OC, N)  = W'ᵀ · inp'   (W' = W seen column-major, C×OC)
-//   dinp      (N, C)     += dout · W      ⇔  dinpᵀ (C, N) += W' · dout'
+//   dinp      (N, C)     (+)= dout · W    ⇔  dinpᵀ (C, N) (+)= W' · dout'
 //   dweight   (OC, C)    += doutᵀ · inp   ⇔  dweightᵀ (C, OC) += inp' · dout'ᵀ
 // The handle and workspace are the device context above (blas()).
 // the largest power of two (≤ 256) dividing the address: tells the heuristic which kernels may run
@@ -921,12 +1113,13 @@ struct BiasGrad {
     __device__ float operator()(int n, int o) const { return dout[(size_t)n * OC + o]; }
 };
 inline void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                            const float* weight, int N, int C, int OC) {
+                            const float* weight, int N, int C, int OC, bool accumulate) {
+    if (dinp && !accumulate && N > 0 && C > 0 && OC <= 0) zero_floats(dinp, (size_t)N * C);  // an empty sum
     if (N <= 0 || C <= 0 || OC <= 0) {
         if (dbias && N > 0 && OC > 0) column_sum_add(dbias, N, OC, BiasGrad{dout, OC});
         return;  // every other product is empty: nothing to add
     }
-    if (dinp) gemm(dinp, weight, dout, false, false, C, N, OC, C, OC, C, 1.0f);
+    if (dinp) gemm(dinp, weight, dout, false, false, C, N, OC, C, OC, C, accumulate ? 1.0f : 0.0f);
     if (dweight) gemm(dweight, inp, dout, false, true, C, OC, N, C, OC, C, 1.0f);
     if (dbias) column_sum_add(dbias, N, OC, BiasGrad{dout, OC});
 }
@@ -1082,7 +1275,7 @@ inline void attention_forward(float* out, float* lse, const float* qkv, const in
     CUDA_CHECK(cudaGetLastError());
 }
 
-// Backward, query side: dq_i += scale Σ_j ds_ij k_j with ds_ij = p_ij (dout_i · v_j − D_i),
+// Backward, query side: dq_i = scale Σ_j ds_ij k_j with ds_ij = p_ij (dout_i · v_j − D_i),
 // p_ij = exp(s_ij · scale − lse_i), D_i = dout_i · out_i. One warp per (query i, head h); q_i and
 // dout_i in shared memory; keys in chunks of 32, lane l computing ds for key jb + l, then the warp
 // accumulates ds · k_j over the chunk in key order (lane l owns dims l, l+32, …). Each dq element is
@@ -1097,8 +1290,12 @@ __global__ void attention_backward_dq_kernel(float* dqkv, const float* dout, con
     if (task >= (size_t)T * nh) return;
     const int i = (int)(task / nh), h = (int)(task % nh);
     const int d = find_document(cu_seqlens, n_docs, i);
-    if (d < 0) return;  // padding: no gradient
     const size_t H = (size_t)nh * hd;
+    float* dq = dqkv + (size_t)i * 3 * H + (size_t)h * hd;
+    if (d < 0) {  // padding: zero gradient
+        for (int c = lane; c < hd; c += WARP_SIZE) dq[c] = 0.0f;
+        return;
+    }
     int j0, j1;
     attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
     float* q = q_shared[warp];
@@ -1138,13 +1335,12 @@ __global__ void attention_backward_dq_kernel(float* dqkv, const float* dout, con
             }
         }
     }
-    float* dq = dqkv + (size_t)i * 3 * H + (size_t)h * hd;
     for (int r = 0; r < DIMS_PER_LANE; r++) {
         const int c = lane + r * WARP_SIZE;
-        if (c < hd) dq[c] += acc[r];
+        if (c < hd) dq[c] = acc[r];
     }
 }
-// Backward, key side: dk_j += scale Σ_i ds_ij q_i, dv_j += Σ_i p_ij dout_i over the queries i that see
+// Backward, key side: dk_j = scale Σ_i ds_ij q_i, dv_j = Σ_i p_ij dout_i over the queries i that see
 // key j (by symmetry, attention_key_range(j, …)). One warp per (key j, head h); k_j and v_j in shared
 // memory; queries in chunks of 32, lane l recomputing s, dout·v, D and lse for query ib + l, then the
 // warp accumulates over the chunk in query order. Each dk/dv element is owned by one lane.
@@ -1158,8 +1354,13 @@ __global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, co
     if (task >= (size_t)T * nh) return;
     const int j = (int)(task / nh), h = (int)(task % nh);
     const int d = find_document(cu_seqlens, n_docs, j);
-    if (d < 0) return;  // padding key: nobody attends to it
     const size_t H = (size_t)nh * hd;
+    float* dk = dqkv + (size_t)j * 3 * H + H + (size_t)h * hd;
+    float* dv = dqkv + (size_t)j * 3 * H + 2 * H + (size_t)h * hd;
+    if (d < 0) {  // padding key: nobody attends to it
+        for (int c = lane; c < hd; c += WARP_SIZE) dk[c] = dv[c] = 0.0f;
+        return;
+    }
     int i0, i1;
     attention_key_range(j, cu_seqlens[d], cu_seqlens[d + 1], window, &i0, &i1);
     float* k = k_shared[warp];
@@ -1202,13 +1403,11 @@ __global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, co
             }
         }
     }
-    float* dk = dqkv + (size_t)j * 3 * H + H + (size_t)h * hd;
-    float* dv = dqkv + (size_t)j * 3 * H + 2 * H + (size_t)h * hd;
     for (int r = 0; r < DIMS_PER_LANE; r++) {
         const int c = lane + r * WARP_SIZE;
         if (c < hd) {
-            dk[c] += acc_k[r];
-            dv[c] += acc_v[r];
+            dk[c] = acc_k[r];
+            dv[c] = acc_v[r];
         }
     }
 }
@@ -1233,14 +1432,14 @@ __host__ __device__ inline float gelu(float x) { return 0.5f * x * (1.0f + erff(
 __host__ __device__ inline float gelu_grad(float x) {
     return 0.5f * (1.0f + erff(x * (float)M_SQRT1_2)) + x * expf(-0.5f * x * x) * (float)(0.5 * M_2_SQRTPI * M_SQRT1_2);
 }
-// out = gelu(inp), dinp += gelu'(inp) · dout. One thread per element, grid-stride.
+// out = gelu(inp), dinp = gelu'(inp) · dout. One thread per element, grid-stride.
 __global__ void gelu_forward_kernel(float* out, const float* inp, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = gelu(inp[i]);
 }
 __global__ void gelu_backward_kernel(float* dinp, const float* dout, const float* inp, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        dinp[i] += gelu_grad(inp[i]) * dout[i];
+        dinp[i] = gelu_grad(inp[i]) * dout[i];
 }
 inline void gelu_forward(float* out, const float* inp, size_t n) {
     if (!n) return;
@@ -1254,7 +1453,7 @@ inline void gelu_backward(float* dinp, const float* dout, const float* inp, size
 }
 
 // ---- geglu ----
-// out (N, I) = gelu(x) ⊙ g with inp rows [x | g]; dinp (N, 2I) += [gelu'(x) g dout | gelu(x) dout].
+// out (N, I) = gelu(x) ⊙ g with inp rows [x | g]; dinp (N, 2I) = [gelu'(x) g dout | gelu(x) dout].
 // One thread per (n, i), grid-stride; the backward thread writes both halves of its pair.
 __global__ void geglu_forward_kernel(float* out, const float* inp, int N, int I) {
     const size_t total = (size_t)N * I;
@@ -1270,8 +1469,8 @@ __global__ void geglu_backward_kernel(float* dinp, const float* dout, const floa
         const size_t n = idx / I, i = idx % I;
         const float* row = inp + n * 2 * I;
         const float dy = dout[idx];
-        dinp[n * 2 * I + i] += gelu_grad(row[i]) * row[I + i] * dy;
-        dinp[n * 2 * I + I + i] += gelu(row[i]) * dy;
+        dinp[n * 2 * I + i] = gelu_grad(row[i]) * row[I + i] * dy;
+        dinp[n * 2 * I + I + i] = gelu(row[i]) * dy;
     }
 }
 inline void geglu_forward(float* out, const float* inp, int N, int I) {
@@ -1316,13 +1515,14 @@ inline void scatter_rows_backward(float* dinp, const float* dout, const int* row
 
 // ---- cross-entropy ----
 // One block per row n: a block max, then a block sum of exp(x − max) (both in a fixed order), then
-// loss = max + log(sum) − x[target]. Ignored rows (target < 0) get 0.
+// lse = max + log(sum) (kept for the backward) and loss = lse − x[target]. Ignored rows (target < 0)
+// get 0 for both.
 constexpr int CE_THREADS = 512;
-__global__ void crossentropy_forward_kernel(float* losses, const float* logits, const int* targets, int V) {
+__global__ void crossentropy_forward_kernel(float* losses, float* lse, const float* logits, const int* targets, int V) {
     const size_t n = blockIdx.x;
     const int target = targets[n];
     if (target < 0) {  // uniform over the block: nobody reaches a barrier
-        if (threadIdx.x == 0) losses[n] = 0.0f;
+        if (threadIdx.x == 0) losses[n] = lse[n] = 0.0f;
         return;
     }
     const float* x = logits + n * V;
@@ -1332,44 +1532,34 @@ __global__ void crossentropy_forward_kernel(float* losses, const float* logits, 
     float s = 0.0f;
     for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(x[v] - m);
     s = block_sum(s);
-    if (threadIdx.x == 0) losses[n] = m + logf(s) - x[target];
+    if (threadIdx.x == 0) {
+        lse[n] = m + logf(s);
+        losses[n] = m + logf(s) - x[target];
+    }
 }
-inline void crossentropy_forward(float* losses, const float* logits, const int* targets, int N, int V) {
+inline void crossentropy_forward(float* losses, float* lse, const float* logits, const int* targets, int N, int V) {
     if (N <= 0) return;
     if (V <= 0) fatal("crossentropy: vocabulary size %d", V);
-    crossentropy_forward_kernel<<<(unsigned)N, CE_THREADS>>>(losses, logits, targets, V);
+    crossentropy_forward_kernel<<<(unsigned)N, CE_THREADS>>>(losses, lse, logits, targets, V);
     CUDA_CHECK(cudaGetLastError());
 }
-// dlogits (N, V) = dloss · (softmax − onehot(target)), overwriting; ignored rows get zeros.
-// One block per row. dlogits may alias logits: every read of the row (max and sum passes) happens
-// before the barriers inside block_sum, and afterwards each thread reads x[v] just before writing
-// dx[v] at the same index, so no thread ever reads an element another thread has overwritten.
-__global__ void crossentropy_backward_kernel(float* dlogits, const float* logits, const int* targets, float dloss,
-                                             int V) {
-    const size_t n = blockIdx.x;
-    const int target = targets[n];
-    const float* x = logits + n * V;
-    float* dx = dlogits + n * V;
-    if (target < 0) {
-        for (int v = threadIdx.x; v < V; v += blockDim.x) dx[v] = 0.0f;
-        return;
-    }
-    float m = -INFINITY;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, x[v]);
-    m = block_max(m);
-    float s = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(x[v] - m);
-    s = block_sum(s);
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        const float p = expf(x[v] - m) / s;
-        dx[v] = dloss * (p - (v == target ? 1.0f : 0.0f));
+// dlogits (N, V) = dloss · (exp(x − lse) − onehot(target)), overwriting; ignored rows get zeros.
+// One thread per element, grid-stride; each reads x[v] just before writing dx[v] at the same index,
+// so dlogits may alias logits.
+__global__ void crossentropy_backward_kernel(float* dlogits, const float* logits, const float* lse, const int* targets,
+                                             float dloss, int N, int V) {
+    const size_t total = (size_t)N * V;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t n = idx / V;
+        const int v = (int)(idx % V), target = targets[n];
+        dlogits[idx] = target < 0 ? 0.0f : dloss * (expf(logits[idx] - lse[n]) - (v == target ? 1.0f : 0.0f));
     }
 }
-inline void crossentropy_backward(float* dlogits, const float* logits, const int* targets, float dloss, int N,
-                                  int V) {
+inline void crossentropy_backward(float* dlogits, const float* logits, const float* lse, const int* targets,
+                                  float dloss, int N, int V) {
     if (N <= 0) return;
     if (V <= 0) fatal("crossentropy: vocabulary size %d", V);
-    crossentropy_backward_kernel<<<(unsigned)N, CE_THREADS>>>(dlogits, logits, targets, dloss, V);
+    crossentropy_backward_kernel<<<grid_for((size_t)N * V), BLOCK_SIZE>>>(dlogits, logits, lse, targets, dloss, N, V);
     CUDA_CHECK(cudaGetLastError());
 }
 

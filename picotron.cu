@@ -12,6 +12,7 @@
 #include <dirent.h>
 #include <cinttypes>
 #include <map>
+#include <sched.h>
 #include <string>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -91,6 +92,7 @@ struct TrainConfig {
     int save_every = 0;
     std::vector<std::string> predict;
     double peak_tflops = 0.0;  // for MFU; 0 → the build's default
+    int threads = 0;           // CPU threads per rank; 0 → OMP_NUM_THREADS, else the default of set_cpu_threads
     // layout and communication
     int dp = 1, tp = 1, pp = 1, cp = 1, zero = 0;
     float bucket_mb = 25.f;
@@ -123,6 +125,8 @@ static const char* kUsage =
     "  --optimizer adamw|stable-adamw   (default adamw; betas 0.9/0.98, eps 1e-6)\n"
     "  --clip X                    clip the global gradient norm to X (default 0: off)\n"
     "  --seed N                    data order, masking and initialisation (default 42)\n"
+    "  --threads N                 CPU build: threads per rank for BLAS and every op (default OMP_NUM_THREADS,\n"
+    "                              else 1 per rank when several ranks share a machine, else every core it may use)\n"
     "layout (world = dp·pp·cp·tp ranks):\n"
     "  --dp N --tp N --pp N --cp N data / tensor / pipeline / context parallel sizes (default 1; only dp > 1 for now)\n"
     "  --zero 0|1                  1: shard the optimizer state over data parallel ranks (default 0)\n"
@@ -195,6 +199,7 @@ static TrainConfig parse_args(int argc, char** argv) {
         else if (flag == "--predict") c.predict.push_back(v);
         else if (flag == "--prepare-text") c.prepare_text = v;
         else if (flag == "--peak-tflops") c.peak_tflops = parse_float(flag, v, 0.0, 1e6);
+        else if (flag == "--threads") c.threads = parse_int(flag, v, 1, 4096);
         else if (flag == "--dp") c.dp = parse_int(flag, v, 1, 1 << 20);
         else if (flag == "--tp") c.tp = parse_int(flag, v, 1, 1 << 20);
         else if (flag == "--pp") c.pp = parse_int(flag, v, 1, 1 << 20);
@@ -353,16 +358,19 @@ static void print_grid(ProcessGrid& g) {
 }
 
 // ---- tracing ----
-// --trace DIR: each rank records spans (each layer's forward and backward, the optimizer, every
-// collective with its group and bytes) and writes DIR/trace_rank{R}.json in Chrome's trace-event
-// format; scripts/merge_traces.py puts the ranks side by side for Perfetto. Thread 0 is compute,
-// thread 1 communication. On the GPU build tracing synchronises at span ends so that a span covers
-// the work, not just its launch.
+// --trace DIR: each rank records spans (each layer's forward and backward, inside them every op
+// call named by its class — "matmul", "attention", … —, the optimizer, every collective with its
+// group and bytes) and writes DIR/trace_rank{R}.json in Chrome's trace-event format;
+// scripts/merge_traces.py puts the ranks side by side for Perfetto. Thread 0 is compute, thread 1
+// communication. At the end rank 0 prints its time per op class. On the GPU build tracing
+// synchronises at span ends so that a span covers the work, not just its launch.
 
 struct Tracer {
     int rank = 0;
     double t0_us = 0, t0_unix_us = 0;
-    std::string events;  // comma-separated JSON objects
+    std::string events;                     // comma-separated JSON objects
+    std::map<std::string, double> class_us;  // time per op class, all steps
+    double steps_us = 0;                    // all steps' wall time
     void span(const std::string& name, int tid, double t_start_us, double t_end_us, const std::string& args) {
         char buf[512];
         snprintf(buf, sizeof buf, "%s{\"name\": \"%s\", \"ph\": \"X\", \"pid\": %d, \"tid\": %d, \"ts\": %.3f, \"dur\": %.3f%s%s%s}",
@@ -381,6 +389,33 @@ static void trace_compute(Tracer* t, const std::string& name, double t_start_us)
     if (!t) return;
     ops::synchronize();
     t->span(name, 0, t_start_us, now_us(), "");
+}
+// An op call's span, also added to its class's total.
+static void trace_op(Tracer* t, const char* op_class, double t_start_us) {
+    if (!t) return;
+    ops::synchronize();
+    const double t_end_us = now_us();
+    t->span(op_class, 0, t_start_us, t_end_us, "");
+    t->class_us[op_class] += t_end_us - t_start_us;
+}
+#define TRACED(tracer, op_class, ...)                      \
+    do {                                                   \
+        const double t_op_us_ = (tracer) ? now_us() : 0.0; \
+        __VA_ARGS__;                                       \
+        trace_op(tracer, op_class, t_op_us_);              \
+    } while (0)
+// Rank 0's time per op class over the run, largest first; "other" is the rest of the steps' time
+// (batches, waiting for communication, the loss and norm reductions).
+static void print_op_classes(const Tracer& t) {
+    std::vector<std::pair<double, std::string>> order;
+    double traced = 0;
+    for (const auto& [name, us] : t.class_us) order.push_back({us, name}), traced += us;
+    std::sort(order.rbegin(), order.rend());
+    order.push_back({t.steps_us - traced, "other"});
+    printf("time per op class (rank %d, every step):", t.rank);
+    for (const auto& [us, name] : order)
+        printf("  %s %.1f%% (%.2f s)", name.c_str(), 100.0 * us / (t.steps_us > 0 ? t.steps_us : 1), us / 1e6);
+    printf("\n");
 }
 
 // ---- communication ----
@@ -821,6 +856,7 @@ struct Activations {
     float* head_mean;        // (M)
     float* head_rstd;        // (M)
     float* logits;           // (M, V)  reused for their gradient in the backward
+    float* lse;              // (M)     log-sum-exp of each row of logits
     float* losses;           // (M)
     // backward scratch
     float* d_resid;          // (T, H)  gradient flowing down the residual stream
@@ -873,6 +909,7 @@ static Activations alloc_activations(const ModelConfig& m, int T) {
     a.head_mean = ops::alloc_floats(a.M);
     a.head_rstd = ops::alloc_floats(a.M);
     a.logits = ops::alloc_floats((size_t)a.M * m.V);
+    a.lse = ops::alloc_floats(a.M);
     a.losses = ops::alloc_floats(a.M);
     a.d_resid = ops::alloc_floats(TH);
     a.d_ln = ops::alloc_floats(TH);
@@ -928,8 +965,9 @@ static double model_forward(const Model& model, Activations& a, const BatchView&
     const int T = b.T, H = m.H, I = m.I, M = b.n_masked;
     upload_batch(&a, b, m);
 
-    ops::embedding_forward(a.emb, a.ids, w.tok_embeddings, T, H, 0, m.V);
-    ops::layernorm_forward(a.residual[0], a.emb_mean, a.emb_rstd, a.emb, w.emb_norm, T, H, m.norm_eps);
+    TRACED(trace, "embedding", ops::embedding_forward(a.emb, a.ids, w.tok_embeddings, T, H, 0, m.V));
+    TRACED(trace, "layernorm",
+           ops::layernorm_forward(a.residual[0], a.emb_mean, a.emb_rstd, a.emb, w.emb_norm, T, H, m.norm_eps));
 
     for (int l = 0; l < m.L; l++) {
         double t_layer = trace ? now_us() : 0;
@@ -939,35 +977,40 @@ static double model_forward(const Model& model, Activations& a, const BatchView&
         // attention block
         const float* attn_in = h;
         if (lw.attn_norm) {
-            ops::layernorm_forward(la.ln_attn, la.ln_attn_mean, la.ln_attn_rstd, h, lw.attn_norm, T, H, m.norm_eps);
+            TRACED(trace, "layernorm",
+                   ops::layernorm_forward(la.ln_attn, la.ln_attn_mean, la.ln_attn_rstd, h, lw.attn_norm, T, H, m.norm_eps));
             attn_in = la.ln_attn;
         }
-        ops::matmul_forward(la.qkv, attn_in, lw.wqkv, nullptr, T, H, 3 * H);
+        TRACED(trace, "matmul", ops::matmul_forward(la.qkv, attn_in, lw.wqkv, nullptr, T, H, 3 * H));
         float theta = m.is_global(l) ? m.theta_global : m.theta_local;
         int window = m.is_global(l) ? -1 : m.window();
-        ops::rope_forward(la.qkv, a.positions, T, m.nh, m.hd, theta);
-        ops::attention_forward(la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, m.nh, m.hd, window);
-        ops::matmul_forward(la.resid_mid, la.atty, lw.wo, nullptr, T, H, H);
-        ops::add_inplace(la.resid_mid, h, (size_t)T * H);
+        TRACED(trace, "rope", ops::rope_forward(la.qkv, a.positions, T, m.nh, m.hd, theta));
+        TRACED(trace, "attention",
+               ops::attention_forward(la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, m.nh, m.hd, window));
+        TRACED(trace, "matmul", ops::matmul_forward(la.resid_mid, la.atty, lw.wo, nullptr, T, H, H));
+        TRACED(trace, "residual", ops::add_inplace(la.resid_mid, h, (size_t)T * H));
         // MLP block
-        ops::layernorm_forward(la.ln_mlp, la.ln_mlp_mean, la.ln_mlp_rstd, la.resid_mid, lw.mlp_norm, T, H, m.norm_eps);
-        ops::matmul_forward(la.mlp_in, la.ln_mlp, lw.wi, nullptr, T, H, 2 * I);
-        ops::geglu_forward(la.mlp_act, la.mlp_in, T, I);
-        ops::matmul_forward(a.residual[l + 1], la.mlp_act, lw.mlp_wo, nullptr, T, I, H);
-        ops::add_inplace(a.residual[l + 1], la.resid_mid, (size_t)T * H);
+        TRACED(trace, "layernorm",
+               ops::layernorm_forward(la.ln_mlp, la.ln_mlp_mean, la.ln_mlp_rstd, la.resid_mid, lw.mlp_norm, T, H, m.norm_eps));
+        TRACED(trace, "matmul", ops::matmul_forward(la.mlp_in, la.ln_mlp, lw.wi, nullptr, T, H, 2 * I));
+        TRACED(trace, "gelu/geglu", ops::geglu_forward(la.mlp_act, la.mlp_in, T, I));
+        TRACED(trace, "matmul", ops::matmul_forward(a.residual[l + 1], la.mlp_act, lw.mlp_wo, nullptr, T, I, H));
+        TRACED(trace, "residual", ops::add_inplace(a.residual[l + 1], la.resid_mid, (size_t)T * H));
         trace_compute(trace, "layer " + std::to_string(l) + " forward", t_layer);
     }
-    ops::layernorm_forward(a.final_out, a.final_mean, a.final_rstd, a.residual[m.L], w.final_norm, T, H, m.norm_eps);
+    TRACED(trace, "layernorm",
+           ops::layernorm_forward(a.final_out, a.final_mean, a.final_rstd, a.residual[m.L], w.final_norm, T, H, m.norm_eps));
     if (M == 0) return 0.0;
     double t_head = trace ? now_us() : 0;
 
     // sparse prediction: only masked rows go through the head and the decoder
-    ops::gather_rows(a.head_in, a.final_out, a.masked_rows, M, H);
-    ops::matmul_forward(a.head_pre, a.head_in, w.head_dense, nullptr, M, H, H);
-    ops::gelu_forward(a.head_act, a.head_pre, (size_t)M * H);
-    ops::layernorm_forward(a.head_out, a.head_mean, a.head_rstd, a.head_act, w.head_norm, M, H, m.norm_eps);
-    ops::matmul_forward(a.logits, a.head_out, w.tok_embeddings, w.decoder_bias, M, H, m.V);
-    ops::crossentropy_forward(a.losses, a.logits, a.targets, M, m.V);
+    TRACED(trace, "gather/scatter", ops::gather_rows(a.head_in, a.final_out, a.masked_rows, M, H));
+    TRACED(trace, "matmul", ops::matmul_forward(a.head_pre, a.head_in, w.head_dense, nullptr, M, H, H));
+    TRACED(trace, "gelu/geglu", ops::gelu_forward(a.head_act, a.head_pre, (size_t)M * H));
+    TRACED(trace, "layernorm",
+           ops::layernorm_forward(a.head_out, a.head_mean, a.head_rstd, a.head_act, w.head_norm, M, H, m.norm_eps));
+    TRACED(trace, "matmul", ops::matmul_forward(a.logits, a.head_out, w.tok_embeddings, w.decoder_bias, M, H, m.V));
+    TRACED(trace, "cross-entropy", ops::crossentropy_forward(a.losses, a.lse, a.logits, a.targets, M, m.V));
     double loss_sum = ops::sum(a.losses, M);
     trace_compute(trace, "head forward", t_head);
     return loss_sum;
@@ -990,25 +1033,26 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
     ModelWeights& g = model.g;
     const int T = b.T, H = m.H, I = m.I, M = b.n_masked;
     const size_t TH = (size_t)T * H;
-    ops::zero_floats(a.d_resid, TH);
     double t_head = trace ? now_us() : 0;
     if (M > 0) {
         // logits' gradient overwrites the logits: they are not needed afterwards
-        ops::crossentropy_backward(a.logits, a.logits, a.targets, 1.0f, M, m.V);
-        ops::zero_floats(a.d_head_a, (size_t)M * H);
-        ops::matmul_backward(a.d_head_a, g.tok_embeddings, g.decoder_bias, a.logits, a.head_out, w.tok_embeddings,
-                             M, H, m.V);
-        ops::zero_floats(a.d_head_b, (size_t)M * H);
-        ops::layernorm_backward(a.d_head_b, g.head_norm, a.d_head_a, a.head_act, w.head_norm, a.head_mean,
-                                a.head_rstd, M, H);
-        ops::zero_floats(a.d_head_a, (size_t)M * H);
-        ops::gelu_backward(a.d_head_a, a.d_head_b, a.head_pre, (size_t)M * H);
-        ops::zero_floats(a.d_head_b, (size_t)M * H);
-        ops::matmul_backward(a.d_head_b, g.head_dense, nullptr, a.d_head_a, a.head_in, w.head_dense, M, H, H);
-        ops::zero_floats(a.d_ln, TH);
-        ops::scatter_rows_backward(a.d_ln, a.d_head_b, a.masked_rows, M, H);
-        ops::layernorm_backward(a.d_resid, g.final_norm, a.d_ln, a.residual[m.L], w.final_norm, a.final_mean,
-                                a.final_rstd, T, H);
+        TRACED(trace, "cross-entropy", ops::crossentropy_backward(a.logits, a.logits, a.lse, a.targets, 1.0f, M, m.V));
+        TRACED(trace, "matmul",
+               ops::matmul_backward(a.d_head_a, g.tok_embeddings, g.decoder_bias, a.logits, a.head_out, w.tok_embeddings,
+                                    M, H, m.V, false));
+        TRACED(trace, "layernorm",
+               ops::layernorm_backward(a.d_head_b, g.head_norm, a.d_head_a, a.head_act, w.head_norm, a.head_mean,
+                                       a.head_rstd, M, H, false));
+        TRACED(trace, "gelu/geglu", ops::gelu_backward(a.d_head_a, a.d_head_b, a.head_pre, (size_t)M * H));
+        TRACED(trace, "matmul",
+               ops::matmul_backward(a.d_head_b, g.head_dense, nullptr, a.d_head_a, a.head_in, w.head_dense, M, H, H, false));
+        TRACED(trace, "memset", ops::zero_floats(a.d_ln, TH));  // the scatter fills only the masked rows
+        TRACED(trace, "gather/scatter", ops::scatter_rows_backward(a.d_ln, a.d_head_b, a.masked_rows, M, H));
+        TRACED(trace, "layernorm",
+               ops::layernorm_backward(a.d_resid, g.final_norm, a.d_ln, a.residual[m.L], w.final_norm, a.final_mean,
+                                       a.final_rstd, T, H, false));
+    } else {
+        TRACED(trace, "memset", ops::zero_floats(a.d_resid, TH));  // nothing masked: no gradient reaches the layers
     }
     trace_compute(trace, "head backward", t_head);
     grad_sync_ready(sync, model.table.head_first);
@@ -1018,37 +1062,40 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         LayerWeights& lg = g.layers[l];
         LayerActivations& la = a.layers[l];
         // d_resid holds ∂loss/∂residual[l+1]; the MLP branch adds its share of ∂/∂resid_mid
-        ops::zero_floats(a.d_mlp_act, (size_t)T * I);
-        ops::matmul_backward(a.d_mlp_act, lg.mlp_wo, nullptr, a.d_resid, la.mlp_act, lw.mlp_wo, T, I, H);
-        ops::zero_floats(a.d_mlp_in, (size_t)T * 2 * I);
-        ops::geglu_backward(a.d_mlp_in, a.d_mlp_act, la.mlp_in, T, I);
-        ops::zero_floats(a.d_ln, TH);
-        ops::matmul_backward(a.d_ln, lg.wi, nullptr, a.d_mlp_in, la.ln_mlp, lw.wi, T, H, 2 * I);
-        ops::layernorm_backward(a.d_resid, lg.mlp_norm, a.d_ln, la.resid_mid, lw.mlp_norm, la.ln_mlp_mean,
-                                la.ln_mlp_rstd, T, H);
+        TRACED(trace, "matmul",
+               ops::matmul_backward(a.d_mlp_act, lg.mlp_wo, nullptr, a.d_resid, la.mlp_act, lw.mlp_wo, T, I, H, false));
+        TRACED(trace, "gelu/geglu", ops::geglu_backward(a.d_mlp_in, a.d_mlp_act, la.mlp_in, T, I));
+        TRACED(trace, "matmul",
+               ops::matmul_backward(a.d_ln, lg.wi, nullptr, a.d_mlp_in, la.ln_mlp, lw.wi, T, H, 2 * I, false));
+        TRACED(trace, "layernorm",
+               ops::layernorm_backward(a.d_resid, lg.mlp_norm, a.d_ln, la.resid_mid, lw.mlp_norm, la.ln_mlp_mean,
+                                       la.ln_mlp_rstd, T, H, true));
         // now ∂/∂resid_mid; the attention branch adds its share of ∂/∂residual[l]
-        ops::zero_floats(a.d_atty, TH);
-        ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_resid, la.atty, lw.wo, T, H, H);
-        ops::zero_floats(a.d_qkv, 3 * TH);
+        TRACED(trace, "matmul",
+               ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_resid, la.atty, lw.wo, T, H, H, false));
         int window = m.is_global(l) ? -1 : m.window();
-        ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, m.nh, m.hd,
-                                window);
-        ops::rope_backward(a.d_qkv, a.positions, T, m.nh, m.hd, m.is_global(l) ? m.theta_global : m.theta_local);
+        TRACED(trace, "attention",
+               ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, m.nh, m.hd,
+                                       window));
+        TRACED(trace, "rope",
+               ops::rope_backward(a.d_qkv, a.positions, T, m.nh, m.hd, m.is_global(l) ? m.theta_global : m.theta_local));
         if (lw.attn_norm) {
-            ops::zero_floats(a.d_ln, TH);
-            ops::matmul_backward(a.d_ln, lg.wqkv, nullptr, a.d_qkv, la.ln_attn, lw.wqkv, T, H, 3 * H);
-            ops::layernorm_backward(a.d_resid, lg.attn_norm, a.d_ln, a.residual[l], lw.attn_norm, la.ln_attn_mean,
-                                    la.ln_attn_rstd, T, H);
+            TRACED(trace, "matmul",
+                   ops::matmul_backward(a.d_ln, lg.wqkv, nullptr, a.d_qkv, la.ln_attn, lw.wqkv, T, H, 3 * H, false));
+            TRACED(trace, "layernorm",
+                   ops::layernorm_backward(a.d_resid, lg.attn_norm, a.d_ln, a.residual[l], lw.attn_norm, la.ln_attn_mean,
+                                           la.ln_attn_rstd, T, H, true));
         } else {  // layer 0: the attention reads the residual itself
-            ops::matmul_backward(a.d_resid, lg.wqkv, nullptr, a.d_qkv, a.residual[l], lw.wqkv, T, H, 3 * H);
+            TRACED(trace, "matmul",
+                   ops::matmul_backward(a.d_resid, lg.wqkv, nullptr, a.d_qkv, a.residual[l], lw.wqkv, T, H, 3 * H, true));
         }
         trace_compute(trace, "layer " + std::to_string(l) + " backward", t_layer);
         grad_sync_ready(sync, model.table.layer_first[l]);
     }
     double t_emb = trace ? now_us() : 0;
-    ops::zero_floats(a.d_ln, TH);
-    ops::layernorm_backward(a.d_ln, g.emb_norm, a.d_resid, a.emb, w.emb_norm, a.emb_mean, a.emb_rstd, T, H);
-    ops::embedding_backward(g.tok_embeddings, a.d_ln, a.ids, T, H, 0, m.V, m.special.pad);
+    TRACED(trace, "layernorm",
+           ops::layernorm_backward(a.d_ln, g.emb_norm, a.d_resid, a.emb, w.emb_norm, a.emb_mean, a.emb_rstd, T, H, false));
+    TRACED(trace, "embedding", ops::embedding_backward(g.tok_embeddings, a.d_ln, a.ids, T, H, 0, m.V, m.special.pad));
     trace_compute(trace, "embedding backward", t_emb);
     grad_sync_ready(sync, 0);
 }
@@ -1923,11 +1970,50 @@ static void choose_blas_kernels(char** argv) {
 #endif
 }
 
+// ---- CPU threads ----
+// The CPU build runs each rank's GEMMs and its ops' loops on one pool of OpenMP threads (kernels.cuh
+// splits every GEMM over them and calls BLAS single-threaded, so no second pool competes for the
+// cores). Its size: --threads, else OMP_NUM_THREADS, else 1 per rank when several ranks share the
+// machine (MPI_Comm_split_type finds them), else every core this process may run on. A rank bound
+// to fewer cores than threads (mpirun binds each rank to one core by default) gets a warning: its
+// threads would take turns on one core.
+extern "C" void openblas_set_num_threads(int) __attribute__((weak));
+static int set_cpu_threads(const TrainConfig& c, int world_rank) {
+#ifdef __CUDACC__
+    (void)c;
+    (void)world_rank;
+    return 1;  // the GPU build computes on the device
+#else
+    cpu_set_t mask;
+    int cores = sched_getaffinity(0, sizeof mask, &mask) == 0 ? CPU_COUNT(&mask) : 1;
+    MPI_Comm node;
+    int ranks_here = 1;
+    MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+    MPI_CHECK(MPI_Comm_size(node, &ranks_here));
+    MPI_CHECK(MPI_Comm_free(&node));
+    int threads = c.threads;
+    const char* env = getenv("OMP_NUM_THREADS");
+    if (!threads && env && *env) threads = parse_int("OMP_NUM_THREADS", env, 1, 4096);
+    if (!threads) threads = ranks_here > 1 ? 1 : cores;
+    if (threads > cores)
+        fprintf(stderr,
+                "picotron: rank %d: warning: %d threads on %d core%s this rank may use; bind the ranks to enough "
+                "cores (mpirun --map-by slot:PE=%d) or not at all (mpirun --bind-to none)\n",
+                world_rank, threads, cores, cores == 1 ? "" : "s", threads);
+#ifdef _OPENMP
+    omp_set_num_threads(threads);
+#endif
+    if (openblas_set_num_threads) openblas_set_num_threads(1);
+    return threads;
+#endif
+}
+
 int main(int argc, char** argv) {
     choose_blas_kernels(argv);
     MPI_CHECK(MPI_Init(&argc, &argv));
     TrainConfig c = parse_args(argc, argv);
     ProcessGrid grid = make_grid(c);
+    const int threads = set_cpu_threads(c, grid.world_rank);
     bool one_rank = grid.world_size == 1;
 
     Model model;
@@ -1964,6 +2050,11 @@ int main(int argc, char** argv) {
 
     if (grid.world_rank == 0) check_outputs(c);
     print_grid(grid);
+#ifndef __CUDACC__
+    if (grid.world_rank == 0) printf("threads per rank: %d (BLAS and ops)\n", threads);
+#else
+    (void)threads;
+#endif
     Dataset data;
     std::string err;
     if (!load_dataset(c.data, c.seq_len, (uint32_t)m.V, m.special, &data, &err)) fatal("%s", err.c_str());
@@ -2050,9 +2141,10 @@ int main(int argc, char** argv) {
         float lr = learning_rate(c, step);
         double t_opt = now_us();
         double grad_norm = optimizer_step(model, c, lr, masked, sync);
-        trace_compute(trace, "optimizer", t_opt);
+        trace_op(trace, "optimizer", t_opt);
         ops::synchronize();
         double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        tracer.steps_us += ms * 1e3;
         comm_all_reduce_host(comm, grad_group, &ms, 1, MPI_MAX, "step time max");  // the slowest rank sets the pace
         double tokens_per_s = real_tokens / (ms / 1e3);
         double flops_per_s = step_flops(m, views) * grid.dp / (ms / 1e3);  // every dp rank's share is alike in cost
@@ -2095,6 +2187,7 @@ int main(int argc, char** argv) {
     if (log) fclose(log);
     if (!c.export_dir.empty() && grid.world_rank == 0) export_hf(c.export_dir, model);
     if (trace) {
+        if (grid.world_rank == 0) print_op_classes(tracer);
         make_dirs(c.trace_dir);
         std::string path = c.trace_dir + "/trace_rank" + std::to_string(grid.world_rank) + ".json";
         FILE* f = fopen(path.c_str(), "wb");

@@ -238,21 +238,22 @@ static void test_layernorm(int N, int C, uint64_t seed) {
     auto dweight0 = random_floats(rng, C);
     float* d_dout = upload(dout);
     float *d_dinp = upload(dinp0), *d_dweight = upload(dweight0);
-    for (int variant = 0; variant < 3; variant++) {  // both, dinp only, dweight only
-        bool with_dinp = variant != 2, with_dweight = variant != 1;
-        std::string v = tag + (variant == 0 ? "" : variant == 1 ? " (dweight null)" : " (dinp null)");
+    for (int variant = 0; variant < 4; variant++) {  // both (+= and =), dinp only, dweight only
+        bool with_dinp = variant != 2, with_dweight = variant != 1, accumulate = variant != 3;
+        std::string v = tag + (variant == 0 ? "" : variant == 1 ? " (dweight null)" : variant == 2 ? " (dinp null)"
+                                                                                                   : " (dinp written)");
         std::vector<float> dinp = dinp0, dweight = dweight0;
         ref::layernorm_backward(with_dinp ? dinp.data() : nullptr, with_dweight ? dweight.data() : nullptr,
-                                dout.data(), inp.data(), weight.data(), mean.data(), rstd.data(), N, C);
+                                dout.data(), inp.data(), weight.data(), mean.data(), rstd.data(), N, C, accumulate);
         reset(d_dinp, dinp0);
         reset(d_dweight, dweight0);
         cuda::layernorm_backward(with_dinp ? d_dinp : nullptr, with_dweight ? d_dweight : nullptr, d_dout, d_inp,
-                                 d_weight, d_mean_ref, d_rstd_ref, N, C);
+                                 d_weight, d_mean_ref, d_rstd_ref, N, C, accumulate);
         check("layernorm_backward dinp " + v, download(d_dinp, dinp.size()), dinp, 1e-5, 1e-4);
         check("layernorm_backward dweight " + v, download(d_dweight, C), dweight, 1e-4, 1e-4);
     }
     check_deterministic("layernorm_backward " + tag, {{d_dinp, &dinp0}, {d_dweight, &dweight0}}, [&] {
-        cuda::layernorm_backward(d_dinp, d_dweight, d_dout, d_inp, d_weight, d_mean_ref, d_rstd_ref, N, C);
+        cuda::layernorm_backward(d_dinp, d_dweight, d_dout, d_inp, d_weight, d_mean_ref, d_rstd_ref, N, C, true);
     });
     for (void* p : std::initializer_list<void*>{d_inp, d_weight, d_out, d_mean, d_rstd, d_mean_ref, d_rstd_ref, d_dout,
                                                 d_dinp, d_dweight})
@@ -285,25 +286,25 @@ static void test_matmul(int N, int C, int OC, uint64_t seed) {
     auto dbias0 = random_floats(rng, OC);
     float* d_dout = upload(dout);
     float *d_dinp = upload(dinp0), *d_dweight = upload(dweight0), *d_dbias = upload(dbias0);
-    for (int mask = 7; mask >= 1; mask--) {  // every non-empty subset of {dinp, dweight, dbias}
-        if (mask != 7 && mask != 1 && mask != 2 && mask != 4 && mask != 6) continue;
-        bool wi = mask & 1, ww = mask & 2, wb = mask & 4;
-        std::string v = tag + fmt(" (dinp %s, dweight %s, dbias %s)", wi ? "on" : "null", ww ? "on" : "null",
-                                  wb ? "on" : "null");
+    for (int mask = 15; mask >= 1; mask--) {  // subsets of {dinp, dweight, dbias}; bit 8: dinp written, not added
+        if (mask != 15 && mask != 7 && mask != 9 && mask != 1 && mask != 2 && mask != 4 && mask != 6) continue;
+        bool wi = mask & 1, ww = mask & 2, wb = mask & 4, accumulate = !(mask & 8);
+        std::string v = tag + fmt(" (dinp %s, dweight %s, dbias %s)", wi ? (accumulate ? "+=" : "=") : "null",
+                                  ww ? "on" : "null", wb ? "on" : "null");
         std::vector<float> dinp = dinp0, dweight = dweight0, dbias = dbias0;
         ref::matmul_backward(wi ? dinp.data() : nullptr, ww ? dweight.data() : nullptr, wb ? dbias.data() : nullptr,
-                             dout.data(), inp.data(), weight.data(), N, C, OC);
+                             dout.data(), inp.data(), weight.data(), N, C, OC, accumulate);
         reset(d_dinp, dinp0);
         reset(d_dweight, dweight0);
         reset(d_dbias, dbias0);
         cuda::matmul_backward(wi ? d_dinp : nullptr, ww ? d_dweight : nullptr, wb ? d_dbias : nullptr, d_dout, d_inp,
-                              d_weight, N, C, OC);
+                              d_weight, N, C, OC, accumulate);
         check("matmul_backward dinp " + v, download(d_dinp, dinp.size()), dinp, 1e-3, 1e-4);
         check("matmul_backward dweight " + v, download(d_dweight, dweight.size()), dweight, 1e-3, 1e-4);
         check("matmul_backward dbias " + v, download(d_dbias, dbias.size()), dbias, 1e-3, 1e-4);
     }
     check_deterministic("matmul_backward " + tag, {{d_dinp, &dinp0}, {d_dweight, &dweight0}, {d_dbias, &dbias0}},
-                        [&] { cuda::matmul_backward(d_dinp, d_dweight, d_dbias, d_dout, d_inp, d_weight, N, C, OC); });
+                        [&] { cuda::matmul_backward(d_dinp, d_dweight, d_dbias, d_dout, d_inp, d_weight, N, C, OC, true); });
     for (void* p : std::initializer_list<void*>{d_inp, d_weight, d_bias, d_out, d_dout, d_dinp, d_dweight, d_dbias})
         cuda::free_buffer(p);
 }
@@ -376,7 +377,7 @@ static void test_attention(const std::vector<int>& doc_lengths, int T, int nh, i
     check("attention_forward out " + tag, download(d_out, out.size()), out, 1e-5, 1e-4);
     check("attention_forward lse " + tag, download(d_lse, lse.size()), lse, 1e-5, 1e-5);
 
-    // backward from the reference's out/lse, into a prefilled dqkv (padding rows must stay untouched)
+    // backward from the reference's out/lse, over a prefilled dqkv (written: padding rows become zero)
     float *d_out_ref = upload(out), *d_lse_ref = upload(lse);
     auto dout = random_floats(rng, (size_t)T * H);
     for (int t = cu_seqlens.back(); t < T; t++)  // the model's dout on padding rows is arbitrary too
@@ -480,31 +481,34 @@ static void test_crossentropy(int N, int V, uint64_t seed) {
     targets[1] = -100;  // ignored rows
     targets[N - 1] = -100;
     targets[0] = V - 1;
-    std::vector<float> losses(N);
-    ref::crossentropy_forward(losses.data(), logits.data(), targets.data(), N, V);
+    std::vector<float> losses(N), lse(N);
+    ref::crossentropy_forward(losses.data(), lse.data(), logits.data(), targets.data(), N, V);
     float* d_logits = upload(logits);
     int* d_targets = upload_ints(targets);
     float* d_losses = upload(std::vector<float>(N, 7.0f));
-    cuda::crossentropy_forward(d_losses, d_logits, d_targets, N, V);
+    float* d_lse = upload(std::vector<float>(N, 7.0f));
+    cuda::crossentropy_forward(d_losses, d_lse, d_logits, d_targets, N, V);
     check("crossentropy_forward " + tag, download(d_losses, N), losses, 1e-5, 1e-5);
+    check("crossentropy_forward lse " + tag, download(d_lse, N), lse, 1e-5, 1e-6);
+    float* d_lse_ref = upload(lse);  // the backward starts from the reference's lse
 
     const float dloss = 1.0f / 37.0f;
     std::vector<float> dlogits((size_t)N * V);
-    ref::crossentropy_backward(dlogits.data(), logits.data(), targets.data(), dloss, N, V);
+    ref::crossentropy_backward(dlogits.data(), logits.data(), lse.data(), targets.data(), dloss, N, V);
     std::vector<float> garbage(dlogits.size(), 7.0f);
     float* d_dlogits = upload(garbage);  // overwritten, not accumulated
-    cuda::crossentropy_backward(d_dlogits, d_logits, d_targets, dloss, N, V);
+    cuda::crossentropy_backward(d_dlogits, d_logits, d_lse_ref, d_targets, dloss, N, V);
     check("crossentropy_backward " + tag, download(d_dlogits, dlogits.size()), dlogits, 1e-9, 1e-4);
     // in place: dlogits == logits
     float* d_inplace = upload(logits);
-    cuda::crossentropy_backward(d_inplace, d_inplace, d_targets, dloss, N, V);
+    cuda::crossentropy_backward(d_inplace, d_inplace, d_lse_ref, d_targets, dloss, N, V);
     check("crossentropy_backward in place (dlogits == logits) " + tag, download(d_inplace, dlogits.size()), dlogits,
           1e-9, 1e-4);
     check_deterministic("crossentropy_backward " + tag, {{d_dlogits, &garbage}},
-                        [&] { cuda::crossentropy_backward(d_dlogits, d_logits, d_targets, dloss, N, V); });
+                        [&] { cuda::crossentropy_backward(d_dlogits, d_logits, d_lse_ref, d_targets, dloss, N, V); });
     check_deterministic("crossentropy_backward in place " + tag, {{d_inplace, &logits}},
-                        [&] { cuda::crossentropy_backward(d_inplace, d_inplace, d_targets, dloss, N, V); });
-    for (void* p : std::initializer_list<void*>{d_logits, d_targets, d_losses, d_dlogits, d_inplace})
+                        [&] { cuda::crossentropy_backward(d_inplace, d_inplace, d_lse_ref, d_targets, dloss, N, V); });
+    for (void* p : std::initializer_list<void*>{d_logits, d_targets, d_losses, d_lse, d_lse_ref, d_dlogits, d_inplace})
         cuda::free_buffer(p);
 }
 

@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <functional>
+#include <limits>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -99,6 +101,14 @@ static vector<double> minus_fill(const vector<float>& g) {
     vector<double> r(g.size());
     for (size_t i = 0; i < g.size(); i++) r[i] = (double)g[i] - C_FILL;
     return r;
+}
+static vector<double> as_double(const vector<float>& g) { return vector<double>(g.begin(), g.end()); }
+// An overwriting backward, run on a buffer pre-filled with C_FILL, against the accumulating run minus
+// C_FILL: equal up to the rounding of adding C_FILL (an accumulating op would be off by C_FILL).
+static void check_written(const std::string& name, const vector<float>& written, const vector<double>& accumulated) {
+    double worst = 0.0;
+    for (size_t i = 0; i < written.size(); i++) worst = std::max(worst, fabs(written[i] - accumulated[i]));
+    check(name + " writes its gradient", worst <= 1e-6, "(max abs diff %.2e, tol 1e-6)", worst);
 }
 
 // Central differences of objective() with respect to every element of x (x is perturbed in place and restored).
@@ -318,8 +328,14 @@ static void test_layernorm() {
     check("layernorm forward vs double", worst <= 1e-5, "(max abs err %.2e, tol 1e-5)", worst);
 
     vector<float> dinp((size_t)N * C, C_FILL), dw(C, C_FILL);
-    ref::layernorm_backward(dinp.data(), dw.data(), G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C);
+    ref::layernorm_backward(dinp.data(), dw.data(), G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C,
+                            true);
     vector<double> a_inp = minus_fill(dinp), a_w = minus_fill(dw);
+    // without accumulate, dinp is written: the same gradient whatever the buffer held
+    vector<float> dinp_written((size_t)N * C, C_FILL);
+    ref::layernorm_backward(dinp_written.data(), nullptr, G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N,
+                            C, false);
+    check_written("layernorm dinp (accumulate false)", dinp_written, a_inp);
 
     auto objective = [&]() {
         vector<float> o((size_t)N * C), mm(N), rs(N);
@@ -336,9 +352,10 @@ static void test_layernorm() {
 
     // null gradient pointers: each output alone equals its part of the full call
     vector<float> dinp2((size_t)N * C, C_FILL), dw2(C, C_FILL);
-    ref::layernorm_backward(dinp2.data(), nullptr, G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C);
-    ref::layernorm_backward(nullptr, dw2.data(), G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C);
-    ref::layernorm_backward(nullptr, nullptr, G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C);
+    ref::layernorm_backward(dinp2.data(), nullptr, G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C,
+                            true);
+    ref::layernorm_backward(nullptr, dw2.data(), G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C, true);
+    ref::layernorm_backward(nullptr, nullptr, G.data(), inp.data(), w.data(), mean.data(), rstd.data(), N, C, true);
     check("layernorm null gradient pointers skipped", dinp2 == dinp && dw2 == dw, "");
 }
 
@@ -364,8 +381,11 @@ static void test_matmul() {
     }
 
     vector<float> dinp((size_t)N * C, C_FILL), dw((size_t)OC * C, C_FILL), db(OC, C_FILL);
-    ref::matmul_backward(dinp.data(), dw.data(), db.data(), G.data(), inp.data(), w.data(), N, C, OC);
+    ref::matmul_backward(dinp.data(), dw.data(), db.data(), G.data(), inp.data(), w.data(), N, C, OC, true);
     vector<double> a_inp = minus_fill(dinp), a_w = minus_fill(dw), a_b = minus_fill(db);
+    vector<float> dinp_written((size_t)N * C, C_FILL);
+    ref::matmul_backward(dinp_written.data(), nullptr, nullptr, G.data(), inp.data(), w.data(), N, C, OC, false);
+    check_written("matmul dinp (accumulate false)", dinp_written, a_inp);
 
     auto objective = [&]() {
         ref::matmul_forward(out.data(), inp.data(), w.data(), b.data(), N, C, OC);
@@ -391,7 +411,7 @@ static void test_matmul() {
     for (int mask = 0; mask < 8; mask++) {
         vector<float> di((size_t)N * C, C_FILL), dww((size_t)OC * C, C_FILL), dbb(OC, C_FILL);
         ref::matmul_backward((mask & 1) ? di.data() : nullptr, (mask & 2) ? dww.data() : nullptr,
-                             (mask & 4) ? dbb.data() : nullptr, G.data(), inp.data(), w.data(), N, C, OC);
+                             (mask & 4) ? dbb.data() : nullptr, G.data(), inp.data(), w.data(), N, C, OC, true);
         bool ok = same(di, (mask & 1) ? dinp : vector<float>((size_t)N * C, C_FILL)) &&
                   same(dww, (mask & 2) ? dw : vector<float>((size_t)OC * C, C_FILL)) &&
                   same(dbb, (mask & 4) ? db : vector<float>(OC, C_FILL));
@@ -565,17 +585,17 @@ static void test_attention() {
                 if (out[(size_t)i * H + c] != 0.0f) pad_zero = false;
         check(tag + " padding rows give zero output", pad_zero, "");
 
-        // analytic gradient
+        // analytic gradient, written over a buffer of C_FILL (an op that accumulated would be off by C_FILL)
         vector<float> dqkv(nq, C_FILL);
         ref::attention_backward(dqkv.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd,
                                 window);
         bool pad_nograd = true;
         for (int i = cu[n_docs]; i < T; i++)
             for (int c = 0; c < 3 * H; c++)
-                if (dqkv[(size_t)i * 3 * H + c] != C_FILL) pad_nograd = false;
-        check(tag + " padding rows get no gradient", pad_nograd, "");
+                if (dqkv[(size_t)i * 3 * H + c] != 0.0f) pad_nograd = false;
+        check(tag + " padding rows get zero gradient", pad_nograd, "");
 
-        vector<double> a = minus_fill(dqkv);
+        vector<double> a = as_double(dqkv);
         auto objective = [&]() {
             vector<float> o((size_t)T * H), l((size_t)T * nh);
             ref::attention_forward(o.data(), l.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
@@ -602,7 +622,7 @@ static void test_attention() {
             vector<float> zero_out((size_t)T * H, 0.0f), dbad(nq, C_FILL);
             ref::attention_backward(dbad.data(), G.data(), zero_out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh,
                                     hd, window);
-            vector<double> bad = minus_fill(dbad), bq, bk;
+            vector<double> bad = as_double(dbad), bq, bk;
             for (int t = 0; t < T; t++)
                 for (int c = 0; c < H; c++) {
                     bq.push_back(bad[(size_t)t * 3 * H + c]);
@@ -663,8 +683,8 @@ static void loops_attention_forward(float* out, float* lse, const float* qkv, co
             }
     free(scores);
 }
-// dqkv (T, 3, nh, hd) += gradients of q, k, v. With p_ij = exp(s_ij − lse_i) and
-// D_i = dout_i · out_i: dv_j += p_ij dout_i; ds_ij = p_ij (dout_i · v_j − D_i);
+// dqkv (T, 3, nh, hd) += gradients of q, k, v (the caller zeroes it). With p_ij = exp(s_ij − lse_i)
+// and D_i = dout_i · out_i: dv_j += p_ij dout_i; ds_ij = p_ij (dout_i · v_j − D_i);
 // dq_i += scale Σ_j ds_ij k_j; dk_j += scale ds_ij q_i.
 static void loops_attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
                                const int* cu_seqlens, int n_docs, int T, int nh, int hd, int window) {
@@ -717,13 +737,13 @@ static void test_attention_blocks() {
         for (size_t i = 0; i < lse.size(); i++) el = std::max(el, (double)fabs(lse[i] - llse[i]));
         check("attention blocks window " + std::to_string(window) + ": forward equals the plain loops",
               eo <= 1e-5 && el <= 1e-5, "(max abs diff out %.2e lse %.2e, tol 1e-5)", eo, el);
-        vector<float> d(nq, 0.25f), ld(nq, 0.25f);  // both add into the same nonzero start
+        vector<float> d(nq, 0.25f), ld(nq, 0.0f);  // the blocks write over garbage, the loops add into zeros
         ref::attention_backward(d.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
         loops_attention_backward(ld.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
         double ed = 0, scale = 0;
         for (size_t i = 0; i < nq; i++) {
             ed = std::max(ed, (double)fabs(d[i] - ld[i]));
-            scale = std::max(scale, (double)fabs(ld[i] - 0.25f));
+            scale = std::max(scale, (double)fabs(ld[i]));
         }
         check("attention blocks window " + std::to_string(window) + ": backward equals the plain loops",
               ed <= 1e-5 * std::max(1.0, scale), "(max abs diff %.2e, largest gradient %.2f, tol 1e-5 relative)", ed, scale);
@@ -743,8 +763,8 @@ static void test_gelu() {
     check("gelu forward vs erf form in double", worst <= 1e-6, "(max abs err %.2e, tol 1e-6)", worst);
 
     vector<float> dx(n, C_FILL);
-    ref::gelu_backward(dx.data(), G.data(), x.data(), n);
-    vector<double> a = minus_fill(dx);
+    ref::gelu_backward(dx.data(), G.data(), x.data(), n);  // written over C_FILL
+    vector<double> a = as_double(dx);
     auto objective = [&]() {
         ref::gelu_forward(out.data(), x.data(), n);
         return dot(G, out);
@@ -765,8 +785,8 @@ static void test_geglu() {
     check("geglu forward vs gelu(x)*g in double", worst <= 1e-5, "(max abs err %.2e, tol 1e-5)", worst);
 
     vector<float> dinp((size_t)N * 2 * I, C_FILL);
-    ref::geglu_backward(dinp.data(), G.data(), inp.data(), N, I);
-    vector<double> a = minus_fill(dinp);
+    ref::geglu_backward(dinp.data(), G.data(), inp.data(), N, I);  // written over C_FILL
+    vector<double> a = as_double(dinp);
     auto objective = [&]() {
         ref::geglu_forward(out.data(), inp.data(), N, I);
         return dot(G, out);
@@ -814,24 +834,27 @@ static void test_crossentropy() {
     const int N = 4, V = 7;
     const int targets[N] = {2, -100, 6, 0};
     const float dloss = 0.37f;
-    vector<float> logits = random_vec((size_t)N * V, -3.0f, 3.0f), losses(N);
+    vector<float> logits = random_vec((size_t)N * V, -3.0f, 3.0f), losses(N), lse(N, 123.0f);
 
-    ref::crossentropy_forward(losses.data(), logits.data(), targets, N, V);
-    double worst = 0;
+    ref::crossentropy_forward(losses.data(), lse.data(), logits.data(), targets, N, V);
+    double worst = 0, worst_lse = 0;
     for (int n = 0; n < N; n++) {
-        double want = 0;
+        double want = 0, want_lse = 0;
         if (targets[n] >= 0) {
             double s = 0;
             for (int v = 0; v < V; v++) s += exp((double)logits[n * V + v]);
-            want = log(s) - logits[n * V + targets[n]];
+            want_lse = log(s);
+            want = want_lse - logits[n * V + targets[n]];
         }
         worst = std::max(worst, fabs(losses[n] - want));
+        worst_lse = std::max(worst_lse, fabs(lse[n] - want_lse));
     }
-    check("crossentropy forward vs double (ignored row loss 0)", worst <= 1e-5 && losses[1] == 0.0f,
-          "(max abs err %.2e, tol 1e-5)", worst);
+    check("crossentropy forward vs double (ignored row: loss 0, lse 0)",
+          worst <= 1e-5 && worst_lse <= 1e-5 && losses[1] == 0.0f && lse[1] == 0.0f,
+          "(max abs err loss %.2e lse %.2e, tol 1e-5)", worst, worst_lse);
 
     vector<float> dlogits((size_t)N * V, C_FILL);  // the backward overwrites: C_FILL must disappear
-    ref::crossentropy_backward(dlogits.data(), logits.data(), targets, dloss, N, V);
+    ref::crossentropy_backward(dlogits.data(), logits.data(), lse.data(), targets, dloss, N, V);
     vector<double> a(dlogits.begin(), dlogits.end());
     bool ignored_zero = true;
     for (int v = 0; v < V; v++)
@@ -839,8 +862,8 @@ static void test_crossentropy() {
     check("crossentropy ignored target (-100) gets zero gradient", ignored_zero, "");
 
     auto objective = [&]() {
-        vector<float> l(N);
-        ref::crossentropy_forward(l.data(), logits.data(), targets, N, V);
+        vector<float> l(N), l_lse(N);
+        ref::crossentropy_forward(l.data(), l_lse.data(), logits.data(), targets, N, V);
         double acc = 0;
         for (int n = 0; n < N; n++) acc += (double)dloss * l[n];
         return acc;
@@ -852,7 +875,7 @@ static void test_crossentropy() {
 
     // aliasing: dlogits == logits gives the same gradient
     vector<float> alias = logits;
-    ref::crossentropy_backward(alias.data(), alias.data(), targets, dloss, N, V);
+    ref::crossentropy_backward(alias.data(), alias.data(), lse.data(), targets, dloss, N, V);
     check("crossentropy backward in place (dlogits aliases logits)", alias == dlogits, "");
 }
 
@@ -926,6 +949,97 @@ static void test_stable_adamw_rms() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------------------
+// exp_vec (the vectorizable exp of the softmax loops) against exp in double over its whole range
+static void test_exp_vec() {
+    double worst_ulp = 0.0, worst_x = 0.0;
+    for (double x = -87.3; x <= 88.7; x += 1.37e-4) {
+        const float xf = (float)x;
+        const double want = exp((double)xf);
+        const double ulp = (double)nextafterf((float)want, INFINITY) - (double)(float)want;
+        const double err = fabs((double)ref::exp_vec(xf) - want) / ulp;
+        if (err > worst_ulp) worst_ulp = err, worst_x = xf;
+    }
+    check("exp_vec within 2 ulp of exp over [-87.3, 88.7]", worst_ulp <= 2.0, "(worst %.2f ulp at x = %.4f)", worst_ulp,
+          worst_x);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    check("exp_vec: exp(0) = 1, underflow and -inf give 0, NaN stays NaN",
+          ref::exp_vec(0.0f) == 1.0f && ref::exp_vec(-88.0f) == 0.0f && ref::exp_vec(-1e30f) == 0.0f &&
+              ref::exp_vec(-INFINITY) == 0.0f && std::isnan(ref::exp_vec(nan)),
+          "");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Thread count: every op split over OpenMP threads gives the same bits with 1, 2, 3 and 5 threads (each
+// output element has one writer; sums over rows run in fixed chunks), on shapes with several chunks.
+// The GEMMs are the exception the design allows: each thread's slice is one BLAS call, and BLAS may sum
+// a slice's products in another order than the whole (its small-matrix kernels): within 1e-5 there.
+static void test_thread_count() {
+#ifdef _OPENMP
+    const int N = 333, C = 40, OC = 24, V = 300, I = 20, n_docs = 3, nh = 2, hd = 8, H = nh * hd;
+    const int T = 290, cu[n_docs + 1] = {0, 150, 151, 280};  // the last 10 rows are padding
+    vector<float> x = random_vec((size_t)N * C), w = random_vec(C, 0.5f, 1.5f), G = random_vec((size_t)N * C);
+    vector<float> wm = random_vec((size_t)OC * C), Gm = random_vec((size_t)N * OC), big = random_vec(3 * 4096 + 17);
+    vector<float> qkv = random_vec((size_t)T * 3 * H, -1.5f, 1.5f), Ga = random_vec((size_t)T * H);
+    vector<float> logits = random_vec((size_t)N * V, -3.0f, 3.0f), gg = random_vec((size_t)N * 2 * I, -3.0f, 3.0f);
+    vector<int> ids(N), targets(N);
+    for (int n = 0; n < N; n++) ids[n] = (int)(next_u64() % 7), targets[n] = n % 5 == 0 ? -100 : (int)(next_u64() % V);
+    auto run_all = [&]() {
+        vector<float> out((size_t)N * C), mean(N), rstd(N), dinp((size_t)N * C, C_FILL), dw(C, C_FILL);
+        ref::layernorm_forward(out.data(), mean.data(), rstd.data(), x.data(), w.data(), N, C, 1e-5f);
+        ref::layernorm_backward(dinp.data(), dw.data(), G.data(), x.data(), w.data(), mean.data(), rstd.data(), N, C,
+                                true);
+        vector<float> mo((size_t)N * OC), mdi((size_t)N * C), mdw((size_t)OC * C, C_FILL), mdb(OC, C_FILL);
+        ref::matmul_forward(mo.data(), x.data(), wm.data(), w.data(), N, C, OC);
+        ref::matmul_backward(mdi.data(), mdw.data(), mdb.data(), Gm.data(), x.data(), wm.data(), N, C, OC, false);
+        vector<float> emb((size_t)7 * C, C_FILL);
+        ref::embedding_backward(emb.data(), G.data(), ids.data(), N, C, 0, 7, 3);
+        vector<float> ao((size_t)T * H), al((size_t)T * nh), ad((size_t)T * 3 * H, C_FILL);
+        ref::attention_forward(ao.data(), al.data(), qkv.data(), cu, n_docs, T, nh, hd, 20);
+        ref::attention_backward(ad.data(), Ga.data(), ao.data(), al.data(), qkv.data(), cu, n_docs, T, nh, hd, 20);
+        vector<float> losses(N), lse(N), dl((size_t)N * V);
+        ref::crossentropy_forward(losses.data(), lse.data(), logits.data(), targets.data(), N, V);
+        ref::crossentropy_backward(dl.data(), logits.data(), lse.data(), targets.data(), 0.5f, N, V);
+        vector<float> geo((size_t)N * I), gdi((size_t)N * 2 * I);
+        ref::geglu_forward(geo.data(), gg.data(), N, I);
+        ref::geglu_backward(gdi.data(), geo.data(), gg.data(), N, I);
+        vector<float> p = big, m(big.size(), 0.01f), v(big.size(), 0.02f);
+        double rms = ref::stable_adamw_rms(big.data(), v.data(), big.size(), 0.98f, 1e-6f, 3, 0.5f);
+        ref::adamw_update(p.data(), big.data(), m.data(), v.data(), big.size(), 1e-3f, 0.9f, 0.98f, 1e-6f, 0.1f, 3, 0.5f);
+        vector<double> sums = {ref::sum(big.data(), big.size()), ref::sum_squares(big.data(), big.size()), rms};
+        vector<vector<float>> all = {out, mean, rstd, dinp, dw, mo, mdi, mdw, mdb, emb, ao, al, ad, losses, lse, dl,
+                                     geo, gdi, p, m, v};
+        for (double d : sums) all.push_back({(float)d, (float)(d - (float)d)});
+        return all;
+    };
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const auto one = run_all();
+    for (int threads : {2, 3, 5}) {
+        omp_set_num_threads(threads);
+        const auto many = run_all();
+        const std::set<size_t> gemm_outputs = {5, 6, 7};  // mo, mdi, mdw
+        std::string differ;
+        double gemm_diff = 0.0;
+        for (size_t k = 0; k < one.size(); k++) {
+            if (!gemm_outputs.count(k)) {
+                if (many[k] != one[k]) differ += " " + std::to_string(k);
+                continue;
+            }
+            for (size_t i = 0; i < one[k].size(); i++)
+                gemm_diff = std::max(gemm_diff, fabs((double)many[k][i] - one[k][i]) / (1.0 + fabs(one[k][i])));
+        }
+        check("GEMMs split over " + std::to_string(threads) + " threads match 1 thread to 1e-5", gemm_diff <= 1e-5,
+              "(max rel diff %.2e)", gemm_diff);
+        check("every op but the GEMMs gives the same bits with " + std::to_string(threads) + " threads as with 1", differ.empty(),
+              "(outputs that differ:%s)", differ.c_str());
+    }
+    omp_set_num_threads(before);
+#else
+    check("thread count (built without OpenMP: nothing to split)", true, "");
+#endif
+}
+
 int main(int argc, char** argv) {
     MPI_Init(&argc, &argv);
     test_embedding();
@@ -940,6 +1054,8 @@ int main(int argc, char** argv) {
     test_crossentropy();
     test_adamw();
     test_stable_adamw_rms();
+    test_exp_vec();
+    test_thread_count();
     printf("%d passed, %d failed\n", g_passed, g_failed);
     fflush(stdout);
     MPI_Finalize();
