@@ -289,24 +289,27 @@ inline void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, c
 #endif
 }
 
-// The same product with the rows of C split over the threads, one BLAS call per slice. BLAS itself
-// runs on one thread (set_cpu_threads in picotron.cu): a single pool of OpenMP threads does all the
-// work, so no BLAS thread pool spins while the ops' loops run, and each slice's sums are in the
-// order a one-thread call would use.
+// The same product cut into slices of fixed size that the threads share, one BLAS call per slice;
+// BLAS itself runs on one thread (set_cpu_threads in picotron.cu), so a single pool of OpenMP
+// threads does all the work and no BLAS pool spins while the ops' loops run. C is cut along its
+// longer side (the operand every slice re-reads, hence re-packs, is then the smaller one). The
+// slices do not depend on the thread count, so neither do the results, and dynamic scheduling
+// lets a thread that lost its core take fewer slices.
+constexpr int kGemmSliceRows = 512, kGemmSliceCols = 4096;
 inline void gemm_threaded(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
                           const float* B, int ldb, float beta, float* C, int ldc) {
-#pragma omp parallel
-    {
-        int n_threads = 1, thread = 0;
-#ifdef _OPENMP
-        n_threads = omp_get_num_threads();
-        thread = omp_get_thread_num();
-#endif
-        const int rows = ((M + n_threads - 1) / n_threads + 15) / 16 * 16;  // whole 16-row panels per thread
-        const int m0 = thread * rows, m1 = m0 + rows < M ? m0 + rows : M;
-        if (m0 < m1)
-            gemm(trans_a, trans_b, m1 - m0, N, K, alpha, trans_a ? A + m0 : A + (size_t)m0 * lda, lda, B, ldb, beta,
-                 C + (size_t)m0 * ldc, ldc);
+    const bool by_rows = M >= N;
+    const int extent = by_rows ? M : N, slice = by_rows ? kGemmSliceRows : kGemmSliceCols;
+    const int n_slices = (extent + slice - 1) / slice;
+#pragma omp parallel for schedule(dynamic)
+    for (int k = 0; k < n_slices; k++) {
+        const int lo = k * slice, len = extent - lo < slice ? extent - lo : slice;
+        if (by_rows)  // rows [lo, lo + len) of C and of op(A)
+            gemm(trans_a, trans_b, len, N, K, alpha, trans_a ? A + lo : A + (size_t)lo * lda, lda, B, ldb, beta,
+                 C + (size_t)lo * ldc, ldc);
+        else  // columns [lo, lo + len) of C and of op(B)
+            gemm(trans_a, trans_b, M, len, K, alpha, A, lda, trans_b ? B + (size_t)lo * ldb : B + lo, ldb, beta,
+                 C + lo, ldc);
     }
 }
 
@@ -577,15 +580,18 @@ inline void geglu_forward(float* out, const float* inp, int N, int I) {
             out[(size_t)n * I + i] = gelu(row[i]) * row[I + i];
         }
 }
-// dinp (N, 2I) = [gelu'(x) ⊙ g ⊙ dout | gelu(x) ⊙ dout]
+// dinp (N, 2I) = [gelu'(x) ⊙ g ⊙ dout | gelu(x) ⊙ dout]; gelu and gelu' share one erf (same bits
+// as gelu() and gelu_grad()).
 inline void geglu_backward(float* dinp, const float* dout, const float* inp, int N, int I) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int i = 0; i < I; i++) {
             const float* row = inp + (size_t)n * 2 * I;
-            float dy = dout[(size_t)n * I + i];
-            dinp[(size_t)n * 2 * I + i] = gelu_grad(row[i]) * row[I + i] * dy;
-            dinp[(size_t)n * 2 * I + I + i] = gelu(row[i]) * dy;
+            const float x = row[i], dy = dout[(size_t)n * I + i];
+            const float one_plus_erf = 1.0f + erff(x * (float)M_SQRT1_2);
+            const float grad = 0.5f * one_plus_erf + x * expf(-0.5f * x * x) * (float)(0.5 * M_2_SQRTPI * M_SQRT1_2);
+            dinp[(size_t)n * 2 * I + i] = grad * row[I + i] * dy;
+            dinp[(size_t)n * 2 * I + I + i] = 0.5f * x * one_plus_erf * dy;
         }
 }
 

@@ -861,10 +861,11 @@ struct Activations {
     // backward scratch
     float* d_resid;          // (T, H)  gradient flowing down the residual stream
     float* d_ln;             // (T, H)
-    float* d_atty;           // (T, H)
-    float* d_qkv;            // (T, 3H)
+    // a layer's MLP gradients are dead before its attention's are made: they share memory
     float* d_mlp_act;        // (T, I)
+    float* d_atty;           // (T, H)   in d_mlp_act's buffer
     float* d_mlp_in;         // (T, 2I)
+    float* d_qkv;            // (T, 3H)  in d_mlp_in's buffer
     float* d_head_a;         // (M, H)
     float* d_head_b;         // (M, H)
 };
@@ -913,10 +914,10 @@ static Activations alloc_activations(const ModelConfig& m, int T) {
     a.losses = ops::alloc_floats(a.M);
     a.d_resid = ops::alloc_floats(TH);
     a.d_ln = ops::alloc_floats(TH);
-    a.d_atty = ops::alloc_floats(TH);
-    a.d_qkv = ops::alloc_floats(3 * TH);
-    a.d_mlp_act = ops::alloc_floats((size_t)T * m.I);
-    a.d_mlp_in = ops::alloc_floats((size_t)T * 2 * m.I);
+    a.d_mlp_act = ops::alloc_floats((size_t)T * std::max(m.I, m.H));
+    a.d_atty = a.d_mlp_act;
+    a.d_mlp_in = ops::alloc_floats((size_t)T * std::max(2 * m.I, 3 * m.H));
+    a.d_qkv = a.d_mlp_in;
     a.d_head_a = ops::alloc_floats(MH);
     a.d_head_b = ops::alloc_floats(MH);
     return a;

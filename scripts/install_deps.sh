@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the builds consume and is missing, from Debian (root or sudo):
-#   g++ (C++17)            build-essential
+#   g++ (C++17, OpenMP)    build-essential
 #   MPI: mpicxx, mpi.h, libmpi, mpirun          libopenmpi-dev openmpi-bin
 #   OpenBLAS: cblas.h and -l$BLAS_LIB           libopenblas-dev
 # Each dependency is probed the way the build uses it: a small program is compiled, linked and run
@@ -17,7 +17,11 @@ check_only=0
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-probe_cxx() { printf 'int main() { return 0; }\n' | g++ -std=c++17 -x c++ - -o "$tmp/cxx" 2>"$tmp/cxx.err" && "$tmp/cxx"; }
+probe_cxx() {  # C++17 with OpenMP (libgomp), as the CPU build compiles
+    printf '#include <omp.h>\nint main() { int n = 0;\n#pragma omp parallel reduction(+ : n)\n  n += 1;\n'\
+'  return n == omp_get_max_threads() ? 0 : 1; }\n' > "$tmp/cxx.cpp"
+    g++ -std=c++17 -fopenmp "$tmp/cxx.cpp" -o "$tmp/cxx" 2>"$tmp/cxx.err" && "$tmp/cxx"
+}
 probe_mpi() {
     command -v mpicxx >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1 || return 1
     printf '#include <mpi.h>\nint main(int c, char** v) { MPI_Init(&c, &v); MPI_Finalize(); return 0; }\n' > "$tmp/mpi.cpp"

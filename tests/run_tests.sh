@@ -49,6 +49,32 @@ else
     else pass "exact resume (6 losses and final weights bit for bit)"; fi
 fi
 
+# Threads: the ops and the GEMM slices do not depend on the thread count, so 1, 2 and 3 threads
+# give the same losses and weights bit for bit; an exact resume holds with 2 threads. Run without
+# mpirun, so that no binding limits the threads.
+$BIN $TINY --steps 4 --threads 1 --log "$WORK/t1.jsonl" --export "$WORK/t1" >/dev/null 2>&1 \
+  && $BIN $TINY --steps 4 --threads 2 --log "$WORK/t2.jsonl" --export "$WORK/t2" >/dev/null 2>&1 \
+  && $BIN $TINY --steps 4 --threads 3 --log "$WORK/t3.jsonl" --export "$WORK/t3" >/dev/null 2>&1 \
+  && $BIN $TINY --steps 2 --threads 2 --save "$WORK/tck" --save-every 2 >/dev/null 2>&1 \
+  && $BIN $TINY --steps 4 --threads 2 --resume "$WORK/tck" --export "$WORK/t2r" >/dev/null 2>&1
+if [ $? != 0 ]; then fail "threads" "a run failed"
+else
+    a=$(grep -o '"loss": [^,]*' "$WORK/t1.jsonl"); b=$(grep -o '"loss": [^,]*' "$WORK/t2.jsonl")
+    c=$(grep -o '"loss": [^,]*' "$WORK/t3.jsonl")
+    if [ "$a" != "$b" ] || [ "$a" != "$c" ]; then fail "threads" "losses differ: $(echo $a) / $(echo $b) / $(echo $c)"
+    elif ! cmp -s "$WORK/t1/model.safetensors" "$WORK/t2/model.safetensors" \
+      || ! cmp -s "$WORK/t1/model.safetensors" "$WORK/t3/model.safetensors"; then fail "threads" "final weights differ"
+    elif ! cmp -s "$WORK/t2/model.safetensors" "$WORK/t2r/model.safetensors"; then fail "threads" "resume with 2 threads differs"
+    else pass "1, 2 and 3 threads: 4 losses and final weights bit for bit; exact resume with 2 threads"; fi
+fi
+# The thread count in use, and the warning when a rank is bound to fewer cores than its threads.
+out=$($MPIRUN -np 2 $BIN $TINY --dp 2 --steps 1 2>&1)
+if echo "$out" | grep -q "^threads per rank: 1 "; then pass "two ranks on one machine default to 1 thread each"
+else fail "threads default" "no 'threads per rank: 1' line in: $(echo "$out" | head -3)"; fi
+out=$(mpirun -np 1 --bind-to core $BIN $TINY --steps 1 --threads 2 2>&1)
+if echo "$out" | grep -q "warning: 2 threads on 1 core this rank may use"; then pass "a rank bound to 1 core with 2 threads is warned"
+else fail "binding warning" "no warning in: $(echo "$out" | head -3)"; fi
+
 # Export → import round trip is the identity: re-exporting an imported model gives the same bytes.
 if $MPIRUN -np 1 $BIN --init-from "$WORK/full" --data data/default --steps 0 --export "$WORK/again" >/dev/null 2>&1 \
    && cmp -s "$WORK/full/model.safetensors" "$WORK/again/model.safetensors" \

@@ -4,7 +4,8 @@
 //   - random inputs from a fixed-seed xorshift, a random upstream gradient G, objective f = Σ G ⊙ forward(x)
 //     accumulated in double;
 //   - analytic gradient: the op's backward called on gradient buffers pre-filled with C_FILL, minus C_FILL
-//     (this also checks the += contract: a backward that overwrote would be off by C_FILL everywhere);
+//     where it adds (weight gradients, accumulate = true: one that overwrote would be off by C_FILL), as is
+//     where it writes (an op that added would be off by C_FILL; check_written compares the two modes);
 //   - numeric gradient: central difference (f(x+h) − f(x−h)) / (x₊ − x₋), where x₊, x₋ are the fp32 values
 //     actually stored (so the rounding of x ± h does not bias the quotient). Linear ops (embedding, matmul,
 //     gather/scatter): h = 1e-2. Nonlinear ops (layernorm, attention, gelu, geglu, crossentropy): h = 5e-2 with
