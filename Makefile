@@ -64,7 +64,7 @@ data/mini/vocab.txt: picotron_cpu | data/corpus/text
 	./picotron_cpu --model mini --prepare-text data/corpus/text --data data/mini
 data: data/default/vocab.txt data/mini/vocab.txt
 
-# The demo: train mini (H 64, 2 layers, 4096 ids) for about 5 minutes on 2 CPU cores (2
+# The demo: train mini (H 64, 2 layers, 4096 ids) for about 3 minutes on 2 CPU cores (2
 # data-parallel ranks; the GPU build when a GPU is present, its ranks sharing it through
 # --comm mpi), then ask it to fill in sentences whose
 # answers need their context: a model of word frequencies alone would answer "the" or ",".
