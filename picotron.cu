@@ -321,7 +321,6 @@ static ProcessGrid make_grid(const TrainConfig& c) {
         if (local_size > devices)
             fatal("--comm nccl needs one GPU per rank: %d ranks on a node with %d GPU(s); use --comm mpi", local_size, devices);
         CUDA_CHECK(cudaSetDevice(local_rank));
-        CUDA_CHECK(cudaStreamCreateWithFlags(&g.comm_stream, cudaStreamNonBlocking));
         for (Group* group : g.groups()) {
             if (group->size <= 1) continue;
             ncclUniqueId id;
@@ -334,8 +333,26 @@ static ProcessGrid make_grid(const TrainConfig& c) {
         CUDA_CHECK(cudaGetDeviceCount(&devices));
         CUDA_CHECK(cudaSetDevice(g.world_rank % devices));  // --comm mpi: ranks may share a GPU
     }
+    // NCCL's collectives, or MPI's staging copies, run here beside the compute stream
+    CUDA_CHECK(cudaStreamCreateWithFlags(&g.comm_stream, cudaStreamNonBlocking));
 #endif
     return g;
+}
+
+// Before MPI_Finalize: the NCCL communicators and the communication stream go first (NCCL may
+// still hold the MPI-bootstrapped state and device resources), then the groups' MPI communicators.
+static void destroy_grid(ProcessGrid& g) {
+    for (Group* group : g.groups()) {
+#ifdef __CUDACC__
+        if (group->nccl) NCCL_CHECK(ncclCommDestroy(group->nccl));
+        group->nccl = nullptr;
+#endif
+        if (group->mpi != MPI_COMM_NULL) MPI_CHECK(MPI_Comm_free(&group->mpi));
+    }
+#ifdef __CUDACC__
+    if (g.comm_stream) CUDA_CHECK(cudaStreamDestroy(g.comm_stream));
+    g.comm_stream = nullptr;
+#endif
 }
 
 static void print_grid(ProcessGrid& g) {
@@ -384,16 +401,23 @@ static double now_us() {
     return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// Waits for the compute stream's work only: the communication stream's collectives keep running, so
+// a traced span does not absorb them and the trace still shows the overlap.
+static void sync_compute_stream() {
+#ifdef __CUDACC__
+    CUDA_CHECK(cudaStreamSynchronize(0));
+#endif
+}
 // A compute span from t_start_us to now (after the device finished the work).
 static void trace_compute(Tracer* t, const std::string& name, double t_start_us) {
     if (!t) return;
-    ops::synchronize();
+    sync_compute_stream();
     t->span(name, 0, t_start_us, now_us(), "");
 }
 // An op call's span, also added to its class's total.
 static void trace_op(Tracer* t, const char* op_class, double t_start_us) {
     if (!t) return;
-    ops::synchronize();
+    sync_compute_stream();
     const double t_end_us = now_us();
     t->span(op_class, 0, t_start_us, t_end_us, "");
     t->class_us[op_class] += t_end_us - t_start_us;
@@ -439,8 +463,10 @@ struct CommRequest {
     MPI_Request mpi[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};  // (send, recv for paired send-recv)
     float* device_dst = nullptr;  // GPU + MPI: where the staged result goes back ...
     size_t device_n = 0;          // ... and how many floats of it
-    std::vector<float> host;      // GPU + MPI: staging for the received (or in-place) data
-    std::vector<float> host_send; // GPU + MPI: staging for sent data (paired send-recv)
+    float* host = nullptr;        // GPU + MPI: pinned staging for the received (or in-place) data ...
+    size_t host_n = 0;
+    float* host_send = nullptr;   // ... and for sent data (paired send-recv)
+    size_t host_send_n = 0;
 #ifdef __CUDACC__
     cudaEvent_t done = nullptr;   // NCCL: recorded on the comm stream after the collective
 #endif
@@ -450,6 +476,7 @@ struct CommRequest {
 struct Comm {
     ProcessGrid* grid = nullptr;
     Tracer* tracer = nullptr;
+    std::multimap<size_t, float*> pinned_free;  // GPU + MPI: staging buffers by size, kept for reuse
 };
 
 static void trace_comm(Tracer* t, const CommRequest& r, double t_end_us) {
@@ -463,15 +490,63 @@ static void trace_comm(Tracer* t, const CommRequest& r, double t_end_us) {
 static bool use_nccl(const Comm& comm) { return comm.grid->backend == CommBackend::nccl; }
 #endif
 
-// Where MPI reads and writes: the buffer itself on the CPU build, a host copy on the GPU build.
-// (A vector's heap storage survives the request being moved, so MPI may keep the pointer.)
-static float* mpi_buffer(std::vector<float>& staging, float* device_buf, size_t n, bool copy_in) {
 #ifdef __CUDACC__
-    staging.resize(n);
-    if (copy_in) ops::copy_to_host(staging.data(), device_buf, n * sizeof(float));
-    return staging.data();
+// GPU + MPI staging. The host copies are pinned (a copy from pageable memory would wait for the
+// whole device) and run on the communication stream: the copy to the host first waits for what the
+// compute stream has queued so far (the data), then the host waits for that copy only, and the
+// compute stream keeps running. Buffers return to comm.pinned_free when their request ends (each
+// bucket asks for the same size every step).
+static float* pinned_take(Comm& comm, size_t n) {
+    auto it = comm.pinned_free.lower_bound(n);
+    if (it != comm.pinned_free.end()) {
+        float* p = it->second;
+        comm.pinned_free.erase(it);
+        return p;
+    }
+    void* p = nullptr;
+    CUDA_CHECK(cudaMallocHost(&p, (n ? n : 1) * sizeof(float)));
+    return static_cast<float*>(p);
+}
+static void pinned_give(Comm& comm, float*& p, size_t& n) {
+    if (p) comm.pinned_free.insert({n, p});
+    p = nullptr;
+    n = 0;
+}
+static void stage_to_host(Comm& comm, float* host, const float* device, size_t n) {
+    cudaStream_t stream = comm.grid->comm_stream;
+    cudaEvent_t ready;
+    CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventRecord(ready, 0));
+    CUDA_CHECK(cudaStreamWaitEvent(stream, ready, 0));
+    CUDA_CHECK(cudaEventDestroy(ready));
+    CUDA_CHECK(cudaMemcpyAsync(host, device, n * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+// The way back; the host waits for the copy, so the pinned buffer is free and the compute stream's
+// later kernels (queued after this returns) see the data.
+static void stage_to_device(Comm& comm, float* device, const float* host, size_t n) {
+    cudaStream_t stream = comm.grid->comm_stream;
+    CUDA_CHECK(cudaMemcpyAsync(device, host, n * sizeof(float), cudaMemcpyHostToDevice, stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+#endif
+static void comm_release_staging([[maybe_unused]] Comm& comm) {
+#ifdef __CUDACC__
+    for (auto& [n, p] : comm.pinned_free) CUDA_CHECK(cudaFreeHost(p));
+    comm.pinned_free.clear();
+#endif
+}
+
+// Where MPI reads and writes: the buffer itself on the CPU build, a pinned host copy (in *slot, of
+// *slot_n floats) on the GPU build, filled from device_buf when copy_in.
+static float* mpi_buffer([[maybe_unused]] Comm& comm, [[maybe_unused]] float** slot, [[maybe_unused]] size_t* slot_n,
+                         float* device_buf, [[maybe_unused]] size_t n, [[maybe_unused]] bool copy_in) {
+#ifdef __CUDACC__
+    *slot = pinned_take(comm, n);
+    *slot_n = n;
+    if (copy_in) stage_to_host(comm, *slot, device_buf, n);
+    return *slot;
 #else
-    (void)staging; (void)n; (void)copy_in;
     return device_buf;
 #endif
 }
@@ -524,7 +599,11 @@ static void comm_wait(Comm& comm, CommRequest& r) {
 #endif
     {
         MPI_CHECK(MPI_Waitall(2, r.mpi, MPI_STATUSES_IGNORE));
-        if (r.device_dst) ops::copy_to_device(r.device_dst, r.host.data(), r.device_n * sizeof(float));
+#ifdef __CUDACC__
+        if (r.device_dst) stage_to_device(comm, r.device_dst, r.host, r.device_n);
+        pinned_give(comm, r.host, r.host_n);
+        pinned_give(comm, r.host_send, r.host_send_n);
+#endif
     }
     r.active = false;
     trace_comm(comm.tracer, r, now_us());
@@ -535,7 +614,12 @@ static void comm_wait(Comm& comm, CommRequest& r) {
 static bool comm_test(Comm& comm, CommRequest& r) {
     if (!r.active) return true;
 #ifdef __CUDACC__
-    if (use_nccl(comm)) return cudaEventQuery(r.done) == cudaSuccess;
+    if (use_nccl(comm)) {  // not ready yet is the one non-success that is not a fault
+        const cudaError_t status = cudaEventQuery(r.done);
+        if (status == cudaErrorNotReady) return false;
+        CUDA_CHECK(status);
+        return true;
+    }
 #else
     (void)comm;
 #endif
@@ -552,7 +636,7 @@ static CommRequest comm_all_reduce_sum_start([[maybe_unused]] Comm& comm, Group&
     if (use_nccl(comm))
         return nccl_request(comm, r, [&](cudaStream_t st) { NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, g.nccl, st)); });
 #endif
-    float* host = mpi_buffer(r.host, buf, n, true);
+    float* host = mpi_buffer(comm, &r.host, &r.host_n, buf, n, true);
     stage_back(r, host, buf, n);
     MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, host, (int)n, MPI_FLOAT, MPI_SUM, g.mpi, &r.mpi[0]));
     return r;
@@ -568,7 +652,7 @@ static CommRequest comm_reduce_scatter_start([[maybe_unused]] Comm& comm, Group&
     if (use_nccl(comm))
         return nccl_request(comm, r, [&](cudaStream_t st) { NCCL_CHECK(ncclReduceScatter(send, recv, n, ncclFloat, ncclSum, g.nccl, st)); });
 #endif
-    float* host_send = mpi_buffer(r.host, send, n * g.size, true);
+    float* host_send = mpi_buffer(comm, &r.host, &r.host_n, send, n * g.size, true);
     if (host_send == send) {
         MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, (int)n, MPI_FLOAT, MPI_SUM, g.mpi, &r.mpi[0]));
     } else {  // staged: reduce in place, the result lands in the first n floats
@@ -588,10 +672,12 @@ static CommRequest comm_all_gather_start([[maybe_unused]] Comm& comm, Group& g, 
     if (use_nccl(comm))
         return nccl_request(comm, r, [&](cudaStream_t st) { NCCL_CHECK(ncclAllGather(send, recv, n, ncclFloat, g.nccl, st)); });
 #endif
-    float* host_recv = mpi_buffer(r.host, recv, n * g.size, false);
+    float* host_recv = mpi_buffer(comm, &r.host, &r.host_n, recv, n * g.size, false);
     if (host_recv != recv) {
         stage_back(r, host_recv, recv, n * g.size);
-        ops::copy_to_host(host_recv + (size_t)g.rank * n, send, n * sizeof(float));
+#ifdef __CUDACC__
+        stage_to_host(comm, host_recv + (size_t)g.rank * n, send, n);
+#endif
         MPI_CHECK(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, host_recv, (int)n, MPI_FLOAT, g.mpi, &r.mpi[0]));
     } else {
         MPI_CHECK(MPI_Iallgather(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, g.mpi, &r.mpi[0]));
@@ -606,7 +692,7 @@ static CommRequest comm_broadcast_start([[maybe_unused]] Comm& comm, Group& g, f
     if (use_nccl(comm))
         return nccl_request(comm, r, [&](cudaStream_t st) { NCCL_CHECK(ncclBroadcast(buf, buf, n, ncclFloat, root, g.nccl, st)); });
 #endif
-    float* host = mpi_buffer(r.host, buf, n, g.rank == root);
+    float* host = mpi_buffer(comm, &r.host, &r.host_n, buf, n, g.rank == root);
     stage_back(r, host, buf, n);
     MPI_CHECK(MPI_Ibcast(host, (int)n, MPI_FLOAT, root, g.mpi, &r.mpi[0]));
     return r;
@@ -627,11 +713,11 @@ static CommRequest comm_broadcast_start([[maybe_unused]] Comm& comm, Group& g, f
         });
 #endif
     if (src >= 0) {
-        float* host_recv = mpi_buffer(r.host, recv, n, false);
+        float* host_recv = mpi_buffer(comm, &r.host, &r.host_n, recv, n, false);
         stage_back(r, host_recv, recv, n);
         MPI_CHECK(MPI_Irecv(host_recv, (int)n, MPI_FLOAT, src, 0, g.mpi, &r.mpi[1]));
     }
-    if (dst >= 0) MPI_CHECK(MPI_Isend(mpi_buffer(r.host_send, send, n, true), (int)n, MPI_FLOAT, dst, 0, g.mpi, &r.mpi[0]));
+    if (dst >= 0) MPI_CHECK(MPI_Isend(mpi_buffer(comm, &r.host_send, &r.host_send_n, send, n, true), (int)n, MPI_FLOAT, dst, 0, g.mpi, &r.mpi[0]));
     return r;
 }
 
@@ -2028,6 +2114,7 @@ int main(int argc, char** argv) {
         if (!prepare_text_corpus(files, c.data, (uint32_t)m.V, m.special, first_special_id(m.special), &err))
             fatal("--prepare-text: %s", err.c_str());
         printf("prepared %zu text files into %s (vocabulary of %d ids for this model)\n", files.size(), c.data.c_str(), m.V);
+        destroy_grid(grid);
         MPI_Finalize();
         return 0;
     }
@@ -2045,6 +2132,7 @@ int main(int argc, char** argv) {
         if (!WordTokenizer::load(c.data + "/vocab.txt", &tok, &err, m.special)) fatal("--predict: %s", err.c_str());
         Activations a = alloc_activations(m, c.seq_len);
         for (const std::string& text : c.predict) predict(model, a, tok, text);
+        destroy_grid(grid);
         MPI_Finalize();
         return 0;
     }
@@ -2067,7 +2155,7 @@ int main(int argc, char** argv) {
     tracer.rank = grid.world_rank;
     tracer.t0_us = now_us();
     tracer.t0_unix_us = std::chrono::duration<double, std::micro>(std::chrono::system_clock::now().time_since_epoch()).count();
-    Comm comm{&grid, trace};
+    Comm comm{&grid, trace, {}};
     Group& grad_group = grid.dp_cp_group;  // the ranks that hold the same weights
     GradSync* sync = (grad_group.size > 1 || c.zero) ? make_grad_sync(&comm, &grad_group, model, c.zero, c.bucket_mb) : nullptr;
 
@@ -2197,6 +2285,8 @@ int main(int argc, char** argv) {
             fatal("cannot write %s", path.c_str());
     }
     MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));  // nobody finalizes while rank 0 may still fail writing
+    comm_release_staging(comm);
+    destroy_grid(grid);
     MPI_CHECK(MPI_Finalize());
     return 0;
 }

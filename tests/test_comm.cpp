@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &c.dp);
     ProcessGrid grid = make_grid(c);
     world_rank = grid.world_rank;
-    Comm comm{&grid, nullptr};
+    Comm comm{&grid, nullptr, {}};
     Group& g = grid.dp_group;
     const int n = g.size, r = g.rank;
     check(n >= 2, "at least 2 ranks", std::to_string(n));
