@@ -3,6 +3,7 @@
 #   g++ (C++17, OpenMP)    build-essential
 #   MPI: mpicxx, mpi.h, libmpi, mpirun          libopenmpi-dev openmpi-bin
 #   OpenBLAS: cblas.h and -l$BLAS_LIB           libopenblas-dev
+#   with nvcc: cuobjdump, nvdisasm               PyPI nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 # Each dependency is probed the way the build uses it: a small program is compiled, linked and run
 # with the same compiler, headers and libraries as the Makefile. A header alone proves nothing:
 # Debian's reference BLAS (libblas-dev) also ships cblas.h, but not libopenblas.
@@ -42,6 +43,21 @@ missing() {  # prints the Debian packages whose probe fails
     probe_blas || need+=(libopenblas-dev)
     echo "${need[@]}"
 }
+
+# With nvcc, the static GPU checks (tests/gpu_static.sh) need cuobjdump and nvdisasm, which this
+# toolkit lacks; PyPI has them. Only those checks need them, so a failure here is a warning.
+have_cuobjdump() {
+    command -v cuobjdump >/dev/null || python3 -c 'import nvidia, os, sys
+sys.exit(not os.path.exists(os.path.join(list(nvidia.__path__)[0], "cu13", "bin", "cuobjdump")))' 2>/dev/null
+}
+if command -v nvcc >/dev/null && ! have_cuobjdump; then
+    if [ $check_only = 1 ]; then echo "install_deps: nvcc without cuobjdump (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)" >&2
+    else
+        echo "installing cuobjdump and nvdisasm from PyPI"
+        python3 -m pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm >/dev/null 2>&1 ||
+            echo "install_deps: warning: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm failed" >&2
+    fi
+fi
 
 need=$(missing)
 if [ -z "$need" ]; then exit 0; fi

@@ -18,11 +18,12 @@ SUITES=(
   "bash tests/fault_tests.sh"
   "bash tests/reliability_tests.sh"
 )
+if command -v nvcc >/dev/null 2>&1; then SUITES+=("bash tests/gpu_static.sh"); fi  # spills, kernel table
 for t in "${SUITES[@]}"; do
     echo "== $t"
     out=$(timeout 900 $t 2>&1)
     rc=$?
-    if [[ $t == bash* ]]; then echo "$out" | grep -E '^(PASS|FAIL)' || true  # few lines, each worth reading
+    if [[ $t == bash* ]]; then echo "$out" | grep -E '^(PASS|FAIL|\| )' || true  # few lines, each worth reading
     else echo "$out" | grep -E '^FAIL|^ ' || true; fi
     line=$(echo "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed' | tail -n 1)
     if [ -z "$line" ]; then fail "$t" "no summary line (exit $rc): $(echo "$out" | tail -n 3)"; continue; fi
