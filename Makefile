@@ -1,7 +1,8 @@
 # picotron.cu — two builds of one source, the corpus, and the tests.
 #   make run        set-up, build, prepare the default corpus, train the mini demo, show masked predictions
-#   make test       the CPU test suite (no GPU needed); ends with "N passed, M failed"
+#   make test       the CPU test suite, the emulated CUDA kernels included (no GPU needed); ends with "N passed, M failed"
 #   make test-gpu   every CUDA kernel against its reference, on a machine with a GPU
+#   make test-emu   the same kernels under the CPU emulator of the CUDA execution model (no GPU needed)
 #   make bench-cpu  picotron_cpu vs PyTorch + transformers on the tiny model: s/step and peak memory (out/bench/bench.md)
 SHELL := /bin/bash
 
@@ -29,7 +30,7 @@ ifneq ($(NVCC),)
 BINARIES += picotron
 endif
 
-.PHONY: all deps data run test test-gpu bench-cpu clean
+.PHONY: all deps data run test test-gpu test-emu bench-cpu clean
 all: $(BINARIES)
 
 deps:
@@ -52,6 +53,35 @@ tests/st_edit: tests/st_edit.cpp safetensors.h
 
 tests/test_gpu: tests/test_gpu.cu $(HEADERS)
 	nvcc $(NVCCFLAGS) $(MPI_COMPILE) -I. tests/test_gpu.cu -o $@ $(CUDA_LIBS) $(MPI_LINK)
+
+# The CUDA emulator's builds (tests/cuda_emu.h): kernels.cuh's CUDA section compiled by g++ and run
+# thread by thread on the CPU, in forward, reverse and random thread order (tests/emu_tests.sh).
+EMU_FLAGS := -DPICOTRON_EMULATE -Wno-unused-function
+EMU_HEADERS := tests/cuda_emu.h tests/cuda_emu_mma.h
+tests/test_gpu_emu: tests/test_gpu.cu $(EMU_HEADERS) $(HEADERS)
+	g++ $(CXXFLAGS) $(EMU_FLAGS) $(MPI_COMPILE) -I. -x c++ tests/test_gpu.cu -o $@ $(MPI_LINK)
+
+tests/test_emu: tests/test_emu.cpp $(EMU_HEADERS)
+	g++ $(CXXFLAGS) $(EMU_FLAGS) -I. $< -o $@
+
+# and once under AddressSanitizer (out-of-bounds and use-after-free in kernels and launchers)
+ASAN_FLAGS := -O1 -g -fsanitize=address -fno-omit-frame-pointer
+tests/test_gpu_emu_asan: tests/test_gpu.cu $(EMU_HEADERS) $(HEADERS)
+	g++ $(CXXFLAGS) $(ASAN_FLAGS) $(EMU_FLAGS) $(MPI_COMPILE) -I. -x c++ tests/test_gpu.cu -o $@ $(MPI_LINK)
+
+tests/test_emu_asan: tests/test_emu.cpp $(EMU_HEADERS)
+	g++ $(CXXFLAGS) $(ASAN_FLAGS) $(EMU_FLAGS) -I. $< -o $@
+
+EMU_BINS := tests/test_emu tests/test_gpu_emu tests/test_emu_asan tests/test_gpu_emu_asan picotron_emu
+
+# picotron.cu's GPU build compiled by g++ under the emulator: the trainer's kernels, cuBLASLt calls,
+# streams, events and pinned staging run on the CPU (NCCL is not emulated: run it with --comm mpi).
+# tests/emu_trainer.sh trains it against picotron_cpu (mini model, 1 rank and dp 2; under a minute).
+picotron_emu: picotron.cu $(EMU_HEADERS) $(HEADERS)
+	g++ $(CXXFLAGS) $(EMU_FLAGS) $(MPI_COMPILE) -I. -x c++ picotron.cu -o $@ $(MPI_LINK)
+
+test-emu: $(EMU_BINS) picotron_cpu tests/compare_runs data
+	@bash tests/emu_tests.sh
 
 # The default corpus: English text from Debian's fortune files, tokenized with the built-in word
 # tokenizer (no Python, no hub): data/default for ModernBERT's vocabulary (tiny, base, large),
@@ -89,7 +119,7 @@ run: deps
 TEST_BINS := tests/test_ops tests/test_data tests/test_safetensors tests/test_model tests/test_comm tests/compare_runs \
              tests/st_edit
 test: deps
-	@$(MAKE) --no-print-directory picotron_cpu $(TEST_BINS) data
+	@$(MAKE) --no-print-directory picotron_cpu $(TEST_BINS) $(EMU_BINS) data
 	@bash tests/run_tests.sh
 
 test-gpu: picotron picotron_cpu tests/test_gpu tests/compare_runs data
@@ -104,4 +134,4 @@ bench-cpu: picotron_cpu
 	python3 scripts/bench_cpu.py
 
 clean:
-	rm -f picotron picotron_cpu $(TEST_BINS) tests/test_gpu
+	rm -f picotron picotron_cpu $(TEST_BINS) tests/test_gpu $(EMU_BINS)

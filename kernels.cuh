@@ -28,6 +28,9 @@
 #include <cstring>
 #include <vector>
 #include <mpi.h>
+#ifdef PICOTRON_EMULATE
+#include "tests/cuda_emu.h"  // the g++ test build: the CUDA section runs on the CPU (it defines __CUDACC__)
+#endif
 #ifndef __CUDACC__
 #include <cblas.h>
 #endif
@@ -705,11 +708,13 @@ inline double stable_adamw_rms(const float* grad, const float* v, size_t n, floa
 //     array;
 //   - no fast math: expf/logf/erff/cosf/sinf/powf are the accurate ones.
 #include <cstdint>
+#ifndef PICOTRON_EMULATE  // (the emulator provides both)
 #include <cuda_runtime.h>
 #include <cublasLt.h>
+#endif
 
 // ---- error checks ----
-// Every CUDA or cuBLAS call is checked; a kernel launch is followed by CUDA_CHECK(cudaGetLastError()).
+// Every CUDA or cuBLAS call is checked, every kernel launch too (CUDA_LAUNCH below).
 #define CUDA_CHECK(call)                                                                                     \
     do {                                                                                                     \
         cudaError_t cuda_status_ = (call);                                                                   \
@@ -724,6 +729,22 @@ inline double stable_adamw_rms(const float* grad, const float* v, size_t n, floa
             fatal("cuBLAS error %d (%s) at %s:%d", (int)cublas_status_, cublasLtGetStatusString(cublas_status_), \
                   __FILE__, __LINE__);                                                                       \
     } while (0)
+// Every kernel starts through CUDA_LAUNCH(kernel, grid, block, args...), which also checks the launch:
+// the <<<grid, block>>> launch under nvcc; under the emulator its launch, which runs the kernel thread
+// by thread on the CPU and names it in its error messages.
+#ifdef PICOTRON_EMULATE
+#define CUDA_LAUNCH(kernel, grid, block, ...)         \
+    do {                                              \
+        EMU_LAUNCH(kernel, grid, block, __VA_ARGS__); \
+        CUDA_CHECK(cudaGetLastError());               \
+    } while (0)
+#else
+#define CUDA_LAUNCH(kernel, grid, block, ...) \
+    do {                                      \
+        kernel<<<grid, block>>>(__VA_ARGS__); \
+        CUDA_CHECK(cudaGetLastError());       \
+    } while (0)
+#endif
 
 namespace cuda {
 
@@ -785,6 +806,137 @@ __device__ inline float block_max(float v) {
     float total = partial[0];
     for (int w = 1; w < n_warps; w++) total = fmaxf(total, partial[w]);
     return total;
+}
+
+// ---- tensor-core primitives ----
+// Thin wrappers for the warp-level tensor-core and asynchronous-copy instructions that fast kernels
+// use; kernels call these and never write asm themselves. Under nvcc each is one inline-PTX
+// instruction (sm_80+); under the emulator (PICOTRON_EMULATE) each calls its model in
+// tests/cuda_emu_mma.h, which states the fragment layouts (PTX ISA "Matrix Fragments for
+// mma.m16n8k16 with floating point type" and "ldmatrix") and checks them against tests/test_gpu.cu's
+// tile test on a GPU. bf16 values travel as raw 16-bit patterns, two to a uint32_t register (the
+// lower-indexed element in the low half). mma and ldmatrix are warp-collective: all 32 lanes call
+// them together (converged, full warp).
+//   mma_m16n8k16_bf16: D (16×8 f32) = A (16×16 bf16, row) · B (16×8 bf16, col) + C; per lane
+//     a[4], b[2], c[4], d[4] in the PTX fragment layouts (d may alias c).
+//   ldmatrix_x{1,2,4}[_trans]: 1, 2 or 4 8×8 b16 matrices from shared memory; lane 8m+i passes the
+//     address of row i of matrix m (16-byte aligned); _trans delivers each matrix transposed.
+//   cp_async_16 / cp_async_commit / cp_async_wait<N>: 16-byte global → shared copies (cp.async.cg,
+//     both 16-byte aligned), grouped by commit; wait<N> returns once at most N of this thread's
+//     groups are still in flight. Other threads see the data only after a barrier that follows the wait.
+//   pack_bf16x2(lo, hi): two floats to bf16, round to nearest even (NaN stays NaN); bf16_to_float and
+//   bf16x2_lo / bf16x2_hi: exact widening.
+__device__ inline uint32_t pack_bf16x2(float lo, float hi) {
+#ifdef PICOTRON_EMULATE
+    return emu::pack_bf16x2(lo, hi);
+#else
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // d.hi = cvt(a), d.lo = cvt(b)
+    return r;
+#endif
+}
+__host__ __device__ inline float bits_to_float(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+__host__ __device__ inline float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+__host__ __device__ inline float bf16x2_lo(uint32_t r) { return bits_to_float(r << 16); }
+__host__ __device__ inline float bf16x2_hi(uint32_t r) { return bits_to_float(r & 0xffff0000u); }
+
+__device__ inline void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+#ifdef PICOTRON_EMULATE
+    emu::mma_m16n8k16_bf16(d, a, b, c);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#endif
+}
+
+#ifndef PICOTRON_EMULATE
+__device__ inline uint32_t smem_address(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+#endif
+__device__ inline void ldmatrix_x1(uint32_t r[1], const void* smem_row) {
+#ifdef PICOTRON_EMULATE
+    emu::ldmatrix<1, false>(r, smem_row);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];" : "=r"(r[0]) : "r"(smem_address(smem_row)));
+#endif
+}
+__device__ inline void ldmatrix_x2(uint32_t r[2], const void* smem_row) {
+#ifdef PICOTRON_EMULATE
+    emu::ldmatrix<2, false>(r, smem_row);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_address(smem_row)));
+#endif
+}
+__device__ inline void ldmatrix_x4(uint32_t r[4], const void* smem_row) {
+#ifdef PICOTRON_EMULATE
+    emu::ldmatrix<4, false>(r, smem_row);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(smem_row)));
+#endif
+}
+__device__ inline void ldmatrix_x1_trans(uint32_t r[1], const void* smem_row) {
+#ifdef PICOTRON_EMULATE
+    emu::ldmatrix<1, true>(r, smem_row);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];"
+                 : "=r"(r[0])
+                 : "r"(smem_address(smem_row)));
+#endif
+}
+__device__ inline void ldmatrix_x2_trans(uint32_t r[2], const void* smem_row) {
+#ifdef PICOTRON_EMULATE
+    emu::ldmatrix<2, true>(r, smem_row);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_address(smem_row)));
+#endif
+}
+__device__ inline void ldmatrix_x4_trans(uint32_t r[4], const void* smem_row) {
+#ifdef PICOTRON_EMULATE
+    emu::ldmatrix<4, true>(r, smem_row);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(smem_row)));
+#endif
+}
+
+__device__ inline void cp_async_16(void* smem, const void* gmem) {
+#ifdef PICOTRON_EMULATE
+    emu::cp_async_16(smem, gmem);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_address(smem)),
+                 "l"(__cvta_generic_to_global(gmem))
+                 : "memory");
+#endif
+}
+__device__ inline void cp_async_commit() {
+#ifdef PICOTRON_EMULATE
+    emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ inline void cp_async_wait() {
+    static_assert(N >= 0, "cp.async.wait_group N: N ≥ 0");
+#ifdef PICOTRON_EMULATE
+    emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
 }
 
 // ---- device context ----
@@ -858,12 +1010,10 @@ inline void column_sum_add(float* out, int N, int C, Term term) {
     const int n_chunks = (int)div_round_up(N, rows_per_chunk);  // no empty chunk
     float* partial = n_chunks > 1 ? static_cast<float*>(blas().workspace) : nullptr;
     dim3 grid((unsigned)column_tiles, (unsigned)n_chunks);
-    column_sum_partial_kernel<<<grid, dim3(WARP_SIZE, WARP_SIZE)>>>(partial, out, N, C, rows_per_chunk, term);
-    CUDA_CHECK(cudaGetLastError());
-    if (partial) {
-        column_sum_final_kernel<<<(unsigned)div_round_up(C, BLOCK_SIZE), BLOCK_SIZE>>>(out, partial, n_chunks, C);
-        CUDA_CHECK(cudaGetLastError());
-    }
+    CUDA_LAUNCH(column_sum_partial_kernel, grid, dim3(WARP_SIZE, WARP_SIZE), partial, out, N, C, rows_per_chunk, term);
+    if (partial)
+        CUDA_LAUNCH(column_sum_final_kernel, (unsigned)div_round_up(C, BLOCK_SIZE), BLOCK_SIZE, out, partial, n_chunks,
+                    C);
 }
 
 // ---- memory ----
@@ -910,8 +1060,8 @@ __global__ void embedding_forward_kernel(float* out, const int* ids, const float
 inline void embedding_forward(float* out, const int* ids, const float* wte, int T, int H, int vocab_start,
                               int vocab_rows) {
     if (T <= 0 || H <= 0) return;
-    embedding_forward_kernel<<<grid_for((size_t)T * H), BLOCK_SIZE>>>(out, ids, wte, T, H, vocab_start, vocab_rows);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(embedding_forward_kernel, grid_for((size_t)T * H), BLOCK_SIZE, out, ids, wte, T, H, vocab_start,
+                vocab_rows);
 }
 
 // dwte (vocab_rows, H) += dout rows scattered by id, pad id skipped — without atomics.
@@ -952,9 +1102,8 @@ inline void embedding_backward(float* dwte, const float* dout, const int* ids, i
     const int row_blocks = vocab_rows < EMB_ROW_BLOCKS ? vocab_rows : EMB_ROW_BLOCKS;
     const int rows_per_block = (int)div_round_up(vocab_rows, row_blocks);
     dim3 grid((unsigned)div_round_up(H, EMB_COLS), (unsigned)row_blocks);
-    embedding_backward_kernel<<<grid, EMB_COLS>>>(dwte, dout, ids, T, H, vocab_start, vocab_rows, pad_id,
-                                                  rows_per_block);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(embedding_backward_kernel, grid, EMB_COLS, dwte, dout, ids, T, H, vocab_start, vocab_rows, pad_id,
+                rows_per_block);
 }
 
 // ---- layernorm ----
@@ -983,9 +1132,8 @@ __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, c
 inline void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, int N,
                               int C, float eps) {
     if (N <= 0 || C <= 0) return;
-    layernorm_forward_kernel<<<grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE>>>(out, mean, rstd, inp, weight, N,
-                                                                                     C, eps);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(layernorm_forward_kernel, grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE, out, mean, rstd, inp,
+                weight, N, C, eps);
 }
 
 // dinp (N, C) = (or +=, accumulate) rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * weight.
@@ -1026,11 +1174,9 @@ struct LayerNormWeightGrad {
 inline void layernorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
                                const float* mean, const float* rstd, int N, int C, bool accumulate) {
     if (N <= 0 || C <= 0) return;
-    if (dinp) {
-        layernorm_backward_dinp_kernel<<<grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE>>>(
-            dinp, dout, inp, weight, mean, rstd, N, C, accumulate);
-        CUDA_CHECK(cudaGetLastError());
-    }
+    if (dinp)
+        CUDA_LAUNCH(layernorm_backward_dinp_kernel, grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE, dinp, dout, inp,
+                    weight, mean, rstd, N, C, accumulate);
     if (dweight) column_sum_add(dweight, N, C, LayerNormWeightGrad{dout, inp, mean, rstd, C});
 }
 
@@ -1107,10 +1253,7 @@ inline void matmul_forward(float* out, const float* inp, const float* weight, co
     } else {
         zero_floats(out, (size_t)N * OC);  // an empty sum
     }
-    if (bias) {
-        add_bias_kernel<<<grid_for((size_t)N * OC), BLOCK_SIZE>>>(out, bias, N, OC);
-        CUDA_CHECK(cudaGetLastError());
-    }
+    if (bias) CUDA_LAUNCH(add_bias_kernel, grid_for((size_t)N * OC), BLOCK_SIZE, out, bias, N, OC);
 }
 // dbias[o] += Σ_n dout[n, o], through column_sum_add (fixed order, two passes).
 struct BiasGrad {
@@ -1138,8 +1281,7 @@ __global__ void add_inplace_kernel(float* x, const float* y, size_t n) {
 }
 inline void add_inplace(float* x, const float* y, size_t n) {
     if (!n) return;
-    add_inplace_kernel<<<grid_for(n), BLOCK_SIZE>>>(x, y, n);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(add_inplace_kernel, grid_for(n), BLOCK_SIZE, x, y, n);
 }
 
 // ---- rope ----
@@ -1178,8 +1320,7 @@ inline void rope_rotate(float* qkv, const int* pos, int T, int nh, int hd, float
     if (T <= 0 || nh <= 0 || half <= 0) return;
     RopeFrequencies freqs = {};
     for (int i = 0; i < half; i++) freqs.inv_freq[i] = rope_inv_freq(i, hd, theta);
-    rope_kernel<<<grid_for((size_t)T * 2 * nh * half), BLOCK_SIZE>>>(qkv, pos, T, nh, hd, direction, freqs);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(rope_kernel, grid_for((size_t)T * 2 * nh * half), BLOCK_SIZE, qkv, pos, T, nh, hd, direction, freqs);
 }
 inline void rope_forward(float* qkv, const int* pos, int T, int nh, int hd, float theta) {
     rope_rotate(qkv, pos, T, nh, hd, theta, 1.0f);
@@ -1276,9 +1417,8 @@ inline void attention_forward(float* out, float* lse, const float* qkv, const in
     if (hd <= 0 || hd > MAX_HEAD_DIM) fatal("attention: head dim %d outside [1, %d]", hd, MAX_HEAD_DIM);
     if (T <= 0 || nh <= 0) return;
     const float scale = 1.0f / sqrtf((float)hd);
-    attention_forward_kernel<<<grid_for_warps((size_t)T * nh, ATT_WARPS), ATT_WARPS * WARP_SIZE>>>(
-        out, lse, qkv, cu_seqlens, n_docs, T, nh, hd, window, scale);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(attention_forward_kernel, grid_for_warps((size_t)T * nh, ATT_WARPS), ATT_WARPS * WARP_SIZE, out, lse,
+                qkv, cu_seqlens, n_docs, T, nh, hd, window, scale);
 }
 
 // Backward, query side: dq_i = scale Σ_j ds_ij k_j with ds_ij = p_ij (dout_i · v_j − D_i),
@@ -1424,12 +1564,10 @@ inline void attention_backward(float* dqkv, const float* dout, const float* out,
     const float scale = 1.0f / sqrtf((float)hd);
     const unsigned blocks = grid_for_warps((size_t)T * nh, ATT_WARPS);
     // the two kernels write disjoint parts of dqkv (q vs k, v), so their order does not matter
-    attention_backward_dq_kernel<<<blocks, ATT_WARPS * WARP_SIZE>>>(dqkv, dout, out, lse, qkv, cu_seqlens, n_docs, T,
-                                                                    nh, hd, window, scale);
-    CUDA_CHECK(cudaGetLastError());
-    attention_backward_dkv_kernel<<<blocks, ATT_WARPS * WARP_SIZE>>>(dqkv, dout, out, lse, qkv, cu_seqlens, n_docs, T,
-                                                                     nh, hd, window, scale);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(attention_backward_dq_kernel, blocks, ATT_WARPS * WARP_SIZE, dqkv, dout, out, lse, qkv, cu_seqlens,
+                n_docs, T, nh, hd, window, scale);
+    CUDA_LAUNCH(attention_backward_dkv_kernel, blocks, ATT_WARPS * WARP_SIZE, dqkv, dout, out, lse, qkv, cu_seqlens,
+                n_docs, T, nh, hd, window, scale);
 }
 
 // ---- gelu ----
@@ -1449,13 +1587,11 @@ __global__ void gelu_backward_kernel(float* dinp, const float* dout, const float
 }
 inline void gelu_forward(float* out, const float* inp, size_t n) {
     if (!n) return;
-    gelu_forward_kernel<<<grid_for(n), BLOCK_SIZE>>>(out, inp, n);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(gelu_forward_kernel, grid_for(n), BLOCK_SIZE, out, inp, n);
 }
 inline void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n) {
     if (!n || !dinp) return;
-    gelu_backward_kernel<<<grid_for(n), BLOCK_SIZE>>>(dinp, dout, inp, n);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(gelu_backward_kernel, grid_for(n), BLOCK_SIZE, dinp, dout, inp, n);
 }
 
 // ---- geglu ----
@@ -1481,13 +1617,11 @@ __global__ void geglu_backward_kernel(float* dinp, const float* dout, const floa
 }
 inline void geglu_forward(float* out, const float* inp, int N, int I) {
     if (N <= 0 || I <= 0) return;
-    geglu_forward_kernel<<<grid_for((size_t)N * I), BLOCK_SIZE>>>(out, inp, N, I);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(geglu_forward_kernel, grid_for((size_t)N * I), BLOCK_SIZE, out, inp, N, I);
 }
 inline void geglu_backward(float* dinp, const float* dout, const float* inp, int N, int I) {
     if (!dinp || N <= 0 || I <= 0) return;
-    geglu_backward_kernel<<<grid_for((size_t)N * I), BLOCK_SIZE>>>(dinp, dout, inp, N, I);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(geglu_backward_kernel, grid_for((size_t)N * I), BLOCK_SIZE, dinp, dout, inp, N, I);
 }
 
 // ---- sparse prediction rows ----
@@ -1510,13 +1644,11 @@ __global__ void scatter_rows_backward_kernel(float* dinp, const float* dout, con
 }
 inline void gather_rows(float* out, const float* inp, const int* rows, int n_rows, int C) {
     if (n_rows <= 0 || C <= 0) return;
-    gather_rows_kernel<<<grid_for((size_t)n_rows * C), BLOCK_SIZE>>>(out, inp, rows, n_rows, C);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(gather_rows_kernel, grid_for((size_t)n_rows * C), BLOCK_SIZE, out, inp, rows, n_rows, C);
 }
 inline void scatter_rows_backward(float* dinp, const float* dout, const int* rows, int n_rows, int C) {
     if (!dinp || n_rows <= 0 || C <= 0) return;
-    scatter_rows_backward_kernel<<<grid_for((size_t)n_rows * C), BLOCK_SIZE>>>(dinp, dout, rows, n_rows, C);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(scatter_rows_backward_kernel, grid_for((size_t)n_rows * C), BLOCK_SIZE, dinp, dout, rows, n_rows, C);
 }
 
 // ---- cross-entropy ----
@@ -1546,8 +1678,7 @@ __global__ void crossentropy_forward_kernel(float* losses, float* lse, const flo
 inline void crossentropy_forward(float* losses, float* lse, const float* logits, const int* targets, int N, int V) {
     if (N <= 0) return;
     if (V <= 0) fatal("crossentropy: vocabulary size %d", V);
-    crossentropy_forward_kernel<<<(unsigned)N, CE_THREADS>>>(losses, lse, logits, targets, V);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(crossentropy_forward_kernel, (unsigned)N, CE_THREADS, losses, lse, logits, targets, V);
 }
 // dlogits (N, V) = dloss · (exp(x − lse) − onehot(target)), overwriting; ignored rows get zeros.
 // One thread per element, grid-stride; each reads x[v] just before writing dx[v] at the same index,
@@ -1565,8 +1696,8 @@ inline void crossentropy_backward(float* dlogits, const float* logits, const flo
                                   float dloss, int N, int V) {
     if (N <= 0) return;
     if (V <= 0) fatal("crossentropy: vocabulary size %d", V);
-    crossentropy_backward_kernel<<<grid_for((size_t)N * V), BLOCK_SIZE>>>(dlogits, logits, lse, targets, dloss, N, V);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(crossentropy_backward_kernel, grid_for((size_t)N * V), BLOCK_SIZE, dlogits, logits, lse, targets, dloss,
+                N, V);
 }
 
 // ---- reductions to the host ----
@@ -1596,10 +1727,8 @@ inline double reduce_to_host(size_t n, Term term) {
     if (!n) return 0.0;
     const size_t blocks = div_round_up(n, REDUCE_THREADS);
     const int n_blocks = (int)(blocks < (size_t)REDUCE_MAX_BLOCKS ? blocks : (size_t)REDUCE_MAX_BLOCKS);
-    reduce_partials_kernel<<<n_blocks, REDUCE_THREADS>>>(n, term);
-    CUDA_CHECK(cudaGetLastError());
-    reduce_final_kernel<<<1, REDUCE_THREADS>>>(n_blocks);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(reduce_partials_kernel, n_blocks, REDUCE_THREADS, n, term);
+    CUDA_LAUNCH(reduce_final_kernel, 1, REDUCE_THREADS, n_blocks);
     double result = 0.0;
     CUDA_CHECK(cudaMemcpyFromSymbol(&result, reduce_result, sizeof result));
     return result;
@@ -1640,9 +1769,8 @@ inline void adamw_update(float* param, const float* grad, float* m, float* v, si
     const float bias_correction2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
     const float step_size = lr / bias_correction1;
     const float decay = 1.0f - lr * weight_decay;
-    adamw_kernel<<<grid_for(n), BLOCK_SIZE>>>(param, grad, m, v, n, beta1, beta2, 1.0f - beta1, 1.0f - beta2, eps,
-                                              decay, step_size, bias_correction2_sqrt, grad_scale);
-    CUDA_CHECK(cudaGetLastError());
+    CUDA_LAUNCH(adamw_kernel, grid_for(n), BLOCK_SIZE, param, grad, m, v, n, beta1, beta2, 1.0f - beta1, 1.0f - beta2,
+                eps, decay, step_size, bias_correction2_sqrt, grad_scale);
 }
 // StableAdamW's RMS(g / √max(v̂, ε²)), v̂ the bias-corrected second moment after this step: the same
 // fixed-order double reduction as sum(), each term computed in double exactly as ref does.

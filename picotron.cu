@@ -22,7 +22,9 @@
 #include "kernels.cuh"
 #include "safetensors.h"
 #ifdef __CUDACC__
+#ifndef PICOTRON_EMULATE  // tests/cuda_emu.h (via kernels.cuh) declares the NCCL subset
 #include <nccl.h>
+#endif
 #define NCCL_CHECK(call)                                                                            \
     do {                                                                                            \
         ncclResult_t nccl_status_ = (call);                                                         \

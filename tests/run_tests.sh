@@ -17,6 +17,7 @@ SUITES=(
   "bash tests/parallel_tests.sh"
   "bash tests/fault_tests.sh"
   "bash tests/reliability_tests.sh"
+  "bash tests/emu_tests.sh"
 )
 if command -v nvcc >/dev/null 2>&1; then SUITES+=("bash tests/gpu_static.sh"); fi  # spills, kernel table
 for t in "${SUITES[@]}"; do

@@ -8,6 +8,8 @@
 //
 //   nvcc -std=c++17 -O2 -arch=sm_90 -DOMPI_SKIP_MPICXX -I<mpi include> -x cu tests/test_gpu.cu
 //        -o tests/test_gpu -lcublasLt -lcublas -L<mpi lib> -lmpi      (one line; see `mpicxx --showme`)
+// Without a GPU, `make test-emu` builds it with g++ under the CPU emulator (tests/cuda_emu.h) and runs
+// it in forward, reverse and random thread order (same shapes; about 15-20 s an order on 2 cores).
 #include "../kernels.cuh"
 
 #include <algorithm>
@@ -35,8 +37,20 @@ static void record(bool ok, const std::string& name, const char* detail) {
 }
 
 // every element within atol + rtol·|want|; NaN anywhere fails
+// With $PICOTRON_DIGEST set (tests/emu_tests.sh does, for each thread order of the emulated run),
+// every checked device output is hashed (FNV-1a of its bytes) into that file, one line per check:
+// the files of different orders must be equal, or some kernel's result depends on thread order.
+static void record_digest(const std::string& name, const void* data, size_t bytes) {
+    static FILE* digest = getenv("PICOTRON_DIGEST") ? fopen(getenv("PICOTRON_DIGEST"), "w") : nullptr;
+    if (!digest) return;
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < bytes; i++) h = (h ^ static_cast<const unsigned char*>(data)[i]) * 1099511628211ull;
+    fprintf(digest, "%016llx %s\n", (unsigned long long)h, name.c_str());
+    fflush(digest);
+}
 static bool check(const std::string& name, const std::vector<float>& got, const std::vector<float>& want, double atol,
                   double rtol) {
+    record_digest(name, got.data(), got.size() * sizeof(float));
     char detail[256];
     if (got.size() != want.size()) {
         snprintf(detail, sizeof detail, "size %zu != %zu", got.size(), want.size());
@@ -65,6 +79,7 @@ static bool check(const std::string& name, const std::vector<float>& got, const 
     return ok;
 }
 static bool check_scalar(const std::string& name, double got, double want, double tol) {
+    record_digest(name, &got, sizeof got);
     char detail[256];
     double err = std::fabs(got - want);
     bool ok = err <= tol;
@@ -559,6 +574,237 @@ static void test_adamw(size_t n) {
     for (void* p : std::initializer_list<void*>{d_param, d_grad, d_m, d_v}) cuda::free_buffer(p);
 }
 
+// ---- tensor-core primitives ----
+// The wrappers of kernels.cuh's "tensor-core primitives": on a GPU this checks the emulator's layouts
+// (tests/cuda_emu_mma.h) against the hardware; under the emulator, the models themselves.
+static uint16_t* upload_u16(const std::vector<uint16_t>& h) {
+    void* d = nullptr;
+    CUDA_CHECK(cudaMalloc(&d, h.size() * 2));
+    CUDA_CHECK(cudaMemcpy(d, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+    return static_cast<uint16_t*>(d);
+}
+template <typename T>
+static T* device_array(size_t n) {
+    void* d = nullptr;
+    CUDA_CHECK(cudaMalloc(&d, n * sizeof(T)));
+    return static_cast<T*>(d);
+}
+template <typename T>
+static std::vector<T> download_array(const T* d, size_t n) {
+    std::vector<T> h(n);
+    CUDA_CHECK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+// the host's own round-to-nearest-even float → bf16 (NaN quieted), independent of kernels.cuh's
+static uint16_t host_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40);
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1)) >> 16);
+}
+static float host_bf16_float(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+// One warp: Q, K, V (16×16 bf16, row-major) → shared memory by cp.async; S = Q·Kᵀ (A = Q by
+// ldmatrix_x4, B = K rows by ldmatrix_x4: two n8 tiles); P = bf16(S) packed from S's accumulator
+// fragments straight into an A fragment; O = P·V (B = V by ldmatrix_x4_trans). Writes S and O (fp32).
+__global__ void tile_qkv_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s_out, float* o_out) {
+    alignas(16) __shared__ uint16_t Q[16 * 16], K[16 * 16], V[16 * 16];
+    const int lane = threadIdx.x, g = lane >> 2, tig = lane & 3, m = lane / 8, r = lane % 8;
+    cuda::cp_async_16(Q + 8 * lane, q + 8 * lane);  // 32 chunks of 16 bytes each
+    cuda::cp_async_16(K + 8 * lane, k + 8 * lane);
+    cuda::cp_async_16(V + 8 * lane, v + 8 * lane);
+    cuda::cp_async_commit();
+    cuda::cp_async_wait<0>();
+    __syncthreads();
+    uint32_t a[4], b[4];
+    cuda::ldmatrix_x4(a, Q + (r + 8 * (m % 2)) * 16 + 8 * (m / 2));  // (rows 0-7 | 8-15) × (cols 0-7 | 8-15)
+    cuda::ldmatrix_x4(b, K + (r + 8 * (m / 2)) * 16 + 8 * (m % 2));  // n tile m/2, k half m%2
+    const float zero[4] = {0, 0, 0, 0};
+    float s0[4], s1[4];
+    cuda::mma_m16n8k16_bf16(s0, a, b, zero);
+    cuda::mma_m16n8k16_bf16(s1, a, b + 2, zero);
+    for (int i = 0; i < 4; i++) {
+        const int row = g + 8 * (i / 2), col = 2 * tig + i % 2;
+        s_out[row * 16 + col] = s0[i];
+        s_out[row * 16 + 8 + col] = s1[i];
+    }
+    const uint32_t p[4] = {cuda::pack_bf16x2(s0[0], s0[1]), cuda::pack_bf16x2(s0[2], s0[3]), cuda::pack_bf16x2(s1[0], s1[1]),
+                           cuda::pack_bf16x2(s1[2], s1[3])};
+    cuda::ldmatrix_x4_trans(b, V + (r + 8 * (m % 2)) * 16 + 8 * (m / 2));  // k half m%2, n tile m/2
+    float o0[4], o1[4];
+    cuda::mma_m16n8k16_bf16(o0, p, b, zero);
+    cuda::mma_m16n8k16_bf16(o1, p, b + 2, zero);
+    for (int i = 0; i < 4; i++) {
+        const int row = g + 8 * (i / 2), col = 2 * tig + i % 2;
+        o_out[row * 16 + col] = o0[i];
+        o_out[row * 16 + 8 + col] = o1[i];
+    }
+}
+// Every ldmatrix variant on four 8×8 matrices M[m][i][j] = 64m + 8i + j (exact in bf16): per lane
+// x1, x2, x4, x1.trans, x2.trans, x4.trans → 14 registers.
+__global__ void ldmatrix_layout_kernel(uint32_t* out) {
+    alignas(16) __shared__ uint16_t M[4 * 64];
+    const int lane = threadIdx.x;
+    for (int e = lane; e < 256; e += 32) M[e] = cuda::pack_bf16x2((float)e, 0.0f) & 0xffffu;
+    __syncthreads();
+    const uint16_t* row = M + 8 * lane;  // lane 8m+i: row i of matrix m
+    uint32_t r[14];
+    cuda::ldmatrix_x1(r, row);
+    cuda::ldmatrix_x2(r + 1, row);
+    cuda::ldmatrix_x4(r + 3, row);
+    cuda::ldmatrix_x1_trans(r + 7, row);
+    cuda::ldmatrix_x2_trans(r + 8, row);
+    cuda::ldmatrix_x4_trans(r + 10, row);
+    for (int i = 0; i < 14; i++) out[lane * 14 + i] = r[i];
+}
+static void test_tensor_core_tile(uint64_t seed) {
+    Rng rng(seed);
+    std::vector<uint16_t> q(256), k(256), v(256);
+    for (auto* x : {&q, &k, &v})
+        for (auto& e : *x) e = host_bf16(rng.symmetric());
+    uint16_t *dq = upload_u16(q), *dk = upload_u16(k), *dv = upload_u16(v);
+    float *ds = device_array<float>(256), *dout = device_array<float>(256);
+    CUDA_LAUNCH(tile_qkv_kernel, 1, 32, dq, dk, dv, ds, dout);
+    auto s = download_array(ds, 256), o = download_array(dout, 256);
+    // S against double on the same bf16 inputs: |q|, |k| < 1, so Σ|q·k| < 16 and fp32 accumulation
+    // of 16 exact products errs by < 16·16·2⁻²⁴ ≈ 1.5e-5; 1e-4 leaves room for the tensor core's rounding.
+    std::vector<float> s_want(256), o_want(256);
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) {
+            double acc = 0;
+            for (int p = 0; p < 16; p++) acc += (double)host_bf16_float(q[i * 16 + p]) * host_bf16_float(k[j * 16 + p]);
+            s_want[i * 16 + j] = (float)acc;
+        }
+    check(fmt("tensor core S = Q·K^T 16x16 (ldmatrix_x4, mma) seed %llu", (unsigned long long)seed), s, s_want, 1e-4, 1e-4);
+    // O against double from the kernel's own S rounded to bf16 (so a tie in that rounding cannot
+    // differ): Σ|p·v| < 16·max|S| < 256, fp32 accumulation errs < 16·256·2⁻²⁴ ≈ 2.5e-4; tolerance 1e-3.
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) {
+            double acc = 0;
+            for (int p = 0; p < 16; p++)
+                acc += (double)host_bf16_float(host_bf16(s[i * 16 + p])) * host_bf16_float(v[p * 16 + j]);
+            o_want[i * 16 + j] = (float)acc;
+        }
+    check(fmt("tensor core O = bf16(S)·V 16x16 (pack_bf16x2, ldmatrix_x4_trans, mma) seed %llu", (unsigned long long)seed), o, o_want, 1e-3, 1e-4);
+
+    uint32_t* dl = device_array<uint32_t>(32 * 14);
+    CUDA_LAUNCH(ldmatrix_layout_kernel, 1, 32, dl);
+    auto l = download_array(dl, 32 * 14);
+    std::vector<float> got, want;  // element values (exact small integers), low half then high half
+    for (int lane = 0; lane < 32; lane++) {
+        const int counts[6] = {1, 2, 4, 1, 2, 4};
+        int reg = 0;
+        for (int variant = 0; variant < 6; variant++)
+            for (int mat = 0; mat < counts[variant]; mat++, reg++)
+                for (int h = 0; h < 2; h++) {
+                    const uint32_t word = l[lane * 14 + reg];
+                    got.push_back(host_bf16_float((uint16_t)(h ? word >> 16 : word & 0xffff)));
+                    const bool trans = variant >= 3;
+                    const int i = trans ? 2 * (lane % 4) + h : lane / 4, j = trans ? lane / 4 : 2 * (lane % 4) + h;
+                    want.push_back((float)(64 * mat + 8 * i + j));
+                }
+    }
+    check(fmt("ldmatrix x1/x2/x4 and .trans layouts (run %llu)", (unsigned long long)seed), got, want, 0, 0);
+    for (void* p : {(void*)dq, (void*)dk, (void*)dv, (void*)ds, (void*)dout, (void*)dl}) CUDA_CHECK(cudaFree(p));
+}
+
+__global__ void pack_bf16x2_kernel(const float* in, uint32_t* out, int n_pairs) {
+    for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) out[i] = cuda::pack_bf16x2(in[2 * i], in[2 * i + 1]);
+}
+static void test_pack_bf16x2() {
+    auto f = [](uint32_t bits) {
+        float x;
+        memcpy(&x, &bits, 4);
+        return x;
+    };
+    // (input bits, expected bf16 bits), written out by hand; 0xFFFF = expect some NaN
+    const std::vector<std::pair<uint32_t, uint16_t>> cases = {
+        {0x3f800000u, 0x3f80}, {0x40000000u, 0x4000},  // 1, 2: exact
+        {0x3f808000u, 0x3f80}, {0x3f818000u, 0x3f82},  // ties: to even (down, then up)
+        {0x3f808001u, 0x3f81}, {0x3f807fffu, 0x3f80},  // just above / below a tie
+        {0xbf808000u, 0xbf80}, {0xbf818000u, 0xbf82},  // negative ties
+        {0x7f7fffffu, 0x7f80}, {0x7f7f8000u, 0x7f80},  // FLT_MAX and the top tie round to inf
+        {0x7f7f7fffu, 0x7f7f}, {0x7f800000u, 0x7f80},  // below the top tie; inf
+        {0xff800000u, 0xff80}, {0x80000000u, 0x8000},  // -inf, -0
+        {0x00008000u, 0x0000}, {0x00018000u, 0x0002},  // subnormal ties
+        {0x7fc00000u, 0xffff}, {0x7f800001u, 0xffff},  // quiet NaN, signalling NaN (low payload bit only)
+        {0xffc00001u, 0xffff}, {0x3f800000u, 0x3f80},
+    };
+    std::vector<float> in;
+    for (auto& c : cases) in.push_back(f(c.first));
+    const int n_pairs = (int)cases.size() / 2;
+    float* din = upload(in);
+    uint32_t* dout = device_array<uint32_t>(n_pairs);
+    CUDA_LAUNCH(pack_bf16x2_kernel, 1, 32, din, dout, n_pairs);
+    auto out = download_array(dout, n_pairs);
+    int bad = 0;
+    char detail[200] = "";
+    for (size_t c = 0; c < cases.size(); c++) {
+        const uint16_t got = (uint16_t)(c % 2 ? out[c / 2] >> 16 : out[c / 2] & 0xffff);
+        const bool nan = (got & 0x7f80) == 0x7f80 && (got & 0x7f);
+        const bool ok = cases[c].second == 0xffff ? nan : got == cases[c].second;
+        if (!ok && !bad++)
+            snprintf(detail, sizeof detail, "0x%08x -> 0x%04x, want 0x%04x", cases[c].first, got, cases[c].second);
+    }
+    record(bad == 0, "pack_bf16x2 rounding (ties to even, overflow, subnormals, NaN; lo/hi halves)", detail);
+    const uint32_t one_two = out[0];
+    record(cuda::bf16x2_lo(one_two) == 1.0f && cuda::bf16x2_hi(one_two) == 2.0f && cuda::bf16_to_float(0xbf82) == -1.015625f,
+           "bf16x2_lo / bf16x2_hi / bf16_to_float", "");
+    CUDA_CHECK(cudaFree(din));
+    CUDA_CHECK(cudaFree(dout));
+}
+
+// 64 threads, two commit groups (chunk 0, then chunk 1, 16 bytes each per thread); after wait<1>
+// and a barrier every thread reads a neighbour's chunk-0 copy, after wait<0> its chunk 1. Under the
+// emulator, also: a destination reads as poison between issue and wait.
+__global__ void cp_async_kernel(const float* src, float* out, int* poisoned) {
+    alignas(16) __shared__ float buf[2][64 * 4];
+    const int t = threadIdx.x, n = blockDim.x;
+    cuda::cp_async_16(&buf[0][4 * t], src + 4 * t);
+    cuda::cp_async_commit();
+    cuda::cp_async_16(&buf[1][4 * t], src + 4 * (n + t));
+    cuda::cp_async_commit();
+#ifdef PICOTRON_EMULATE
+    uint32_t w;
+    memcpy(&w, &buf[1][4 * t], 4);
+    if (w != emu::POISON_WORD) atomicAdd(poisoned, 1);
+#else
+    (void)poisoned;
+#endif
+    cuda::cp_async_wait<1>();
+    __syncthreads();
+    const int u = (t + 1) % n;
+    for (int i = 0; i < 4; i++) out[4 * t + i] = buf[0][4 * u + i];
+    cuda::cp_async_wait<0>();
+    __syncthreads();
+    for (int i = 0; i < 4; i++) out[4 * (n + t) + i] = buf[1][4 * u + i];
+}
+static void test_cp_async() {
+    Rng rng(77);
+    auto src = random_floats(rng, 2 * 64 * 4);
+    float *dsrc = upload(src), *dout = cuda::alloc_floats(src.size());
+    int* dpoison = cuda::alloc_ints(1);
+    CUDA_LAUNCH(cp_async_kernel, 1, 64, dsrc, dout, dpoison);
+    std::vector<float> want(src.size());
+    for (int c = 0; c < 2; c++)
+        for (int t = 0; t < 64; t++)
+            for (int i = 0; i < 4; i++) want[4 * (64 * c + t) + i] = src[4 * (64 * c + (t + 1) % 64) + i];
+    check("cp_async_16 / commit / wait<1>, wait<0> (two groups, read by another thread)", download(dout, src.size()),
+          want, 0, 0);
+    int not_poisoned = -1;
+    cuda::copy_to_host(&not_poisoned, dpoison, sizeof(int));
+    record(not_poisoned == 0, "cp_async destination reads as poison before the wait (emulator; 0 on a GPU)",
+           not_poisoned ? "some destination was not poisoned" : "");
+    cuda::free_buffer(dsrc);
+    cuda::free_buffer(dout);
+    cuda::free_buffer(dpoison);
+}
+
 int main(int argc, char** argv) {
     MPI_CHECK(MPI_Init(&argc, &argv));
     int device_count = 0;
@@ -613,6 +859,11 @@ int main(int argc, char** argv) {
     test_reductions(5000000);
 
     test_adamw(10007);
+
+    test_pack_bf16x2();
+    test_cp_async();
+    test_tensor_core_tile(701);
+    test_tensor_core_tile(702);
 
     cuda::synchronize();
     printf("%d passed, %d failed\n", n_passed, n_failed);
