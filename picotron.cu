@@ -514,13 +514,18 @@ static void pinned_give(Comm& comm, float*& p, size_t& n) {
     p = nullptr;
     n = 0;
 }
-static void stage_to_host(Comm& comm, float* host, const float* device, size_t n) {
+// The communication stream, made to wait for everything the compute stream has queued so far.
+static cudaStream_t comm_stream_after_compute(Comm& comm) {
     cudaStream_t stream = comm.grid->comm_stream;
     cudaEvent_t ready;
     CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventRecord(ready, 0));
     CUDA_CHECK(cudaStreamWaitEvent(stream, ready, 0));
     CUDA_CHECK(cudaEventDestroy(ready));
+    return stream;
+}
+static void stage_to_host(Comm& comm, float* host, const float* device, size_t n) {
+    cudaStream_t stream = comm_stream_after_compute(comm);
     CUDA_CHECK(cudaMemcpyAsync(host, device, n * sizeof(float), cudaMemcpyDeviceToHost, stream));
     CUDA_CHECK(cudaStreamSynchronize(stream));
 }
@@ -575,12 +580,7 @@ static CommRequest begin_request(Group& g, const char* what, double bytes) {
 // recorded after it is what comm_wait orders the compute stream on.
 template <typename Launch>
 static CommRequest nccl_request(Comm& comm, CommRequest r, Launch launch) {
-    cudaStream_t stream = comm.grid->comm_stream;
-    cudaEvent_t ready;
-    CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-    CUDA_CHECK(cudaEventRecord(ready, 0));
-    CUDA_CHECK(cudaStreamWaitEvent(stream, ready, 0));
-    CUDA_CHECK(cudaEventDestroy(ready));
+    cudaStream_t stream = comm_stream_after_compute(comm);
     launch(stream);
     CUDA_CHECK(cudaEventCreateWithFlags(&r.done, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventRecord(r.done, stream));
