@@ -732,18 +732,42 @@ inline double stable_adamw_rms(const float* grad, const float* v, size_t n, floa
 // Every kernel starts through CUDA_LAUNCH(kernel, grid, block, args...), which also checks the launch:
 // the <<<grid, block>>> launch under nvcc; under the emulator its launch, which runs the kernel thread
 // by thread on the CPU and names it in its error messages.
+// CUDA_LAUNCH_SHARED(kernel, grid, block, shared_bytes, args...) launches with shared_bytes of dynamic
+// shared memory, which the kernel reaches through dynamic_shared<T>() (16-byte aligned; never
+// `extern __shared__` in a kernel, so the emulator can give each launch its own exact buffer).
+// Above 48 KiB the kernel needs cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)
+// first on the GPU (the emulator only refuses more than 227 KiB).
 #ifdef PICOTRON_EMULATE
 #define CUDA_LAUNCH(kernel, grid, block, ...)         \
     do {                                              \
         EMU_LAUNCH(kernel, grid, block, __VA_ARGS__); \
         CUDA_CHECK(cudaGetLastError());               \
     } while (0)
+#define CUDA_LAUNCH_SHARED(kernel, grid, block, shared_bytes, ...)         \
+    do {                                                                   \
+        EMU_LAUNCH_SHARED(kernel, grid, block, shared_bytes, __VA_ARGS__); \
+        CUDA_CHECK(cudaGetLastError());                                    \
+    } while (0)
+template <typename T>
+__device__ T* dynamic_shared() {
+    return ::emu::dynamic_shared<T>();
+}
 #else
 #define CUDA_LAUNCH(kernel, grid, block, ...) \
     do {                                      \
         kernel<<<grid, block>>>(__VA_ARGS__); \
         CUDA_CHECK(cudaGetLastError());       \
     } while (0)
+#define CUDA_LAUNCH_SHARED(kernel, grid, block, shared_bytes, ...) \
+    do {                                                           \
+        kernel<<<grid, block, shared_bytes>>>(__VA_ARGS__);        \
+        CUDA_CHECK(cudaGetLastError());                            \
+    } while (0)
+template <typename T>
+__device__ T* dynamic_shared() {
+    extern __shared__ __align__(16) unsigned char dynamic_smem[];
+    return reinterpret_cast<T*>(dynamic_smem);
+}
 #endif
 
 namespace cuda {

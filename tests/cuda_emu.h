@@ -34,8 +34,15 @@
 //     layouts it is given (transposes, leading dimensions, beta), so the layout logic is exercised.
 // The tensor-core and async-copy primitives (mma, ldmatrix, cp.async, bf16 packing) are emulated in
 // tests/cuda_emu_mma.h, NCCL only enough to build (the emulated trainer runs --comm mpi).
-// Not modelled: dynamic (extern) shared memory, half types, memory races between warps (threads
-// switch only at barriers and collectives).
+//   - Dynamic shared memory: dynamic_shared<T>() (kernels.cuh; a kernel never writes `extern
+//     __shared__`) is the launch's buffer, allocated with exactly the byte count CUDA_LAUNCH_SHARED
+//     gives (so the ASan build catches a read past it), 16-byte aligned, poisoned at every block
+//     start. Asking for more than 227 KiB is an invalid configuration; static shared memory is not
+//     counted against that limit, nor is the 48 KiB above which CUDA wants cudaFuncSetAttribute.
+//   - half: __half as its 16 bits, with __float2half_rn / __half2float (exact, round to nearest
+//     even) and __half_as_ushort / __ushort_as_half; no half arithmetic or half2.
+// Not modelled: memory races between warps (threads switch only at barriers and collectives), half
+// arithmetic.
 #pragma once
 #if !defined(__x86_64__)
 #error "tests/cuda_emu.h: the fiber context switch is written for x86-64"
@@ -256,6 +263,8 @@ struct Run {
     std::vector<Warp> warps;
     std::vector<char*> stacks;  // tops of the fiber stacks, kept across launches
     std::vector<int> order;     // the resume order of one round
+    unsigned char* dynamic_shared = nullptr;  // while a kernel runs: its dynamic shared memory, exactly
+    size_t dynamic_shared_bytes = 0;          //  the launch's byte count (so ASan catches a read past it)
 };
 inline Run run;
 
@@ -496,6 +505,7 @@ inline void report_deadlock() {
 // order until all have exited.
 inline void run_block() {
     if (shared_memory().base) poison(shared_memory().base, shared_memory().bytes);
+    poison(run.dynamic_shared, run.dynamic_shared_bytes);
     const int n = run.n_threads;
     while ((int)run.stacks.size() < n) run.stacks.push_back(new_stack());
     run.threads.resize(n);
@@ -566,16 +576,25 @@ inline void call_closure(void* c) {
 // The launch (the kernel's name, its configuration, a callable that runs it for the current thread
 // on copies of the arguments): an invalid configuration is the error cudaGetLastError returns, as
 // in CUDA; otherwise every block runs, in the run's order, before the launch returns.
+// The dynamic shared memory a launch may ask for: sm_90's 227 KiB a block (the opt-in maximum; the
+// static __shared__ arrays are not counted, as the emulator keeps all kernels' in one TLS block).
+constexpr size_t MAX_DYNAMIC_SHARED_BYTES = 227 << 10;
 template <typename F, typename... Args>
-inline void launch(const char* kernel, dim3 grid, dim3 block, F f, Args... args) {
+inline void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, F f, Args... args) {
     if (run.kernel) fail("kernel %s launched from inside kernel %s", kernel, run.kernel);
     const uint64_t threads = (uint64_t)block.x * block.y * block.z;
     const uint64_t blocks = (uint64_t)grid.x * grid.y * grid.z;
     if (!threads || threads > 1024 || block.z > 64 || !blocks || grid.x > 0x7fffffffu || grid.y > 65535 ||
-        grid.z > 65535) {
+        grid.z > 65535 || shared_bytes > MAX_DYNAMIC_SHARED_BYTES) {
         result(cudaErrorInvalidConfiguration);
         return;
     }
+    // exactly shared_bytes, 16-byte aligned (posix_memalign keeps the requested size, so ASan's
+    // redzone starts right past it); a launch without dynamic shared memory gets a zero-byte buffer
+    void* smem = nullptr;
+    if (posix_memalign(&smem, 16, shared_bytes) != 0) fail("cannot allocate %zu bytes of dynamic shared memory", shared_bytes);
+    run.dynamic_shared = static_cast<unsigned char*>(smem);
+    run.dynamic_shared_bytes = shared_bytes;
     int k = 0;
     (check_argument(kernel, k++, args), ...);
     auto closure = std::make_pair(f, std::make_tuple(args...));
@@ -598,14 +617,27 @@ inline void launch(const char* kernel, dim3 grid, dim3 block, F f, Args... args)
         run_block();
     }
     run.kernel = nullptr;
+    free(run.dynamic_shared);
+    run.dynamic_shared = nullptr;
+    run.dynamic_shared_bytes = 0;
+}
+
+// the running block's dynamic shared memory (kernels.cuh's dynamic_shared<T>() under the emulator)
+template <typename T>
+inline T* dynamic_shared() {
+    if (!run.kernel) fail("dynamic shared memory asked for outside a kernel");
+    return reinterpret_cast<T*>(run.dynamic_shared);
 }
 
 }  // namespace emu
 
-// kernel<<<grid, block>>>(args...) under the emulator; kernels.cuh's CUDA_LAUNCH expands to this.
+// kernel<<<grid, block>>>(args...) under the emulator; kernels.cuh's CUDA_LAUNCH expands to this,
+// and CUDA_LAUNCH_SHARED to EMU_LAUNCH_SHARED, kernel<<<grid, block, shared_bytes>>>(args...).
 // The generic lambda lets a kernel template deduce its arguments as at a <<<>>> launch.
-#define EMU_LAUNCH(kernel, grid, block, ...) \
-    ::emu::launch(#kernel, grid, block, [](auto... emu_args_) { kernel(emu_args_...); } __VA_OPT__(, ) __VA_ARGS__)
+#define EMU_LAUNCH_SHARED(kernel, grid, block, shared_bytes, ...)                                         \
+    ::emu::launch(#kernel, grid, block, shared_bytes, [](auto... emu_args_) { kernel(emu_args_...); } \
+                  __VA_OPT__(, ) __VA_ARGS__)
+#define EMU_LAUNCH(kernel, grid, block, ...) EMU_LAUNCH_SHARED(kernel, grid, block, 0 __VA_OPT__(, ) __VA_ARGS__)
 
 // ---- barriers, warp collectives, atomics ----
 #define EMU_SITE (::emu::Site{__FILE__, __LINE__})
@@ -650,6 +682,51 @@ inline float __fsqrt_rn(float a) { return sqrtf(a); }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
+
+// ---- half ----
+// __half is its IEEE binary16 bits (cuda_fp16.h's conversions only, no arithmetic operators).
+// __float2half_rn rounds to nearest even, overflows to ±inf (from 65520 up), rounds into and within
+// the subnormals (2^-24 the smallest), and turns every NaN into the canonical 0x7fff, as CUDA does.
+struct __half {
+    unsigned short __x;
+};
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline __half __ushort_as_half(unsigned short x) { return __half{x}; }
+inline __half __float2half_rn(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const unsigned short sign = (unsigned short)((x >> 16) & 0x8000u);
+    const uint32_t u = x & 0x7fffffffu;
+    if (u > 0x7f800000u) return __half{0x7fff};
+    if (u < 0x00800000u) return __half{sign};  // zeros and float subnormals (below 2^-126)
+    const int e = (int)(u >> 23) - 127;         // value = m · 2^(e - 23), m in [2^23, 2^24)
+    if (e > 15) return __half{(unsigned short)(sign | 0x7c00u)};
+    const int shift = e >= -14 ? 13 : 13 + (-14 - e);  // the bits of m below the half's quantum
+    if (shift > 24) return __half{sign};               // below 2^-25: rounds to zero
+    const uint32_t m = (u & 0x7fffffu) | 0x800000u;
+    uint32_t q = m >> shift;
+    const uint32_t rest = m & ((1u << shift) - 1), tie = 1u << (shift - 1);
+    if (rest > tie || (rest == tie && (q & 1))) q++;
+    // a normal q carries the implicit bit (0x400), so adding the exponent field less one builds the
+    // bits, carries into the next binade or to inf included; a subnormal q is the bits itself
+    const uint32_t bits = e >= -14 ? ((uint32_t)(e + 14) << 10) + q : q;
+    return __half{(unsigned short)(sign | (bits >= 0x7c00u ? 0x7c00u : bits))};
+}
+inline __half __float2half(float f) { return __float2half_rn(f); }
+inline float __half2float(__half h) {
+    const uint32_t sign = (uint32_t)(h.__x & 0x8000u) << 16, e = (h.__x >> 10) & 0x1fu, m = h.__x & 0x3ffu;
+    uint32_t x;
+    if (e == 31) x = sign | 0x7f800000u | (m << 13);  // inf, or NaN with its payload
+    else if (e) x = sign | ((e + 112) << 23) | (m << 13);
+    else {
+        const float v = ldexpf((float)m, -24);  // zero or subnormal: exact
+        memcpy(&x, &v, 4);
+        x |= sign;
+    }
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
 
 // ---- runtime ----
 enum cudaMemcpyKind {

@@ -2,12 +2,15 @@
 //
 // Positive checks run in this process, in whatever thread order PICOTRON_EMU_ORDER gives: a block
 // reduction with its barriers is right, shuffles, votes and atomics give CUDA's values, the _rn
-// intrinsics are not fused, fresh memory is poison, the runtime refuses bad copies and launches.
+// intrinsics are not fused, fresh memory is poison, the runtime refuses bad copies and launches,
+// dynamic shared memory carries a block reduction, is poison at block start and has its limit, and
+// the half conversions round to nearest even (hand-picked bit patterns, all halves, _Float16).
 // Negative checks run this program again as a child (`test_emu --case NAME`) with a chosen order and
 // look at its exit status and stderr: a reduction missing a barrier is wrong in some order, and a
 // divergent barrier, a missed barrier, a shuffle naming an exited lane, a deadlock, divergent
 // shuffles and a host
-// pointer passed to a kernel end the child with an error naming the kernel.
+// pointer passed to a kernel end the child with an error naming the kernel (under ASan, so do reads
+// past a device allocation and past the dynamic shared memory).
 // Prints "PASS name" / "FAIL name: …" per check and ends with "N passed, M failed"; exit 1 on failure.
 //
 //   g++ -std=c++17 -O2 -ffp-contract=off -DPICOTRON_EMULATE -I. tests/test_emu.cpp -o tests/test_emu
@@ -115,7 +118,39 @@ __global__ void shared_poison_kernel(uint32_t* out) {
     if (threadIdx.x == 1) out[2 * blockIdx.x + 1] = word;
 }
 
+// The block reduction of block_sum_kernel with the warp partials in dynamic shared memory (one float
+// a warp, as many as the block has); aligned[block] says whether the buffer was 16-byte aligned.
+__global__ void dynamic_block_sum_kernel(float* out, int* aligned) {
+    float* partial = ::emu::dynamic_shared<float>();
+    const int warps = blockDim.x / 32;
+    float v = (float)(blockIdx.x * 1000 + threadIdx.x);
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0.0f;
+        for (int w = 0; w < warps; w++) total += partial[w];
+        out[blockIdx.x] = total;
+        aligned[blockIdx.x] = (uintptr_t)partial % 16 == 0;
+    }
+}
+// out[block · blockDim + thread]: the bits of dynamic shared word `thread` before any write in this
+// block; then every thread overwrites its word (so a block that is not re-poisoned would show it)
+__global__ void dynamic_poison_kernel(uint32_t* out) {
+    uint32_t* words = ::emu::dynamic_shared<uint32_t>();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = words[threadIdx.x];
+    __syncthreads();
+    words[threadIdx.x] = 12345;
+}
+// writes the last byte of a dynamic buffer of `bytes`
+__global__ void dynamic_last_byte_kernel(int bytes) { ::emu::dynamic_shared<unsigned char>()[bytes - 1] = 1; }
+
 // ---- the failing cases (run in a child) ----
+// reads the float just past its dynamic shared memory (launched with one float a thread)
+__global__ void dynamic_shared_out_of_bounds_kernel(float* out) {
+    const float* s = ::emu::dynamic_shared<float>();
+    out[threadIdx.x] = s[threadIdx.x + 1];
+}
 // reads one element past the end of its 64-int buffer: the ASan build must stop it
 __global__ void out_of_bounds_kernel(const int* d, int* out) {
     out[threadIdx.x] = d[threadIdx.x + 1];
@@ -153,6 +188,7 @@ static int run_case(const std::string& name) {
         bool right = true;
         for (int b = 0; b < blocks; b++) right &= out[b] == block_sum_want(b);
         printf("%s\n", right ? "right" : "wrong");
+        cudaFree(d_out);  // (else the ASan build's leak check fails the child)
         return 0;
     }
     int* d = device_array<int>(64);
@@ -164,6 +200,9 @@ static int run_case(const std::string& name) {
     else if (name == "out_of_bounds") {
         int* out = device_array<int>(64);
         EMU_LAUNCH(out_of_bounds_kernel, 1, 64, d, out);
+    } else if (name == "dynamic_shared_out_of_bounds") {
+        float* out = device_array<float>(64);
+        EMU_LAUNCH_SHARED(dynamic_shared_out_of_bounds_kernel, 1, 64, 64 * sizeof(float), out);
     } else if (name == "host_pointer") {
         static int host[64];
         EMU_LAUNCH(host_pointer_kernel, 1, 32, host);
@@ -293,6 +332,146 @@ int main(int argc, char** argv) {
         cudaFree(di);
     }
 
+    // dynamic shared memory: a block reduction through it, poison at every block start, the limit
+    {
+        const int blocks = 3, threads = 128;
+        float* d_out = device_array<float>(blocks);
+        int* d_aligned = device_array<int>(blocks);
+        EMU_LAUNCH_SHARED(dynamic_block_sum_kernel, blocks, threads, threads / 32 * sizeof(float), d_out, d_aligned);
+        float out[blocks];
+        int aligned[blocks];
+        bool ok = cudaGetLastError() == cudaSuccess &&
+                  cudaMemcpy(out, d_out, sizeof out, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                  cudaMemcpy(aligned, d_aligned, sizeof aligned, cudaMemcpyDeviceToHost) == cudaSuccess;
+        std::string detail;
+        for (int b = 0; b < blocks; b++) {
+            const float want = (float)(threads * b * 1000 + threads * (threads - 1) / 2);
+            if (out[b] != want || !aligned[b])
+                ok = false, detail += "block " + std::to_string(b) + ": " + std::to_string(out[b]) + " want " +
+                                      std::to_string(want) + (aligned[b] ? "" : " (misaligned)") + "  ";
+        }
+        record(ok, "block reduction through dynamic shared memory (16-byte aligned)", detail);
+        cudaFree(d_out);
+        cudaFree(d_aligned);
+
+        const int n = 64;
+        uint32_t* d_words = device_array<uint32_t>(2 * n);
+        EMU_LAUNCH_SHARED(dynamic_poison_kernel, 2, n, n * sizeof(uint32_t), d_words);
+        uint32_t words[2 * n];
+        ok = cudaGetLastError() == cudaSuccess &&
+             cudaMemcpy(words, d_words, sizeof words, cudaMemcpyDeviceToHost) == cudaSuccess;
+        for (uint32_t w : words) ok &= w == emu::POISON_WORD;
+        record(ok, "dynamic shared memory reads as poison at every block start");
+        cudaFree(d_words);
+
+        const int max_bytes = 227 << 10;
+        EMU_LAUNCH_SHARED(dynamic_last_byte_kernel, 1, 32, max_bytes, max_bytes);
+        ok = cudaGetLastError() == cudaSuccess;
+        EMU_LAUNCH_SHARED(dynamic_last_byte_kernel, 1, 32, max_bytes + 1, max_bytes + 1);
+        ok &= cudaGetLastError() == cudaErrorInvalidConfiguration && cudaGetLastError() == cudaSuccess;
+        record(ok, "227 KiB of dynamic shared memory launch; 227 KiB + 1 byte is an invalid configuration");
+    }
+
+    // half conversions: hand-picked bit patterns, every half back and forth, the compiler's _Float16
+    {
+        auto f_of = [](uint32_t x) { float f; memcpy(&f, &x, 4); return f; };
+        auto bits_of = [](float f) { uint32_t x; memcpy(&x, &f, 4); return x; };
+        struct Case {
+            uint32_t f;
+            unsigned short h;
+            const char* what;
+        };
+        const Case to_half[] = {
+            {0x3f800000u, 0x3c00, "1"},
+            {0xbf800000u, 0xbc00, "-1"},
+            {0x3f801000u, 0x3c00, "1 + 2^-11 (tie) to even, down"},
+            {0x3f803000u, 0x3c02, "1 + 3·2^-11 (tie) to even, up"},
+            {0x3f801001u, 0x3c01, "just above a tie rounds up"},
+            {0x3f800fffu, 0x3c00, "just below a tie rounds down"},
+            {0x3f7ff000u, 0x3c00, "1 - 2^-12 (tie between 1 - 2^-11 and 1) to even 1"},
+            {0x477fe000u, 0x7bff, "65504, the largest half"},
+            {0x477fefffu, 0x7bff, "just below 65520 rounds to 65504"},
+            {0x477ff000u, 0x7c00, "65520 rounds to inf"},
+            {0xc77ff000u, 0xfc00, "-65520 rounds to -inf"},
+            {0x501502f9u, 0x7c00, "1e10 overflows to inf"},
+            {0x7f7fffffu, 0x7c00, "FLT_MAX overflows to inf"},
+            {0x7f800000u, 0x7c00, "inf"},
+            {0xff800000u, 0xfc00, "-inf"},
+            {0x00000000u, 0x0000, "0"},
+            {0x80000000u, 0x8000, "-0"},
+            {0x38800000u, 0x0400, "2^-14, the smallest normal"},
+            {0x387fc000u, 0x03ff, "1023·2^-24, the largest subnormal"},
+            {0x387fe000u, 0x0400, "2^-14 - 2^-25 (tie) to even, up into the normals"},
+            {0x33800000u, 0x0001, "2^-24, the smallest subnormal"},
+            {0xb3800000u, 0x8001, "-2^-24"},
+            {0x33000000u, 0x0000, "2^-25 (tie) to even zero"},
+            {0x33000001u, 0x0001, "just above 2^-25 rounds up to 2^-24"},
+            {0x33c00000u, 0x0002, "3·2^-25 (tie) to even 2·2^-24"},
+            {0x34200000u, 0x0002, "5·2^-25 (tie) to even 2·2^-24"},
+            {0x32ffffffu, 0x0000, "just below 2^-25 rounds to zero"},
+            {0x00000001u, 0x0000, "the smallest float subnormal rounds to zero"},
+            {0x80000001u, 0x8000, "the smallest negative float subnormal rounds to -0"},
+            {0x3eaaaaabu, 0x3555, "1/3"},
+        };
+        std::string detail;
+        for (const Case& c : to_half) {
+            const unsigned short h = __half_as_ushort(__float2half_rn(f_of(c.f)));
+            if (h != c.h) {
+                char buf[160];
+                snprintf(buf, sizeof buf, "%s: 0x%08x gives 0x%04x, want 0x%04x  ", c.what, c.f, h, c.h);
+                detail += buf;
+            }
+        }
+        for (uint32_t nan : {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0x7fffffffu}) {
+            const unsigned short h = __half_as_ushort(__float2half_rn(f_of(nan)));
+            if ((h & 0x7c00) != 0x7c00 || !(h & 0x3ff)) {
+                char buf[80];
+                snprintf(buf, sizeof buf, "NaN 0x%08x gives 0x%04x, not a NaN  ", nan, h);
+                detail += buf;
+            }
+        }
+        record(detail.empty(), "__float2half_rn rounds to nearest even, overflows to inf, keeps subnormals and NaN", detail);
+
+        detail.clear();
+        const std::pair<unsigned short, uint32_t> to_float[] = {
+            {0x3c00, 0x3f800000u}, {0xc000, 0xc0000000u}, {0x7bff, 0x477fe000u}, {0x0001, 0x33800000u},
+            {0x8001, 0xb3800000u}, {0x03ff, 0x387fc000u}, {0x0400, 0x38800000u}, {0x0000, 0x00000000u},
+            {0x8000, 0x80000000u}, {0x7c00, 0x7f800000u}, {0xfc00, 0xff800000u}, {0x3555, 0x3eaaa000u},
+        };
+        for (auto [h, f] : to_float) {
+            const uint32_t got = bits_of(__half2float(__ushort_as_half(h)));
+            if (got != f) {
+                char buf[80];
+                snprintf(buf, sizeof buf, "0x%04x gives 0x%08x, want 0x%08x  ", h, got, f);
+                detail += buf;
+            }
+        }
+        for (unsigned short nan : {0x7c01, 0x7e00, 0xfe00, 0x7fff})
+            if (!std::isnan(__half2float(__ushort_as_half(nan)))) detail += "NaN " + std::to_string(nan) + " lost  ";
+        int round_trip_wrong = 0;
+        for (uint32_t h = 0; h < 0x10000; h++) {
+            if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) continue;  // NaN
+            round_trip_wrong += __half_as_ushort(__float2half_rn(__half2float(__ushort_as_half((unsigned short)h)))) != h;
+        }
+        if (round_trip_wrong) detail += std::to_string(round_trip_wrong) + " halves do not survive a round trip";
+        record(detail.empty(), "__half2float is exact (subnormals, inf, NaN); every half survives a round trip", detail);
+#ifdef __FLT16_MAX__  // the compiler's own float → _Float16 conversion (round to nearest even)
+        int differ = 0;
+        uint32_t first = 0;
+        for (uint64_t x = 0; x < (1ull << 32); x += 997) {
+            const float f = f_of((uint32_t)x);
+            if (std::isnan(f)) continue;
+            const _Float16 ref = (_Float16)f;
+            unsigned short r;
+            memcpy(&r, &ref, 2);
+            if (__half_as_ushort(__float2half_rn(f)) != r && !differ++) first = (uint32_t)x;
+        }
+        char buf[80];
+        snprintf(buf, sizeof buf, "%d differ, the first 0x%08x", differ, first);
+        record(!differ, "__float2half_rn agrees with the compiler's _Float16 on every 997th float", differ ? buf : "");
+#endif
+    }
+
     // a missing barrier gives a wrong sum in at least one order
     {
         std::string results;
@@ -312,6 +491,7 @@ int main(int argc, char** argv) {
     expect_error("host_pointer", "host_pointer_kernel", "is not device memory");
 #ifdef __SANITIZE_ADDRESS__  // out-of-bounds indexing is AddressSanitizer's to catch (cudaMalloc is exact)
     expect_error("out_of_bounds", "out_of_bounds_kernel", "heap-buffer-overflow");
+    expect_error("dynamic_shared_out_of_bounds", "dynamic_shared_out_of_bounds_kernel", "heap-buffer-overflow");
 #endif
 
     printf("%d passed, %d failed\n", n_passed, n_failed);
