@@ -611,30 +611,72 @@ inline void scatter_rows_backward(float* dinp, const float* dout, const int* row
         for (int c = 0; c < C; c++) dinp[(size_t)rows[r] * C + c] += dout[(size_t)r * C + c];
 }
 
-// -- cross-entropy over the vocabulary: losses (N) = lse_n − logits_n[target_n] --
-// lse (N) = logsumexp(logits_n) is kept for the backward, which then needs one pass over the row.
-// A target of −100 is ignored (loss 0, lse 0, gradient 0). The exponentials are fp32 (as torch's),
-// their sum double.
-inline void crossentropy_forward(float* losses, float* lse, const float* logits, const int* targets, int N, int V) {
+// -- cross-entropy over the vocabulary, vocab-parallel: losses (N) = lse_n − logits_n[target_n] --
+// Each tp rank holds a vocabulary shard; full logits are never gathered. Three forward pieces with two
+// all-reduces between them (done by the caller): row_max (max over tp), then partial (sum over tp),
+// then finish. lse (N) = logsumexp(logits_n) is kept for the backward, which then needs one pass over
+// the shard's row. A target < 0 (−100) is ignored (loss 0, lse 0, gradient 0). The exponentials are
+// fp32 (as torch's), their sum within a row double. Shapes, for every piece:
+//   logits (N, V): this rank's shard, global ids [vocab_start, vocab_start + V); only the first V_valid
+//   columns are real vocabulary (the rest pads a vocabulary tp does not divide: it never reaches a max,
+//   a sum, a loss or a gradient). V_valid may be 0 (a shard of padding only) or V.
+//   targets (N): global ids, or < 0 (ignored row).
+// With one shard (vocab_start 0, V_valid = V) the pieces are plain cross-entropy.
+inline void check_crossentropy_shape(int V, int V_valid) {
+    if (V <= 0 || V_valid < 0 || V_valid > V) fatal("crossentropy: shard of %d columns, %d valid", V, V_valid);
+}
+// row_max (N) = max over the shard's valid columns; −∞ for ignored rows and when V_valid = 0.
+inline void crossentropy_row_max(float* row_max, const float* logits, const int* targets, int N, int V, int V_valid) {
+    check_crossentropy_shape(V, V_valid);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float* x = logits + (size_t)n * V;
+        float m = -INFINITY;
+        if (targets[n] >= 0) {
+#pragma omp simd reduction(max : m)
+            for (int v = 0; v < V_valid; v++) m = x[v] > m ? x[v] : m;
+        }
+        row_max[n] = m;
+    }
+}
+// partial (2N): partial[n] = Σ_{valid v} exp(logits_n[v] − row_max[n]) with row_max the global max (after
+// the max over tp); partial[N + n] = logits_n[target_n − vocab_start] when the target is in this shard's
+// valid columns, else 0 (the sum over tp then holds the target's logit). Ignored rows: both 0.
+inline void crossentropy_sum_exp(float* partial, const float* logits, const float* row_max, const int* targets, int N,
+                                 int V, int V_valid, int vocab_start) {
+    check_crossentropy_shape(V, V_valid);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float* x = logits + (size_t)n * V;
+        const int local = targets[n] - vocab_start;
+        if (targets[n] < 0) {
+            partial[n] = partial[N + n] = 0.0f;
+            continue;
+        }
+        partial[n] = (float)sum_exp(nullptr, x, V_valid, row_max[n]);
+        partial[N + n] = local >= 0 && local < V_valid ? x[local] : 0.0f;
+    }
+}
+// After the sum of partial over tp: lse (N) = row_max + log(Σ exp), losses (N) = lse − target logit
+// (the loss taken in double from its parts, as one rounding). Ignored rows: both 0.
+inline void crossentropy_finish(float* losses, float* lse, const float* row_max, const float* partial,
+                                const int* targets, int N) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
         if (targets[n] < 0) {
             losses[n] = lse[n] = 0.0f;
             continue;
         }
-        float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-        for (int v = 0; v < V; v++) m = x[v] > m ? x[v] : m;
-        const double s = sum_exp(nullptr, x, V, m);
-        lse[n] = m + (float)log(s);
-        losses[n] = (float)((double)m + log(s) - x[targets[n]]);
+        const double log_s = log((double)partial[n]);
+        lse[n] = row_max[n] + (float)log_s;
+        losses[n] = (float)((double)row_max[n] + log_s - partial[N + n]);
     }
 }
-// dlogits (N, V) = dloss · (softmax(logits) − onehot(target)), softmax = exp(logits − lse).
-// Overwrites; may alias logits.
+// dlogits (N, V) = dloss · (exp(logits − lse) − onehot(target − vocab_start)) on the valid columns; 0 on
+// the padding columns and on ignored rows. Overwrites; may alias logits.
 inline void crossentropy_backward(float* dlogits, const float* logits, const float* lse, const int* targets,
-                                  float dloss, int N, int V) {
+                                  float dloss, int N, int V, int V_valid, int vocab_start) {
+    check_crossentropy_shape(V, V_valid);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float* x = logits + (size_t)n * V;
@@ -644,12 +686,13 @@ inline void crossentropy_backward(float* dlogits, const float* logits, const flo
             continue;
         }
         const float l = lse[n];
-        const int target = targets[n];
+        const int target = targets[n] - vocab_start;  // may lie outside the shard: then no column matches
 #pragma omp simd
-        for (int v = 0; v < V; v++) {
+        for (int v = 0; v < V_valid; v++) {
             const float p = exp_vec(x[v] - l);
             dx[v] = dloss * (v == target ? p - 1.0f : p);
         }
+        if (V_valid < V) memset(dx + V_valid, 0, sizeof(float) * (V - V_valid));
     }
 }
 
@@ -1676,52 +1719,101 @@ inline void scatter_rows_backward(float* dinp, const float* dout, const int* row
 }
 
 // ---- cross-entropy ----
-// One block per row n: a block max, then a block sum of exp(x − max) (both in a fixed order), then
-// lse = max + log(sum) (kept for the backward) and loss = lse − x[target]. Ignored rows (target < 0)
-// get 0 for both.
+// Vocab-parallel, as the reference: logits (N, V) is this rank's shard (global ids from vocab_start, the
+// first V_valid columns real, the rest padding that never counts); targets (N) global ids, < 0 ignored.
+// row_max and sum_exp run one block per row n (a block max, then a block sum of exp(x − max), both in a
+// fixed order); the caller all-reduces row_max (max) and partial (sum) over tp in between; finish is one
+// thread per row. Ignored rows get 0 (row_max −∞).
 constexpr int CE_THREADS = 512;
-__global__ void crossentropy_forward_kernel(float* losses, float* lse, const float* logits, const int* targets, int V) {
+inline void check_crossentropy_shape(int V, int V_valid) {
+    if (V <= 0 || V_valid < 0 || V_valid > V) fatal("crossentropy: shard of %d columns, %d valid", V, V_valid);
+}
+// row_max (N) = max over the valid columns; −∞ for ignored rows and when V_valid = 0.
+__global__ void crossentropy_row_max_kernel(float* row_max, const float* logits, const int* targets, int V,
+                                            int V_valid) {
     const size_t n = blockIdx.x;
-    const int target = targets[n];
-    if (target < 0) {  // uniform over the block: nobody reaches a barrier
-        if (threadIdx.x == 0) losses[n] = lse[n] = 0.0f;
+    if (targets[n] < 0 || V_valid == 0) {  // uniform over the block: nobody reaches a barrier
+        if (threadIdx.x == 0) row_max[n] = -INFINITY;
         return;
     }
     const float* x = logits + n * V;
     float m = -INFINITY;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, x[v]);
+    for (int v = threadIdx.x; v < V_valid; v += blockDim.x) m = fmaxf(m, x[v]);
     m = block_max(m);
+    if (threadIdx.x == 0) row_max[n] = m;
+}
+inline void crossentropy_row_max(float* row_max, const float* logits, const int* targets, int N, int V, int V_valid) {
+    check_crossentropy_shape(V, V_valid);
+    if (N <= 0) return;
+    CUDA_LAUNCH(crossentropy_row_max_kernel, (unsigned)N, CE_THREADS, row_max, logits, targets, V, V_valid);
+}
+// partial (2N): partial[n] = Σ_{valid v} exp(x[v] − row_max[n]) (row_max the global max);
+// partial[N + n] = x[target − vocab_start] when that is a valid column of the shard, else 0.
+__global__ void crossentropy_sum_exp_kernel(float* partial, const float* logits, const float* row_max,
+                                            const int* targets, int N, int V, int V_valid, int vocab_start) {
+    const size_t n = blockIdx.x;
+    const int target = targets[n];
+    if (target < 0) {  // uniform over the block
+        if (threadIdx.x == 0) partial[n] = partial[N + n] = 0.0f;
+        return;
+    }
+    const float* x = logits + n * V;
+    const float m = row_max[n];
     float s = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(x[v] - m);
+    for (int v = threadIdx.x; v < V_valid; v += blockDim.x) s += expf(x[v] - m);
     s = block_sum(s);
     if (threadIdx.x == 0) {
-        lse[n] = m + logf(s);
-        losses[n] = m + logf(s) - x[target];
+        const int local = target - vocab_start;
+        partial[n] = s;
+        partial[N + n] = local >= 0 && local < V_valid ? x[local] : 0.0f;
     }
 }
-inline void crossentropy_forward(float* losses, float* lse, const float* logits, const int* targets, int N, int V) {
+inline void crossentropy_sum_exp(float* partial, const float* logits, const float* row_max, const int* targets, int N,
+                                 int V, int V_valid, int vocab_start) {
+    check_crossentropy_shape(V, V_valid);
     if (N <= 0) return;
-    if (V <= 0) fatal("crossentropy: vocabulary size %d", V);
-    CUDA_LAUNCH(crossentropy_forward_kernel, (unsigned)N, CE_THREADS, losses, lse, logits, targets, V);
+    CUDA_LAUNCH(crossentropy_sum_exp_kernel, (unsigned)N, CE_THREADS, partial, logits, row_max, targets, N, V, V_valid,
+                vocab_start);
 }
-// dlogits (N, V) = dloss · (exp(x − lse) − onehot(target)), overwriting; ignored rows get zeros.
-// One thread per element, grid-stride; each reads x[v] just before writing dx[v] at the same index,
-// so dlogits may alias logits.
+// After the sum of partial over tp: lse (N) = row_max + log(partial[n]) (kept for the backward),
+// losses (N) = lse − partial[N + n]; ignored rows: both 0. One thread per row, grid-stride.
+__global__ void crossentropy_finish_kernel(float* losses, float* lse, const float* row_max, const float* partial,
+                                           const int* targets, int N) {
+    for (size_t n = blockIdx.x * (size_t)blockDim.x + threadIdx.x; n < (size_t)N; n += (size_t)gridDim.x * blockDim.x) {
+        if (targets[n] < 0) {
+            losses[n] = lse[n] = 0.0f;
+            continue;
+        }
+        const float m = row_max[n], log_s = logf(partial[n]);
+        lse[n] = m + log_s;
+        losses[n] = m + log_s - partial[N + n];
+    }
+}
+inline void crossentropy_finish(float* losses, float* lse, const float* row_max, const float* partial,
+                                const int* targets, int N) {
+    if (N <= 0) return;
+    CUDA_LAUNCH(crossentropy_finish_kernel, grid_for((size_t)N), BLOCK_SIZE, losses, lse, row_max, partial, targets, N);
+}
+// dlogits (N, V) = dloss · (exp(x − lse) − onehot(target − vocab_start)) on the valid columns, overwriting;
+// padding columns and ignored rows get zeros. One thread per element, grid-stride; each reads x[v] just
+// before writing dx[v] at the same index, so dlogits may alias logits.
 __global__ void crossentropy_backward_kernel(float* dlogits, const float* logits, const float* lse, const int* targets,
-                                             float dloss, int N, int V) {
+                                             float dloss, int N, int V, int V_valid, int vocab_start) {
     const size_t total = (size_t)N * V;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
         const size_t n = idx / V;
         const int v = (int)(idx % V), target = targets[n];
-        dlogits[idx] = target < 0 ? 0.0f : dloss * (expf(logits[idx] - lse[n]) - (v == target ? 1.0f : 0.0f));
+        dlogits[idx] = target < 0 || v >= V_valid
+                           ? 0.0f
+                           : dloss * (expf(logits[idx] - lse[n]) - (v == target - vocab_start ? 1.0f : 0.0f));
     }
 }
 inline void crossentropy_backward(float* dlogits, const float* logits, const float* lse, const int* targets,
-                                  float dloss, int N, int V) {
+                                  float dloss, int N, int V, int V_valid, int vocab_start) {
+    check_crossentropy_shape(V, V_valid);
     if (N <= 0) return;
-    if (V <= 0) fatal("crossentropy: vocabulary size %d", V);
     CUDA_LAUNCH(crossentropy_backward_kernel, grid_for((size_t)N * V), BLOCK_SIZE, dlogits, logits, lse, targets, dloss,
-                N, V);
+                N, V, V_valid, vocab_start);
 }
 
 // ---- reductions to the host ----

@@ -97,6 +97,7 @@ struct TrainConfig {
     int threads = 0;           // CPU threads per rank; 0 → OMP_NUM_THREADS, else the default of set_cpu_threads
     // layout and communication
     int dp = 1, tp = 1, pp = 1, cp = 1, zero = 0;
+    bool sp = false;  // sequence parallel inside the tp group
     float bucket_mb = 25.f;
 #ifdef __CUDACC__
     std::string comm = "nccl";
@@ -130,7 +131,12 @@ static const char* kUsage =
     "  --threads N                 CPU build: threads per rank for BLAS and every op (default OMP_NUM_THREADS,\n"
     "                              else 1 per rank when several ranks share a machine, else every core it may use)\n"
     "layout (world = dp·pp·cp·tp ranks):\n"
-    "  --dp N --tp N --pp N --cp N data / tensor / pipeline / context parallel sizes (default 1; only dp > 1 for now)\n"
+    "  --dp N --tp N --pp N --cp N data / tensor / pipeline / context parallel sizes (default 1; --pp and --cp\n"
+    "                              must be 1 for now). --tp must divide the attention heads and intermediate_size;\n"
+    "                              a vocabulary it does not divide is padded (never trained, saved or exported)\n"
+    "  --sp                        sequence parallel: cut the residual stream and the LayerNorms over the tp ranks'\n"
+    "                              token slices (needs --tp > 1 and --micro-batch-tokens divisible by it; refused\n"
+    "                              otherwise; --predict runs without it)\n"
     "  --zero 0|1                  1: shard the optimizer state over data parallel ranks (default 0)\n"
     "  --bucket-mb X               gradient all-reduce bucket size in MiB (default 25)\n"
     "  --comm nccl|mpi             collectives backend (default nccl on GPU, mpi on CPU; GPU + mpi stages\n"
@@ -176,6 +182,10 @@ static TrainConfig parse_args(int argc, char** argv) {
             exit(0);
         }
         if (flag.rfind("--", 0) != 0) fatal("unexpected argument '%s' (see --help)", flag.c_str());
+        if (flag == "--sp") {  // the one flag without a value
+            c.sp = true;
+            continue;
+        }
         if (i + 1 >= argc) fatal("flag %s needs a value (see --help)", flag.c_str());
         std::string v = argv[++i];
         if (flag == "--model") { c.model = v; c.model_given = true; }
@@ -223,6 +233,10 @@ static TrainConfig parse_args(int argc, char** argv) {
         fatal("--seq-len %d is longer than --micro-batch-tokens %d: a document piece must fit a micro-batch",
               c.seq_len, c.micro_batch_tokens);
     if (c.save_every > 0 && c.save_dir.empty()) fatal("--save-every needs --save DIR");
+    if (c.sp && c.tp == 1) fatal("--sp cuts token rows over the tensor-parallel ranks: it needs --tp > 1");
+    if (c.sp && c.micro_batch_tokens % c.tp)
+        fatal("--sp: --micro-batch-tokens %d is not divisible by --tp %d (each tp rank takes an equal token slice)",
+              c.micro_batch_tokens, c.tp);
     if (c.comm != "nccl" && c.comm != "mpi") fatal("--comm must be nccl or mpi, got '%s'", c.comm.c_str());
 #ifndef __CUDACC__
     if (c.comm == "nccl") fatal("--comm nccl needs the GPU build; picotron_cpu communicates with MPI");
@@ -299,8 +313,8 @@ static ProcessGrid make_grid(const TrainConfig& c) {
     if ((long)g.dp * g.pp * g.cp * g.tp != g.world_size)
         fatal("layout dp %d × pp %d × cp %d × tp %d = %ld ranks, but mpirun started %d", g.dp, g.pp, g.cp, g.tp,
               (long)g.dp * g.pp * g.cp * g.tp, g.world_size);
-    if (g.pp > 1 || g.cp > 1 || g.tp > 1)
-        fatal("this build trains data parallel only (--tp, --pp and --cp must be 1 for now)");
+    if (g.pp > 1 || g.cp > 1)
+        fatal("this build trains data and tensor parallel only (--pp and --cp must be 1 for now)");
     int r = g.world_rank;
     g.tp_rank = r % g.tp;
     g.cp_rank = (r / g.tp) % g.cp;
@@ -459,7 +473,7 @@ static void print_op_classes(const Tracer& t) {
 
 struct CommRequest {
     Group* group = nullptr;
-    const char* what = "";
+    std::string what;  // the collective's name in the model, e.g. "tp attention-out all-reduce"
     double bytes = 0;
     double t_start_us = 0;
     MPI_Request mpi[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};  // (send, recv for paired send-recv)
@@ -564,7 +578,7 @@ static void stage_back(CommRequest& r, float* host, float* dst, size_t n) {
     r.device_n = n;
 }
 
-static CommRequest begin_request(Group& g, const char* what, double bytes) {
+static CommRequest begin_request(Group& g, const std::string& what, double bytes) {
     CommRequest r;
     r.group = &g;
     r.what = what;
@@ -630,21 +644,26 @@ static bool comm_test(Comm& comm, CommRequest& r) {
     return done != 0;
 }
 
-// buf (n) ← Σ over the group of buf (n), in place.
-static CommRequest comm_all_reduce_sum_start([[maybe_unused]] Comm& comm, Group& g, float* buf, size_t n, const char* what) {
+// buf (n) ← Σ (or max) over the group of buf (n), in place.
+enum class Reduce { sum, max };
+static CommRequest comm_all_reduce_start([[maybe_unused]] Comm& comm, Group& g, float* buf, size_t n, Reduce op,
+                                         const std::string& what) {
     if (g.size <= 1) return CommRequest{};
     CommRequest r = begin_request(g, what, 2.0 * (g.size - 1) / g.size * n * sizeof(float));
 #ifdef __CUDACC__
     if (use_nccl(comm))
-        return nccl_request(comm, r, [&](cudaStream_t st) { NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, g.nccl, st)); });
+        return nccl_request(comm, r, [&](cudaStream_t st) {
+            NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, op == Reduce::max ? ncclMax : ncclSum, g.nccl, st));
+        });
 #endif
     float* host = mpi_buffer(comm, &r.host, &r.host_n, buf, n, true);
     stage_back(r, host, buf, n);
-    MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, host, (int)n, MPI_FLOAT, MPI_SUM, g.mpi, &r.mpi[0]));
+    MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, host, (int)n, MPI_FLOAT, op == Reduce::max ? MPI_MAX : MPI_SUM, g.mpi, &r.mpi[0]));
     return r;
 }
 // recv (n) ← group-rank r's block of Σ over the group of send (n·size).
-static CommRequest comm_reduce_scatter_start([[maybe_unused]] Comm& comm, Group& g, float* send, float* recv, size_t n, const char* what) {
+static CommRequest comm_reduce_scatter_start([[maybe_unused]] Comm& comm, Group& g, float* send, float* recv, size_t n,
+                                             const std::string& what) {
     if (g.size <= 1) {
         ops::copy_on_device(recv, send, n * sizeof(float));
         return CommRequest{};
@@ -664,7 +683,8 @@ static CommRequest comm_reduce_scatter_start([[maybe_unused]] Comm& comm, Group&
     return r;
 }
 // recv (n·size) ← the send (n) blocks of every group rank, in group-rank order.
-static CommRequest comm_all_gather_start([[maybe_unused]] Comm& comm, Group& g, const float* send, float* recv, size_t n, const char* what) {
+static CommRequest comm_all_gather_start([[maybe_unused]] Comm& comm, Group& g, const float* send, float* recv, size_t n,
+                                         const std::string& what) {
     if (g.size <= 1) {
         ops::copy_on_device(recv, send, n * sizeof(float));
         return CommRequest{};
@@ -723,9 +743,17 @@ static CommRequest comm_broadcast_start([[maybe_unused]] Comm& comm, Group& g, f
     return r;
 }
 
-// Blocking forms (the all-reduce is tensor parallel's; tests/test_comm checks it meanwhile).
-[[maybe_unused]] static void comm_all_reduce_sum(Comm& comm, Group& g, float* buf, size_t n, const char* what) {
-    CommRequest r = comm_all_reduce_sum_start(comm, g, buf, n, what);
+// Blocking forms: tensor parallel's collectives sit between two ops of the model, nothing to overlap.
+static void comm_all_reduce(Comm& comm, Group& g, float* buf, size_t n, Reduce op, const std::string& what) {
+    CommRequest r = comm_all_reduce_start(comm, g, buf, n, op, what);
+    comm_wait(comm, r);
+}
+static void comm_reduce_scatter(Comm& comm, Group& g, float* send, float* recv, size_t n, const std::string& what) {
+    CommRequest r = comm_reduce_scatter_start(comm, g, send, recv, n, what);
+    comm_wait(comm, r);
+}
+static void comm_all_gather(Comm& comm, Group& g, const float* send, float* recv, size_t n, const std::string& what) {
+    CommRequest r = comm_all_gather_start(comm, g, send, recv, n, what);
     comm_wait(comm, r);
 }
 static void comm_broadcast(Comm& comm, Group& g, float* buf, size_t n, int root, const char* what) {
@@ -742,41 +770,145 @@ static void comm_all_reduce_host(Comm& comm, Group& g, double* values, int n, MP
     trace_comm(comm.tracer, r, now_us());
 }
 
+// Host floats to group-rank 0: recv (n·size, on group-rank 0 only) ← every rank's send (n), in
+// group-rank order. Checkpoints and exports assemble full tensors from their tp shards this way:
+// they are written from host memory anyway, so no device holds a full tensor.
+static void comm_gather_host(Comm& comm, Group& g, const float* send, size_t n, float* recv, const char* what) {
+    if (g.size <= 1) {
+        std::copy(send, send + n, recv);
+        return;
+    }
+    CommRequest r = begin_request(g, what, g.rank == 0 ? 0.0 : (double)n * sizeof(float));
+    MPI_CHECK(MPI_Gather(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, 0, g.mpi));
+    r.active = false;
+    trace_comm(comm.tracer, r, now_us());
+}
+
+// ---- tensor parallel ----
+// Megatron's split of a layer over the tp group. Column-parallel GEMMs (Wqkv, by heads; Wi, the
+// GELU half and the gate half cut alike; the tied decoder, by vocabulary rows) give each rank its
+// own output columns; row-parallel GEMMs (attention Wo, MLP Wo; the vocab-parallel embedding) give
+// each rank a partial sum of the full output. Every tp collective of the model goes through one of
+// two conjugate functions:
+//   tp_region_in   before a column-parallel GEMM: forward identity,  backward all-reduce
+//   tp_region_out  after a row-parallel GEMM:     forward all-reduce, backward identity
+// With sequence parallel (--sp) the token rows outside the regions (the residual stream, the
+// LayerNorms, the sparse head's inputs) are cut into tp contiguous slices, and the pair becomes
+//   tp_region_in   forward all-gather (T/tp → T rows),      backward reduce-scatter (T → T/tp)
+//   tp_region_out  forward reduce-scatter (T → T/tp rows),  backward all-gather
+// The cross-entropy over the vocabulary shards all-reduces the row max, then the sums of
+// exponentials and the target logits: full logits never exist on one rank. The collectives are
+// named "tp <region> <collective>" (with "grad" in the backward) in the trace and the byte counts.
+
+enum class Pass { forward, backward };
+
+struct TensorParallel {
+    Comm* comm = nullptr;    // null on one rank (the tests' model, --predict on one rank)
+    Group* group = nullptr;  // the tp group
+    int size = 1, rank = 0;
+    bool sp = false;         // sequence parallel: token rows cut over the group outside the regions
+    int token_slices() const { return sp ? size : 1; }
+};
+
+// Entering a tp region. forward: full (rows·n, W) ← all-gather of local (rows, W) with --sp; without
+// it full is local (identity). backward: the partial input gradients full (rows·n, W) are summed:
+// reduce-scattered into local with --sp, all-reduced in place without (then local == full).
+static void tp_region_in(TensorParallel& tp, Pass pass, float* local, float* full, size_t rows, int width,
+                         const char* region) {
+    if (tp.size == 1) return;
+    const std::string name = std::string("tp ") + region + (pass == Pass::backward ? " grad " : " ");
+    const size_t n = rows * width;
+    if (pass == Pass::forward) {
+        if (tp.sp) comm_all_gather(*tp.comm, *tp.group, local, full, n, name + "all-gather");
+    } else if (tp.sp) {
+        comm_reduce_scatter(*tp.comm, *tp.group, full, local, n, name + "reduce-scatter");
+    } else {
+        comm_all_reduce(*tp.comm, *tp.group, full, n, Reduce::sum, name + "all-reduce");
+    }
+}
+// Leaving a tp region. forward: the partial outputs full (rows·n, W) are summed: reduce-scattered
+// into local (rows, W) with --sp, all-reduced in place without (then local == full).
+// backward: full ← all-gather of the output gradient local with --sp; identity without.
+static void tp_region_out(TensorParallel& tp, Pass pass, float* local, float* full, size_t rows, int width,
+                          const char* region) {
+    if (tp.size == 1) return;
+    const std::string name = std::string("tp ") + region + (pass == Pass::backward ? " grad " : " ");
+    const size_t n = rows * width;
+    if (pass == Pass::backward) {
+        if (tp.sp) comm_all_gather(*tp.comm, *tp.group, local, full, n, name + "all-gather");
+    } else if (tp.sp) {
+        comm_reduce_scatter(*tp.comm, *tp.group, full, local, n, name + "reduce-scatter");
+    } else {
+        comm_all_reduce(*tp.comm, *tp.group, full, n, Reduce::sum, name + "all-reduce");
+    }
+}
+// Vocab-parallel cross-entropy of N rows whose logits (N, V) are this rank's V vocabulary rows
+// from id vocab_start (the first V_valid real, the rest padding): the row max is all-reduced (max),
+// then Σ exp(logit − max) and the target logits (each row's target lives on one rank) are
+// all-reduced (sum), so every rank gets every row's loss (N) and lse (N), the backward's input.
+static void vocab_parallel_cross_entropy(TensorParallel& tp, float* losses, float* lse, float* row_max, float* partial,
+                                         const float* logits, const int* targets, int N, int V, int V_valid,
+                                         int vocab_start) {
+    ops::crossentropy_row_max(row_max, logits, targets, N, V, V_valid);
+    if (tp.size > 1) comm_all_reduce(*tp.comm, *tp.group, row_max, N, Reduce::max, "tp cross-entropy max all-reduce");
+    ops::crossentropy_sum_exp(partial, logits, row_max, targets, N, V, V_valid, vocab_start);
+    if (tp.size > 1)
+        comm_all_reduce(*tp.comm, *tp.group, partial, 2 * (size_t)N, Reduce::sum, "tp cross-entropy sum-exp all-reduce");
+    ops::crossentropy_finish(losses, lse, row_max, partial, targets, N);
+}
+// Where a region's full-row tensor lives: its own scratch buffer with --sp, else the local one.
+static float* tp_full(const TensorParallel& tp, float* local, float* scratch) { return tp.sp ? scratch : local; }
+
 // ---- parameters ----
-// All weights live in one flat fp32 buffer, in the order of the table below (transformers' names,
-// shapes and initialisation). Gradients and the two Adam moments are flat buffers of the same layout,
-// so an optimizer step, a checkpoint or a gradient bucket is a walk over one table.
+// Each rank's weights live in one flat fp32 buffer, in the order of the table below (transformers'
+// names, shapes and initialisation), each tensor as this rank's tp shard. Gradients and the two Adam
+// moments are flat buffers of the same layout, so an optimizer step, a checkpoint or a gradient
+// bucket is a walk over one table. How each tensor is cut over tp (global_index maps a shard's
+// element to its place in the full tensor):
+//   rows         Wqkv (3 row blocks q|k|v, each cut by heads), Wi (2 blocks GELU|gate, each cut by I),
+//                the embedding and the decoder bias (vocabulary rows, padded to a multiple of tp)
+//   cols         attention Wo and MLP Wo (their input columns: the heads, the intermediate units)
+//   replicated   the LayerNorms and the head's dense layer: every tp rank holds the whole tensor
+
+enum class Split { replicated, rows, cols };
 
 struct ParamInfo {
-    std::string name;          // transformers' parameter name
-    std::vector<int> shape;    // e.g. (3H, H)
-    size_t offset = 0, numel = 0;
-    float init_std = 0.f;      // 0: LayerNorm weight (ones) or bias (zeros)
-    bool is_norm = false;      // LayerNorm weights start at one
+    std::string name;            // transformers' parameter name
+    std::vector<int> shape;      // the full tensor, e.g. (3H, H)
+    size_t full_offset = 0, full_numel = 0;  // in a flat buffer of full tensors (checkpoints, export)
+    size_t offset = 0, numel = 0;            // this rank's shard in the flat buffers
+    Split split = Split::replicated;
+    int row_blocks = 1;          // rows: the tensor's rows are this many equal blocks, each cut over tp
+    float init_std = 0.f;        // 0: LayerNorm weight (ones) or bias (zeros)
+    bool is_norm = false;        // LayerNorm weights start at one
     bool decay() const { return shape.size() >= 2; }  // no weight decay on 1-D tensors
 };
 
-struct LayerWeights {
+struct LayerWeights {  // shapes of the full tensors; each rank holds its shard (see the table)
     float* attn_norm;  // (H), null on layer 0 (transformers has Identity there)
-    float* wqkv;       // (3H, H) rows: q heads | k heads | v heads
-    float* wo;         // (H, H)
+    float* wqkv;       // (3H, H) rows: q heads | k heads | v heads; shard (3·H/tp, H)
+    float* wo;         // (H, H); shard (H, H/tp)
     float* mlp_norm;   // (H)
-    float* wi;         // (2I, H) rows: GELU half | gate half
-    float* mlp_wo;     // (H, I)
+    float* wi;         // (2I, H) rows: GELU half | gate half; shard (2·I/tp, H)
+    float* mlp_wo;     // (H, I); shard (H, I/tp)
 };
 struct ModelWeights {
-    float* tok_embeddings;  // (V, H), tied to the decoder
+    float* tok_embeddings;  // (V, H), tied to the decoder; shard (⌈V/tp⌉, H)
     float* emb_norm;        // (H)
     std::vector<LayerWeights> layers;
     float* final_norm;      // (H)
     float* head_dense;      // (H, H)
     float* head_norm;       // (H)
-    float* decoder_bias;    // (V)
+    float* decoder_bias;    // (V); shard (⌈V/tp⌉)
 };
 
 struct ParamTable {
     std::vector<ParamInfo> params;
-    size_t total = 0;
+    size_t total = 0, full_total = 0;  // this rank's floats; the full model's
+    int tp_size = 1, tp_rank = 0;
+    // this rank's share of the model's dimensions
+    int heads = 0, I = 0;              // local attention heads, local intermediate units
+    int V = 0, vocab_start = 0, V_valid = 0;  // vocabulary rows held (⌈V/tp⌉), the first one's id, how many are real
     // The backward finishes gradients in decreasing table order (head, last layer, …, embedding);
     // these indices mark the watermarks at which the data-parallel sync may launch buckets.
     std::vector<size_t> layer_first;  // (L) index of each layer's first tensor
@@ -788,40 +920,94 @@ struct ParamTable {
     }
 };
 
-static ParamTable make_param_table(const ModelConfig& m) {
+// The index in the full tensor of element i of tp rank r's shard, or −1 for vocabulary padding.
+static long global_index(const ParamInfo& p, int tp_size, int r, size_t i) {
+    const size_t rows = p.shape[0], cols = p.shape.size() > 1 ? p.shape[1] : 1;
+    if (p.split == Split::replicated) return (long)i;
+    if (p.split == Split::cols) {
+        const size_t local_cols = cols / tp_size, row = i / local_cols, col = i % local_cols;
+        return (long)(row * cols + r * local_cols + col);
+    }
+    const size_t block_rows = rows / p.row_blocks, local_block = (block_rows + tp_size - 1) / tp_size;
+    const size_t local_row = i / cols, block = local_row / local_block;
+    const size_t row_in_block = r * local_block + local_row % local_block;
+    if (row_in_block >= block_rows) return -1;  // padding past the vocabulary
+    return (long)((block * block_rows + row_in_block) * cols + i % cols);
+}
+
+static ParamTable make_param_table(const ModelConfig& m, int tp_size = 1, int tp_rank = 0) {
     ParamTable t;
+    t.tp_size = tp_size;
+    t.tp_rank = tp_rank;
+    t.heads = m.nh / tp_size;
+    t.I = m.I / tp_size;
+    t.V = (m.V + tp_size - 1) / tp_size;
+    t.vocab_start = tp_rank * t.V;
+    t.V_valid = std::max(0, std::min(t.V, m.V - t.vocab_start));
     // transformers' _init_weights: "in" σ for inputs, "out" σ/√(2L) for projections into the residual
     float std_in = m.init_std, std_out = m.init_std / sqrtf(2.0f * m.L);
-    auto add = [&](const std::string& name, std::vector<int> shape, float std, bool is_norm) {
+    auto add = [&](const std::string& name, std::vector<int> shape, float std, bool is_norm, Split split = Split::replicated,
+                   int row_blocks = 1) {
         ParamInfo p;
         p.name = name;
         p.shape = shape;
-        p.numel = 1;
-        for (int d : shape) p.numel *= (size_t)d;
+        p.split = split;
+        p.row_blocks = row_blocks;
+        p.full_numel = 1;
+        for (int d : shape) p.full_numel *= (size_t)d;
+        const size_t rows = shape[0], cols = shape.size() > 1 ? shape[1] : 1;
+        if (split == Split::replicated) p.numel = p.full_numel;
+        if (split == Split::cols) p.numel = rows * (cols / tp_size);
+        if (split == Split::rows) p.numel = row_blocks * ((rows / row_blocks + tp_size - 1) / tp_size) * cols;
+        p.full_offset = t.full_total;
         p.offset = t.total;
         p.init_std = std;
         p.is_norm = is_norm;
+        t.full_total += p.full_numel;
         t.total += p.numel;
         t.params.push_back(p);
     };
-    add("model.embeddings.tok_embeddings.weight", {m.V, m.H}, std_in, false);
+    add("model.embeddings.tok_embeddings.weight", {m.V, m.H}, std_in, false, Split::rows);
     add("model.embeddings.norm.weight", {m.H}, 0.f, true);
     for (int l = 0; l < m.L; l++) {
         std::string p = "model.layers." + std::to_string(l) + ".";
         t.layer_first.push_back(t.params.size());
         if (l > 0) add(p + "attn_norm.weight", {m.H}, 0.f, true);
-        add(p + "attn.Wqkv.weight", {3 * m.H, m.H}, std_in, false);
-        add(p + "attn.Wo.weight", {m.H, m.H}, std_out, false);
+        add(p + "attn.Wqkv.weight", {3 * m.H, m.H}, std_in, false, Split::rows, 3);
+        add(p + "attn.Wo.weight", {m.H, m.H}, std_out, false, Split::cols);
         add(p + "mlp_norm.weight", {m.H}, 0.f, true);
-        add(p + "mlp.Wi.weight", {2 * m.I, m.H}, std_in, false);
-        add(p + "mlp.Wo.weight", {m.H, m.I}, std_out, false);
+        add(p + "mlp.Wi.weight", {2 * m.I, m.H}, std_in, false, Split::rows, 2);
+        add(p + "mlp.Wo.weight", {m.H, m.I}, std_out, false, Split::cols);
     }
     t.head_first = t.params.size();
     add("model.final_norm.weight", {m.H}, 0.f, true);
     add("head.dense.weight", {m.H, m.H}, std_out, false);
     add("head.norm.weight", {m.H}, 0.f, true);
-    add("decoder.bias", {m.V}, 0.f, false);
+    add("decoder.bias", {m.V}, 0.f, false, Split::rows);
     return t;
+}
+
+// This rank's shards (total) of a flat buffer of full tensors (full_total); padding is zero.
+static std::vector<float> shards_of(const ParamTable& t, const std::vector<float>& full) {
+    std::vector<float> local(t.total, 0.f);
+    for (const ParamInfo& p : t.params)
+        for (size_t i = 0; i < p.numel; i++) {
+            long g = global_index(p, t.tp_size, t.tp_rank, i);
+            if (g >= 0) local[p.offset + i] = full[p.full_offset + g];
+        }
+    return local;
+}
+// …and back: the full tensors from every tp rank's shards (tp_size · total, in tp-rank order). A
+// replicated tensor is taken from tp rank 0.
+static std::vector<float> full_of(const ParamTable& t, const std::vector<float>& shards) {
+    std::vector<float> full(t.full_total);
+    for (int r = t.tp_size - 1; r >= 0; r--)
+        for (const ParamInfo& p : t.params)
+            for (size_t i = 0; i < p.numel; i++) {
+                long g = global_index(p, t.tp_size, r, i);
+                if (g >= 0) full[p.full_offset + g] = shards[(size_t)r * t.total + p.offset + i];
+            }
+    return full;
 }
 
 // Pointers into a flat buffer (parameters, or gradients: same layout).
@@ -845,8 +1031,9 @@ static ModelWeights view_weights(const ParamTable& t, const ModelConfig& m, floa
     return w;
 }
 
-// Deterministic initialisation: a counter-based normal draw per (seed, tensor, element), truncated
-// at ±cutoff·σ by redrawing, so that a weight's initial value does not depend on anything else.
+// Deterministic initialisation: a counter-based normal draw per (seed, tensor, element of the full
+// tensor), truncated at ±cutoff·σ by redrawing, so that a weight's initial value depends on nothing
+// else: a tp shard holds the very numbers one rank would, and no rank builds a full tensor.
 static uint64_t mix64(uint64_t x) {
     x += 0x9E3779B97F4A7C15ull;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -860,24 +1047,27 @@ static void init_params(const ParamTable& t, const ModelConfig& m, uint64_t seed
     for (size_t pi = 0; pi < t.params.size(); pi++) {
         const ParamInfo& p = t.params[pi];
         float* w = host->data() + p.offset;
-        for (size_t i = 0; i < p.numel; i++) {
-            if (p.is_norm) { w[i] = 1.f; continue; }
-            if (p.init_std == 0.f) { w[i] = 0.f; continue; }
+        for (size_t li = 0; li < p.numel; li++) {
+            const long i = global_index(p, t.tp_size, t.tp_rank, li);
+            if (i < 0) continue;  // vocabulary padding stays zero
+            if (p.is_norm) { w[li] = 1.f; continue; }
+            if (p.init_std == 0.f) continue;
             for (uint64_t attempt = 0;; attempt++) {  // Box–Muller, redrawn until inside the cutoff
-                uint64_t key = mix64(mix64(mix64(seed) ^ pi) ^ i) ^ (attempt * 0x2545F4914F6CDD1Dull);
+                uint64_t key = mix64(mix64(mix64(seed) ^ pi) ^ (uint64_t)i) ^ (attempt * 0x2545F4914F6CDD1Dull);
                 double u1 = uniform01(mix64(key)), u2 = uniform01(mix64(key ^ 0xD1B54A32D192ED03ull));
                 double z = sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2);
-                if (fabs(z) <= m.init_cutoff) { w[i] = (float)(z * p.init_std); break; }
+                if (fabs(z) <= m.init_cutoff) { w[li] = (float)(z * p.init_std); break; }
             }
         }
     }
 }
 
-// The whole trainable state: parameters, gradients (raw sums over the masked tokens of the step),
-// Adam moments; all on the compute device.
+// The whole trainable state of this rank: its shards of the parameters, gradients (raw sums over
+// the masked tokens of the step), Adam moments; all on the compute device.
 struct Model {
     ModelConfig cfg;
     ParamTable table;
+    TensorParallel tp;
     float* params = nullptr;  // (total)
     float* grads = nullptr;   // (total)
     float* adam_m = nullptr;  // (total)
@@ -886,8 +1076,9 @@ struct Model {
     int adam_step = 0;        // optimizer steps taken (Adam's t)
 };
 
+// host_params: this rank's shards (table.total floats, the layout of make_param_table for model->tp).
 static void model_allocate(Model* model, const std::vector<float>& host_params) {
-    model->table = make_param_table(model->cfg);
+    model->table = make_param_table(model->cfg, model->tp.size, model->tp.rank);
     size_t n = model->table.total;
     if (host_params.size() != n) fatal("internal: %zu initial values for %zu parameters", host_params.size(), n);
     model->params = ops::alloc_floats(n);
@@ -905,113 +1096,160 @@ static std::vector<float> device_to_vector(const float* p, size_t n) {
     return v;
 }
 
+// Full tensors (full_total, on tp rank 0; empty elsewhere) from this rank's shards (total, on the
+// host): every rank of the tp group takes part.
+static std::vector<float> gather_full(const Model& model, const std::vector<float>& local, const char* what) {
+    const TensorParallel& tp = model.tp;
+    if (tp.size == 1) return local;
+    std::vector<float> shards(tp.rank == 0 ? (size_t)tp.size * local.size() : 0);
+    comm_gather_host(*tp.comm, *tp.group, local.data(), local.size(), shards.data(), what);
+    return tp.rank == 0 ? full_of(model.table, shards) : std::vector<float>{};
+}
+
 // ---- activations ----
 // What one micro-batch's forward keeps for its backward, sized for micro_batch_tokens (T) tokens.
 // Scratch buffers for gradients are shared by all layers: the backward visits one layer at a time.
+// Under tp a rank holds its heads' and intermediate units' columns (H/tp, I/tp below stand for the
+// table's local counts) and its vocabulary rows (V/tp); with --sp the residual stream and the
+// LayerNorms hold this rank's slice of Tl = T/tp token rows (without sp Tl = T), and each "full"
+// buffer is that slice gathered over tp (without sp it is the same buffer as its local one).
 struct LayerActivations {
-    float* ln_attn;          // (T, H)  attn_norm output (layer 0 uses the residual directly)
-    float* ln_attn_mean;     // (T)
-    float* ln_attn_rstd;     // (T)
-    float* qkv;              // (T, 3H) after RoPE
-    float* lse;              // (T, nh) attention log-sum-exp
-    float* atty;             // (T, H)  attention output before Wo
-    float* resid_mid;        // (T, H)  residual after the attention block
-    float* ln_mlp;           // (T, H)
-    float* ln_mlp_mean;      // (T)
-    float* ln_mlp_rstd;      // (T)
-    float* mlp_in;           // (T, 2I) Wi output [x | gate]
-    float* mlp_act;          // (T, I)  GELU(x) ⊙ gate
+    float* ln_attn;          // (Tl, H) attn_norm output (layer 0 uses the residual directly)
+    float* ln_attn_full;     // (T, H)  what Wqkv reads: ln_attn (layer 0: the residual) gathered
+    float* ln_attn_mean;     // (Tl)
+    float* ln_attn_rstd;     // (Tl)
+    float* qkv;              // (T, 3·H/tp) this rank's heads: q | k | v, after RoPE
+    float* lse;              // (T, heads/tp) attention log-sum-exp
+    float* atty;             // (T, H/tp) attention output before Wo
+    float* resid_mid;        // (Tl, H) residual after the attention block
+    float* ln_mlp;           // (Tl, H)
+    float* ln_mlp_full;      // (T, H)  what Wi reads
+    float* ln_mlp_mean;      // (Tl)
+    float* ln_mlp_rstd;      // (Tl)
+    float* mlp_in;           // (T, 2·I/tp) Wi output [x | gate]
+    float* mlp_act;          // (T, I/tp) GELU(x) ⊙ gate
 };
 struct Activations {
-    int T = 0, M = 0;        // token capacity, masked-row capacity
+    int T = 0, M = 0;        // token capacity, masked-row capacity of this rank's head (Tl)
+    // this micro-batch's head rows (set by the forward): with --sp each tp rank runs the head on the
+    // masked rows of its own token slice, padded with zero rows to the most any rank has, so that
+    // the decoder's all-gather moves equal blocks; without sp every rank runs all masked rows
+    int head_local = 0;      // masked rows in this rank's slice
+    int head_rows = 0;       // rows of this rank's head (head_local + zero padding)
+    int decoder_rows = 0;    // rows the decoder and the loss see: head_rows · tp with --sp, else head_rows
     int* ids;                // (T)
     int* positions;          // (T)
     int* cu_seqlens;         // (T + 1)
-    int* masked_rows;        // (M)
-    int* targets;            // (M) labels of the masked rows
-    float* emb;              // (T, H) embedding lookup
-    float* emb_mean;         // (T)
-    float* emb_rstd;         // (T)
-    std::vector<float*> residual;  // L + 1 of (T, H): residual[0] = LN_emb output, residual[l+1] = layer l output
+    int* masked_rows;        // (M) local row indices of this rank's masked rows
+    int* targets;            // (T) labels of the decoder's rows; −100 on padding rows
+    float* emb;              // (T, H)  embedding lookup of this rank's vocabulary rows (a partial sum over tp)
+    float* emb_sum;          // (Tl, H) the lookup summed over tp (in emb's buffer without sp)
+    float* emb_mean;         // (Tl)
+    float* emb_rstd;         // (Tl)
+    std::vector<float*> residual;  // L + 1 of (Tl, H): residual[0] = LN_emb output, residual[l+1] = layer l output
     std::vector<LayerActivations> layers;
-    float* final_out;        // (T, H)  final_norm output
-    float* final_mean;       // (T)
-    float* final_rstd;       // (T)
+    float* partial;          // (T, H)  --sp: a row-parallel GEMM's partial output before its reduce-scatter
+    float* final_out;        // (Tl, H) final_norm output
+    float* final_mean;       // (Tl)
+    float* final_rstd;       // (Tl)
     float* head_in;          // (M, H)  masked rows of final_out
     float* head_pre;         // (M, H)  dense output
     float* head_act;         // (M, H)  GELU
     float* head_out;         // (M, H)  head norm output
+    float* head_out_full;    // (T, H)  what the decoder reads: head_out gathered over tp with --sp
     float* head_mean;        // (M)
     float* head_rstd;        // (M)
-    float* logits;           // (M, V)  reused for their gradient in the backward
-    float* lse;              // (M)     log-sum-exp of each row of logits
-    float* losses;           // (M)
+    float* logits;           // (T, V/tp) the decoder rows' logits over this rank's vocabulary; reused for their gradient
+    float* row_max;          // (T)     each logits row's max over the whole vocabulary
+    float* ce_partial;       // (2T)    Σ exp(logit − max) over this rank's vocabulary | the target's logit if here
+    float* lse;              // (T)     log-sum-exp of each row of logits
+    float* losses;           // (T)
     // backward scratch
-    float* d_resid;          // (T, H)  gradient flowing down the residual stream
-    float* d_ln;             // (T, H)
+    float* d_resid;          // (Tl, H) gradient flowing down the residual stream
+    float* d_ln;             // (Tl, H)
+    float* d_full;           // (T, H)  d_resid gathered (--sp), else d_resid
+    float* d_ln_full;        // (T, H)  a column-parallel GEMM's partial input gradient (--sp), else d_ln
     // a layer's MLP gradients are dead before its attention's are made: they share memory
-    float* d_mlp_act;        // (T, I)
-    float* d_atty;           // (T, H)   in d_mlp_act's buffer
-    float* d_mlp_in;         // (T, 2I)
-    float* d_qkv;            // (T, 3H)  in d_mlp_in's buffer
+    float* d_mlp_act;        // (T, I/tp)
+    float* d_atty;           // (T, H/tp)  in d_mlp_act's buffer
+    float* d_mlp_in;         // (T, 2·I/tp)
+    float* d_qkv;            // (T, 3·H/tp) in d_mlp_in's buffer
     float* d_head_a;         // (M, H)
     float* d_head_b;         // (M, H)
+    float* d_head_full;      // (T, H)  the decoder's partial input gradient (--sp), else d_head_a
 };
 
-static Activations alloc_activations(const ModelConfig& m, int T) {
+static Activations alloc_activations(const Model& model, int T) {
+    const ModelConfig& m = model.cfg;
+    const ParamTable& t = model.table;
+    const TensorParallel& tp = model.tp;
     Activations a;
     a.T = T;
-    a.M = T;  // every row could be masked; the head buffers are small next to the layers
-    size_t TH = (size_t)T * m.H, MH = (size_t)a.M * m.H;
+    const int Tl = T / tp.token_slices();
+    a.M = Tl;  // every row could be masked; the head buffers are small next to the layers
+    const size_t TH = (size_t)T * m.H, TlH = (size_t)Tl * m.H, MH = (size_t)a.M * m.H;
+    const int Hl = t.heads * m.hd;  // this rank's share of the hidden size
+    auto full = [&](float* local) { return tp.sp ? ops::alloc_floats(TH) : local; };
     a.ids = ops::alloc_ints(T);
     a.positions = ops::alloc_ints(T);
     a.cu_seqlens = ops::alloc_ints(T + 1);
     a.masked_rows = ops::alloc_ints(a.M);
-    a.targets = ops::alloc_ints(a.M);
+    a.targets = ops::alloc_ints(T);
     a.emb = ops::alloc_floats(TH);
-    a.emb_mean = ops::alloc_floats(T);
-    a.emb_rstd = ops::alloc_floats(T);
-    for (int l = 0; l <= m.L; l++) a.residual.push_back(ops::alloc_floats(TH));
+    a.emb_sum = tp.sp ? ops::alloc_floats(TlH) : a.emb;
+    a.emb_mean = ops::alloc_floats(Tl);
+    a.emb_rstd = ops::alloc_floats(Tl);
+    for (int l = 0; l <= m.L; l++) a.residual.push_back(ops::alloc_floats(TlH));
     for (int l = 0; l < m.L; l++) {
         LayerActivations la;
-        la.ln_attn = l > 0 ? ops::alloc_floats(TH) : nullptr;
-        la.ln_attn_mean = ops::alloc_floats(T);
-        la.ln_attn_rstd = ops::alloc_floats(T);
-        la.qkv = ops::alloc_floats(3 * TH);
-        la.lse = ops::alloc_floats((size_t)T * m.nh);
-        la.atty = ops::alloc_floats(TH);
-        la.resid_mid = ops::alloc_floats(TH);
-        la.ln_mlp = ops::alloc_floats(TH);
-        la.ln_mlp_mean = ops::alloc_floats(T);
-        la.ln_mlp_rstd = ops::alloc_floats(T);
-        la.mlp_in = ops::alloc_floats((size_t)T * 2 * m.I);
-        la.mlp_act = ops::alloc_floats((size_t)T * m.I);
+        la.ln_attn = l > 0 ? ops::alloc_floats(TlH) : nullptr;
+        la.ln_attn_full = full(l > 0 ? la.ln_attn : a.residual[0]);
+        la.ln_attn_mean = ops::alloc_floats(Tl);
+        la.ln_attn_rstd = ops::alloc_floats(Tl);
+        la.qkv = ops::alloc_floats((size_t)T * 3 * Hl);
+        la.lse = ops::alloc_floats((size_t)T * t.heads);
+        la.atty = ops::alloc_floats((size_t)T * Hl);
+        la.resid_mid = ops::alloc_floats(TlH);
+        la.ln_mlp = ops::alloc_floats(TlH);
+        la.ln_mlp_full = full(la.ln_mlp);
+        la.ln_mlp_mean = ops::alloc_floats(Tl);
+        la.ln_mlp_rstd = ops::alloc_floats(Tl);
+        la.mlp_in = ops::alloc_floats((size_t)T * 2 * t.I);
+        la.mlp_act = ops::alloc_floats((size_t)T * t.I);
         a.layers.push_back(la);
     }
-    a.final_out = ops::alloc_floats(TH);
-    a.final_mean = ops::alloc_floats(T);
-    a.final_rstd = ops::alloc_floats(T);
+    a.partial = tp.sp ? ops::alloc_floats(TH) : nullptr;
+    a.final_out = ops::alloc_floats(TlH);
+    a.final_mean = ops::alloc_floats(Tl);
+    a.final_rstd = ops::alloc_floats(Tl);
     a.head_in = ops::alloc_floats(MH);
     a.head_pre = ops::alloc_floats(MH);
     a.head_act = ops::alloc_floats(MH);
     a.head_out = ops::alloc_floats(MH);
+    a.head_out_full = full(a.head_out);
     a.head_mean = ops::alloc_floats(a.M);
     a.head_rstd = ops::alloc_floats(a.M);
-    a.logits = ops::alloc_floats((size_t)a.M * m.V);
-    a.lse = ops::alloc_floats(a.M);
-    a.losses = ops::alloc_floats(a.M);
-    a.d_resid = ops::alloc_floats(TH);
-    a.d_ln = ops::alloc_floats(TH);
-    a.d_mlp_act = ops::alloc_floats((size_t)T * std::max(m.I, m.H));
+    a.logits = ops::alloc_floats((size_t)T * t.V);
+    a.row_max = ops::alloc_floats(T);
+    a.ce_partial = ops::alloc_floats(2 * (size_t)T);
+    a.lse = ops::alloc_floats(T);
+    a.losses = ops::alloc_floats(T);
+    a.d_resid = ops::alloc_floats(TlH);
+    a.d_ln = ops::alloc_floats(TlH);
+    a.d_full = full(a.d_resid);
+    a.d_ln_full = full(a.d_ln);
+    a.d_mlp_act = ops::alloc_floats((size_t)T * std::max(t.I, Hl));
     a.d_atty = a.d_mlp_act;
-    a.d_mlp_in = ops::alloc_floats((size_t)T * std::max(2 * m.I, 3 * m.H));
+    a.d_mlp_in = ops::alloc_floats((size_t)T * std::max(2 * t.I, 3 * Hl));
     a.d_qkv = a.d_mlp_in;
     a.d_head_a = ops::alloc_floats(MH);
     a.d_head_b = ops::alloc_floats(MH);
+    a.d_head_full = full(a.d_head_a);
     return a;
 }
 
-// The batch metadata one forward needs, on the host (see data.h's MicroBatch).
+// The batch metadata one forward needs, on the host (see data.h's MicroBatch): the whole
+// micro-batch, on every tp rank.
 struct BatchView {
     int T = 0, n_docs = 0, n_masked = 0;
     std::vector<int> ids, positions, cu_seqlens, masked_rows, targets;
@@ -1030,77 +1268,113 @@ static BatchView batch_view(const MicroBatch& mb) {
     return b;
 }
 
-static void upload_batch(Activations* a, const BatchView& b, const ModelConfig& m) {
+// Uploads the batch and decides the head's rows. With --sp, tp rank r's slice is token rows
+// [r·Tl, (r+1)·Tl); its masked rows go through its head, padded to the most masked rows any slice
+// has (every rank knows the whole batch, so all agree), and the decoder sees the slices' rows in
+// rank order, padding rows with target −100 (no loss, no gradient).
+static void upload_batch(Activations* a, const BatchView& b, const ModelConfig& m, const TensorParallel& tp) {
     if (b.T > a->T) fatal("internal: batch of %d tokens in buffers of %d", b.T, a->T);
     for (int id : b.ids)
         if (id < 0 || id >= m.V) fatal("token id %d outside the model's vocabulary of %d", id, m.V);
+    const int slices = tp.token_slices(), Tl = b.T / slices;
+    std::vector<std::vector<int>> rows(slices), targets(slices);  // per slice: local row indices, labels
+    for (int k = 0; k < b.n_masked; k++) {
+        int slice = b.masked_rows[k] / Tl;
+        rows[slice].push_back(b.masked_rows[k] - slice * Tl);
+        targets[slice].push_back(b.targets[k]);
+    }
+    const int mine = tp.sp ? tp.rank : 0;
+    a->head_local = (int)rows[mine].size();
+    a->head_rows = 0;
+    for (const auto& r : rows) a->head_rows = std::max(a->head_rows, (int)r.size());
+    a->decoder_rows = a->head_rows * slices;
+    std::vector<int> decoder_targets;
+    for (auto& tg : targets) {
+        tg.resize(a->head_rows, -100);
+        decoder_targets.insert(decoder_targets.end(), tg.begin(), tg.end());
+    }
     ops::copy_to_device(a->ids, b.ids.data(), sizeof(int) * b.T);
     ops::copy_to_device(a->positions, b.positions.data(), sizeof(int) * b.T);
     ops::copy_to_device(a->cu_seqlens, b.cu_seqlens.data(), sizeof(int) * (b.n_docs + 1));
-    if (b.n_masked) {
-        ops::copy_to_device(a->masked_rows, b.masked_rows.data(), sizeof(int) * b.n_masked);
-        ops::copy_to_device(a->targets, b.targets.data(), sizeof(int) * b.n_masked);
-    }
+    if (a->head_local) ops::copy_to_device(a->masked_rows, rows[mine].data(), sizeof(int) * a->head_local);
+    if (a->decoder_rows) ops::copy_to_device(a->targets, decoder_targets.data(), sizeof(int) * a->decoder_rows);
 }
 
 // ---- model forward ----
 // Embedding → LayerNorm → L pre-norm layers (attention, GeGLU MLP, each added to the residual) →
 // final norm → (masked rows only) head dense → GELU → LayerNorm → tied decoder → cross-entropy.
 // Returns the SUM of the masked tokens' losses: normalisation happens once, per optimizer step.
+// Under tp each GEMM runs on this rank's shard and the regions' collectives join the shards (see
+// the tensor parallel section); every tp rank returns the same loss.
 
-static double model_forward(const Model& model, Activations& a, const BatchView& b, Tracer* trace = nullptr) {
+static double model_forward(Model& model, Activations& a, const BatchView& b, Tracer* trace = nullptr) {
     const ModelConfig& m = model.cfg;
     const ModelWeights& w = model.w;
-    const int T = b.T, H = m.H, I = m.I, M = b.n_masked;
-    upload_batch(&a, b, m);
+    const ParamTable& t = model.table;
+    TensorParallel& tp = model.tp;
+    const int T = b.T, Tl = T / tp.token_slices(), H = m.H, Hl = t.heads * m.hd, Il = t.I;
+    upload_batch(&a, b, m, tp);
 
-    TRACED(trace, "embedding", ops::embedding_forward(a.emb, a.ids, w.tok_embeddings, T, H, 0, m.V));
+    TRACED(trace, "embedding", ops::embedding_forward(a.emb, a.ids, w.tok_embeddings, T, H, t.vocab_start, t.V));
+    tp_region_out(tp, Pass::forward, a.emb_sum, a.emb, Tl, H, "embedding-out");
     TRACED(trace, "layernorm",
-           ops::layernorm_forward(a.residual[0], a.emb_mean, a.emb_rstd, a.emb, w.emb_norm, T, H, m.norm_eps));
+           ops::layernorm_forward(a.residual[0], a.emb_mean, a.emb_rstd, a.emb_sum, w.emb_norm, Tl, H, m.norm_eps));
 
     for (int l = 0; l < m.L; l++) {
         double t_layer = trace ? now_us() : 0;
         const LayerWeights& lw = w.layers[l];
         LayerActivations& la = a.layers[l];
-        const float* h = a.residual[l];
-        // attention block
-        const float* attn_in = h;
+        float* h = a.residual[l];
+        // attention block: Wqkv column-parallel (this rank's heads), Wo row-parallel
+        float* attn_in = h;
         if (lw.attn_norm) {
             TRACED(trace, "layernorm",
-                   ops::layernorm_forward(la.ln_attn, la.ln_attn_mean, la.ln_attn_rstd, h, lw.attn_norm, T, H, m.norm_eps));
+                   ops::layernorm_forward(la.ln_attn, la.ln_attn_mean, la.ln_attn_rstd, h, lw.attn_norm, Tl, H, m.norm_eps));
             attn_in = la.ln_attn;
         }
-        TRACED(trace, "matmul", ops::matmul_forward(la.qkv, attn_in, lw.wqkv, nullptr, T, H, 3 * H));
+        tp_region_in(tp, Pass::forward, attn_in, la.ln_attn_full, Tl, H, "attention-in");
+        TRACED(trace, "matmul", ops::matmul_forward(la.qkv, la.ln_attn_full, lw.wqkv, nullptr, T, H, 3 * Hl));
         float theta = m.is_global(l) ? m.theta_global : m.theta_local;
         int window = m.is_global(l) ? -1 : m.window();
-        TRACED(trace, "rope", ops::rope_forward(la.qkv, a.positions, T, m.nh, m.hd, theta));
+        TRACED(trace, "rope", ops::rope_forward(la.qkv, a.positions, T, t.heads, m.hd, theta));
         TRACED(trace, "attention",
-               ops::attention_forward(la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, m.nh, m.hd, window));
-        TRACED(trace, "matmul", ops::matmul_forward(la.resid_mid, la.atty, lw.wo, nullptr, T, H, H));
-        TRACED(trace, "residual", ops::add_inplace(la.resid_mid, h, (size_t)T * H));
-        // MLP block
+               ops::attention_forward(la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, t.heads, m.hd, window));
+        float* attn_out = tp_full(tp, la.resid_mid, a.partial);
+        TRACED(trace, "matmul", ops::matmul_forward(attn_out, la.atty, lw.wo, nullptr, T, Hl, H));
+        tp_region_out(tp, Pass::forward, la.resid_mid, attn_out, Tl, H, "attention-out");
+        TRACED(trace, "residual", ops::add_inplace(la.resid_mid, h, (size_t)Tl * H));
+        // MLP block: Wi column-parallel (this rank's units of both halves), Wo row-parallel
         TRACED(trace, "layernorm",
-               ops::layernorm_forward(la.ln_mlp, la.ln_mlp_mean, la.ln_mlp_rstd, la.resid_mid, lw.mlp_norm, T, H, m.norm_eps));
-        TRACED(trace, "matmul", ops::matmul_forward(la.mlp_in, la.ln_mlp, lw.wi, nullptr, T, H, 2 * I));
-        TRACED(trace, "gelu/geglu", ops::geglu_forward(la.mlp_act, la.mlp_in, T, I));
-        TRACED(trace, "matmul", ops::matmul_forward(a.residual[l + 1], la.mlp_act, lw.mlp_wo, nullptr, T, I, H));
-        TRACED(trace, "residual", ops::add_inplace(a.residual[l + 1], la.resid_mid, (size_t)T * H));
+               ops::layernorm_forward(la.ln_mlp, la.ln_mlp_mean, la.ln_mlp_rstd, la.resid_mid, lw.mlp_norm, Tl, H, m.norm_eps));
+        tp_region_in(tp, Pass::forward, la.ln_mlp, la.ln_mlp_full, Tl, H, "mlp-in");
+        TRACED(trace, "matmul", ops::matmul_forward(la.mlp_in, la.ln_mlp_full, lw.wi, nullptr, T, H, 2 * Il));
+        TRACED(trace, "gelu/geglu", ops::geglu_forward(la.mlp_act, la.mlp_in, T, Il));
+        float* mlp_out = tp_full(tp, a.residual[l + 1], a.partial);
+        TRACED(trace, "matmul", ops::matmul_forward(mlp_out, la.mlp_act, lw.mlp_wo, nullptr, T, Il, H));
+        tp_region_out(tp, Pass::forward, a.residual[l + 1], mlp_out, Tl, H, "mlp-out");
+        TRACED(trace, "residual", ops::add_inplace(a.residual[l + 1], la.resid_mid, (size_t)Tl * H));
         trace_compute(trace, "layer " + std::to_string(l) + " forward", t_layer);
     }
     TRACED(trace, "layernorm",
-           ops::layernorm_forward(a.final_out, a.final_mean, a.final_rstd, a.residual[m.L], w.final_norm, T, H, m.norm_eps));
-    if (M == 0) return 0.0;
+           ops::layernorm_forward(a.final_out, a.final_mean, a.final_rstd, a.residual[m.L], w.final_norm, Tl, H, m.norm_eps));
+    if (b.n_masked == 0) return 0.0;
     double t_head = trace ? now_us() : 0;
 
-    // sparse prediction: only masked rows go through the head and the decoder
-    TRACED(trace, "gather/scatter", ops::gather_rows(a.head_in, a.final_out, a.masked_rows, M, H));
+    // sparse prediction: only masked rows go through the head (replicated weights) and the decoder
+    // (column-parallel over the vocabulary); padding rows (--sp) are zero rows that stay zero
+    const int M = a.head_rows, N = a.decoder_rows;
+    if (a.head_local < M) TRACED(trace, "memset", ops::zero_floats(a.head_in, (size_t)M * H));
+    TRACED(trace, "gather/scatter", ops::gather_rows(a.head_in, a.final_out, a.masked_rows, a.head_local, H));
     TRACED(trace, "matmul", ops::matmul_forward(a.head_pre, a.head_in, w.head_dense, nullptr, M, H, H));
     TRACED(trace, "gelu/geglu", ops::gelu_forward(a.head_act, a.head_pre, (size_t)M * H));
     TRACED(trace, "layernorm",
            ops::layernorm_forward(a.head_out, a.head_mean, a.head_rstd, a.head_act, w.head_norm, M, H, m.norm_eps));
-    TRACED(trace, "matmul", ops::matmul_forward(a.logits, a.head_out, w.tok_embeddings, w.decoder_bias, M, H, m.V));
-    TRACED(trace, "cross-entropy", ops::crossentropy_forward(a.losses, a.lse, a.logits, a.targets, M, m.V));
-    double loss_sum = ops::sum(a.losses, M);
+    tp_region_in(tp, Pass::forward, a.head_out, a.head_out_full, M, H, "decoder-in");
+    TRACED(trace, "matmul", ops::matmul_forward(a.logits, a.head_out_full, w.tok_embeddings, w.decoder_bias, N, H, t.V));
+    TRACED(trace, "cross-entropy",
+           vocab_parallel_cross_entropy(tp, a.losses, a.lse, a.row_max, a.ce_partial, a.logits, a.targets, N, t.V,
+                                        t.V_valid, t.vocab_start));
+    double loss_sum = ops::sum(a.losses, N);
     trace_compute(trace, "head forward", t_head);
     return loss_sum;
 }
@@ -1109,8 +1383,8 @@ static double model_forward(const Model& model, Activations& a, const BatchView&
 // The forward in reverse. Gradients are sums over this micro-batch's masked tokens (dloss = 1 per
 // token) added into model.grads, so micro-batches accumulate and the step normalises once.
 // The tied embedding collects the decoder's gradient and the lookup's scatter in one tensor.
-// With a GradSync (the last micro-batch of a data-parallel step), each time a stretch of gradients
-// is final the backward says so, and the sync launches the buckets that are complete.
+// With a GradSync (the last micro-batch of a step), each time a stretch of gradients is final the
+// backward says so, and the sync sums them over the ranks that share them.
 
 struct GradSync;
 static void grad_sync_ready(GradSync* sync, size_t first_final_param);
@@ -1119,29 +1393,34 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
                            Tracer* trace = nullptr) {
     const ModelConfig& m = model.cfg;
     const ModelWeights& w = model.w;
+    const ParamTable& t = model.table;
+    TensorParallel& tp = model.tp;
     ModelWeights& g = model.g;
-    const int T = b.T, H = m.H, I = m.I, M = b.n_masked;
-    const size_t TH = (size_t)T * H;
+    const int T = b.T, Tl = T / tp.token_slices(), H = m.H, Hl = t.heads * m.hd, Il = t.I;
+    const size_t TlH = (size_t)Tl * H;
     double t_head = trace ? now_us() : 0;
-    if (M > 0) {
+    if (b.n_masked > 0) {
+        const int M = a.head_rows, N = a.decoder_rows;
         // logits' gradient overwrites the logits: they are not needed afterwards
-        TRACED(trace, "cross-entropy", ops::crossentropy_backward(a.logits, a.logits, a.lse, a.targets, 1.0f, M, m.V));
+        TRACED(trace, "cross-entropy",
+               ops::crossentropy_backward(a.logits, a.logits, a.lse, a.targets, 1.0f, N, t.V, t.V_valid, t.vocab_start));
         TRACED(trace, "matmul",
-               ops::matmul_backward(a.d_head_a, g.tok_embeddings, g.decoder_bias, a.logits, a.head_out, w.tok_embeddings,
-                                    M, H, m.V, false));
+               ops::matmul_backward(a.d_head_full, g.tok_embeddings, g.decoder_bias, a.logits, a.head_out_full,
+                                    w.tok_embeddings, N, H, t.V, false));
+        tp_region_in(tp, Pass::backward, a.d_head_a, a.d_head_full, M, H, "decoder-in");
         TRACED(trace, "layernorm",
                ops::layernorm_backward(a.d_head_b, g.head_norm, a.d_head_a, a.head_act, w.head_norm, a.head_mean,
                                        a.head_rstd, M, H, false));
         TRACED(trace, "gelu/geglu", ops::gelu_backward(a.d_head_a, a.d_head_b, a.head_pre, (size_t)M * H));
         TRACED(trace, "matmul",
                ops::matmul_backward(a.d_head_b, g.head_dense, nullptr, a.d_head_a, a.head_in, w.head_dense, M, H, H, false));
-        TRACED(trace, "memset", ops::zero_floats(a.d_ln, TH));  // the scatter fills only the masked rows
-        TRACED(trace, "gather/scatter", ops::scatter_rows_backward(a.d_ln, a.d_head_b, a.masked_rows, M, H));
+        TRACED(trace, "memset", ops::zero_floats(a.d_ln, TlH));  // the scatter fills only the masked rows
+        TRACED(trace, "gather/scatter", ops::scatter_rows_backward(a.d_ln, a.d_head_b, a.masked_rows, a.head_local, H));
         TRACED(trace, "layernorm",
                ops::layernorm_backward(a.d_resid, g.final_norm, a.d_ln, a.residual[m.L], w.final_norm, a.final_mean,
-                                       a.final_rstd, T, H, false));
+                                       a.final_rstd, Tl, H, false));
     } else {
-        TRACED(trace, "memset", ops::zero_floats(a.d_resid, TH));  // nothing masked: no gradient reaches the layers
+        TRACED(trace, "memset", ops::zero_floats(a.d_resid, TlH));  // nothing masked: no gradient reaches the layers
     }
     trace_compute(trace, "head backward", t_head);
     grad_sync_ready(sync, model.table.head_first);
@@ -1151,40 +1430,45 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         LayerWeights& lg = g.layers[l];
         LayerActivations& la = a.layers[l];
         // d_resid holds ∂loss/∂residual[l+1]; the MLP branch adds its share of ∂/∂resid_mid
+        tp_region_out(tp, Pass::backward, a.d_resid, a.d_full, Tl, H, "mlp-out");
         TRACED(trace, "matmul",
-               ops::matmul_backward(a.d_mlp_act, lg.mlp_wo, nullptr, a.d_resid, la.mlp_act, lw.mlp_wo, T, I, H, false));
-        TRACED(trace, "gelu/geglu", ops::geglu_backward(a.d_mlp_in, a.d_mlp_act, la.mlp_in, T, I));
+               ops::matmul_backward(a.d_mlp_act, lg.mlp_wo, nullptr, a.d_full, la.mlp_act, lw.mlp_wo, T, Il, H, false));
+        TRACED(trace, "gelu/geglu", ops::geglu_backward(a.d_mlp_in, a.d_mlp_act, la.mlp_in, T, Il));
         TRACED(trace, "matmul",
-               ops::matmul_backward(a.d_ln, lg.wi, nullptr, a.d_mlp_in, la.ln_mlp, lw.wi, T, H, 2 * I, false));
+               ops::matmul_backward(a.d_ln_full, lg.wi, nullptr, a.d_mlp_in, la.ln_mlp_full, lw.wi, T, H, 2 * Il, false));
+        tp_region_in(tp, Pass::backward, a.d_ln, a.d_ln_full, Tl, H, "mlp-in");
         TRACED(trace, "layernorm",
                ops::layernorm_backward(a.d_resid, lg.mlp_norm, a.d_ln, la.resid_mid, lw.mlp_norm, la.ln_mlp_mean,
-                                       la.ln_mlp_rstd, T, H, true));
+                                       la.ln_mlp_rstd, Tl, H, true));
         // now ∂/∂resid_mid; the attention branch adds its share of ∂/∂residual[l]
+        tp_region_out(tp, Pass::backward, a.d_resid, a.d_full, Tl, H, "attention-out");
         TRACED(trace, "matmul",
-               ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_resid, la.atty, lw.wo, T, H, H, false));
+               ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_full, la.atty, lw.wo, T, Hl, H, false));
         int window = m.is_global(l) ? -1 : m.window();
         TRACED(trace, "attention",
-               ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, m.nh, m.hd,
-                                       window));
+               ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, t.heads,
+                                       m.hd, window));
         TRACED(trace, "rope",
-               ops::rope_backward(a.d_qkv, a.positions, T, m.nh, m.hd, m.is_global(l) ? m.theta_global : m.theta_local));
+               ops::rope_backward(a.d_qkv, a.positions, T, t.heads, m.hd, m.is_global(l) ? m.theta_global : m.theta_local));
+        TRACED(trace, "matmul",
+               ops::matmul_backward(a.d_ln_full, lg.wqkv, nullptr, a.d_qkv, la.ln_attn_full, lw.wqkv, T, H, 3 * Hl, false));
+        tp_region_in(tp, Pass::backward, a.d_ln, a.d_ln_full, Tl, H, "attention-in");
         if (lw.attn_norm) {
-            TRACED(trace, "matmul",
-                   ops::matmul_backward(a.d_ln, lg.wqkv, nullptr, a.d_qkv, la.ln_attn, lw.wqkv, T, H, 3 * H, false));
             TRACED(trace, "layernorm",
                    ops::layernorm_backward(a.d_resid, lg.attn_norm, a.d_ln, a.residual[l], lw.attn_norm, la.ln_attn_mean,
-                                           la.ln_attn_rstd, T, H, true));
+                                           la.ln_attn_rstd, Tl, H, true));
         } else {  // layer 0: the attention reads the residual itself
-            TRACED(trace, "matmul",
-                   ops::matmul_backward(a.d_resid, lg.wqkv, nullptr, a.d_qkv, a.residual[l], lw.wqkv, T, H, 3 * H, true));
+            TRACED(trace, "residual", ops::add_inplace(a.d_resid, a.d_ln, TlH));
         }
         trace_compute(trace, "layer " + std::to_string(l) + " backward", t_layer);
         grad_sync_ready(sync, model.table.layer_first[l]);
     }
     double t_emb = trace ? now_us() : 0;
     TRACED(trace, "layernorm",
-           ops::layernorm_backward(a.d_ln, g.emb_norm, a.d_resid, a.emb, w.emb_norm, a.emb_mean, a.emb_rstd, T, H, false));
-    TRACED(trace, "embedding", ops::embedding_backward(g.tok_embeddings, a.d_ln, a.ids, T, H, 0, m.V, m.special.pad));
+           ops::layernorm_backward(a.d_ln, g.emb_norm, a.d_resid, a.emb_sum, w.emb_norm, a.emb_mean, a.emb_rstd, Tl, H, false));
+    tp_region_out(tp, Pass::backward, a.d_ln, a.d_ln_full, Tl, H, "embedding-out");
+    TRACED(trace, "embedding",
+           ops::embedding_backward(g.tok_embeddings, a.d_ln_full, a.ids, T, H, t.vocab_start, t.V, m.special.pad));
     trace_compute(trace, "embedding backward", t_emb);
     grad_sync_ready(sync, 0);
 }
@@ -1199,6 +1483,9 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
 //   ZeRO-1  "dp grad reduce-scatter"   every rank gets the sum of its 1/n share of each bucket,
 //                                      updates only that share (Adam state is sharded too), then
 //           "dp param all-gather"      every rank gets the updated weights back.
+// With --sp the replicated tensors' gradients (LayerNorms, the head's dense layer) are partial sums
+// over the tp ranks' token slices: as each stretch becomes final they are summed first
+// ("tp replicated grad all-reduce"), so that the dp buckets and the optimizer see whole gradients.
 
 struct Bucket {
     size_t first_param, end_param;  // tensors [first, end) of the table
@@ -1221,6 +1508,9 @@ struct OptimizerPiece {
 struct GradSync {
     Comm* comm = nullptr;
     Group* group = nullptr;         // dp×cp: the ranks that hold the same weights
+    const ParamTable* table = nullptr;
+    TensorParallel* tp = nullptr;
+    size_t tp_summed_from = 0;      // --sp: tensors [tp_summed_from, end) have had their tp sum this step
     bool zero = false;
     float* grads = nullptr;         // the model's flat gradient buffer
     std::vector<Bucket> buckets;    // launch order
@@ -1254,6 +1544,9 @@ static GradSync* make_grad_sync(Comm* comm, Group* group, Model& model, bool zer
     GradSync* s = new GradSync;
     s->comm = comm;
     s->group = group;
+    s->table = &model.table;
+    s->tp = &model.tp;
+    s->tp_summed_from = model.table.params.size();
     s->zero = zero;
     s->grads = model.grads;
     const ParamTable& t = model.table;
@@ -1306,7 +1599,7 @@ static GradSync* make_grad_sync(Comm* comm, Group* group, Model& model, bool zer
 
 static void launch_bucket(GradSync* s, Bucket& b) {
     if (!s->zero) {
-        b.request = comm_all_reduce_sum_start(*s->comm, *s->group, s->grads + b.offset, b.numel, "dp grad all-reduce");
+        b.request = comm_all_reduce_start(*s->comm, *s->group, s->grads + b.offset, b.numel, Reduce::sum, "dp grad all-reduce");
         return;
     }
     float* send = s->staging + b.staging_offset;  // (n·chunk); the padding past numel stays zero
@@ -1318,6 +1611,15 @@ static void launch_bucket(GradSync* s, Bucket& b) {
 // Called by the backward: every tensor from first_final_param on has its final gradient.
 static void grad_sync_ready(GradSync* s, size_t first_final_param) {
     if (!s) return;
+    if (s->tp->sp && s->tp->size > 1) {
+        for (size_t i = first_final_param; i < s->tp_summed_from; i++) {
+            const ParamInfo& p = s->table->params[i];
+            if (p.split == Split::replicated)
+                comm_all_reduce(*s->comm, *s->tp->group, s->grads + p.offset, p.numel, Reduce::sum,
+                                "tp replicated grad all-reduce");
+        }
+        s->tp_summed_from = std::min(s->tp_summed_from, first_final_param);
+    }
     while (s->next < s->buckets.size() && s->buckets[s->next].first_param >= first_final_param) {
         launch_bucket(s, s->buckets[s->next++]);
         if (first_final_param > 0) s->launched_during_backward++;
@@ -1330,6 +1632,7 @@ static void grad_sync_finish(GradSync* s) {
     grad_sync_ready(s, 0);
     for (Bucket& b : s->buckets) comm_wait(*s->comm, b.request);
     s->next = 0;
+    s->tp_summed_from = s->table->params.size();
 }
 
 // ZeRO-1: every rank's share of each bucket (shares: Σ chunk, laid out like the Adam state) to every
@@ -1377,7 +1680,8 @@ static void scatter_state(GradSync* s, const std::vector<float>& full, float* st
 // no weight decay on 1-D tensors. The raw gradient sums are normalised by the step's masked-token
 // count inside the update (grad_scale), the one place the loss's mean is taken. Under ZeRO-1 the
 // squared norm and StableAdamW's per-tensor sums are added up over the shards ("grad norm
-// all-reduce", "stable-adamw rms all-reduce").
+// all-reduce", "stable-adamw rms all-reduce"), under tp over the tp shards ("… tp all-reduce"),
+// where a replicated tensor counts once (tp rank 0's copy; every tp rank holds the same).
 
 static float learning_rate(const TrainConfig& c, int step) {  // step counts from 1
     if (c.warmup > 0 && step <= c.warmup) return c.lr * (float)step / (float)c.warmup;
@@ -1398,9 +1702,14 @@ static double optimizer_step(Model& model, const TrainConfig& c, float lr, long 
     const std::vector<OptimizerPiece>& pieces = sync ? sync->pieces : local;
     bool sharded = sync && sync->zero;
     double inv_count = masked_tokens > 0 ? 1.0 / (double)masked_tokens : 0.0;
+    TensorParallel& tp = model.tp;
+    // a tensor's share of this rank's sums: all of it, but a replicated one only on tp rank 0
+    auto counted = [&](const OptimizerPiece& p) { return tp.rank == 0 || model.table.params[p.param].split != Split::replicated; };
     double sum_sq = 0.0;
-    for (const OptimizerPiece& p : pieces) sum_sq += ops::sum_squares(p.grad, p.n);
+    for (const OptimizerPiece& p : pieces)
+        if (counted(p)) sum_sq += ops::sum_squares(p.grad, p.n);
     if (sharded) comm_all_reduce_host(*sync->comm, *sync->group, &sum_sq, 1, MPI_SUM, "grad norm all-reduce");
+    if (tp.size > 1) comm_all_reduce_host(*tp.comm, *tp.group, &sum_sq, 1, MPI_SUM, "grad norm tp all-reduce");
     double norm = sqrt(sum_sq) * inv_count;
     if (!std::isfinite(norm))  // every rank holds the same norm, so every rank stops here, before any update
         fatal_all_ranks("step %d: the gradient norm is %g: training diverged (a lower --lr, --clip or "
@@ -1414,13 +1723,15 @@ static double optimizer_step(Model& model, const TrainConfig& c, float lr, long 
         for (const OptimizerPiece& p : pieces) {
             double rms = ops::stable_adamw_rms(p.grad, model.adam_v + p.state_offset, p.n, c.beta2, c.eps,
                                                model.adam_step, grad_scale);
-            sums[p.param] += rms * rms * (double)p.n;
+            if (counted(p)) sums[p.param] += rms * rms * (double)p.n;
         }
         if (sharded)
             comm_all_reduce_host(*sync->comm, *sync->group, sums.data(), (int)sums.size(), MPI_SUM,
                                  "stable-adamw rms all-reduce");
-        for (size_t i = 0; i < sums.size(); i++)
-            tensor_lr[i] = lr / std::max(1.0, sqrt(sums[i] / (double)model.table.params[i].numel));
+        if (tp.size > 1)
+            comm_all_reduce_host(*tp.comm, *tp.group, sums.data(), (int)sums.size(), MPI_SUM, "stable-adamw rms tp all-reduce");
+        for (size_t i = 0; i < sums.size(); i++)  // vocabulary padding adds zeros: divide by the real count
+            tensor_lr[i] = lr / std::max(1.0, sqrt(sums[i] / (double)model.table.params[i].full_numel));
     }
     for (const OptimizerPiece& p : pieces) {
         const ParamInfo& info = model.table.params[p.param];
@@ -1609,7 +1920,7 @@ static void write_hf_config(const std::string& path, const ModelConfig& m) {
     if (!ok || rename(tmp.c_str(), path.c_str()) != 0) fatal("cannot write %s", path.c_str());
 }
 
-// Flat host vector ← tensors named as in the table. Every parameter must be present with its shape
+// Flat host vector of full tensors (full_total) ← tensors named as in the table. Every parameter must be present with its shape
 // and finite values, and every tensor under prefix must be one the config uses: a file whose
 // weights disagree with its config (a sixth layer where the config says five) is refused, not
 // partly loaded. The tied decoder weight may appear as decoder.weight, alone or equal to the
@@ -1644,16 +1955,16 @@ static std::vector<float> params_from_tensors(const ParamTable& t, const TensorM
             fatal("%s: tensor %s%s has shape [ %s] but the config needs [ %s]", path.c_str(), prefix.c_str(),
                   p.name.c_str(), got.c_str(), expected.c_str());
         }
-        if (x.f.size() != p.numel) fatal("%s: tensor %s%s is not a float tensor", path.c_str(), prefix.c_str(), p.name.c_str());
+        if (x.f.size() != p.full_numel) fatal("%s: tensor %s%s is not a float tensor", path.c_str(), prefix.c_str(), p.name.c_str());
         for (size_t i = 0; i < x.f.size(); i++)
             if (!std::isfinite(x.f[i]))
                 fatal("%s: tensor %s%s holds a non-finite value (%g at element %zu)", path.c_str(), prefix.c_str(),
                       p.name.c_str(), x.f[i], i);
         found.push_back(&x);
     }
-    std::vector<float> flat(t.total);
+    std::vector<float> flat(t.full_total);
     for (size_t i = 0; i < t.params.size(); i++)
-        std::copy(found[i]->f.begin(), found[i]->f.end(), flat.begin() + t.params[i].offset);
+        std::copy(found[i]->f.begin(), found[i]->f.end(), flat.begin() + t.params[i].full_offset);
     return flat;
 }
 
@@ -1663,7 +1974,7 @@ static TensorMap tensors_from_flat(const ParamTable& t, const std::vector<float>
         Tensor x;
         x.dtype = "F32";
         x.shape.assign(p.shape.begin(), p.shape.end());
-        x.f.assign(flat.begin() + p.offset, flat.begin() + p.offset + p.numel);
+        x.f.assign(flat.begin() + p.full_offset, flat.begin() + p.full_offset + p.full_numel);
         out[prefix + p.name] = std::move(x);
     }
     return out;
@@ -1676,10 +1987,11 @@ static std::vector<float> load_hf_weights(const std::string& dir, const ParamTab
     return params_from_tensors(t, tensors, path, "");
 }
 
-static void export_hf(const std::string& dir, const Model& model) {
+// full_params: the full tensors (full_total), as gather_full assembles them.
+static void export_hf(const std::string& dir, const Model& model, const std::vector<float>& full_params) {
     make_dirs(dir);
     std::string err;
-    TensorMap tensors = tensors_from_flat(model.table, device_to_vector(model.params, model.table.total), "");
+    TensorMap tensors = tensors_from_flat(model.table, full_params, "");
     if (!safetensors_write(dir + "/model.safetensors", tensors, {{"format", "pt"}}, &err)) fatal("%s", err.c_str());
     write_hf_config(dir + "/config.json", model.cfg);
 }
@@ -1704,33 +2016,37 @@ static std::string weights_checksum(const std::vector<float>& w) {
     return buf;
 }
 
-// Full tensors whatever the layout: under ZeRO-1 the Adam state is gathered first (every rank takes
-// part), then world rank 0 alone writes, so a checkpoint resumes under any dp size. Weights that
-// are not finite are never saved: the run stops instead, and latest keeps naming the last good one.
+// Full tensors whatever the layout: under ZeRO-1 the Adam state is first gathered over dp, then
+// every tp group assembles full tensors from its shards, then world rank 0 alone writes, so a
+// checkpoint resumes under any dp and tp. Every rank takes part. Weights that are not finite are
+// never saved: the run stops instead, and latest keeps naming the last good one.
 static void save_checkpoint(const std::string& dir, const Model& model, int step, GradSync* sync, int world_rank) {
     size_t n = model.table.total;
-    bool sharded = sync && sync->zero;  // then every rank takes part in the gather; else rank 0 alone works
-    // Every rank checks the weights and its share of the state (a sum of squares is finite iff every
+    bool sharded = sync && sync->zero;
+    // Every rank checks its weights and its share of the state (a sum of squares is finite iff every
     // value is), and the verdict is shared, so that all ranks stop together.
     size_t state_n = sharded ? sync->shard_total : n;
     double non_finite = !(std::isfinite(ops::sum_squares(model.params, n)) &&
                           std::isfinite(ops::sum_squares(model.adam_m, state_n)) &&
                           std::isfinite(ops::sum_squares(model.adam_v, state_n)));
     if (sync) comm_all_reduce_host(*sync->comm, *sync->group, &non_finite, 1, MPI_MAX, "checkpoint finite-check all-reduce");
+    if (model.tp.size > 1)
+        comm_all_reduce_host(*model.tp.comm, *model.tp.group, &non_finite, 1, MPI_MAX, "checkpoint finite-check tp all-reduce");
     if (non_finite)
         fatal_all_ranks("step %d: training diverged: the weights or the optimizer state hold a non-finite value; not "
                         "saving (latest still names the last good checkpoint)", step);
-    if (!sharded && world_rank != 0) return;
     std::vector<float> m = sharded ? gather_state(sync, model.adam_m, n) : device_to_vector(model.adam_m, n);
     std::vector<float> v = sharded ? gather_state(sync, model.adam_v, n) : device_to_vector(model.adam_v, n);
+    std::vector<float> params = gather_full(model, device_to_vector(model.params, n), "checkpoint tp gather");
+    m = gather_full(model, m, "checkpoint tp gather");
+    v = gather_full(model, v, "checkpoint tp gather");
     if (world_rank != 0) return;
-    std::vector<float> params = device_to_vector(model.params, n);
     char name[64];
     snprintf(name, sizeof name, "step_%08d", step);
     std::string final_dir = dir + "/" + name, tmp_dir = final_dir + ".tmp";
     if (dir_exists(final_dir)) fatal("checkpoint %s already exists; refusing to overwrite it", final_dir.c_str());
     make_dirs(tmp_dir);
-    export_hf(tmp_dir, model);
+    export_hf(tmp_dir, model, params);
     std::string err;
     TensorMap state = tensors_from_flat(model.table, m, "adam_m.");
     TensorMap vt = tensors_from_flat(model.table, v, "adam_v.");
@@ -1767,7 +2083,7 @@ static std::string latest_checkpoint(const std::string& dir, long* step) {
     return ckpt;
 }
 
-// Every rank reads the full tensors and keeps what it holds. Returns the step the checkpoint was
+// Every rank reads the full tensors and keeps its shards. Returns the step the checkpoint was
 // taken after; everything read is checked before any of it is used.
 static int load_checkpoint(const std::string& dir, Model* model, GradSync* sync) {
     long named_step = 0;
@@ -1794,6 +2110,9 @@ static int load_checkpoint(const std::string& dir, Model* model, GradSync* sync)
     std::vector<float> v = params_from_tensors(model->table, state, path, "adam_v.");
     for (size_t i = 0; i < v.size(); i++)
         if (v[i] < 0.f) fatal("%s: adam_v holds a negative second moment (%g at element %zu)", path.c_str(), v[i], i);
+    params = shards_of(model->table, params);
+    m = shards_of(model->table, m);
+    v = shards_of(model->table, v);
     size_t n = model->table.total;
     ops::copy_to_device(model->params, params.data(), n * sizeof(float));
     if (sync && sync->zero) {
@@ -1847,9 +2166,10 @@ static void write_dump(const std::string& dir, const ParamTable& table, const st
 }
 
 // ---- predictions ----
-// --predict: run the forward on one sentence and show the top guesses for each [MASK].
+// --predict: run the forward on one sentence and show the top guesses for each [MASK]. Under tp
+// rank 0 assembles the rows' logits from every rank's vocabulary shard ("predict tp gather").
 
-static void predict(const Model& model, Activations& a, const WordTokenizer& tok, const std::string& text) {
+static void predict(Model& model, Activations& a, const WordTokenizer& tok, const std::string& text) {
     const ModelConfig& m = model.cfg;
     std::vector<int> ids = {m.special.cls};
     for (int id : tok.encode(text)) ids.push_back(id);
@@ -1869,7 +2189,16 @@ static void predict(const Model& model, Activations& a, const WordTokenizer& tok
     b.n_masked = (int)b.masked_rows.size();
     if (b.n_masked == 0) fatal("--predict: \"%s\" has no [MASK]", text.c_str());
     model_forward(model, a, b);
-    std::vector<float> logits = device_to_vector(a.logits, (size_t)b.n_masked * m.V);
+    const ParamTable& t = model.table;
+    std::vector<float> shard = device_to_vector(a.logits, (size_t)b.n_masked * t.V), shards((size_t)t.tp_size * shard.size());
+    if (model.tp.size > 1) comm_gather_host(*model.tp.comm, *model.tp.group, shard.data(), shard.size(), shards.data(), "predict tp gather");
+    else shards = shard;
+    if (model.tp.rank != 0) return;
+    std::vector<float> logits((size_t)b.n_masked * m.V);  // (n_masked, V): tp rank r's shard holds ids [r·t.V, (r+1)·t.V)
+    for (int r = 0; r < t.tp_size; r++)
+        for (int row = 0; row < b.n_masked; row++)
+            for (int j = 0; j < t.V && r * t.V + j < m.V; j++)
+                logits[(size_t)row * m.V + r * t.V + j] = shards[((size_t)r * b.n_masked + row) * t.V + j];
     printf("%s\n", text.c_str());
     for (int r = 0; r < b.n_masked; r++) {
         const float* row = logits.data() + (size_t)r * m.V;
@@ -1928,10 +2257,11 @@ static ModelConfig resolve_model_config(const TrainConfig& c) {
 
 // Refuses a model whose weights, optimizer state and activations would not fit in this machine's
 // memory (the GPU's on the GPU build), before anything is allocated.
-static void check_memory(const ModelConfig& m, int tokens) {
-    double P = make_param_table(m).total, T = tokens;
-    double per_layer = T * m.H * 7 + T * m.I * 3 + T * (2.0 + m.nh);
-    double activations = m.L * per_layer + T * m.H * 16 + T * (double)m.V + T * m.I * 3 + T * 12;
+// Under tp: this rank's shards, and its share of the activations.
+static void check_memory(const ModelConfig& m, int tokens, int tp) {
+    double P = make_param_table(m, tp).total, T = tokens, I = m.I / tp, V = (m.V + tp - 1) / tp;
+    double per_layer = T * m.H * 7 + T * I * 3 + T * (2.0 + m.nh);
+    double activations = m.L * per_layer + T * m.H * 16 + T * V + T * I * 3 + T * 12;
     double need = 4.0 * (4.0 * P + activations);
 #ifdef __CUDACC__
     size_t free_bytes = 0, total_bytes = 0;
@@ -2031,6 +2361,19 @@ static double step_flops(const ModelConfig& m, const std::vector<BatchView>& bat
     return 3.0 * flops;
 }
 
+// This rank's parameter bytes: the tp-sharded tensors (they fall as 1/tp) and the replicated ones.
+static void print_parameter_bytes(const Model& model, const GradSync* sync) {
+    double sharded = 0, replicated = 0;
+    for (const ParamInfo& p : model.table.params) (p.split == Split::replicated ? replicated : sharded) += 4.0 * p.numel;
+    const ModelConfig& m = model.cfg;
+    printf("parameters per rank: %.0f bytes sharded over tp %d + %.0f bytes replicated; gradients alike, Adam state "
+           "%s%s\n", sharded, model.tp.size, replicated, sync && sync->zero ? "sharded over dp (ZeRO-1)" : "twice that",
+           model.tp.sp ? "; sequence parallel" : "");
+    if (model.table.V * model.tp.size != m.V)
+        printf("vocabulary %d padded to %d for tp %d (padding rows are never trained, saved or exported)\n", m.V,
+               model.table.V * model.tp.size, model.tp.size);
+}
+
 #ifndef PICOTRON_NO_MAIN  // the tests include this file for its functions and bring their own main
 // PICOTRON_FAIL_AT=RANK:STEP makes that rank fail at the start of that step: the fault tests use it
 // to check that one rank's error ends every rank.
@@ -2120,19 +2463,31 @@ int main(int argc, char** argv) {
         MPI_Finalize();
         return 0;
     }
-    check_memory(m, std::max(c.micro_batch_tokens, c.seq_len));
+    if (m.nh % grid.tp) fatal("--tp %d does not divide the model's %d attention heads", grid.tp, m.nh);
+    if (m.I % grid.tp) fatal("--tp %d does not divide the model's intermediate_size %d", grid.tp, m.I);
+    check_memory(m, std::max(c.micro_batch_tokens, c.seq_len), grid.tp);
+
+    Tracer tracer;
+    Tracer* trace = c.trace_dir.empty() ? nullptr : &tracer;
+    tracer.rank = grid.world_rank;
+    tracer.t0_us = now_us();
+    tracer.t0_unix_us = std::chrono::duration<double, std::micro>(std::chrono::system_clock::now().time_since_epoch()).count();
+    Comm comm{&grid, trace, {}};
+    model.tp = {&comm, &grid.tp_group, grid.tp, grid.tp_rank, c.sp && c.predict.empty()};
+    // this rank's shards only: drawn, or cut from the full tensors read from disk
+    const ParamTable shard_table = make_param_table(m, grid.tp, grid.tp_rank);
     std::vector<float> host_params;  // a resumed run's weights come from its checkpoint, below
-    if (!c.resume_dir.empty()) host_params.assign(make_param_table(m).total, 0.f);
-    else if (!c.init_from.empty()) host_params = load_hf_weights(c.init_from, make_param_table(m));
-    else init_params(make_param_table(m), m, c.seed, &host_params);
+    if (!c.resume_dir.empty()) host_params.assign(shard_table.total, 0.f);
+    else if (!c.init_from.empty()) host_params = shards_of(shard_table, load_hf_weights(c.init_from, shard_table));
+    else init_params(shard_table, m, c.seed, &host_params);
     model_allocate(&model, host_params);
 
     if (!c.predict.empty()) {
-        if (!one_rank) fatal("--predict runs on one rank");
+        if (grid.world_size != grid.tp) fatal("--predict runs on one rank, or on one tensor-parallel group (--tp N)");
         WordTokenizer tok;
         std::string err;
         if (!WordTokenizer::load(c.data + "/vocab.txt", &tok, &err, m.special)) fatal("--predict: %s", err.c_str());
-        Activations a = alloc_activations(m, c.seq_len);
+        Activations a = alloc_activations(model, c.seq_len);
         for (const std::string& text : c.predict) predict(model, a, tok, text);
         destroy_grid(grid);
         MPI_Finalize();
@@ -2150,16 +2505,10 @@ int main(int argc, char** argv) {
     std::string err;
     if (!load_dataset(c.data, c.seq_len, (uint32_t)m.V, m.special, &data, &err)) fatal("%s", err.c_str());
     Loader loader(data, c.micro_batch_tokens, c.seed, m.special);
-    Activations acts = alloc_activations(m, c.micro_batch_tokens);
+    Activations acts = alloc_activations(model, c.micro_batch_tokens);
 
-    Tracer tracer;
-    Tracer* trace = c.trace_dir.empty() ? nullptr : &tracer;
-    tracer.rank = grid.world_rank;
-    tracer.t0_us = now_us();
-    tracer.t0_unix_us = std::chrono::duration<double, std::micro>(std::chrono::system_clock::now().time_since_epoch()).count();
-    Comm comm{&grid, trace, {}};
     Group& grad_group = grid.dp_cp_group;  // the ranks that hold the same weights
-    GradSync* sync = (grad_group.size > 1 || c.zero) ? make_grad_sync(&comm, &grad_group, model, c.zero, c.bucket_mb) : nullptr;
+    GradSync* sync = (!one_rank || c.zero) ? make_grad_sync(&comm, &grad_group, model, c.zero, c.bucket_mb) : nullptr;
 
     int start_step = 0;
     if (!c.resume_dir.empty()) start_step = load_checkpoint(c.resume_dir, &model, sync);  // every rank reads the same files
@@ -2187,6 +2536,7 @@ int main(int argc, char** argv) {
                m.H, m.I, m.L, m.nh, m.V, model.table.total / 1e6, n_micro, c.micro_batch_tokens, grid.dp, c.grad_accum,
                sync ? (", " + std::to_string(sync->buckets.size()) + " gradient buckets" + (c.zero ? ", ZeRO-1" : "")).c_str() : "",
                data.docs.size(), data.tokens.size(), unigram);
+    if (grid.world_rank == 0) print_parameter_bytes(model, sync);
     if (!c.resume_dir.empty() && start_step >= c.steps && grid.world_rank == 0)
         printf("the checkpoint is at step %d, --steps is %d: nothing to train\n", start_step, c.steps);
 
@@ -2219,10 +2569,10 @@ int main(int argc, char** argv) {
             fatal_all_ranks("step %d: the loss is %g: training diverged (a lower --lr, --clip or --optimizer "
                             "stable-adamw may help); no weights were updated", step, loss);
         if (step == 1 && !c.dump_dir.empty()) {  // the whole global batch: rank 0 recomputes every rank's share
-            bool sharded = sync && sync->zero;
-            std::vector<float> grads;
-            if (sharded) grads = gather_state(sync, sync->shard_grad, model.table.total);  // every rank takes part
-            else if (grid.world_rank == 0) grads = device_to_vector(model.grads, model.table.total);
+            bool sharded = sync && sync->zero;  // every rank takes part in the gathers
+            std::vector<float> grads = sharded ? gather_state(sync, sync->shard_grad, model.table.total)
+                                               : device_to_vector(model.grads, model.table.total);
+            grads = gather_full(model, grads, "dump tp gather");
             if (grid.world_rank == 0) {
                 std::vector<MicroBatch> batches;
                 for (int k = 0; k < n_micro; k++) batches.push_back(loader.get((uint64_t)k));
@@ -2276,7 +2626,10 @@ int main(int argc, char** argv) {
         if (!c.save_dir.empty() && save_now) save_checkpoint(c.save_dir, model, step, sync, grid.world_rank);
     }
     if (log) fclose(log);
-    if (!c.export_dir.empty() && grid.world_rank == 0) export_hf(c.export_dir, model);
+    if (!c.export_dir.empty()) {  // every tp rank sends its shards; rank 0 writes
+        std::vector<float> full = gather_full(model, device_to_vector(model.params, model.table.total), "export tp gather");
+        if (grid.world_rank == 0) export_hf(c.export_dir, model, full);
+    }
     if (trace) {
         if (grid.world_rank == 0) print_op_classes(tracer);
         make_dirs(c.trace_dir);

@@ -57,12 +57,35 @@ int main(int argc, char** argv) {
         std::vector<float> v(N);
         for (size_t i = 0; i < N; i++) v[i] = (float)(r * 1000 + i % 97);
         float* d = device_copy(v);
-        comm_all_reduce_sum(comm, g, d, N, "test all-reduce");
+        comm_all_reduce(comm, g, d, N, Reduce::sum, "test all-reduce");
         std::vector<float> got = device_to_vector(d, N);
         bool ok = true;
         for (size_t i = 0; i < N; i++) ok &= got[i] == (float)(1000.0 * n * (n - 1) / 2 + (double)n * (i % 97));
         check(ok, "all-reduce sum");
         check(g.bytes_sent == 2.0 * (n - 1) / n * N * 4, "all-reduce bytes = 2(n-1)/n S");
+    }
+    {  // all-reduce max (tp cross-entropy's row max), with -inf on some ranks
+        std::vector<float> v(N);
+        for (size_t i = 0; i < N; i++) v[i] = (i + r) % n == 0 ? (float)(i + r) : -INFINITY;
+        float* d = device_copy(v);
+        comm_all_reduce(comm, g, d, N, Reduce::max, "test all-reduce max");
+        std::vector<float> got = device_to_vector(d, N);
+        bool ok = true;
+        for (size_t i = 0; i < N; i++) {  // the one rank q with (i + q) % n == 0 holds i + q
+            size_t q = (n - i % n) % n;
+            ok &= got[i] == (float)(i + q);
+        }
+        check(ok, "all-reduce max");
+    }
+    {  // host gather to group rank 0 (checkpoints assemble tp shards this way)
+        g.bytes_sent = 0;
+        std::vector<float> mine(N, (float)r), all(r == 0 ? N * n : 0);
+        comm_gather_host(comm, g, mine.data(), N, all.data(), "test gather");
+        bool ok = true;
+        if (r == 0)
+            for (size_t i = 0; i < N * n; i++) ok &= all[i] == (float)(i / N);
+        check(ok, "host gather to rank 0, in rank order");
+        check(g.bytes_sent == (r == 0 ? 0.0 : N * 4.0), "gather bytes: S from every rank but the root");
     }
     {  // reduce-scatter: block b of the result = Σ_ranks send[b·N + i]
         g.bytes_sent = 0;

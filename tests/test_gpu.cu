@@ -487,43 +487,110 @@ static void test_rows(int T, int C, int n_rows) {
 }
 
 // ---- cross-entropy ----
-static void test_crossentropy(int N, int V, uint64_t seed) {
+// logits (N, V) a vocabulary shard: global ids [vocab_start, vocab_start + V), the first V_valid columns real, the
+// rest padding (filled with 1e4, which would overflow any sum it reached). Each CUDA piece is compared with its
+// reference on the same inputs: row_max exactly; sum_exp given the "global" max (the shard's own, raised on
+// some rows as if another shard held a larger logit); finish on the device's partial plus, for a true shard,
+// what the other shards would add (the host does the all-reduce); backward from the reference's lse.
+// −∞ → a number check() can compare (|−∞ − −∞| is NaN)
+static std::vector<float> finite_or(const std::vector<float>& x, float inf_as) {
+    std::vector<float> y = x;
+    for (auto& v : y)
+        if (v == -INFINITY) v = inf_as;
+    return y;
+}
+static void test_crossentropy(int N, int V, int V_valid, int vocab_start, uint64_t seed) {
     Rng rng(seed);
-    std::string tag = fmt("N=%d V=%d", N, V);
+    const bool sharded = V_valid < V || vocab_start > 0;
+    std::string tag = fmt("N=%d V=%d V_valid=%d vocab_start=%d", N, V, V_valid, vocab_start);
     auto logits = random_floats(rng, (size_t)N * V, 5.0f);
+    for (int n = 0; n < N; n++)
+        for (int v = V_valid; v < V; v++) logits[(size_t)n * V + v] = 1e4f;
     std::vector<int> targets(N);
-    for (auto& t : targets) t = rng.below(V);
+    if (!sharded) {
+        for (auto& t : targets) t = rng.below(V);
+        targets[0] = V - 1;
+    } else {  // around the shard: before it, in it, after it
+        const int lo = std::max(0, vocab_start - V);
+        for (auto& t : targets) t = lo + rng.below(vocab_start + 2 * V - lo);
+        if (V_valid > 0) targets[0] = vocab_start + V_valid - 1;  // the last valid column
+        targets[2] = vocab_start > 0 ? vocab_start - 1 : vocab_start + V;  // in another shard
+        if (V_valid > 0) targets[3] = vocab_start;                          // the first column
+    }
     targets[1] = -100;  // ignored rows
     targets[N - 1] = -100;
-    targets[0] = V - 1;
-    std::vector<float> losses(N), lse(N);
-    ref::crossentropy_forward(losses.data(), lse.data(), logits.data(), targets.data(), N, V);
     float* d_logits = upload(logits);
     int* d_targets = upload_ints(targets);
+
+    // row_max: exact
+    std::vector<float> row_max(N);
+    ref::crossentropy_row_max(row_max.data(), logits.data(), targets.data(), N, V, V_valid);
+    float* d_row_max = upload(std::vector<float>(N, 7.0f));
+    cuda::crossentropy_row_max(d_row_max, d_logits, d_targets, N, V, V_valid);
+    check("crossentropy_row_max " + tag, finite_or(download(d_row_max, N), -1e30f), finite_or(row_max, -1e30f), 0, 0);
+
+    // sum_exp from the global max
+    std::vector<float> global_max(N);
+    for (int n = 0; n < N; n++)
+        global_max[n] = targets[n] < 0 ? -INFINITY
+                        : !sharded     ? row_max[n]
+                                       : (V_valid > 0 ? row_max[n] : 4.0f) + (n % 2 ? 2.0f * rng.uniform() : 0.0f);
+    std::vector<float> partial(2 * (size_t)N), partial0(2 * (size_t)N, 7.0f);
+    ref::crossentropy_sum_exp(partial.data(), logits.data(), global_max.data(), targets.data(), N, V, V_valid,
+                              vocab_start);
+    float* d_global_max = upload(global_max);
+    float* d_partial = upload(partial0);
+    cuda::crossentropy_sum_exp(d_partial, d_logits, d_global_max, d_targets, N, V, V_valid, vocab_start);
+    std::vector<float> got_partial = download(d_partial, partial.size());
+    check("crossentropy_sum_exp " + tag, got_partial, partial, 1e-6, 1e-5);
+    check_deterministic("crossentropy_sum_exp " + tag, {{d_partial, &partial0}},
+                        [&] { cuda::crossentropy_sum_exp(d_partial, d_logits, d_global_max, d_targets, N, V, V_valid,
+                                                         vocab_start); });
+
+    // finish: the all-reduce adds the other shards' exp sums and, where the target is elsewhere, its logit
+    if (sharded)
+        for (int n = 0; n < N; n++) {
+            if (targets[n] < 0) continue;
+            const float other_sum = 0.5f + (float)V * rng.uniform(), other_target = rng.symmetric(5.0f);
+            const int local = targets[n] - vocab_start;
+            const bool mine = local >= 0 && local < V_valid;
+            partial[n] += other_sum, got_partial[n] += other_sum;
+            if (!mine) partial[N + n] += other_target, got_partial[N + n] += other_target;
+        }
+    std::vector<float> losses(N), lse(N);
+    ref::crossentropy_finish(losses.data(), lse.data(), global_max.data(), partial.data(), targets.data(), N);
+    float* d_reduced = upload(got_partial);
     float* d_losses = upload(std::vector<float>(N, 7.0f));
     float* d_lse = upload(std::vector<float>(N, 7.0f));
-    cuda::crossentropy_forward(d_losses, d_lse, d_logits, d_targets, N, V);
-    check("crossentropy_forward " + tag, download(d_losses, N), losses, 1e-5, 1e-5);
-    check("crossentropy_forward lse " + tag, download(d_lse, N), lse, 1e-5, 1e-6);
+    cuda::crossentropy_finish(d_losses, d_lse, d_global_max, d_reduced, d_targets, N);
+    check("crossentropy forward (row_max, sum_exp, finish) " + tag, download(d_losses, N), losses, 1e-5, 1e-5);
+    check("crossentropy forward lse " + tag, download(d_lse, N), lse, 1e-5, 1e-6);
     float* d_lse_ref = upload(lse);  // the backward starts from the reference's lse
 
     const float dloss = 1.0f / 37.0f;
     std::vector<float> dlogits((size_t)N * V);
-    ref::crossentropy_backward(dlogits.data(), logits.data(), lse.data(), targets.data(), dloss, N, V);
+    ref::crossentropy_backward(dlogits.data(), logits.data(), lse.data(), targets.data(), dloss, N, V, V_valid,
+                               vocab_start);
     std::vector<float> garbage(dlogits.size(), 7.0f);
     float* d_dlogits = upload(garbage);  // overwritten, not accumulated
-    cuda::crossentropy_backward(d_dlogits, d_logits, d_lse_ref, d_targets, dloss, N, V);
+    auto backward = [&] {
+        cuda::crossentropy_backward(d_dlogits, d_logits, d_lse_ref, d_targets, dloss, N, V, V_valid, vocab_start);
+    };
+    auto backward_in_place = [&](float* d) {
+        cuda::crossentropy_backward(d, d, d_lse_ref, d_targets, dloss, N, V, V_valid, vocab_start);
+    };
+    backward();
     check("crossentropy_backward " + tag, download(d_dlogits, dlogits.size()), dlogits, 1e-9, 1e-4);
     // in place: dlogits == logits
     float* d_inplace = upload(logits);
-    cuda::crossentropy_backward(d_inplace, d_inplace, d_lse_ref, d_targets, dloss, N, V);
+    backward_in_place(d_inplace);
     check("crossentropy_backward in place (dlogits == logits) " + tag, download(d_inplace, dlogits.size()), dlogits,
           1e-9, 1e-4);
-    check_deterministic("crossentropy_backward " + tag, {{d_dlogits, &garbage}},
-                        [&] { cuda::crossentropy_backward(d_dlogits, d_logits, d_lse_ref, d_targets, dloss, N, V); });
+    check_deterministic("crossentropy_backward " + tag, {{d_dlogits, &garbage}}, backward);
     check_deterministic("crossentropy_backward in place " + tag, {{d_inplace, &logits}},
-                        [&] { cuda::crossentropy_backward(d_inplace, d_inplace, d_lse_ref, d_targets, dloss, N, V); });
-    for (void* p : std::initializer_list<void*>{d_logits, d_targets, d_losses, d_lse, d_lse_ref, d_dlogits, d_inplace})
+                        [&] { backward_in_place(d_inplace); });
+    for (void* p : std::initializer_list<void*>{d_logits, d_targets, d_row_max, d_global_max, d_partial, d_reduced,
+                                                d_losses, d_lse, d_lse_ref, d_dlogits, d_inplace})
         cuda::free_buffer(p);
 }
 
@@ -848,9 +915,13 @@ int main(int argc, char** argv) {
     test_geglu(33, 257);
     test_rows(300, 129, 91);
 
-    test_crossentropy(9, 50368, 601);
-    test_crossentropy(20, 1000, 602);
-    test_crossentropy(3, 7, 603);
+    test_crossentropy(9, 50368, 50368, 0, 601);
+    test_crossentropy(20, 1000, 1000, 0, 602);
+    test_crossentropy(3, 7, 7, 0, 603);
+    test_crossentropy(9, 16790, 16788, 33580, 604);  // 50368 over tp 3: the last shard, 2 padding columns
+    test_crossentropy(20, 1000, 1000, 1000, 605);    // a middle shard
+    test_crossentropy(6, 7, 3, 14, 606);
+    test_crossentropy(5, 8, 0, 48, 607);             // padding only
 
     test_reductions(0);
     test_reductions(1);

@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
     check(m.L >= 4 && b.n_docs >= 3 && b.T > 260, "golden batch shape", "L " + std::to_string(m.L) + ", " +
           std::to_string(b.n_docs) + " documents, " + std::to_string(b.n_masked) + " masked of " + std::to_string(b.T));
 
-    Activations a = alloc_activations(m, b.T);
+    Activations a = alloc_activations(model, b.T);
     double loss = model_forward(model, a, b) / b.n_masked;
     double want = golden["loss"].f[0];
     double loss_rel = fabs(loss - want) / fabs(want);

@@ -829,32 +829,75 @@ static void test_gather_scatter() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// crossentropy: N = 4, V = 7, one ignored target; backward overwrites (documented), may alias logits
+// crossentropy: N = 5, V = 7, one ignored target; backward overwrites (documented), may alias logits.
+// The forward runs as its three pieces (row_max, sum_exp, finish); ce_shards() runs them vocab-parallel, doing on
+// the host what the two all-reduces do (max of row_max, sum of partial, in shard order).
+static void ce_one_shard(float* losses, float* lse, const float* logits, const int* targets, int N, int V) {
+    vector<float> row_max(N), partial(2 * (size_t)N);
+    ref::crossentropy_row_max(row_max.data(), logits, targets, N, V, V);
+    ref::crossentropy_sum_exp(partial.data(), logits, row_max.data(), targets, N, V, V, 0);
+    ref::crossentropy_finish(losses, lse, row_max.data(), partial.data(), targets, N);
+}
+// One layout: n_shards shards of `width` columns (n_shards · width ≥ V); shard k holds global ids
+// [k·width, k·width + width), its first min(width, V − k·width) columns valid, the rest padding set to PAD.
+struct CeShards {
+    int N, V, width, n_shards;
+    vector<vector<float>> logits;  // per shard (N, width)
+    vector<int> valid;             // V_valid per shard
+};
+static const float CE_PAD = 1e4f;  // exp(1e4 − max) is inf: any padding that reached a max or a sum would show
+static CeShards ce_split(const vector<float>& logits, int N, int V, int width, int n_shards) {
+    CeShards s{N, V, width, n_shards, {}, {}};
+    for (int k = 0; k < n_shards; k++) {
+        const int start = k * width, valid = std::max(0, std::min(width, V - start));
+        vector<float> shard((size_t)N * width, CE_PAD);
+        for (int n = 0; n < N; n++)
+            for (int v = 0; v < valid; v++) shard[(size_t)n * width + v] = logits[(size_t)n * V + start + v];
+        s.logits.push_back(shard);
+        s.valid.push_back(valid);
+    }
+    return s;
+}
+static void ce_shards(float* losses, float* lse, const CeShards& s, const int* targets) {
+    const int N = s.N;
+    vector<float> row_max(N, -INFINITY), partial(2 * (size_t)N, 0.0f), m(N), p(2 * (size_t)N);
+    for (int k = 0; k < s.n_shards; k++) {  // all-reduce max
+        ref::crossentropy_row_max(m.data(), s.logits[k].data(), targets, N, s.width, s.valid[k]);
+        for (int n = 0; n < N; n++) row_max[n] = std::max(row_max[n], m[n]);
+    }
+    for (int k = 0; k < s.n_shards; k++) {  // all-reduce sum
+        ref::crossentropy_sum_exp(p.data(), s.logits[k].data(), row_max.data(), targets, N, s.width, s.valid[k],
+                                  k * s.width);
+        for (size_t i = 0; i < p.size(); i++) partial[i] += p[i];
+    }
+    ref::crossentropy_finish(losses, lse, row_max.data(), partial.data(), targets, N);
+}
+
 static void test_crossentropy() {
-    const int N = 4, V = 7;
-    const int targets[N] = {2, -100, 6, 0};
+    const int N = 5, V = 7;
+    const int targets[N] = {2, -100, 6, 0, 4};
     const float dloss = 0.37f;
     vector<float> logits = random_vec((size_t)N * V, -3.0f, 3.0f), losses(N), lse(N, 123.0f);
 
-    ref::crossentropy_forward(losses.data(), lse.data(), logits.data(), targets, N, V);
+    ce_one_shard(losses.data(), lse.data(), logits.data(), targets, N, V);
     double worst = 0, worst_lse = 0;
+    vector<double> want(N, 0.0), want_lse(N, 0.0);
     for (int n = 0; n < N; n++) {
-        double want = 0, want_lse = 0;
         if (targets[n] >= 0) {
             double s = 0;
             for (int v = 0; v < V; v++) s += exp((double)logits[n * V + v]);
-            want_lse = log(s);
-            want = want_lse - logits[n * V + targets[n]];
+            want_lse[n] = log(s);
+            want[n] = want_lse[n] - logits[n * V + targets[n]];
         }
-        worst = std::max(worst, fabs(losses[n] - want));
-        worst_lse = std::max(worst_lse, fabs(lse[n] - want_lse));
+        worst = std::max(worst, fabs(losses[n] - want[n]));
+        worst_lse = std::max(worst_lse, fabs(lse[n] - want_lse[n]));
     }
-    check("crossentropy forward vs double (ignored row: loss 0, lse 0)",
+    check("crossentropy forward (row_max, sum_exp, finish; one shard) vs double (ignored row: loss 0, lse 0)",
           worst <= 1e-5 && worst_lse <= 1e-5 && losses[1] == 0.0f && lse[1] == 0.0f,
           "(max abs err loss %.2e lse %.2e, tol 1e-5)", worst, worst_lse);
 
     vector<float> dlogits((size_t)N * V, C_FILL);  // the backward overwrites: C_FILL must disappear
-    ref::crossentropy_backward(dlogits.data(), logits.data(), lse.data(), targets, dloss, N, V);
+    ref::crossentropy_backward(dlogits.data(), logits.data(), lse.data(), targets, dloss, N, V, V, 0);
     vector<double> a(dlogits.begin(), dlogits.end());
     bool ignored_zero = true;
     for (int v = 0; v < V; v++)
@@ -863,7 +906,7 @@ static void test_crossentropy() {
 
     auto objective = [&]() {
         vector<float> l(N), l_lse(N);
-        ref::crossentropy_forward(l.data(), l_lse.data(), logits.data(), targets, N, V);
+        ce_one_shard(l.data(), l_lse.data(), logits.data(), targets, N, V);
         double acc = 0;
         for (int n = 0; n < N; n++) acc += (double)dloss * l[n];
         return acc;
@@ -875,8 +918,91 @@ static void test_crossentropy() {
 
     // aliasing: dlogits == logits gives the same gradient
     vector<float> alias = logits;
-    ref::crossentropy_backward(alias.data(), alias.data(), lse.data(), targets, dloss, N, V);
+    ref::crossentropy_backward(alias.data(), alias.data(), lse.data(), targets, dloss, N, V, V, 0);
     check("crossentropy backward in place (dlogits aliases logits)", alias == dlogits, "");
+
+    // vocab-parallel: 3 shards of 3 columns (the last: 1 valid, 2 padding) and 5 shards of 2 (the fourth: 1 valid,
+    // 1 padding; the fifth: padding only, V_valid = 0). Every row's target lies in one shard, so each shard sees
+    // rows whose target is in another. The shards' sums differ from one shard's only in rounding (float partials,
+    // added in shard order): losses and lse within 2e-6 abs of the one-shard result (values ~1-5, ulp ≤ 4.8e-7),
+    // 1e-5 of double.
+    for (const auto& layout : vector<std::pair<int, int>>{{3, 3}, {2, 5}}) {
+        const int width = layout.first, n_shards = layout.second;
+        const std::string tag = " (" + std::to_string(n_shards) + " shards of " + std::to_string(width) + ")";
+        CeShards s = ce_split(logits, N, V, width, n_shards);
+        vector<float> tl(N, 123.0f), tlse(N, 123.0f);
+        ce_shards(tl.data(), tlse.data(), s, targets);
+        double d_one = 0, d_double = 0;
+        for (int n = 0; n < N; n++) {
+            d_one = std::max({d_one, (double)fabsf(tl[n] - losses[n]), (double)fabsf(tlse[n] - lse[n])});
+            d_double = std::max({d_double, fabs(tl[n] - want[n]), fabs(tlse[n] - want_lse[n])});
+        }
+        check("crossentropy vocab-parallel forward vs one shard and vs double, padding ignored" + tag,
+              d_one <= 2e-6 && d_double <= 1e-5 && tl[1] == 0.0f && tlse[1] == 0.0f,
+              "(max abs diff vs one shard %.2e tol 2e-6, vs double %.2e tol 1e-5)", d_one, d_double);
+
+        // per-shard pieces: ignored row and padding-only shard give row_max −∞ and zero partials; a target outside
+        // the shard contributes no target logit
+        bool pieces_ok = true;
+        for (int k = 0; k < n_shards; k++) {
+            vector<float> m(N), p(2 * (size_t)N, 9.0f);
+            ref::crossentropy_row_max(m.data(), s.logits[k].data(), targets, N, width, s.valid[k]);
+            vector<float> global_max(N);
+            for (int n = 0; n < N; n++) global_max[n] = targets[n] < 0 ? -INFINITY : (float)(want_lse[n] - 2.0);
+            ref::crossentropy_sum_exp(p.data(), s.logits[k].data(), global_max.data(), targets, N, width, s.valid[k],
+                                      k * width);
+            for (int n = 0; n < N; n++) {
+                const bool ignored = targets[n] < 0, empty = s.valid[k] == 0;
+                const int local = targets[n] - k * width;
+                const bool mine = !ignored && local >= 0 && local < s.valid[k];
+                if ((ignored || empty) && m[n] != -INFINITY) pieces_ok = false;
+                if ((ignored || empty) && p[n] != 0.0f) pieces_ok = false;
+                if (!mine && p[N + n] != 0.0f) pieces_ok = false;
+                if (mine && p[N + n] != logits[(size_t)n * V + targets[n]]) pieces_ok = false;
+                if (!ignored && !empty && !(m[n] < CE_PAD && std::isfinite(p[n]) && p[n] > 0.0f)) pieces_ok = false;
+            }
+        }
+        check("crossentropy vocab-parallel pieces: ignored row, padding-only shard, target in another shard" + tag,
+              pieces_ok, "");
+
+        // backward per shard with the one-shard lse: exactly the matching columns of the one-shard gradient; the
+        // padding columns 0 (they start at C_FILL)
+        bool cols_equal = true, pad_zero = true;
+        vector<float> assembled((size_t)N * V);
+        for (int k = 0; k < n_shards; k++) {
+            vector<float> d((size_t)N * width, C_FILL);
+            ref::crossentropy_backward(d.data(), s.logits[k].data(), lse.data(), targets, dloss, N, width, s.valid[k],
+                                       k * width);
+            for (int n = 0; n < N; n++)
+                for (int v = 0; v < width; v++) {
+                    const float g = d[(size_t)n * width + v];
+                    if (v >= s.valid[k]) pad_zero = pad_zero && g == 0.0f;
+                    else cols_equal = cols_equal && g == dlogits[(size_t)n * V + k * width + v];
+                }
+            // with the shards' own lse, for the gradient check below
+            ref::crossentropy_backward(d.data(), s.logits[k].data(), tlse.data(), targets, dloss, N, width, s.valid[k],
+                                       k * width);
+            for (int n = 0; n < N; n++)
+                for (int v = 0; v < s.valid[k]; v++)
+                    assembled[(size_t)n * V + k * width + v] = d[(size_t)n * width + v];
+        }
+        check("crossentropy vocab-parallel backward = one-shard columns (bitwise), padding columns 0" + tag,
+              cols_equal && pad_zero, "(columns equal %d, padding zero %d)", (int)cols_equal, (int)pad_zero);
+
+        // finite differences through the sharded forward (split again at every evaluation)
+        auto sharded_objective = [&]() {
+            CeShards t = ce_split(logits, N, V, width, n_shards);
+            vector<float> l(N), l_lse(N);
+            ce_shards(l.data(), l_lse.data(), t, targets);
+            double acc = 0;
+            for (int n = 0; n < N; n++) acc += (double)dloss * l[n];
+            return acc;
+        };
+        vector<double> sa(assembled.begin(), assembled.end());
+        vector<double> snum = numeric_grad(logits, sharded_objective, H_NL, RICH);
+        grad_check("crossentropy vocab-parallel dlogits" + tag, sa, snum, tol);
+        self_checks("crossentropy vocab-parallel dlogits" + tag, sa, snum, tol);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -997,8 +1123,12 @@ static void test_thread_count() {
         ref::attention_forward(ao.data(), al.data(), qkv.data(), cu, n_docs, T, nh, hd, 20);
         ref::attention_backward(ad.data(), Ga.data(), ao.data(), al.data(), qkv.data(), cu, n_docs, T, nh, hd, 20);
         vector<float> losses(N), lse(N), dl((size_t)N * V);
-        ref::crossentropy_forward(losses.data(), lse.data(), logits.data(), targets.data(), N, V);
-        ref::crossentropy_backward(dl.data(), logits.data(), lse.data(), targets.data(), 0.5f, N, V);
+        vector<float> row_max(N), partial(2 * (size_t)N), dl_shard((size_t)N * V);
+        ref::crossentropy_row_max(row_max.data(), logits.data(), targets.data(), N, V, V - 3);
+        ref::crossentropy_sum_exp(partial.data(), logits.data(), row_max.data(), targets.data(), N, V, V - 3, 2);
+        ref::crossentropy_finish(losses.data(), lse.data(), row_max.data(), partial.data(), targets.data(), N);
+        ref::crossentropy_backward(dl.data(), logits.data(), lse.data(), targets.data(), 0.5f, N, V, V, 0);
+        ref::crossentropy_backward(dl_shard.data(), logits.data(), lse.data(), targets.data(), 0.5f, N, V, V - 3, 2);
         vector<float> geo((size_t)N * I), gdi((size_t)N * 2 * I);
         ref::geglu_forward(geo.data(), gg.data(), N, I);
         ref::geglu_backward(gdi.data(), geo.data(), gg.data(), N, I);
@@ -1006,8 +1136,8 @@ static void test_thread_count() {
         double rms = ref::stable_adamw_rms(big.data(), v.data(), big.size(), 0.98f, 1e-6f, 3, 0.5f);
         ref::adamw_update(p.data(), big.data(), m.data(), v.data(), big.size(), 1e-3f, 0.9f, 0.98f, 1e-6f, 0.1f, 3, 0.5f);
         vector<double> sums = {ref::sum(big.data(), big.size()), ref::sum_squares(big.data(), big.size()), rms};
-        vector<vector<float>> all = {out, mean, rstd, dinp, dw, mo, mdi, mdw, mdb, emb, ao, al, ad, losses, lse, dl,
-                                     geo, gdi, p, m, v};
+        vector<vector<float>> all = {out, mean, rstd, dinp, dw, mo, mdi, mdw, mdb, emb, ao, al, ad, row_max, partial,
+                                     losses, lse, dl, dl_shard, geo, gdi, p, m, v};
         for (double d : sums) all.push_back({(float)d, (float)(d - (float)d)});
         return all;
     };
