@@ -45,6 +45,9 @@ picotron: picotron.cu $(HEADERS)
 tests/test_%: tests/test_%.cpp picotron.cu $(HEADERS)
 	g++ $(CXXFLAGS) -Wno-unused-function $(MPI_COMPILE) -I. $< -o $@ $(MPI_LINK) -l$(BLAS_LIB)
 
+tests/make_model: tests/make_model.cpp picotron.cu $(HEADERS)
+	g++ $(CXXFLAGS) -Wno-unused-function $(MPI_COMPILE) -I. $< -o $@ $(MPI_LINK) -l$(BLAS_LIB)
+
 tests/compare_runs: tests/compare_runs.cpp safetensors.h
 	g++ $(CXXFLAGS) -I. $< -o $@
 
@@ -117,7 +120,7 @@ run: deps
 	  --predict "to err is [MASK] ."
 
 TEST_BINS := tests/test_ops tests/test_data tests/test_safetensors tests/test_model tests/test_comm tests/compare_runs \
-             tests/st_edit
+             tests/st_edit tests/make_model
 test: deps
 	@$(MAKE) --no-print-directory picotron_cpu $(TEST_BINS) $(EMU_BINS) data
 	@bash tests/run_tests.sh

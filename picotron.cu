@@ -2534,7 +2534,7 @@ int main(int argc, char** argv) {
                "tokens (dp %d × grad-accum %d)%s\n"
                "data: %zu documents, %zu tokens; unigram baseline %.3f (the loss of predicting word frequencies)\n",
                m.H, m.I, m.L, m.nh, m.V, model.table.total / 1e6, n_micro, c.micro_batch_tokens, grid.dp, c.grad_accum,
-               sync ? (", " + std::to_string(sync->buckets.size()) + " gradient buckets" + (c.zero ? ", ZeRO-1" : "")).c_str() : "",
+               grad_group.size > 1 || c.zero ? (", " + std::to_string(sync->buckets.size()) + " gradient buckets" + (c.zero ? ", ZeRO-1" : "")).c_str() : "",
                data.docs.size(), data.tokens.size(), unigram);
     if (grid.world_rank == 0) print_parameter_bytes(model, sync);
     if (!c.resume_dir.empty() && start_step >= c.steps && grid.world_rank == 0)
@@ -2605,8 +2605,8 @@ int main(int argc, char** argv) {
             else snprintf(speed, sizeof speed, "%.1f GFLOP/s", flops_per_s / 1e9);
             printf("step %5d/%d | loss %.6f (unigram %.3f) | grad norm %.4f | lr %.3e | %.0f tok/s | %s | %.1f ms", step,
                    c.steps, loss, unigram, grad_norm, lr, tokens_per_s, speed, ms);
-            if (sync) printf(" | sent %.2f MB, %d/%zu buckets during backward", bytes_total / 1e6,
-                             sync->launched_during_backward, sync->buckets.size());
+            if (!one_rank) printf(" | sent %.2f MB", bytes_total / 1e6);
+            if (grad_group.size > 1) printf(", %d/%zu buckets during backward", sync->launched_during_backward, sync->buckets.size());
             printf("\n");
             fflush(stdout);
             if (log) {
