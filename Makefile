@@ -51,6 +51,9 @@ tests/make_model: tests/make_model.cpp picotron.cu $(HEADERS)
 tests/compare_runs: tests/compare_runs.cpp safetensors.h
 	g++ $(CXXFLAGS) -I. $< -o $@
 
+tests/dump_info: tests/dump_info.cpp safetensors.h
+	g++ $(CXXFLAGS) -I. $< -o $@
+
 tests/st_edit: tests/st_edit.cpp safetensors.h
 	g++ $(CXXFLAGS) -I. $< -o $@
 
@@ -120,7 +123,7 @@ run: deps
 	  --predict "to err is [MASK] ."
 
 TEST_BINS := tests/test_ops tests/test_data tests/test_safetensors tests/test_model tests/test_comm tests/compare_runs \
-             tests/st_edit tests/make_model
+             tests/st_edit tests/make_model tests/dump_info
 test: deps
 	@$(MAKE) --no-print-directory picotron_cpu $(TEST_BINS) $(EMU_BINS) data
 	@bash tests/run_tests.sh

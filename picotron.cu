@@ -1,9 +1,9 @@
 // picotron.cu — ModernBERT masked-language-model pretraining, one source for GPU (nvcc) and CPU (g++).
 //
 // Reads top to bottom in the order data flows:
-//   config and command line → process grid → tracing → communication → parameters → activations →
-//   model forward → model backward → gradient sync (data parallel) → optimizer → HF import/export →
-//   checkpoints → dump → predictions → training loop.
+//   config and command line → process grid → tracing → communication → tensor parallel →
+//   parameters → activations → model forward → model backward → gradient sync (data parallel) →
+//   optimizer → HF import/export → checkpoints → dump → predictions → training loop.
 // Every numeric op lives in kernels.cuh (reference and CUDA twin); token shards, packing and masking
 // in data.h; the JSON and safetensors formats in safetensors.h.
 #include <algorithm>
@@ -810,37 +810,34 @@ struct TensorParallel {
     int token_slices() const { return sp ? size : 1; }
 };
 
-// Entering a tp region. forward: full (rows·n, W) ← all-gather of local (rows, W) with --sp; without
-// it full is local (identity). backward: the partial input gradients full (rows·n, W) are summed:
-// reduce-scattered into local with --sp, all-reduced in place without (then local == full).
+// The two moves of the pair, on a region's (rows, W) local and (rows·n, W) full tensors (n = tp with
+// --sp, else 1, when local and full are one buffer). Summing partial results: reduce-scatter full
+// into local with --sp, all-reduce in place without. Handing rows on: all-gather local into full
+// with --sp, nothing without (every rank already has every row).
+static void tp_sum(TensorParallel& tp, float* local, float* full, size_t n, const std::string& name) {
+    if (tp.sp) comm_reduce_scatter(*tp.comm, *tp.group, full, local, n, name + "reduce-scatter");
+    else comm_all_reduce(*tp.comm, *tp.group, full, n, Reduce::sum, name + "all-reduce");
+}
+static void tp_gather(TensorParallel& tp, float* local, float* full, size_t n, const std::string& name) {
+    if (tp.sp) comm_all_gather(*tp.comm, *tp.group, local, full, n, name + "all-gather");
+}
+// Entering a tp region (the input of a column-parallel GEMM): forward the rows are handed on,
+// backward the GEMM's partial input gradients (full) are summed into local.
 static void tp_region_in(TensorParallel& tp, Pass pass, float* local, float* full, size_t rows, int width,
                          const char* region) {
     if (tp.size == 1) return;
-    const std::string name = std::string("tp ") + region + (pass == Pass::backward ? " grad " : " ");
-    const size_t n = rows * width;
-    if (pass == Pass::forward) {
-        if (tp.sp) comm_all_gather(*tp.comm, *tp.group, local, full, n, name + "all-gather");
-    } else if (tp.sp) {
-        comm_reduce_scatter(*tp.comm, *tp.group, full, local, n, name + "reduce-scatter");
-    } else {
-        comm_all_reduce(*tp.comm, *tp.group, full, n, Reduce::sum, name + "all-reduce");
-    }
+    const std::string name = std::string("tp ") + region + (pass == Pass::forward ? " " : " grad ");
+    if (pass == Pass::forward) tp_gather(tp, local, full, rows * width, name);
+    else tp_sum(tp, local, full, rows * width, name);
 }
-// Leaving a tp region. forward: the partial outputs full (rows·n, W) are summed: reduce-scattered
-// into local (rows, W) with --sp, all-reduced in place without (then local == full).
-// backward: full ← all-gather of the output gradient local with --sp; identity without.
+// Leaving a tp region (the output of a row-parallel GEMM): forward its partial outputs (full) are
+// summed into local, backward the output gradient's rows (local) are handed on.
 static void tp_region_out(TensorParallel& tp, Pass pass, float* local, float* full, size_t rows, int width,
                           const char* region) {
     if (tp.size == 1) return;
-    const std::string name = std::string("tp ") + region + (pass == Pass::backward ? " grad " : " ");
-    const size_t n = rows * width;
-    if (pass == Pass::backward) {
-        if (tp.sp) comm_all_gather(*tp.comm, *tp.group, local, full, n, name + "all-gather");
-    } else if (tp.sp) {
-        comm_reduce_scatter(*tp.comm, *tp.group, full, local, n, name + "reduce-scatter");
-    } else {
-        comm_all_reduce(*tp.comm, *tp.group, full, n, Reduce::sum, name + "all-reduce");
-    }
+    const std::string name = std::string("tp ") + region + (pass == Pass::forward ? " " : " grad ");
+    if (pass == Pass::forward) tp_sum(tp, local, full, rows * width, name);
+    else tp_gather(tp, local, full, rows * width, name);
 }
 // Vocab-parallel cross-entropy of N rows whose logits (N, V) are this rank's V vocabulary rows
 // from id vocab_start (the first V_valid real, the rest padding): the row max is all-reduced (max),
