@@ -1850,7 +1850,10 @@ static ModelConfig read_hf_config(const std::string& dir) {
     m.special.mask = json_int(cfg, path, "mask_token_id", m.special.mask, false, 0, m.V - 1);
     m.bos = json_int(cfg, path, "bos_token_id", m.special.cls, false, 0, m.V - 1);
     m.eos = json_int(cfg, path, "eos_token_id", m.special.sep, false, 0, m.V - 1);
+    // ModernBertConfig has no unk id; ours is written beside the others so that a model whose
+    // vocabulary is not ModernBERT's (mini) keeps its unknown-word token through an export
     if (m.special.unk >= m.V) m.special.unk = m.special.pad;
+    m.special.unk = json_int(cfg, path, "unk_token_id", m.special.unk, false, 0, m.V - 1);
     const int ids[4] = {m.special.cls, m.special.sep, m.special.pad, m.special.mask};
     for (int i = 0; i < 4; i++)
         for (int j = i + 1; j < 4; j++)
@@ -1897,7 +1900,7 @@ static void write_hf_config(const std::string& path, const ModelConfig& m) {
              "  \"global_rope_theta\": %s,\n  \"local_rope_theta\": %s,\n  \"norm_eps\": %s,\n"
              "  \"initializer_range\": %s,\n  \"initializer_cutoff_factor\": %s,\n"
              "  \"pad_token_id\": %d,\n  \"cls_token_id\": %d,\n  \"sep_token_id\": %d,\n"
-             "  \"bos_token_id\": %d,\n  \"eos_token_id\": %d,\n  \"mask_token_id\": %d,\n"
+             "  \"bos_token_id\": %d,\n  \"eos_token_id\": %d,\n  \"mask_token_id\": %d,\n  \"unk_token_id\": %d,\n"
              "  \"hidden_activation\": \"gelu\",\n  \"classifier_activation\": \"gelu\",\n"
              "  \"norm_bias\": false,\n  \"attention_bias\": false,\n  \"mlp_bias\": false,\n"
              "  \"classifier_bias\": false,\n  \"decoder_bias\": true,\n  \"tie_word_embeddings\": true,\n"
@@ -1907,7 +1910,7 @@ static void write_hf_config(const std::string& path, const ModelConfig& m) {
              m.V, m.H, m.I, m.L, m.nh, m.global_every, m.local_attention, json_float(m.theta_global).c_str(),
              json_float(m.theta_local).c_str(), json_float(m.norm_eps).c_str(), json_float(m.init_std).c_str(),
              json_float(m.init_cutoff).c_str(), m.special.pad, m.special.cls, m.special.sep, m.bos, m.eos,
-             m.special.mask, m.max_position_embeddings);
+             m.special.mask, m.special.unk, m.max_position_embeddings);
     std::string text = std::string(head) + "  \"layer_types\": [" + layer_types + "]\n}\n";
     std::string tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
@@ -2371,6 +2374,118 @@ static void print_parameter_bytes(const Model& model, const GradSync* sync) {
                model.table.V * model.tp.size, model.tp.size);
 }
 
+// One optimizer step: this dp rank's grad_accum micro-batches (forward + backward into the raw
+// gradient sums; the last backward launches the gradient sync), the step's loss and token counts
+// summed over the replicas, --dump on step 1, then the update.
+struct StepStats {
+    int step = 0;
+    double loss = 0, grad_norm = 0;
+    float lr = 0;
+    long masked = 0, real_tokens = 0;
+    double ms = 0, ms_here = 0;     // the slowest rank's step time, this rank's
+    std::vector<BatchView> views;   // this rank's micro-batches (their FLOPs)
+};
+
+static StepStats train_step(Model& model, Activations& acts, Loader& loader, GradSync* sync, Comm& comm,
+                            ProcessGrid& grid, const TrainConfig& c, int step, Tracer* trace) {
+    StepStats s;
+    s.step = step;
+    auto t0 = std::chrono::steady_clock::now();
+    for (Group* g : grid.groups()) g->bytes_sent = 0;
+    if (sync) sync->launched_during_backward = 0;
+    ops::zero_floats(model.grads, model.table.total);
+    const int n_micro = grid.dp * c.grad_accum;  // micro-batches in one global batch
+    double loss_sum = 0.0;
+    for (int k = 0; k < c.grad_accum; k++) {  // this dp rank's share of the global batch
+        MicroBatch mb = loader.get((uint64_t)(step - 1) * n_micro + (uint64_t)grid.dp_rank * c.grad_accum + k);
+        BatchView b = batch_view(mb);
+        bool last = k == c.grad_accum - 1;
+        loss_sum += model_forward(model, acts, b, trace);
+        model_backward(model, acts, b, last ? sync : nullptr, trace);
+        s.masked += b.n_masked;
+        s.real_tokens += mb.n_real;
+        s.views.push_back(std::move(b));
+    }
+    if (sync) grad_sync_finish(sync);
+    Group& grad_group = grid.dp_cp_group;
+    double totals[3] = {loss_sum, (double)s.masked, (double)s.real_tokens};
+    comm_all_reduce_host(comm, grad_group, totals, 3, MPI_SUM, "loss and token count all-reduce");
+    s.loss = totals[1] > 0 ? totals[0] / totals[1] : 0.0;
+    s.masked = (long)totals[1];
+    s.real_tokens = (long)totals[2];
+    if (!std::isfinite(s.loss))  // all-reduced: every rank sees it
+        fatal_all_ranks("step %d: the loss is %g: training diverged (a lower --lr, --clip or --optimizer "
+                        "stable-adamw may help); no weights were updated", step, s.loss);
+    if (step == 1 && !c.dump_dir.empty()) {  // the whole global batch: rank 0 recomputes every rank's share
+        bool sharded = sync && sync->zero;   // every rank takes part in the gathers
+        std::vector<float> grads = sharded ? gather_state(sync, sync->shard_grad, model.table.total)
+                                           : device_to_vector(model.grads, model.table.total);
+        grads = gather_full(model, grads, "dump tp gather");
+        if (grid.world_rank == 0) {
+            std::vector<MicroBatch> batches;
+            for (int k = 0; k < n_micro; k++) batches.push_back(loader.get((uint64_t)k));
+            write_dump(c.dump_dir, model.table, batches, s.loss, s.masked, std::move(grads));
+        }
+    }
+    s.lr = learning_rate(c, step);
+    double t_opt = now_us();
+    s.grad_norm = optimizer_step(model, c, s.lr, s.masked, sync);
+    trace_op(trace, "optimizer", t_opt);
+    ops::synchronize();
+    s.ms = s.ms_here = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    comm_all_reduce_host(comm, grad_group, &s.ms, 1, MPI_MAX, "step time max");  // the slowest rank sets the pace
+    return s;
+}
+
+// Rank 0's line per step and, with --log, its JSON object (with every group's bytes this step).
+static void report_step(const StepStats& s, const ModelConfig& m, ProcessGrid& grid, const TrainConfig& c,
+                        const GradSync* sync, double peak_tflops, double unigram, FILE* log) {
+    double tokens_per_s = s.real_tokens / (s.ms / 1e3);
+    double flops_per_s = step_flops(m, s.views) * grid.dp / (s.ms / 1e3);  // every dp rank's share is alike in cost
+    double mfu = peak_tflops > 0 ? flops_per_s / (peak_tflops * 1e12 * grid.world_size) : 0.0;
+    std::string bytes_json;
+    double bytes_total = 0;
+    for (Group* g : grid.groups()) {
+        if (g->size <= 1) continue;
+        char b[96];
+        snprintf(b, sizeof b, "%s\"%s\": %.0f", bytes_json.empty() ? "" : ", ", g->name, g->bytes_sent);
+        bytes_json += b;
+        bytes_total += g->bytes_sent;
+    }
+    char speed[64];  // MFU only against a known peak; else what was measured
+    if (peak_tflops > 0) snprintf(speed, sizeof speed, "MFU %.1f%%", 100.0 * mfu);
+    else snprintf(speed, sizeof speed, "%.1f GFLOP/s", flops_per_s / 1e9);
+    printf("step %5d/%d | loss %.6f (unigram %.3f) | grad norm %.4f | lr %.3e | %.0f tok/s | %s | %.1f ms", s.step,
+           c.steps, s.loss, unigram, s.grad_norm, s.lr, tokens_per_s, speed, s.ms);
+    if (grid.world_size > 1) printf(" | sent %.2f MB", bytes_total / 1e6);
+    if (grid.dp_cp_group.size > 1)
+        printf(", %d/%zu buckets during backward", sync->launched_during_backward, sync->buckets.size());
+    printf("\n");
+    fflush(stdout);
+    if (!log) return;
+    char mfu_json[32] = "null";
+    if (peak_tflops > 0) snprintf(mfu_json, sizeof mfu_json, "%.6g", mfu);
+    fprintf(log,
+            "{\"step\": %d, \"loss\": %.17g, \"unigram_loss\": %.9g, \"grad_norm\": %.9g, \"lr\": %.9g, "
+            "\"tokens\": %ld, \"masked_tokens\": %ld, \"tokens_per_s\": %.6g, \"flops_per_s\": %.6g, "
+            "\"mfu\": %s, \"step_ms\": %.6g, \"bytes_sent\": {%s}, \"buckets\": %zu, "
+            "\"buckets_during_backward\": %d}\n",
+            s.step, s.loss, unigram, s.grad_norm, s.lr, s.real_tokens, s.masked, tokens_per_s, flops_per_s, mfu_json,
+            s.ms, bytes_json.c_str(), sync ? sync->buckets.size() : 0, sync ? sync->launched_during_backward : 0);
+    fflush(log);
+}
+
+// --trace DIR: this rank's spans as DIR/trace_rank{R}.json; rank 0 also prints its time per op class.
+static void write_trace(const Tracer& tracer, const std::string& dir) {
+    if (tracer.rank == 0) print_op_classes(tracer);
+    make_dirs(dir);
+    std::string path = dir + "/trace_rank" + std::to_string(tracer.rank) + ".json";
+    FILE* f = fopen(path.c_str(), "wb");
+    if (!f || fprintf(f, "{\"otherData\": {\"t0_unix_us\": %.0f}, \"traceEvents\": [\n%s\n]}\n", tracer.t0_unix_us,
+                      tracer.events.c_str()) < 0 || fclose(f) != 0)
+        fatal("cannot write %s", path.c_str());
+}
+
 #ifndef PICOTRON_NO_MAIN  // the tests include this file for its functions and bring their own main
 // PICOTRON_FAIL_AT=RANK:STEP makes that rank fail at the start of that step: the fault tests use it
 // to check that one rank's error ends every rank.
@@ -2539,86 +2654,9 @@ int main(int argc, char** argv) {
 
     for (int step = start_step + 1; step <= c.steps; step++) {
         maybe_inject_failure(grid.world_rank, step);
-        auto t0 = std::chrono::steady_clock::now();
-        for (Group* g : grid.groups()) g->bytes_sent = 0;
-        if (sync) sync->launched_during_backward = 0;
-        ops::zero_floats(model.grads, model.table.total);
-        double loss_sum = 0.0;
-        long masked = 0, real_tokens = 0;
-        std::vector<BatchView> views;
-        for (int k = 0; k < c.grad_accum; k++) {  // this dp rank's share of the global batch
-            MicroBatch mb = loader.get((uint64_t)(step - 1) * n_micro + (uint64_t)grid.dp_rank * c.grad_accum + k);
-            BatchView b = batch_view(mb);
-            bool last = k == c.grad_accum - 1;
-            loss_sum += model_forward(model, acts, b, trace);
-            model_backward(model, acts, b, last ? sync : nullptr, trace);
-            masked += b.n_masked;
-            real_tokens += mb.n_real;
-            views.push_back(std::move(b));
-        }
-        if (sync) grad_sync_finish(sync);
-        double totals[3] = {loss_sum, (double)masked, (double)real_tokens};
-        comm_all_reduce_host(comm, grad_group, totals, 3, MPI_SUM, "loss and token count all-reduce");
-        double loss = totals[1] > 0 ? totals[0] / totals[1] : 0.0;
-        masked = (long)totals[1];
-        real_tokens = (long)totals[2];
-        if (!std::isfinite(loss))  // all-reduced: every rank sees it
-            fatal_all_ranks("step %d: the loss is %g: training diverged (a lower --lr, --clip or --optimizer "
-                            "stable-adamw may help); no weights were updated", step, loss);
-        if (step == 1 && !c.dump_dir.empty()) {  // the whole global batch: rank 0 recomputes every rank's share
-            bool sharded = sync && sync->zero;  // every rank takes part in the gathers
-            std::vector<float> grads = sharded ? gather_state(sync, sync->shard_grad, model.table.total)
-                                               : device_to_vector(model.grads, model.table.total);
-            grads = gather_full(model, grads, "dump tp gather");
-            if (grid.world_rank == 0) {
-                std::vector<MicroBatch> batches;
-                for (int k = 0; k < n_micro; k++) batches.push_back(loader.get((uint64_t)k));
-                write_dump(c.dump_dir, model.table, batches, loss, masked, std::move(grads));
-            }
-        }
-        float lr = learning_rate(c, step);
-        double t_opt = now_us();
-        double grad_norm = optimizer_step(model, c, lr, masked, sync);
-        trace_op(trace, "optimizer", t_opt);
-        ops::synchronize();
-        double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-        tracer.steps_us += ms * 1e3;
-        comm_all_reduce_host(comm, grad_group, &ms, 1, MPI_MAX, "step time max");  // the slowest rank sets the pace
-        double tokens_per_s = real_tokens / (ms / 1e3);
-        double flops_per_s = step_flops(m, views) * grid.dp / (ms / 1e3);  // every dp rank's share is alike in cost
-        double mfu = peak_tflops > 0 ? flops_per_s / (peak_tflops * 1e12 * grid.world_size) : 0.0;
-        if (grid.world_rank == 0) {
-            std::string bytes_json;
-            double bytes_total = 0;
-            for (Group* g : grid.groups()) {
-                if (g->size <= 1) continue;
-                char b[96];
-                snprintf(b, sizeof b, "%s\"%s\": %.0f", bytes_json.empty() ? "" : ", ", g->name, g->bytes_sent);
-                bytes_json += b;
-                bytes_total += g->bytes_sent;
-            }
-            char speed[64];  // MFU only against a known peak; else what was measured
-            if (peak_tflops > 0) snprintf(speed, sizeof speed, "MFU %.1f%%", 100.0 * mfu);
-            else snprintf(speed, sizeof speed, "%.1f GFLOP/s", flops_per_s / 1e9);
-            printf("step %5d/%d | loss %.6f (unigram %.3f) | grad norm %.4f | lr %.3e | %.0f tok/s | %s | %.1f ms", step,
-                   c.steps, loss, unigram, grad_norm, lr, tokens_per_s, speed, ms);
-            if (!one_rank) printf(" | sent %.2f MB", bytes_total / 1e6);
-            if (grad_group.size > 1) printf(", %d/%zu buckets during backward", sync->launched_during_backward, sync->buckets.size());
-            printf("\n");
-            fflush(stdout);
-            if (log) {
-                char mfu_json[32] = "null";
-                if (peak_tflops > 0) snprintf(mfu_json, sizeof mfu_json, "%.6g", mfu);
-                fprintf(log,
-                        "{\"step\": %d, \"loss\": %.17g, \"unigram_loss\": %.9g, \"grad_norm\": %.9g, \"lr\": %.9g, "
-                        "\"tokens\": %ld, \"masked_tokens\": %ld, \"tokens_per_s\": %.6g, \"flops_per_s\": %.6g, "
-                        "\"mfu\": %s, \"step_ms\": %.6g, \"bytes_sent\": {%s}, \"buckets\": %zu, "
-                        "\"buckets_during_backward\": %d}\n",
-                        step, loss, unigram, grad_norm, lr, real_tokens, masked, tokens_per_s, flops_per_s, mfu_json,
-                        ms, bytes_json.c_str(), sync ? sync->buckets.size() : 0, sync ? sync->launched_during_backward : 0);
-                fflush(log);
-            }
-        }
+        StepStats stats = train_step(model, acts, loader, sync, comm, grid, c, step, trace);
+        tracer.steps_us += stats.ms_here * 1e3;
+        if (grid.world_rank == 0) report_step(stats, m, grid, c, sync, peak_tflops, unigram, log);
         bool save_now = (c.save_every > 0 && step % c.save_every == 0) || step == c.steps;
         if (!c.save_dir.empty() && save_now) save_checkpoint(c.save_dir, model, step, sync, grid.world_rank);
     }
@@ -2627,15 +2665,7 @@ int main(int argc, char** argv) {
         std::vector<float> full = gather_full(model, device_to_vector(model.params, model.table.total), "export tp gather");
         if (grid.world_rank == 0) export_hf(c.export_dir, model, full);
     }
-    if (trace) {
-        if (grid.world_rank == 0) print_op_classes(tracer);
-        make_dirs(c.trace_dir);
-        std::string path = c.trace_dir + "/trace_rank" + std::to_string(grid.world_rank) + ".json";
-        FILE* f = fopen(path.c_str(), "wb");
-        if (!f || fprintf(f, "{\"otherData\": {\"t0_unix_us\": %.0f}, \"traceEvents\": [\n%s\n]}\n", tracer.t0_unix_us,
-                          tracer.events.c_str()) < 0 || fclose(f) != 0)
-            fatal("cannot write %s", path.c_str());
-    }
+    if (trace) write_trace(tracer, c.trace_dir);
     MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));  // nobody finalizes while rank 0 may still fail writing
     comm_release_staging(comm);
     destroy_grid(grid);

@@ -1127,7 +1127,7 @@ enum ncclResult_t {
     ncclInvalidUsage = 5,
 };
 enum ncclDataType_t { ncclFloat32 = 7, ncclFloat = 7 };
-enum ncclRedOp_t { ncclSum = 0 };
+enum ncclRedOp_t { ncclSum = 0, ncclMax = 3 };
 struct ncclComm;
 typedef ncclComm* ncclComm_t;
 struct ncclUniqueId {

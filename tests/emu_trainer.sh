@@ -4,20 +4,25 @@
 # event and pinned staging copy of picotron.cu's GPU branches runs thread by thread on the CPU.
 # Same data, seed and flags, 3 steps; every step's loss must agree to 1e-4 relative and the final
 # weights to 1e-3 (the tolerances of tests/gpu_vs_cpu.sh: the kernels sum in other orders than the
-# CPU reference). NCCL is not emulated, so every emulated run uses --comm mpi. (The trainer is data
-# parallel only for now: --tp, --pp and --cp must be 1, so dp is the one layout tested here.)
+# CPU reference). NCCL is not emulated, so every emulated run uses --comm mpi. Layouts: 1 rank, dp 2
+# (with and without ZeRO-1) against a 1-rank grad-accum 2 run, and tensor parallel (tp 2, tp 2
+# --sp) against a 1-rank run: tp splits every layer's GEMMs, attention heads, the vocabulary and
+# the cross-entropy over the ranks, so its kernels run on other shapes than one rank's.
 # The emulator is slow (the cuBLASLt GEMM is plain loops): the tiny model ($TINY, V 50368) takes
-# ~22 s a step, so the default is the mini model (V 4096, ~1.7 s a step, the whole script ~25 s on 2 cores);
+# ~22 s a step, so the default is the mini model (V 4096, ~1.7 s a step, 3-7 s a run on 2 cores);
 # EMU_TRAINER_TINY=1 runs the tiny shapes instead (~100 s a run on 2 cores). There the 1-rank run's
 # head.dense.weight differs by 3.4e-3 > 1e-3 after 3 steps while losses agree to 1e-7: a few
 # elements whose gradient is near Adam's eps, where an update's size follows the gradient's
 # roundoff (measured on mini: one element of 4096, update 4.67e-4 vs 4.59e-4, typical 1e-3).
-# Last line: "N passed, M failed".
+# mini has one attention head, which tp cannot split: the tp runs train "h2", mini's shape with
+# 2 heads of 64 (the GPU attention kernel's head size), H 128, I 192 and V 4097 (an odd vocabulary:
+# tp 2 pads it to 2 × 2049 rows), initialised by tests/make_model (6-8 s a tp run on 2 cores).
+# The whole script takes ~35 s on 2 cores. Last line: "N passed, M failed".
 source "$(dirname "$0")/common.sh"
 if [ "${EMU_TRAINER_TINY:-0}" = 1 ]; then FLAGS="$TINY --steps 3"
 else FLAGS="--model mini --data data/mini --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2 --steps 3"; fi
-for f in picotron_emu picotron_cpu tests/compare_runs; do
-    [ -x "$f" ] || { echo "tests/emu_trainer.sh: $f is missing (make picotron_emu picotron_cpu tests/compare_runs)"; fail "$f" "missing"; summary; exit; }
+for f in picotron_emu picotron_cpu tests/compare_runs tests/make_model; do
+    [ -x "$f" ] || { echo "tests/emu_trainer.sh: $f is missing (make picotron_emu picotron_cpu tests/compare_runs tests/make_model)"; fail "$f" "missing"; summary; exit; }
 done
 compare() {  # name, cpu run, emulated run
     if v=$(./tests/compare_runs "$WORK/$2.jsonl" "$WORK/$3.jsonl" "$WORK/$2/model.safetensors" "$WORK/$3/model.safetensors" \
@@ -28,7 +33,7 @@ compare() {  # name, cpu run, emulated run
 $MPIRUN -np 1 ./picotron_cpu $FLAGS --log "$WORK/cpu1.jsonl" --export "$WORK/cpu1" > /dev/null &&
 $MPIRUN -np 1 ./picotron_cpu $FLAGS --grad-accum 2 --log "$WORK/cpu2.jsonl" --export "$WORK/cpu2" > /dev/null ||
     { fail "picotron_cpu reference runs" "run failed"; summary; exit; }
-emu() {  # name, reference, ranks, thread order, flags…: an emulated run compared with a CPU run
+emu() {  # name, reference, ranks, thread order, flags…: an emulated run ($FLAGS) compared with a CPU run
     local name=$1 ref=$2 ranks=$3 order=$4 id t0
     shift 4
     id=$(echo "$name" | tr -c 'a-zA-Z0-9' '_')
@@ -41,4 +46,16 @@ emu() {  # name, reference, ranks, thread order, flags…: an emulated run compa
 emu "emulated GPU build follows the CPU build (1 rank, forward thread order)" cpu1 1 forward
 emu "emulated GPU build, dp 2 (--comm mpi, random thread order), vs CPU grad-accum 2" cpu2 2 random --dp 2
 emu "emulated GPU build, dp 2 ZeRO-1 (--comm mpi, reverse thread order), vs CPU grad-accum 2" cpu2 2 reverse --dp 2 --zero 1
+
+# ---- tensor parallel: the h2 model (see the header) ----
+mkdir -p "$WORK/h2"
+if $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export "$WORK/mini0" > /dev/null &&
+   sed 's/"vocab_size": .*/"vocab_size": 4097,/; s/"hidden_size": .*/"hidden_size": 128,/;
+        s/"num_attention_heads": .*/"num_attention_heads": 2,/; s/"intermediate_size": .*/"intermediate_size": 192,/' \
+       "$WORK/mini0/config.json" > "$WORK/h2/config.json" && ./tests/make_model "$WORK/h2" > /dev/null &&
+   FLAGS="--init-from $WORK/h2 --data data/mini --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2 --steps 3" &&
+   $MPIRUN -np 1 ./picotron_cpu $FLAGS --log "$WORK/cpu_h2.jsonl" --export "$WORK/cpu_h2" > /dev/null; then
+    emu "picotron_emu trains with tp 2 and follows picotron_cpu (h2, --comm mpi, random thread order), vs CPU 1 rank" cpu_h2 2 random --tp 2
+    emu "picotron_emu trains with tp 2 --sp and follows picotron_cpu (h2, reverse thread order), vs CPU 1 rank" cpu_h2 2 reverse --tp 2 --sp
+else fail "tp: the h2 model and its picotron_cpu reference run" "failed"; fi
 summary

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # make test-gpu, second half: the GPU build trains like the CPU build. Same data, seed and flags,
 # 5 steps; every step's loss must agree to 1e-4 relative and the final weights to 1e-3 (the GPU
-# computes in fp32 with its own summation order, so bit equality is not expected). Then data-parallel
-# layouts of the GPU build on one GPU (--comm mpi stages through host memory) against the same
-# single-rank CPU run. Last line: "N passed, M failed".
+# computes in fp32 with its own summation order, so bit equality is not expected). Then data- and
+# tensor-parallel layouts of the GPU build on one GPU (--comm mpi stages through host memory: NCCL
+# refuses two ranks on one device) against the same single-rank CPU run, grad-accum 2 (tiny's 4
+# heads of 64 and intermediate_size 384 split over tp 2; --sp cuts the 512-token micro-batch into
+# two 256-row slices). Last line: "N passed, M failed".
 source "$(dirname "$0")/common.sh"
 FLAGS="--model tiny --data data/default --seq-len 128 --micro-batch-tokens 512 --steps 5 --lr 2e-3 --warmup 2"
 compare() {  # name, cpu run, gpu run
@@ -22,4 +24,6 @@ gpu() {  # name, ranks, flags…: a GPU run compared with the CPU run
 gpu "GPU build follows the CPU build" 1 --grad-accum 2
 gpu "GPU dp 2 (--comm mpi, one GPU)" 2 --dp 2 --comm mpi
 gpu "GPU dp 2 ZeRO-1 (--comm mpi)" 2 --dp 2 --zero 1 --comm mpi
+gpu "GPU tp 2 (--comm mpi, one GPU)" 2 --tp 2 --grad-accum 2 --comm mpi
+gpu "GPU tp 2 --sp (--comm mpi, one GPU)" 2 --tp 2 --sp --grad-accum 2 --comm mpi
 summary

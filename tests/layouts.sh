@@ -18,7 +18,7 @@
 # element whose gradient is far below eps (one element's step-1 gradient is 1.3e-7, the median
 # 1.6e-2) the update is ~lr·g/eps and the fp32 rounding of a sum taken in another order (tp's
 # partial sums) is amplified by lr/eps; the step-1 gradients of the two runs agree to 8.4e-7. At
-# --lr 2e-4 the worst weight mismatch is ~3.4e-5, under the 1e-4 the test asks for.
+# --lr 2e-4 the worst weight mismatch is ~3.4e-5 to 3.9e-5 (head.dense.weight), under the 1e-4 asked for.
 #
 # --dump equivalence: step 1's dump (the batch, the loss, every normalised gradient) of tp 2 --sp and
 # of dp 2 × tp 2 with ZeRO-1 equals the single-rank dump: gradients within 1e-4 relative per tensor
@@ -80,7 +80,6 @@ check() {  # kind (layout|dump) "ranks | flags"
     dp=$(flag --dp "$flags"); dp=${dp:-1}; ga=$(flag --grad-accum "$flags"); ga=${ga:-1}
     micro=$((dp * ga))
     shared=$(non_layout "$flags")
-    [ "$kind" = dump ] && extra=(--steps 1)
     ref="${kind}_ref_${micro}_$(label "$shared")"
     if [ ! -f "$WORK/$ref.jsonl" ]; then
         [ "$kind" = dump ] && extra=(--steps 1 --dump "$WORK/$ref")

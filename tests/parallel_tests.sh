@@ -6,6 +6,17 @@
 #   - trace: every rank writes spans for each layer's forward and backward, the optimizer and every
 #     collective (group, bytes), gradient buckets start before the backward ends (overlap), and
 #     scripts/merge_traces.py (when python3 is there) merges the ranks into one file.
+# Tensor parallel (--tp, --sp):
+#   - checkpoints move between tp layouts: saved under dp 2 × tp 2 with ZeRO-1 after 2 of 4 steps,
+#     resumed under 1 rank and under tp 4 (both grad-accum 2), each follows the single-rank
+#     grad-accum 2 run (losses 1e-5, final weights 1e-4; --lr 2e-4, see tests/layouts.sh for why);
+#   - parameter memory: rank 0's "parameters per rank: S bytes sharded over tp N + R bytes replicated"
+#     falls as S(1)/N for tiny (its vocabulary divides), R stays, S(1) + R(1) = 4 bytes × the
+#     parameters counted from the architecture; an odd vocabulary (V 4097) pads to N·⌈V/N⌉ rows;
+#   - traffic: the step log's tp bytes equal the ring formulas (below) for tp 2 and tp 4, with and
+#     without --sp, exactly; with --sp the head's rows come from the step's --dump (tests/dump_info);
+#   - trace: every tp rank writes the regions' collectives (all-gather / reduce-scatter with --sp,
+#     all-reduce without) as spans with "group": "tp" and their bytes, and not the other kind.
 # Prints PASS/FAIL lines and "N passed, M failed" last.
 source "$(dirname "$0")/common.sh"
 
@@ -65,5 +76,162 @@ if $MPIRUN -np 2 ./picotron_cpu $TINY --steps 2 --dp 2 --bucket-mb 4 --trace "$W
         else fail "trace merge" "merge_traces.py failed"; fi
     fi
 else fail "trace" "run failed"; fi
+
+# ---- tensor parallel: checkpoints move between tp layouts ----
+# --lr 2e-4: at TINY's 2e-3 Adam amplifies fp32 roundoff in near-zero gradients past 1e-4 (tests/layouts.sh)
+TPLR="--lr 2e-4"
+$MPIRUN -np 1 ./picotron_cpu $TINY $TPLR --steps 4 --grad-accum 2 --log "$WORK/tpref.jsonl" --export "$WORK/tpref" > "$WORK/tpref.out" 2>&1 &&
+$MPIRUN -np 4 ./picotron_cpu $TINY $TPLR --steps 2 --dp 2 --tp 2 --zero 1 --save "$WORK/tpck" --log "$WORK/tpsaved.jsonl" > "$WORK/tpsaved.out" 2>&1
+if [ $? != 0 ]; then fail "checkpoint dp 2 × tp 2 (ZeRO-1)" "the reference or the saving run failed"
+else
+    for to in "1 | --grad-accum 2" "4 | --tp 4 --grad-accum 2"; do
+        ranks=${to%% |*} flags=${to#*| } name="tpmoved_${to%% |*}"
+        cp "$WORK/tpsaved.jsonl" "$WORK/$name.jsonl"  # the resumed run appends steps 3 and 4
+        if ! $MPIRUN -np "$ranks" ./picotron_cpu $TINY $TPLR --steps 4 $flags --resume "$WORK/tpck" --log "$WORK/$name.jsonl" \
+                --export "$WORK/$name" > "$WORK/$name.out" 2>&1; then
+            fail "checkpoint dp 2 × tp 2 -> [$flags]" "resume failed: $(grep -m1 picotron: "$WORK/$name.out")"
+        elif v=$(./tests/compare_runs "$WORK/tpref.jsonl" "$WORK/$name.jsonl" "$WORK/tpref/model.safetensors" \
+                 "$WORK/$name/model.safetensors" --loss-rel 1e-5 --weight-rel 1e-4); then
+            pass "checkpoint saved under dp 2 × tp 2 with ZeRO-1 resumes under [$flags] on the 1-rank trajectory: $v"
+        else fail "checkpoint dp 2 × tp 2 -> [$flags]" "$v"; fi
+    done
+fi
+
+# ---- tensor parallel: parameter memory per rank ----
+# rank 0's line: "parameters per rank: S bytes sharded over tp N + R bytes replicated; ..."
+param_bytes() {  # out-file -> "S R"
+    sed -n 's/^parameters per rank: \([0-9]*\) bytes sharded over tp [0-9]* + \([0-9]*\) bytes replicated.*/\1 \2/p' "$1"
+}
+# The odd-vocabulary model (as in tests/layouts.sh): mini's config with V 4097, H 256, 4 heads, I 256
+ODD="$WORK/odd_vocab"
+if ! { $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export "$ODD" > "$WORK/odd.out" 2>&1 &&
+       sed -i -e 's/"vocab_size": 4096,/"vocab_size": 4097,/' -e 's/"hidden_size": 64,/"hidden_size": 256,/' \
+              -e 's/"num_attention_heads": 1,/"num_attention_heads": 4,/' -e 's/"intermediate_size": 128,/"intermediate_size": 256,/' \
+              "$ODD/config.json" &&
+       [ "$(grep -c '"vocab_size": 4097,\|"hidden_size": 256,\|"num_attention_heads": 4,\|"intermediate_size": 256,' "$ODD/config.json")" = 4 ] &&
+       ./tests/make_model "$ODD" >> "$WORK/odd.out" 2>&1; }; then
+    fail "odd-vocabulary model" "could not be made: $(tail -n 1 "$WORK/odd.out")"
+fi
+# (the model, n, V H I L) -> the formula's "S R": the sharded tensors (embedding and decoder bias on
+# n·⌈V/n⌉ padded rows, Wqkv, Wo, Wi, MLP Wo) over n; the replicated (2L + 2 LayerNorms, head.dense)
+want_bytes() {
+    awk -v n=$1 -v V=$2 -v H=$3 -v I=$4 -v L=$5 'BEGIN { Vl = int((V + n - 1) / n);
+        printf "%.0f %.0f", 4 * (Vl*H + Vl + L*(3*H*H + H*H + 2*I*H + I*H) / n), 4 * ((2*L + 2)*H + H*H) }'
+}
+declare -A SH RE  # per tp size: the sharded and the replicated bytes
+ok=1; why=""
+for n in 1 2 4; do
+    if $MPIRUN -np $n ./picotron_cpu $TINY --tp $n --steps 0 --export "$WORK/init_$n" > "$WORK/mem_$n.out" 2>&1 &&
+       read -r SH[$n] RE[$n] <<< "$(param_bytes "$WORK/mem_$n.out")" && [ -n "${RE[$n]}" ]; then :
+    else ok=0; why="$why tp $n: run failed or printed no parameter bytes;"; fi
+done
+# P: tiny's parameter count from its architecture (the dp traffic test above)
+if [ $ok = 1 ]; then
+    [ "$((SH[1] + RE[1]))" = "$((4 * P))" ] || { ok=0; why="$why S(1) + R(1) = $((SH[1] + RE[1])), 4P = $((4 * P));"; }
+    for n in 2 4; do
+        [ "$((SH[$n] * n))" = "${SH[1]}" ] || { ok=0; why="$why S(tp $n) = ${SH[$n]}, S(1)/$n = $((SH[1] / n));"; }
+        [ "${RE[$n]}" = "${RE[1]}" ] || { ok=0; why="$why R(tp $n) = ${RE[$n]}, R(1) = ${RE[1]};"; }
+        [ "${SH[$n]} ${RE[$n]}" = "$(want_bytes $n 50368 256 384 6)" ] ||
+            { ok=0; why="$why tp $n: '${SH[$n]} ${RE[$n]}', formula '$(want_bytes $n 50368 256 384 6)';"; }
+    done
+fi
+if [ $ok = 1 ]; then
+    pass "parameter memory (tiny): S(tp 1) = ${SH[1]} = 2·S(tp 2) = 4·S(tp 4) bytes, R = ${RE[1]} at every tp, S + R = 4 bytes × $P parameters"
+else fail "parameter memory (tiny)" "$why"; fi
+# initialisation: each shard is drawn from its elements' places in the full tensors, so the
+# untrained model that tp 2 and tp 4 assemble from their shards is byte-identical to one rank's
+for n in 2 4; do
+    if cmp -s "$WORK/init_1/model.safetensors" "$WORK/init_$n/model.safetensors"; then
+        pass "initialisation under tp $n: the gathered untrained model is byte-identical to one rank's"
+    else fail "initialisation under tp $n" "the exported untrained model differs from one rank's"; fi
+done
+for n in 2 4; do  # odd vocabulary: 4097 rows padded to n·⌈4097/n⌉
+    padded=$((n * ((4097 + n - 1) / n)))
+    if $MPIRUN -np $n ./picotron_cpu --init-from "$ODD" --data data/mini --tp $n --steps 0 > "$WORK/memodd_$n.out" 2>&1; then
+        got=$(param_bytes "$WORK/memodd_$n.out"); want=$(want_bytes $n 4097 256 256 2)
+        if [ "$got" = "$want" ] && grep -q "^vocabulary 4097 padded to $padded for tp $n " "$WORK/memodd_$n.out"; then
+            pass "parameter memory (V 4097, tp $n, padded to $padded rows): S R = $got bytes"
+        else fail "parameter memory (V 4097, tp $n)" "measured '$got', formula '$want' (padded to $padded: $(grep -c "padded to $padded" "$WORK/memodd_$n.out") line)"; fi
+    else fail "parameter memory (V 4097, tp $n)" "run failed: $(grep -m1 picotron: "$WORK/memodd_$n.out")"; fi
+done
+
+# ---- tensor parallel: traffic, measured (summed per call) == formula ----
+# Bytes this rank sends in the tp group per step, by the ring formulas (all-reduce 2f·S, all-gather
+# and reduce-scatter f·S of the full buffer S, f = (n−1)/n); T micro-batch tokens, H hidden, L layers:
+#   no --sp:  2f·4·T·H·(1 + 4L)          embedding-out all-reduce; per layer attention-out and mlp-out
+#                                        forward, attention-in and mlp-in backward all-reduces
+#           + 2f·4·M·H                   decoder-in grad all-reduce of the M masked rows (the log's masked_tokens)
+#           + 2f·4·3M                    cross-entropy: row max (M), sum-exp and target logit (2M)
+#           + 2f·8                       grad norm tp all-reduce (one double)
+#   --sp:     f·4·T·H·(2 + 8L)           embedding-out reduce-scatter and its grad all-gather; per layer
+#                                        4 all-gathers and 4 reduce-scatters
+#           + 2f·4·nR·H                  decoder-in all-gather of the head rows and its grad reduce-scatter
+#           + 2f·4·3·nR                  cross-entropy on the n·R decoder rows
+#           + 2f·4·((2L + 2)·H + H·H)    replicated grad all-reduce: the LayerNorms and head.dense
+#           + 2f·8                       grad norm tp all-reduce
+# where R is the most masked tokens any tp rank's token slice (rows [r·T/n, (r+1)·T/n)) holds, read
+# from step 1's --dump by tests/dump_info (so with --sp step 1 is checked; without, both steps).
+tp_bytes() { grep -o '"tp": [0-9]*' "$1" | awk '{print $2}'; }
+for n in 2 4; do
+    for sp in "" "--sp"; do
+        what="traffic tp $n${sp:+ --sp}"
+        trace=(); [ $n = 2 ] && trace=(--trace "$WORK/trace_tp2${sp/--/_}")  # tp 2's runs also feed the trace test
+        if [ -z "$sp" ]; then steps=2; extra=(); else steps=1; extra=(--dump "$WORK/dump_tp$n"); fi
+        if ! $MPIRUN -np $n ./picotron_cpu $TINY --steps $steps --tp $n $sp "${extra[@]}" "${trace[@]}" \
+                --log "$WORK/tt_$n$sp.jsonl" > "$WORK/tt_$n$sp.out" 2>&1; then
+            fail "$what" "run failed: $(grep -m1 picotron: "$WORK/tt_$n$sp.out")"; continue
+        fi
+        got=($(tp_bytes "$WORK/tt_$n$sp.jsonl"))
+        if [ -z "$sp" ]; then
+            masked=($(grep -o '"masked_tokens": [0-9]*' "$WORK/tt_$n$sp.jsonl" | awk '{print $2}'))
+            want=()
+            for M in "${masked[@]}"; do
+                want+=($(awk -v n=$n -v M=$M 'BEGIN { f = (n-1)/n; T = 256; H = 256; L = 6;
+                    printf "%.0f", 2*f*4*T*H*(1 + 4*L) + 2*f*4*M*H + 2*f*4*3*M + 2*f*8 }'))
+            done
+            detail="M ${masked[*]}"
+        else
+            R=$(./tests/dump_info "$WORK/dump_tp$n/dump.safetensors" $n | awk '$1 == "micro" { print $8 }')
+            want=($(awk -v n=$n -v R=$R 'BEGIN { f = (n-1)/n; T = 256; H = 256; L = 6;
+                printf "%.0f", f*4*T*H*(2 + 8*L) + 2*f*4*n*R*H + 2*f*4*3*n*R + 2*f*4*((2*L + 2)*H + H*H) + 2*f*8 }'))
+            detail="R $R"
+        fi
+        if [ "${#got[@]}" = "$steps" ] && [ "${got[*]}" = "${want[*]}" ]; then
+            pass "$what: ${got[*]} bytes per step = formula ($detail)"
+        else fail "$what" "measured '${got[*]}', formula '${want[*]}' ($detail)"; fi
+    done
+done
+
+# ---- tensor parallel: trace ----
+# the tp 2 traffic runs' traces: the regions' collectives as spans with group tp and bytes on every rank
+for sp in "" "--sp"; do
+    dir="$WORK/trace_tp2${sp/--/_}"
+    if [ -n "$sp" ]; then
+        want=("tp embedding-out reduce-scatter" "tp attention-in all-gather" "tp attention-out reduce-scatter"
+              "tp mlp-in all-gather" "tp mlp-out reduce-scatter" "tp decoder-in all-gather" "tp decoder-in grad reduce-scatter"
+              "tp mlp-out grad all-gather" "tp mlp-in grad reduce-scatter" "tp attention-out grad all-gather"
+              "tp attention-in grad reduce-scatter" "tp embedding-out grad all-gather" "tp cross-entropy max all-reduce"
+              "tp cross-entropy sum-exp all-reduce" "tp replicated grad all-reduce" "grad norm tp all-reduce")
+        absent=("tp attention-out all-reduce" "tp mlp-in grad all-reduce" "tp embedding-out all-reduce")
+    else
+        want=("tp embedding-out all-reduce" "tp attention-out all-reduce" "tp mlp-out all-reduce" "tp mlp-in grad all-reduce"
+              "tp attention-in grad all-reduce" "tp decoder-in grad all-reduce" "tp cross-entropy max all-reduce"
+              "tp cross-entropy sum-exp all-reduce" "grad norm tp all-reduce")
+        absent=("tp attention-in all-gather" "tp mlp-out reduce-scatter" "tp replicated grad all-reduce")
+    fi
+    ok=1; why=""
+    for r in 0 1; do
+        f="$dir/trace_rank$r.json"
+        [ -f "$f" ] || { ok=0; why="$why no $f;"; continue; }
+        for span in "${want[@]}"; do
+            grep -q "\"name\": \"$span\".*\"group\": \"tp\", \"bytes\": [1-9]" "$f" || { ok=0; why="$why rank $r lacks '$span' (group tp, bytes);"; }
+        done
+        for span in "${absent[@]}"; do
+            ! grep -q "\"name\": \"$span\"" "$f" || { ok=0; why="$why rank $r has '$span';"; }
+        done
+    done
+    if [ $ok = 1 ]; then pass "trace tp 2${sp:+ --sp}: ${#want[@]} tp collective spans with group and bytes on both ranks, none of the other kind"
+    else fail "trace tp 2${sp:+ --sp}" "$why"; fi
+done
 
 summary

@@ -9,6 +9,8 @@
 #   outputs    every output path is checked before step 1; another run's checkpoints are not reused
 #   no damage  a failing --prepare-text leaves the dataset as it was; --export never goes into a checkpoint
 #   resume     the architecture comes from the checkpoint; contradicting flags are refused
+#   tp         layouts the model or the world cannot take are refused on every rank; --export and
+#              --predict under tensor parallel give the 1-rank files and lines
 #   diverged   a non-finite loss stops every rank; no non-finite checkpoint becomes latest
 # Prints PASS/FAIL lines and "N passed, M failed" last.
 source "$(dirname "$0")/common.sh"
@@ -62,6 +64,15 @@ if $RUN --init-from "$W/lt" --data data/mini --steps 0 --export "$W/lt2" >/dev/n
    grep -q '"local_attention": 33,' "$W/lt2/config.json" && grep -q '"max_position_embeddings": 1024,' "$W/lt2/config.json"; then
     pass "interop: an irregular layer_types, local_attention 33, max_position_embeddings 1024 load and export as read"
 else fail "interop: layer_types" "refused, or not written back: $(grep -E 'layer_types|local_attention|max_position' "$W/lt2/config.json" 2>&1 | tr '\n' ' ')"; fi
+# the unknown-word id survives an export: mini's (4091) is not ModernBERT's 50280, and a model
+# whose [UNK] became an ordinary word would mask, count and predict it (another loss, another
+# unigram baseline)
+if $RUN $MINI --steps 1 --lr 0 --log "$W/unk_a.jsonl" >/dev/null 2>&1 &&
+   $RUN --init-from "$W/m0" --data data/mini --seq-len 128 --micro-batch-tokens 256 --steps 1 --lr 0 --log "$W/unk_b.jsonl" >/dev/null 2>&1 &&
+   grep -q '"unk_token_id": 4091,' "$W/m0/config.json" &&
+   [ "$(grep -o '"loss": [^,]*, "unigram_loss": [^,]*' "$W/unk_a.jsonl")" = "$(grep -o '"loss": [^,]*, "unigram_loss": [^,]*' "$W/unk_b.jsonl")" ]; then
+    pass "interop: unk_token_id is exported and read back: --init-from an exported mini gives --model mini's loss and unigram baseline"
+else fail "interop: unk_token_id" "$(grep -o '"unk_token_id": [0-9]*' "$W/m0/config.json"); $(grep -o '"loss": [^,]*' "$W/unk_a.jsonl" "$W/unk_b.jsonl" | tr '\n' ' ')"; fi
 # the pattern is applied per layer: the same weights under another pattern give another loss
 # (local_attention 128 again, so that only the pattern differs)
 set_json "$W/lt/config.json" local_attention 128
@@ -196,6 +207,59 @@ elif v=$(./tests/compare_runs "$W/straight.jsonl" "$W/resumed.jsonl" "$W/straigh
 else fail "resume: checkpoint from --init-from" "$v"; fi
 bad "resume: --model contradicting the checkpoint" "another architecture" $RUN --model tiny --data data/mini --steps 4 --resume "$W/ck_init"
 bad "resume: --init-from contradicting the checkpoint" "another architecture" $RUN --init-from "$W/lt3" --data data/mini --steps 4 --resume "$W/ck_init"
+
+# ---- tensor parallel: bad layouts refused on every rank; --predict and --export as on one rank ----
+# h2: mini's shape with 2 heads (tiny's 4 and mini's 1 do not fit tp 2 and 3 alike), H 128, I 192,
+# and V 4097, which tp 2 pads to 2 × 2049 vocabulary rows; h2i the same with intermediate_size 191
+h2_config() {  # DIR I: mini's exported config.json with 2 heads, H 128, V 4097 and intermediate_size I
+    mkdir -p "$1" && sed "s/\"vocab_size\": .*/\"vocab_size\": 4097,/; s/\"hidden_size\": .*/\"hidden_size\": 128,/;
+        s/\"num_attention_heads\": .*/\"num_attention_heads\": 2,/; s/\"intermediate_size\": .*/\"intermediate_size\": $2,/" \
+        "$W/m0/config.json" > "$1/config.json" && ./tests/make_model "$1" > /dev/null
+}
+h2_config "$W/h2" 192 || fail "tp fixture" "make_model h2 failed"
+h2_config "$W/h2i" 191 || fail "tp fixture" "make_model h2i failed"
+H2="--init-from $W/h2 --data data/mini --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2"
+bad "tp: --tp 3 on tiny's 4 heads (3 ranks)" "--tp 3 does not divide the model's 4 attention heads" $MPIRUN -np 3 $BIN --tp 3 $TINY --steps 1
+bad "tp: --tp 2 on intermediate_size 191 (2 ranks)" "--tp 2 does not divide the model's intermediate_size 191" \
+    $MPIRUN -np 2 $BIN --tp 2 --init-from "$W/h2i" --data data/mini --steps 1
+bad "tp: --sp with --micro-batch-tokens 255 over --tp 2" "--sp: --micro-batch-tokens 255 is not divisible by --tp 2" \
+    $MPIRUN -np 2 $BIN --tp 2 --sp --init-from "$W/h2" --data data/mini --seq-len 128 --micro-batch-tokens 255 --steps 1
+bad "tp: --sp without --tp (dp 2)" "--sp cuts token rows over the tensor-parallel ranks: it needs --tp > 1" \
+    $MPIRUN -np 2 $BIN --dp 2 --sp $MINI --steps 1
+bad "tp: layout tp 2 on 3 ranks" "layout dp 1 × pp 1 × cp 1 × tp 2 = 2 ranks, but mpirun started 3" $MPIRUN -np 3 $BIN --tp 2 $H2 --steps 1
+bad "tp: --pp 2 (2 ranks)" "--pp and --cp must be 1" $MPIRUN -np 2 $BIN --pp 2 $H2 --steps 1
+bad "tp: --predict with --dp 2" "--predict runs on one rank, or on one tensor-parallel group" \
+    $MPIRUN -np 2 $BIN --dp 2 --init-from "$W/h2" --data data/mini --predict "the [MASK] of"
+bad "tp: --predict with --dp 2 --tp 2 (4 ranks)" "--predict runs on one rank, or on one tensor-parallel group" \
+    $MPIRUN -np 4 $BIN --dp 2 --tp 2 --init-from "$W/h2" --data data/mini --predict "the [MASK] of"
+if ./picotron_cpu --help 2>&1 | grep -A2 -- "^  --sp " | grep -q -- "needs --tp > 1"; then pass "tp: --help says --sp needs --tp > 1"
+else fail "tp: --help" "no '--sp … needs --tp > 1' in --help"; fi
+# --export under tp 2 --sp after 2 steps: the 1-rank run's losses (1e-5) and export (weights 1e-4,
+# the same config.json): every shard, the padded vocabulary's rows included, goes back in its place
+if $RUN $H2 --steps 2 --log "$W/tp1.jsonl" --export "$W/tp1" > /dev/null 2>&1 &&
+   $MPIRUN -np 2 $BIN --tp 2 --sp $H2 --steps 2 --log "$W/tp2.jsonl" --export "$W/tp2" > "$W/tp2.out" 2>&1; then
+    if ! v=$(./tests/compare_runs "$W/tp1.jsonl" "$W/tp2.jsonl" "$W/tp1/model.safetensors" "$W/tp2/model.safetensors" --loss-rel 1e-5 --weight-rel 1e-4); then
+        fail "tp: --export under tp 2 --sp" "$v"
+    elif ! d=$(diff "$W/tp1/config.json" "$W/tp2/config.json"); then fail "tp: --export under tp 2 --sp" "config.json differs: $d"
+    else pass "tp: --export under tp 2 --sp after 2 steps equals the 1-rank export, config.json identical: $v"; fi
+else fail "tp: --export under tp 2 --sp" "a run failed: $(grep -m1 picotron: "$W/tp2.out")"; fi
+# --predict under tp 2 (and with --sp, which --predict runs without): rank 0 assembles the logits
+# from both vocabulary shards. Decoder biases raised on the last id of rank 0's shard (2048,
+# "experiment"), the first of rank 1's (2049, "federal") and the last real id (4096, no word:
+# "[UNK]") make the top three known; every top-5 line (words, percentages) must be the 1-rank run's.
+rm -rf "$W/tpp"; mkdir -p "$W/tpp"; cp "$W/tp1/config.json" "$W/tpp/"
+./tests/st_edit "$W/tp1/model.safetensors" "$W/tpp/model.safetensors" --set decoder.bias 2048 7.5 --set decoder.bias 2049 7 --set decoder.bias 4096 8 > /dev/null
+P=(--init-from "$W/tpp" --data data/mini --predict "the [MASK] of" --predict "a [MASK] [MASK] .")
+$RUN "${P[@]}" > "$W/p1.out" 2>&1
+if [ "$(grep -c '^  \[MASK\] #[0-9]*:  \[UNK\] ([0-9.]*%)  experiment ([0-9.]*%)  federal ([0-9.]*%)' "$W/p1.out")" != 3 ]; then
+    fail "tp: --predict reference" "the raised biases are not the 1-rank top three: $(tr '\n' '|' < "$W/p1.out")"
+else
+    for flags in "--tp 2" "--tp 2 --sp"; do
+        if $MPIRUN -np 2 $BIN $flags "${P[@]}" > "$W/p2.out" 2>&1 && d=$(diff "$W/p1.out" "$W/p2.out"); then
+            pass "tp: --predict under $flags prints the 1-rank top-5 lines ($(grep -m1 '#1:' "$W/p1.out" | cut -c 15-))"
+        else fail "tp: --predict under $flags" "differs from 1 rank: $(diff "$W/p1.out" "$W/p2.out" | tr '\n' '|')"; fi
+    done
+fi
 
 # ---- diverged ----
 # weight decay 1 at lr 10 multiplies every matrix by −9 a step: the weights overflow within ~40 steps
