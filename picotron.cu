@@ -98,6 +98,7 @@ struct TrainConfig {
     // layout and communication
     int dp = 1, tp = 1, pp = 1, cp = 1, zero = 0;
     bool sp = false;  // sequence parallel inside the tp group
+    std::string pp_schedule = "1f1b";
     float bucket_mb = 25.f;
 #ifdef __CUDACC__
     std::string comm = "nccl";
@@ -131,9 +132,11 @@ static const char* kUsage =
     "  --threads N                 CPU build: threads per rank for BLAS and every op (default OMP_NUM_THREADS,\n"
     "                              else 1 per rank when several ranks share a machine, else every core it may use)\n"
     "layout (world = dp·pp·cp·tp ranks):\n"
-    "  --dp N --tp N --pp N --cp N data / tensor / pipeline / context parallel sizes (default 1; --pp and --cp\n"
-    "                              must be 1 for now). --tp must divide the attention heads and intermediate_size;\n"
-    "                              a vocabulary it does not divide is padded (never trained, saved or exported)\n"
+    "  --dp N --tp N --pp N --cp N data / tensor / pipeline / context parallel sizes (default 1; --cp must be 1\n"
+    "                              for now). --tp must divide the attention heads and intermediate_size; a\n"
+    "                              vocabulary it does not divide is padded (never trained, saved or exported).\n"
+    "                              --pp cuts the layers into contiguous stages (at most one stage per layer)\n"
+    "  --pp-schedule afab|1f1b     pipeline schedule over a step's grad-accum micro-batches (default 1f1b)\n"
     "  --sp                        sequence parallel: cut the residual stream and the LayerNorms over the tp ranks'\n"
     "                              token slices (needs --tp > 1 and --micro-batch-tokens divisible by it; refused\n"
     "                              otherwise; --predict runs without it)\n"
@@ -219,6 +222,7 @@ static TrainConfig parse_args(int argc, char** argv) {
         else if (flag == "--zero") c.zero = parse_int(flag, v, 0, 1);
         else if (flag == "--bucket-mb") c.bucket_mb = parse_float(flag, v, 1e-6, 1e6);
         else if (flag == "--comm") c.comm = v;
+        else if (flag == "--pp-schedule") c.pp_schedule = v;
         else if (flag == "--trace") c.trace_dir = v;
         else fatal("unknown flag %s (see --help)", flag.c_str());
     }
@@ -237,6 +241,8 @@ static TrainConfig parse_args(int argc, char** argv) {
     if (c.sp && c.micro_batch_tokens % c.tp)
         fatal("--sp: --micro-batch-tokens %d is not divisible by --tp %d (each tp rank takes an equal token slice)",
               c.micro_batch_tokens, c.tp);
+    if (c.pp_schedule != "afab" && c.pp_schedule != "1f1b")
+        fatal("--pp-schedule must be afab or 1f1b, got '%s'", c.pp_schedule.c_str());
     if (c.comm != "nccl" && c.comm != "mpi") fatal("--comm must be nccl or mpi, got '%s'", c.comm.c_str());
 #ifndef __CUDACC__
     if (c.comm == "nccl") fatal("--comm nccl needs the GPU build; picotron_cpu communicates with MPI");
@@ -313,8 +319,7 @@ static ProcessGrid make_grid(const TrainConfig& c) {
     if ((long)g.dp * g.pp * g.cp * g.tp != g.world_size)
         fatal("layout dp %d × pp %d × cp %d × tp %d = %ld ranks, but mpirun started %d", g.dp, g.pp, g.cp, g.tp,
               (long)g.dp * g.pp * g.cp * g.tp, g.world_size);
-    if (g.pp > 1 || g.cp > 1)
-        fatal("this build trains data and tensor parallel only (--pp and --cp must be 1 for now)");
+    if (g.cp > 1) fatal("this build trains data, tensor and pipeline parallel only (--cp must be 1 for now)");
     int r = g.world_rank;
     g.tp_rank = r % g.tp;
     g.cp_rank = (r / g.tp) % g.cp;
@@ -720,9 +725,9 @@ static CommRequest comm_broadcast_start([[maybe_unused]] Comm& comm, Group& g, f
     return r;
 }
 // Paired exchange with group neighbours: send (n) to group-rank dst while recv (n) arrives from
-// group-rank src; either side may be absent (< 0). Pipeline stages will pass activations this way,
-// ring attention its K/V blocks; until then tests/test_comm is its user.
-[[maybe_unused]] static CommRequest comm_sendrecv_start([[maybe_unused]] Comm& comm, Group& g, float* send, int dst, float* recv, int src, size_t n,
+// group-rank src; either side may be absent (< 0). Pipeline stages pass activations and their
+// gradients this way (ring attention will pass its K/V blocks).
+static CommRequest comm_sendrecv_start([[maybe_unused]] Comm& comm, Group& g, float* send, int dst, float* recv, int src, size_t n,
                                        const char* what) {
     CommRequest r = begin_request(g, what, dst >= 0 ? (double)n * sizeof(float) : 0.0);
 #ifdef __CUDACC__
@@ -780,6 +785,14 @@ static void comm_gather_host(Comm& comm, Group& g, const float* send, size_t n, 
     }
     CommRequest r = begin_request(g, what, g.rank == 0 ? 0.0 : (double)n * sizeof(float));
     MPI_CHECK(MPI_Gather(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, 0, g.mpi));
+    r.active = false;
+    trace_comm(comm.tracer, r, now_us());
+}
+// Host floats summed onto group-rank 0: buf (n) there ← Σ over the group (every other rank sends n).
+static void comm_reduce_host(Comm& comm, Group& g, float* buf, size_t n, const char* what) {
+    if (g.size <= 1) return;
+    CommRequest r = begin_request(g, what, g.rank == 0 ? 0.0 : (double)n * sizeof(float));
+    MPI_CHECK(MPI_Reduce(g.rank == 0 ? MPI_IN_PLACE : buf, buf, (int)n, MPI_FLOAT, MPI_SUM, 0, g.mpi));
     r.active = false;
     trace_comm(comm.tracer, r, now_us());
 }
@@ -874,6 +887,7 @@ struct ParamInfo {
     std::vector<int> shape;      // the full tensor, e.g. (3H, H)
     size_t full_offset = 0, full_numel = 0;  // in a flat buffer of full tensors (checkpoints, export)
     size_t offset = 0, numel = 0;            // this rank's shard in the flat buffers
+    size_t id = 0;               // index in the whole model's table (the initialiser's key)
     Split split = Split::replicated;
     int row_blocks = 1;          // rows: the tensor's rows are this many equal blocks, each cut over tp
     float init_std = 0.f;        // 0: LayerNorm weight (ones) or bias (zeros)
@@ -903,13 +917,17 @@ struct ParamTable {
     std::vector<ParamInfo> params;
     size_t total = 0, full_total = 0;  // this rank's floats; the full model's
     int tp_size = 1, tp_rank = 0;
+    // this rank's pipeline stage: global layers [layer_begin, layer_end); the first stage holds the
+    // embedding, the last the final norm, the head and the tied embedding again (the decoder)
+    int layer_begin = 0, layer_end = 0;
+    bool first_stage = true, last_stage = true;
     // this rank's share of the model's dimensions
     int heads = 0, I = 0;              // local attention heads, local intermediate units
     int V = 0, vocab_start = 0, V_valid = 0;  // vocabulary rows held (⌈V/tp⌉), the first one's id, how many are real
     // The backward finishes gradients in decreasing table order (head, last layer, …, embedding);
     // these indices mark the watermarks at which the data-parallel sync may launch buckets.
-    std::vector<size_t> layer_first;  // (L) index of each layer's first tensor
-    size_t head_first = 0;            // index of model.final_norm.weight
+    std::vector<size_t> layer_first;  // (stage layers) index of each layer's first tensor
+    size_t head_first = 0;            // index of model.final_norm.weight (last stage)
     const ParamInfo* find(const std::string& name) const {
         for (const auto& p : params)
             if (p.name == name) return &p;
@@ -932,10 +950,23 @@ static long global_index(const ParamInfo& p, int tp_size, int r, size_t i) {
     return (long)((block * block_rows + row_in_block) * cols + i % cols);
 }
 
-static ParamTable make_param_table(const ModelConfig& m, int tp_size = 1, int tp_rank = 0) {
+// Pipeline stage s of n holds a contiguous range of layers; the first L % n stages one more.
+static void stage_layers(int L, int n, int s, int* begin, int* end) {
+    const int base = L / n, extra = L % n;
+    *begin = s * base + std::min(s, extra);
+    *end = *begin + base + (s < extra ? 1 : 0);
+}
+
+// The table of tp rank tp_rank's shards of pipeline stage pp_rank's tensors (all tensors whole by
+// default). full_offset places every tensor in the flat buffer of the whole model, whichever stage.
+static ParamTable make_param_table(const ModelConfig& m, int tp_size = 1, int tp_rank = 0, int pp_size = 1,
+                                   int pp_rank = 0) {
     ParamTable t;
     t.tp_size = tp_size;
     t.tp_rank = tp_rank;
+    stage_layers(m.L, pp_size, pp_rank, &t.layer_begin, &t.layer_end);
+    t.first_stage = pp_rank == 0;
+    t.last_stage = pp_rank == pp_size - 1;
     t.heads = m.nh / tp_size;
     t.I = m.I / tp_size;
     t.V = (m.V + tp_size - 1) / tp_size;
@@ -943,9 +974,11 @@ static ParamTable make_param_table(const ModelConfig& m, int tp_size = 1, int tp
     t.V_valid = std::max(0, std::min(t.V, m.V - t.vocab_start));
     // transformers' _init_weights: "in" σ for inputs, "out" σ/√(2L) for projections into the residual
     float std_in = m.init_std, std_out = m.init_std / sqrtf(2.0f * m.L);
-    auto add = [&](const std::string& name, std::vector<int> shape, float std, bool is_norm, Split split = Split::replicated,
-                   int row_blocks = 1) {
+    size_t id = 0;
+    auto add = [&](bool here, const std::string& name, std::vector<int> shape, float std, bool is_norm,
+                   Split split = Split::replicated, int row_blocks = 1) {
         ParamInfo p;
+        p.id = id++;
         p.name = name;
         p.shape = shape;
         p.split = split;
@@ -961,26 +994,29 @@ static ParamTable make_param_table(const ModelConfig& m, int tp_size = 1, int tp
         p.init_std = std;
         p.is_norm = is_norm;
         t.full_total += p.full_numel;
+        if (!here) return;
         t.total += p.numel;
         t.params.push_back(p);
     };
-    add("model.embeddings.tok_embeddings.weight", {m.V, m.H}, std_in, false, Split::rows);
-    add("model.embeddings.norm.weight", {m.H}, 0.f, true);
+    const bool first = t.first_stage, last = t.last_stage;
+    add(first || last, "model.embeddings.tok_embeddings.weight", {m.V, m.H}, std_in, false, Split::rows);
+    add(first, "model.embeddings.norm.weight", {m.H}, 0.f, true);
     for (int l = 0; l < m.L; l++) {
+        const bool here = l >= t.layer_begin && l < t.layer_end;
         std::string p = "model.layers." + std::to_string(l) + ".";
-        t.layer_first.push_back(t.params.size());
-        if (l > 0) add(p + "attn_norm.weight", {m.H}, 0.f, true);
-        add(p + "attn.Wqkv.weight", {3 * m.H, m.H}, std_in, false, Split::rows, 3);
-        add(p + "attn.Wo.weight", {m.H, m.H}, std_out, false, Split::cols);
-        add(p + "mlp_norm.weight", {m.H}, 0.f, true);
-        add(p + "mlp.Wi.weight", {2 * m.I, m.H}, std_in, false, Split::rows, 2);
-        add(p + "mlp.Wo.weight", {m.H, m.I}, std_out, false, Split::cols);
+        if (here) t.layer_first.push_back(t.params.size());
+        if (l > 0) add(here, p + "attn_norm.weight", {m.H}, 0.f, true);
+        add(here, p + "attn.Wqkv.weight", {3 * m.H, m.H}, std_in, false, Split::rows, 3);
+        add(here, p + "attn.Wo.weight", {m.H, m.H}, std_out, false, Split::cols);
+        add(here, p + "mlp_norm.weight", {m.H}, 0.f, true);
+        add(here, p + "mlp.Wi.weight", {2 * m.I, m.H}, std_in, false, Split::rows, 2);
+        add(here, p + "mlp.Wo.weight", {m.H, m.I}, std_out, false, Split::cols);
     }
     t.head_first = t.params.size();
-    add("model.final_norm.weight", {m.H}, 0.f, true);
-    add("head.dense.weight", {m.H, m.H}, std_out, false);
-    add("head.norm.weight", {m.H}, 0.f, true);
-    add("decoder.bias", {m.V}, 0.f, false, Split::rows);
+    add(last, "model.final_norm.weight", {m.H}, 0.f, true);
+    add(last, "head.dense.weight", {m.H, m.H}, std_out, false);
+    add(last, "head.norm.weight", {m.H}, 0.f, true);
+    add(last, "decoder.bias", {m.V}, 0.f, false, Split::rows);
     return t;
 }
 
@@ -1008,7 +1044,7 @@ static std::vector<float> full_of(const ParamTable& t, const std::vector<float>&
 }
 
 // Pointers into a flat buffer (parameters, or gradients: same layout).
-static ModelWeights view_weights(const ParamTable& t, const ModelConfig& m, float* base) {
+static ModelWeights view_weights(const ParamTable& t, float* base) {
     auto at = [&](const std::string& name) -> float* {
         const ParamInfo* p = t.find(name);
         return p ? base + p->offset : nullptr;
@@ -1016,7 +1052,7 @@ static ModelWeights view_weights(const ParamTable& t, const ModelConfig& m, floa
     ModelWeights w;
     w.tok_embeddings = at("model.embeddings.tok_embeddings.weight");
     w.emb_norm = at("model.embeddings.norm.weight");
-    for (int l = 0; l < m.L; l++) {
+    for (int l = t.layer_begin; l < t.layer_end; l++) {  // this stage's layers, w.layers[l − layer_begin]
         std::string p = "model.layers." + std::to_string(l) + ".";
         w.layers.push_back({at(p + "attn_norm.weight"), at(p + "attn.Wqkv.weight"), at(p + "attn.Wo.weight"),
                             at(p + "mlp_norm.weight"), at(p + "mlp.Wi.weight"), at(p + "mlp.Wo.weight")});
@@ -1050,7 +1086,7 @@ static void init_params(const ParamTable& t, const ModelConfig& m, uint64_t seed
             if (p.is_norm) { w[li] = 1.f; continue; }
             if (p.init_std == 0.f) continue;
             for (uint64_t attempt = 0;; attempt++) {  // Box–Muller, redrawn until inside the cutoff
-                uint64_t key = mix64(mix64(mix64(seed) ^ pi) ^ (uint64_t)i) ^ (attempt * 0x2545F4914F6CDD1Dull);
+                uint64_t key = mix64(mix64(mix64(seed) ^ p.id) ^ (uint64_t)i) ^ (attempt * 0x2545F4914F6CDD1Dull);
                 double u1 = uniform01(mix64(key)), u2 = uniform01(mix64(key ^ 0xD1B54A32D192ED03ull));
                 double z = sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2);
                 if (fabs(z) <= m.init_cutoff) { w[li] = (float)(z * p.init_std); break; }
@@ -1059,12 +1095,21 @@ static void init_params(const ParamTable& t, const ModelConfig& m, uint64_t seed
     }
 }
 
-// The whole trainable state of this rank: its shards of the parameters, gradients (raw sums over
-// the masked tokens of the step), Adam moments; all on the compute device.
+// This rank's pipeline stage and its groups (the "pipeline parallel" section schedules the stages).
+struct PipelineParallel {
+    Comm* comm = nullptr;
+    Group* group = nullptr;      // the pp group: stage r is group-rank r
+    Group* embedding = nullptr;  // {first stage, last stage}: the tied embedding's two copies
+    int size = 1, rank = 0;
+};
+
+// The whole trainable state of this rank: its shards of its stage's parameters, gradients (raw sums
+// over the masked tokens of the step), Adam moments; all on the compute device.
 struct Model {
     ModelConfig cfg;
     ParamTable table;
     TensorParallel tp;
+    PipelineParallel pp;
     float* params = nullptr;  // (total)
     float* grads = nullptr;   // (total)
     float* adam_m = nullptr;  // (total)
@@ -1075,7 +1120,7 @@ struct Model {
 
 // host_params: this rank's shards (table.total floats, the layout of make_param_table for model->tp).
 static void model_allocate(Model* model, const std::vector<float>& host_params) {
-    model->table = make_param_table(model->cfg, model->tp.size, model->tp.rank);
+    model->table = make_param_table(model->cfg, model->tp.size, model->tp.rank, model->pp.size, model->pp.rank);
     size_t n = model->table.total;
     if (host_params.size() != n) fatal("internal: %zu initial values for %zu parameters", host_params.size(), n);
     model->params = ops::alloc_floats(n);
@@ -1083,8 +1128,8 @@ static void model_allocate(Model* model, const std::vector<float>& host_params) 
     model->adam_m = ops::alloc_floats(n);
     model->adam_v = ops::alloc_floats(n);
     ops::copy_to_device(model->params, host_params.data(), n * sizeof(float));
-    model->w = view_weights(model->table, model->cfg, model->params);
-    model->g = view_weights(model->table, model->cfg, model->grads);
+    model->w = view_weights(model->table, model->params);
+    model->g = view_weights(model->table, model->grads);
 }
 
 static std::vector<float> device_to_vector(const float* p, size_t n) {
@@ -1093,14 +1138,25 @@ static std::vector<float> device_to_vector(const float* p, size_t n) {
     return v;
 }
 
-// Full tensors (full_total, on tp rank 0; empty elsewhere) from this rank's shards (total, on the
-// host): every rank of the tp group takes part.
+// The whole model's full tensors (full_total; on the rank that is tp rank 0 of the first stage,
+// empty elsewhere) from every rank's shards (total, on the host): the tp ranks' shards meet on tp
+// rank 0, then the stages' tensors on the first stage. Every rank of the tp × pp block takes part.
 static std::vector<float> gather_full(const Model& model, const std::vector<float>& local, const char* what) {
     const TensorParallel& tp = model.tp;
-    if (tp.size == 1) return local;
-    std::vector<float> shards(tp.rank == 0 ? (size_t)tp.size * local.size() : 0);
-    comm_gather_host(*tp.comm, *tp.group, local.data(), local.size(), shards.data(), what);
-    return tp.rank == 0 ? full_of(model.table, shards) : std::vector<float>{};
+    std::vector<float> shards = local;
+    if (tp.size > 1) {
+        shards.assign(tp.rank == 0 ? (size_t)tp.size * local.size() : 0, 0.f);
+        comm_gather_host(*tp.comm, *tp.group, local.data(), local.size(), shards.data(), what);
+    }
+    if (tp.rank != 0) return {};
+    std::vector<float> full = full_of(model.table, shards);  // this stage's tensors; zeros for the others'
+    const PipelineParallel& pp = model.pp;
+    if (pp.size == 1) return full;
+    if (!model.table.first_stage)  // the last stage's copy of the tied embedding equals the first's: sent as zeros
+        for (const ParamInfo& p : model.table.params)
+            if (p.id == 0) std::fill(full.begin() + p.full_offset, full.begin() + p.full_offset + p.full_numel, 0.f);
+    comm_reduce_host(*pp.comm, *pp.group, full.data(), full.size(), what);  // every tensor is non-zero on one stage only
+    return pp.rank == 0 ? full : std::vector<float>{};
 }
 
 // ---- activations ----
@@ -1128,6 +1184,7 @@ struct LayerActivations {
 };
 struct Activations {
     int T = 0, M = 0;        // token capacity, masked-row capacity of this rank's head (Tl)
+    double bytes = 0;        // device memory of this set (a pipeline stage keeps several)
     // this micro-batch's head rows (set by the forward): with --sp each tp rank runs the head on the
     // masked rows of its own token slice, padded with zero rows to the most any rank has, so that
     // the decoder's all-gather moves equal blocks; without sp every rank runs all masked rows
@@ -1143,7 +1200,9 @@ struct Activations {
     float* emb_sum;          // (Tl, H) the lookup summed over tp (in emb's buffer without sp)
     float* emb_mean;         // (Tl)
     float* emb_rstd;         // (Tl)
-    std::vector<float*> residual;  // L + 1 of (Tl, H): residual[0] = LN_emb output, residual[l+1] = layer l output
+    // this stage's layers l = 0 … n−1 (global layer_begin + l); the first stage's residual[0] is the
+    // LN_emb output, another stage's is what the previous stage sent
+    std::vector<float*> residual;  // n + 1 of (Tl, H): residual[l+1] = layer l output
     std::vector<LayerActivations> layers;
     float* partial;          // (T, H)  --sp: a row-parallel GEMM's partial output before its reduce-scatter
     float* final_out;        // (Tl, H) final_norm output
@@ -1176,72 +1235,78 @@ struct Activations {
     float* d_head_full;      // (T, H)  the decoder's partial input gradient (--sp), else d_head_a
 };
 
+// One set of activations for this rank's stage: the embedding's buffers on the first stage only,
+// the head's and the logits on the last only.
 static Activations alloc_activations(const Model& model, int T) {
     const ModelConfig& m = model.cfg;
     const ParamTable& t = model.table;
     const TensorParallel& tp = model.tp;
     Activations a;
     a.T = T;
-    const int Tl = T / tp.token_slices();
+    const int Tl = T / tp.token_slices(), n_layers = t.layer_end - t.layer_begin;
     a.M = Tl;  // every row could be masked; the head buffers are small next to the layers
     const size_t TH = (size_t)T * m.H, TlH = (size_t)Tl * m.H, MH = (size_t)a.M * m.H;
     const int Hl = t.heads * m.hd;  // this rank's share of the hidden size
-    auto full = [&](float* local) { return tp.sp ? ops::alloc_floats(TH) : local; };
-    a.ids = ops::alloc_ints(T);
-    a.positions = ops::alloc_ints(T);
-    a.cu_seqlens = ops::alloc_ints(T + 1);
-    a.masked_rows = ops::alloc_ints(a.M);
-    a.targets = ops::alloc_ints(T);
-    a.emb = ops::alloc_floats(TH);
-    a.emb_sum = tp.sp ? ops::alloc_floats(TlH) : a.emb;
-    a.emb_mean = ops::alloc_floats(Tl);
-    a.emb_rstd = ops::alloc_floats(Tl);
-    for (int l = 0; l <= m.L; l++) a.residual.push_back(ops::alloc_floats(TlH));
-    for (int l = 0; l < m.L; l++) {
+    auto floats = [&](size_t n) { a.bytes += 4.0 * n; return ops::alloc_floats(n); };
+    auto ints = [&](size_t n) { a.bytes += 4.0 * n; return ops::alloc_ints(n); };
+    auto head = [&](size_t n) { return t.last_stage ? floats(n) : nullptr; };
+    auto full = [&](float* local) { return tp.sp ? floats(TH) : local; };
+    a.ids = ints(T);
+    a.positions = ints(T);
+    a.cu_seqlens = ints(T + 1);
+    a.masked_rows = ints(a.M);
+    a.targets = ints(T);
+    a.emb = t.first_stage ? floats(TH) : nullptr;
+    a.emb_sum = !t.first_stage ? nullptr : tp.sp ? floats(TlH) : a.emb;
+    a.emb_mean = t.first_stage ? floats(Tl) : nullptr;
+    a.emb_rstd = t.first_stage ? floats(Tl) : nullptr;
+    for (int l = 0; l <= n_layers; l++) a.residual.push_back(floats(TlH));
+    for (int l = 0; l < n_layers; l++) {
         LayerActivations la;
-        la.ln_attn = l > 0 ? ops::alloc_floats(TlH) : nullptr;
-        la.ln_attn_full = full(l > 0 ? la.ln_attn : a.residual[0]);
-        la.ln_attn_mean = ops::alloc_floats(Tl);
-        la.ln_attn_rstd = ops::alloc_floats(Tl);
-        la.qkv = ops::alloc_floats((size_t)T * 3 * Hl);
-        la.lse = ops::alloc_floats((size_t)T * t.heads);
-        la.atty = ops::alloc_floats((size_t)T * Hl);
-        la.resid_mid = ops::alloc_floats(TlH);
-        la.ln_mlp = ops::alloc_floats(TlH);
+        const bool has_norm = t.layer_begin + l > 0;  // global layer 0 has no attn_norm
+        la.ln_attn = has_norm ? floats(TlH) : nullptr;
+        la.ln_attn_full = full(has_norm ? la.ln_attn : a.residual[0]);
+        la.ln_attn_mean = floats(Tl);
+        la.ln_attn_rstd = floats(Tl);
+        la.qkv = floats((size_t)T * 3 * Hl);
+        la.lse = floats((size_t)T * t.heads);
+        la.atty = floats((size_t)T * Hl);
+        la.resid_mid = floats(TlH);
+        la.ln_mlp = floats(TlH);
         la.ln_mlp_full = full(la.ln_mlp);
-        la.ln_mlp_mean = ops::alloc_floats(Tl);
-        la.ln_mlp_rstd = ops::alloc_floats(Tl);
-        la.mlp_in = ops::alloc_floats((size_t)T * 2 * t.I);
-        la.mlp_act = ops::alloc_floats((size_t)T * t.I);
+        la.ln_mlp_mean = floats(Tl);
+        la.ln_mlp_rstd = floats(Tl);
+        la.mlp_in = floats((size_t)T * 2 * t.I);
+        la.mlp_act = floats((size_t)T * t.I);
         a.layers.push_back(la);
     }
-    a.partial = tp.sp ? ops::alloc_floats(TH) : nullptr;
-    a.final_out = ops::alloc_floats(TlH);
-    a.final_mean = ops::alloc_floats(Tl);
-    a.final_rstd = ops::alloc_floats(Tl);
-    a.head_in = ops::alloc_floats(MH);
-    a.head_pre = ops::alloc_floats(MH);
-    a.head_act = ops::alloc_floats(MH);
-    a.head_out = ops::alloc_floats(MH);
-    a.head_out_full = full(a.head_out);
-    a.head_mean = ops::alloc_floats(a.M);
-    a.head_rstd = ops::alloc_floats(a.M);
-    a.logits = ops::alloc_floats((size_t)T * t.V);
-    a.row_max = ops::alloc_floats(T);
-    a.ce_partial = ops::alloc_floats(2 * (size_t)T);
-    a.lse = ops::alloc_floats(T);
-    a.losses = ops::alloc_floats(T);
-    a.d_resid = ops::alloc_floats(TlH);
-    a.d_ln = ops::alloc_floats(TlH);
+    a.partial = tp.sp ? floats(TH) : nullptr;
+    a.final_out = head(TlH);
+    a.final_mean = head(Tl);
+    a.final_rstd = head(Tl);
+    a.head_in = head(MH);
+    a.head_pre = head(MH);
+    a.head_act = head(MH);
+    a.head_out = head(MH);
+    a.head_out_full = t.last_stage ? full(a.head_out) : nullptr;
+    a.head_mean = head(a.M);
+    a.head_rstd = head(a.M);
+    a.logits = head((size_t)T * t.V);
+    a.row_max = head(T);
+    a.ce_partial = head(2 * (size_t)T);
+    a.lse = head(T);
+    a.losses = head(T);
+    a.d_resid = floats(TlH);
+    a.d_ln = floats(TlH);
     a.d_full = full(a.d_resid);
     a.d_ln_full = full(a.d_ln);
-    a.d_mlp_act = ops::alloc_floats((size_t)T * std::max(t.I, Hl));
+    a.d_mlp_act = floats((size_t)T * std::max(t.I, Hl));
     a.d_atty = a.d_mlp_act;
-    a.d_mlp_in = ops::alloc_floats((size_t)T * std::max(2 * t.I, 3 * Hl));
+    a.d_mlp_in = floats((size_t)T * std::max(2 * t.I, 3 * Hl));
     a.d_qkv = a.d_mlp_in;
-    a.d_head_a = ops::alloc_floats(MH);
-    a.d_head_b = ops::alloc_floats(MH);
-    a.d_head_full = full(a.d_head_a);
+    a.d_head_a = head(MH);
+    a.d_head_b = head(MH);
+    a.d_head_full = t.last_stage ? full(a.d_head_a) : nullptr;
     return a;
 }
 
@@ -1302,7 +1367,9 @@ static void upload_batch(Activations* a, const BatchView& b, const ModelConfig& 
 // final norm → (masked rows only) head dense → GELU → LayerNorm → tied decoder → cross-entropy.
 // Returns the SUM of the masked tokens' losses: normalisation happens once, per optimizer step.
 // Under tp each GEMM runs on this rank's shard and the regions' collectives join the shards (see
-// the tensor parallel section); every tp rank returns the same loss.
+// the tensor parallel section); every tp rank returns the same loss. Under pp this runs one stage:
+// the first embeds, another starts from residual[0] as the previous stage sent it; the last ends
+// with the loss, another leaves its output in residual[n] for the next (0 is returned).
 
 static double model_forward(Model& model, Activations& a, const BatchView& b, Tracer* trace = nullptr) {
     const ModelConfig& m = model.cfg;
@@ -1310,14 +1377,18 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
     const ParamTable& t = model.table;
     TensorParallel& tp = model.tp;
     const int T = b.T, Tl = T / tp.token_slices(), H = m.H, Hl = t.heads * m.hd, Il = t.I;
+    const int n_layers = t.layer_end - t.layer_begin;
     upload_batch(&a, b, m, tp);
 
-    TRACED(trace, "embedding", ops::embedding_forward(a.emb, a.ids, w.tok_embeddings, T, H, t.vocab_start, t.V));
-    tp_region_out(tp, Pass::forward, a.emb_sum, a.emb, Tl, H, "embedding-out");
-    TRACED(trace, "layernorm",
-           ops::layernorm_forward(a.residual[0], a.emb_mean, a.emb_rstd, a.emb_sum, w.emb_norm, Tl, H, m.norm_eps));
+    if (t.first_stage) {
+        TRACED(trace, "embedding", ops::embedding_forward(a.emb, a.ids, w.tok_embeddings, T, H, t.vocab_start, t.V));
+        tp_region_out(tp, Pass::forward, a.emb_sum, a.emb, Tl, H, "embedding-out");
+        TRACED(trace, "layernorm",
+               ops::layernorm_forward(a.residual[0], a.emb_mean, a.emb_rstd, a.emb_sum, w.emb_norm, Tl, H, m.norm_eps));
+    }
 
-    for (int l = 0; l < m.L; l++) {
+    for (int l = 0; l < n_layers; l++) {
+        const int layer = t.layer_begin + l;  // the global index: its kind, its name in the trace
         double t_layer = trace ? now_us() : 0;
         const LayerWeights& lw = w.layers[l];
         LayerActivations& la = a.layers[l];
@@ -1331,8 +1402,8 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
         }
         tp_region_in(tp, Pass::forward, attn_in, la.ln_attn_full, Tl, H, "attention-in");
         TRACED(trace, "matmul", ops::matmul_forward(la.qkv, la.ln_attn_full, lw.wqkv, nullptr, T, H, 3 * Hl));
-        float theta = m.is_global(l) ? m.theta_global : m.theta_local;
-        int window = m.is_global(l) ? -1 : m.window();
+        float theta = m.is_global(layer) ? m.theta_global : m.theta_local;
+        int window = m.is_global(layer) ? -1 : m.window();
         TRACED(trace, "rope", ops::rope_forward(la.qkv, a.positions, T, t.heads, m.hd, theta));
         TRACED(trace, "attention",
                ops::attention_forward(la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, t.heads, m.hd, window));
@@ -1350,10 +1421,12 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
         TRACED(trace, "matmul", ops::matmul_forward(mlp_out, la.mlp_act, lw.mlp_wo, nullptr, T, Il, H));
         tp_region_out(tp, Pass::forward, a.residual[l + 1], mlp_out, Tl, H, "mlp-out");
         TRACED(trace, "residual", ops::add_inplace(a.residual[l + 1], la.resid_mid, (size_t)Tl * H));
-        trace_compute(trace, "layer " + std::to_string(l) + " forward", t_layer);
+        trace_compute(trace, "layer " + std::to_string(layer) + " forward", t_layer);
     }
+    if (!t.last_stage) return 0.0;
     TRACED(trace, "layernorm",
-           ops::layernorm_forward(a.final_out, a.final_mean, a.final_rstd, a.residual[m.L], w.final_norm, Tl, H, m.norm_eps));
+           ops::layernorm_forward(a.final_out, a.final_mean, a.final_rstd, a.residual[n_layers], w.final_norm, Tl, H,
+                                  m.norm_eps));
     if (b.n_masked == 0) return 0.0;
     double t_head = trace ? now_us() : 0;
 
@@ -1381,7 +1454,9 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
 // token) added into model.grads, so micro-batches accumulate and the step normalises once.
 // The tied embedding collects the decoder's gradient and the lookup's scatter in one tensor.
 // With a GradSync (the last micro-batch of a step), each time a stretch of gradients is final the
-// backward says so, and the sync sums them over the ranks that share them.
+// backward says so, and the sync sums them over the ranks that share them. Under pp a stage other
+// than the last starts from d_resid as the next stage sent it, and one other than the first ends
+// with the gradient of its input, residual[0], in d_resid.
 
 struct GradSync;
 static void grad_sync_ready(GradSync* sync, size_t first_final_param);
@@ -1395,8 +1470,11 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
     ModelWeights& g = model.g;
     const int T = b.T, Tl = T / tp.token_slices(), H = m.H, Hl = t.heads * m.hd, Il = t.I;
     const size_t TlH = (size_t)Tl * H;
+    const int n_layers = t.layer_end - t.layer_begin;
     double t_head = trace ? now_us() : 0;
-    if (b.n_masked > 0) {
+    if (!t.last_stage) {
+        // d_resid already holds ∂loss/∂(this stage's output)
+    } else if (b.n_masked > 0) {
         const int M = a.head_rows, N = a.decoder_rows;
         // logits' gradient overwrites the logits: they are not needed afterwards
         TRACED(trace, "cross-entropy",
@@ -1414,14 +1492,17 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         TRACED(trace, "memset", ops::zero_floats(a.d_ln, TlH));  // the scatter fills only the masked rows
         TRACED(trace, "gather/scatter", ops::scatter_rows_backward(a.d_ln, a.d_head_b, a.masked_rows, a.head_local, H));
         TRACED(trace, "layernorm",
-               ops::layernorm_backward(a.d_resid, g.final_norm, a.d_ln, a.residual[m.L], w.final_norm, a.final_mean,
+               ops::layernorm_backward(a.d_resid, g.final_norm, a.d_ln, a.residual[n_layers], w.final_norm, a.final_mean,
                                        a.final_rstd, Tl, H, false));
     } else {
         TRACED(trace, "memset", ops::zero_floats(a.d_resid, TlH));  // nothing masked: no gradient reaches the layers
     }
-    trace_compute(trace, "head backward", t_head);
-    grad_sync_ready(sync, model.table.head_first);
-    for (int l = m.L - 1; l >= 0; l--) {
+    if (t.last_stage) {
+        trace_compute(trace, "head backward", t_head);
+        grad_sync_ready(sync, model.table.head_first);
+    }
+    for (int l = n_layers - 1; l >= 0; l--) {
+        const int layer = t.layer_begin + l;
         double t_layer = trace ? now_us() : 0;
         const LayerWeights& lw = w.layers[l];
         LayerWeights& lg = g.layers[l];
@@ -1441,12 +1522,12 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         tp_region_out(tp, Pass::backward, a.d_resid, a.d_full, Tl, H, "attention-out");
         TRACED(trace, "matmul",
                ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_full, la.atty, lw.wo, T, Hl, H, false));
-        int window = m.is_global(l) ? -1 : m.window();
+        int window = m.is_global(layer) ? -1 : m.window();
         TRACED(trace, "attention",
                ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, t.heads,
                                        m.hd, window));
         TRACED(trace, "rope",
-               ops::rope_backward(a.d_qkv, a.positions, T, t.heads, m.hd, m.is_global(l) ? m.theta_global : m.theta_local));
+               ops::rope_backward(a.d_qkv, a.positions, T, t.heads, m.hd, m.is_global(layer) ? m.theta_global : m.theta_local));
         TRACED(trace, "matmul",
                ops::matmul_backward(a.d_ln_full, lg.wqkv, nullptr, a.d_qkv, la.ln_attn_full, lw.wqkv, T, H, 3 * Hl, false));
         tp_region_in(tp, Pass::backward, a.d_ln, a.d_ln_full, Tl, H, "attention-in");
@@ -1457,9 +1538,10 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         } else {  // layer 0: the attention reads the residual itself
             TRACED(trace, "residual", ops::add_inplace(a.d_resid, a.d_ln, TlH));
         }
-        trace_compute(trace, "layer " + std::to_string(l) + " backward", t_layer);
+        trace_compute(trace, "layer " + std::to_string(layer) + " backward", t_layer);
         grad_sync_ready(sync, model.table.layer_first[l]);
     }
+    if (!t.first_stage) return;  // d_resid: ∂loss/∂residual[0], for the previous stage
     double t_emb = trace ? now_us() : 0;
     TRACED(trace, "layernorm",
            ops::layernorm_backward(a.d_ln, g.emb_norm, a.d_resid, a.emb_sum, w.emb_norm, a.emb_mean, a.emb_rstd, Tl, H, false));
@@ -1468,6 +1550,142 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
            ops::embedding_backward(g.tok_embeddings, a.d_ln_full, a.ids, T, H, t.vocab_start, t.V, m.special.pad));
     trace_compute(trace, "embedding backward", t_emb);
     grad_sync_ready(sync, 0);
+}
+
+// ---- pipeline parallel ----
+// Stage s of pp holds layers [layer_begin, layer_end) (stage_layers: contiguous, the first L % pp
+// stages one more); the first stage embeds, the last computes the head and the loss, and both hold
+// the tied embedding, whose two gradients are summed over the embedding group every step
+// ("pp embedding grad all-reduce", in the gradient sync), so the copies stay identical. A step's
+// grad-accum micro-batches flow through the stages; every stage draws every micro-batch's metadata
+// from the deterministic loader, so only activations ((T/tp, H) floats, stage s → s+1) and their
+// gradients (s+1 → s) travel, each exchange one paired send-recv with one neighbour ("pp send
+// activation", "pp recv gradient", …). Each stage runs a program of ops:
+//   afab  all forwards, then all backwards: every micro-batch's activations are alive at once;
+//   1f1b  pp − s − 1 warm-up forwards, then one forward and one backward in turn, then the last
+//         backwards: at most pp − s micro-batches alive on stage s, whatever grad-accum is.
+// An exchange waits for its neighbour's matching one; the programs are built so that neighbours'
+// exchanges meet in the same order, with any number of micro-batches (tests/test_model simulates
+// every stage of many layouts and finds no deadlock).
+
+enum class PipeKind { forward, backward, exchange };
+struct PipeOp {
+    PipeKind kind;
+    int micro = -1;  // forward / backward: the micro-batch
+    int peer = 0;    // exchange: −1 the previous stage, +1 the next
+    int send = -1;   // exchange: the micro-batch whose activation (to next) or gradient (to previous) leaves
+    int recv = -1;   // exchange: the micro-batch whose gradient (from next) or activation (from previous) arrives
+};
+
+// Stage s's program for m micro-batches ("forward": forwards only, for --predict). Exchanges with a
+// stage that does not exist are left out.
+static std::vector<PipeOp> pipeline_program(const std::string& schedule, int pp, int s, int m) {
+    const bool first = s == 0, last = s == pp - 1;
+    std::vector<PipeOp> ops;
+    auto exchange = [&](int peer, int send, int recv) {
+        if ((peer < 0 && first) || (peer > 0 && last) || (send < 0 && recv < 0)) return;
+        ops.push_back({PipeKind::exchange, -1, peer, send, recv});
+    };
+    auto forward = [&](int i) { exchange(-1, -1, i), ops.push_back({PipeKind::forward, i}); };
+    auto backward = [&](int i) { exchange(+1, -1, i), ops.push_back({PipeKind::backward, i}); };
+    if (schedule != "1f1b") {  // afab, forward
+        for (int i = 0; i < m; i++) forward(i), exchange(+1, i, -1);
+        if (schedule == "afab")
+            for (int i = 0; i < m; i++) backward(i), exchange(-1, i, -1);
+        return ops;
+    }
+    const int warmup = std::min(pp - s - 1, m), steady = m - warmup;
+    for (int i = 0; i < warmup; i++) forward(i), exchange(+1, i, -1);
+    if (steady > 0) exchange(-1, -1, warmup);
+    for (int i = 0; i < steady; i++) {  // forward warmup + i, then backward i
+        ops.push_back({PipeKind::forward, warmup + i});
+        exchange(+1, warmup + i, i);  // its activation out, the gradient of the oldest in
+        ops.push_back({PipeKind::backward, i});
+        exchange(-1, i, i + 1 < steady ? warmup + i + 1 : -1);  // that gradient out, the next input in
+    }
+    for (int i = steady; i < m; i++) backward(i), exchange(-1, i, -1);
+    return ops;
+}
+
+// A stage's pipeline state: activation sets for the micro-batches in flight (grown on demand, so
+// their number is the schedule's peak), the buffers exchanges land in, and what a step measured.
+struct Pipeline {
+    int T = 0;                  // token capacity of a set (micro_batch_tokens; --predict: seq_len)
+    std::vector<Activations> pool;
+    float* act_in = nullptr;    // (Tl, H) activation received from the previous stage
+    float* grad_in = nullptr;   // (Tl, H) gradient received from the next stage
+    float* grad_out = nullptr;  // (Tl, H) this stage's input gradient, for the previous stage
+    double busy_ms = 0, total_ms = 0;  // this step: compute time, the whole program
+    int peak_live = 0;                 // this step: most micro-batches alive at once
+    double activation_bytes() const { return pool.empty() ? 0.0 : peak_live * pool[0].bytes; }
+};
+
+// Runs this stage's program over the step's micro-batches (batches: all of them, every stage knows
+// the metadata). Arriving data is copied into the micro-batch's set and leaving gradients out of it,
+// so a set is free as soon as its backward ran. The last backward carries the gradient sync.
+// Returns the sum of the micro-batches' losses on the last stage, 0 elsewhere.
+static double run_pipeline(Model& model, Pipeline& pipe, const std::vector<BatchView>& batches,
+                           const std::string& schedule, GradSync* sync, Tracer* trace) {
+    PipelineParallel& pp = model.pp;
+    const ParamTable& t = model.table;
+    const int m = (int)batches.size(), n_layers = t.layer_end - t.layer_begin;
+    const size_t n = (size_t)batches[0].T / model.tp.token_slices() * model.cfg.H;  // floats an exchange moves
+    if (!pipe.act_in) {
+        const size_t capacity = (size_t)pipe.T / model.tp.token_slices() * model.cfg.H;
+        pipe.act_in = ops::alloc_floats(capacity);
+        pipe.grad_in = ops::alloc_floats(capacity);
+        pipe.grad_out = ops::alloc_floats(capacity);
+    }
+    std::vector<int> set_of(m, -1);
+    std::vector<char> in_use(pipe.pool.size(), 0);
+    int live = 0;
+    auto take = [&](int i) -> Activations& {
+        size_t k = 0;
+        while (k < in_use.size() && in_use[k]) k++;
+        if (k == pipe.pool.size()) pipe.pool.push_back(alloc_activations(model, pipe.T)), in_use.push_back(0);
+        in_use[k] = 1;
+        set_of[i] = (int)k;
+        pipe.peak_live = std::max(pipe.peak_live, ++live);
+        return pipe.pool[k];
+    };
+    const size_t bytes = n * sizeof(float);
+    double loss = 0, t_start = now_us();
+    pipe.busy_ms = 0;
+    pipe.peak_live = 0;
+    for (const PipeOp& op : pipeline_program(schedule, pp.size, pp.rank, m)) {
+        const double t_op = now_us();
+        if (op.kind == PipeKind::forward) {
+            Activations& a = take(op.micro);
+            if (!t.first_stage) ops::copy_on_device(a.residual[0], pipe.act_in, bytes);
+            loss += model_forward(model, a, batches[op.micro], trace);
+        } else if (op.kind == PipeKind::backward) {
+            Activations& a = pipe.pool[set_of[op.micro]];
+            if (!t.last_stage) ops::copy_on_device(a.d_resid, pipe.grad_in, bytes);
+            model_backward(model, a, batches[op.micro], op.micro == m - 1 ? sync : nullptr, trace);
+            if (!t.first_stage) ops::copy_on_device(pipe.grad_out, a.d_resid, bytes);
+            in_use[set_of[op.micro]] = 0;
+            live--;
+        } else {
+            const bool next = op.peer > 0;
+            float* send = op.send < 0 ? nullptr : next ? pipe.pool[set_of[op.send]].residual[n_layers] : pipe.grad_out;
+            float* recv = op.recv < 0 ? nullptr : next ? pipe.grad_in : pipe.act_in;
+            std::string what = "pp";
+            if (send) what += next ? " send activation" : " send gradient";
+            if (recv) what += next ? " recv gradient" : " recv activation";
+            const int peer = pp.rank + op.peer;
+            CommRequest r = comm_sendrecv_start(*pp.comm, *pp.group, send, send ? peer : -1, recv, recv ? peer : -1, n,
+                                                what.c_str());
+            comm_wait(*pp.comm, r);
+            continue;
+        }
+        sync_compute_stream();  // a compute op's time is its work's, not its launch's
+        pipe.busy_ms += (now_us() - t_op) / 1e3;
+        if (trace)
+            trace->span("micro-batch " + std::to_string(op.micro) + (op.kind == PipeKind::forward ? " forward" : " backward"),
+                        0, t_op, now_us(), "");
+    }
+    pipe.total_ms = (now_us() - t_start) / 1e3;
+    return loss;
 }
 
 // ---- gradient sync (data parallel) ----
@@ -1508,6 +1726,8 @@ struct GradSync {
     const ParamTable* table = nullptr;
     TensorParallel* tp = nullptr;
     size_t tp_summed_from = 0;      // --sp: tensors [tp_summed_from, end) have had their tp sum this step
+    Group* embedding = nullptr;     // pp > 1, first or last stage: the tied embedding's two copies
+    bool tied_pending = false;      // this step's embedding gradient still lacks the other copy's
     bool zero = false;
     float* grads = nullptr;         // the model's flat gradient buffer
     std::vector<Bucket> buckets;    // launch order
@@ -1544,6 +1764,8 @@ static GradSync* make_grad_sync(Comm* comm, Group* group, Model& model, bool zer
     s->table = &model.table;
     s->tp = &model.tp;
     s->tp_summed_from = model.table.params.size();
+    if (model.pp.embedding && model.pp.embedding->size > 1) s->embedding = model.pp.embedding;
+    s->tied_pending = s->embedding != nullptr;
     s->zero = zero;
     s->grads = model.grads;
     const ParamTable& t = model.table;
@@ -1608,6 +1830,7 @@ static void launch_bucket(GradSync* s, Bucket& b) {
 // Called by the backward: every tensor from first_final_param on has its final gradient.
 static void grad_sync_ready(GradSync* s, size_t first_final_param) {
     if (!s) return;
+    if (s->tied_pending) first_final_param = std::max<size_t>(first_final_param, 1);  // tensor 0: the embedding
     if (s->tp->sp && s->tp->size > 1) {
         for (size_t i = first_final_param; i < s->tp_summed_from; i++) {
             const ParamInfo& p = s->table->params[i];
@@ -1624,8 +1847,16 @@ static void grad_sync_ready(GradSync* s, size_t first_final_param) {
     for (size_t i = 0; i < s->next; i++) comm_test(*s->comm, s->buckets[i].request);
 }
 
-// After the last backward: every bucket launched and complete.
+// After the last backward (every stage's: the embedding's two gradients are complete only then):
+// the tied embedding's copies summed, every bucket launched and complete.
 static void grad_sync_finish(GradSync* s) {
+    if (s->tied_pending) {
+        const ParamInfo& emb = s->table->params[0];
+        comm_all_reduce(*s->comm, *s->embedding, s->grads + emb.offset, emb.numel, Reduce::sum, "pp embedding grad all-reduce");
+        s->tied_pending = false;
+        grad_sync_ready(s, 0);
+        s->tied_pending = true;
+    }
     grad_sync_ready(s, 0);
     for (Bucket& b : s->buckets) comm_wait(*s->comm, b.request);
     s->next = 0;
@@ -1700,13 +1931,17 @@ static double optimizer_step(Model& model, const TrainConfig& c, float lr, long 
     bool sharded = sync && sync->zero;
     double inv_count = masked_tokens > 0 ? 1.0 / (double)masked_tokens : 0.0;
     TensorParallel& tp = model.tp;
-    // a tensor's share of this rank's sums: all of it, but a replicated one only on tp rank 0
+    PipelineParallel& pp = model.pp;
+    // a tensor's share of this rank's sums: all of it, but a replicated one only on tp rank 0; the
+    // global norm also counts the tied embedding once (the first stage's copy)
     auto counted = [&](const OptimizerPiece& p) { return tp.rank == 0 || model.table.params[p.param].split != Split::replicated; };
+    auto counted_once = [&](const OptimizerPiece& p) { return counted(p) && (model.table.first_stage || model.table.params[p.param].id != 0); };
     double sum_sq = 0.0;
     for (const OptimizerPiece& p : pieces)
-        if (counted(p)) sum_sq += ops::sum_squares(p.grad, p.n);
+        if (counted_once(p)) sum_sq += ops::sum_squares(p.grad, p.n);
     if (sharded) comm_all_reduce_host(*sync->comm, *sync->group, &sum_sq, 1, MPI_SUM, "grad norm all-reduce");
     if (tp.size > 1) comm_all_reduce_host(*tp.comm, *tp.group, &sum_sq, 1, MPI_SUM, "grad norm tp all-reduce");
+    if (pp.size > 1) comm_all_reduce_host(*pp.comm, *pp.group, &sum_sq, 1, MPI_SUM, "grad norm pp all-reduce");
     double norm = sqrt(sum_sq) * inv_count;
     if (!std::isfinite(norm))  // every rank holds the same norm, so every rank stops here, before any update
         fatal_all_ranks("step %d: the gradient norm is %g: training diverged (a lower --lr, --clip or "
@@ -1991,7 +2226,7 @@ static std::vector<float> load_hf_weights(const std::string& dir, const ParamTab
 static void export_hf(const std::string& dir, const Model& model, const std::vector<float>& full_params) {
     make_dirs(dir);
     std::string err;
-    TensorMap tensors = tensors_from_flat(model.table, full_params, "");
+    TensorMap tensors = tensors_from_flat(make_param_table(model.cfg), full_params, "");
     if (!safetensors_write(dir + "/model.safetensors", tensors, {{"format", "pt"}}, &err)) fatal("%s", err.c_str());
     write_hf_config(dir + "/config.json", model.cfg);
 }
@@ -2032,6 +2267,8 @@ static void save_checkpoint(const std::string& dir, const Model& model, int step
     if (sync) comm_all_reduce_host(*sync->comm, *sync->group, &non_finite, 1, MPI_MAX, "checkpoint finite-check all-reduce");
     if (model.tp.size > 1)
         comm_all_reduce_host(*model.tp.comm, *model.tp.group, &non_finite, 1, MPI_MAX, "checkpoint finite-check tp all-reduce");
+    if (model.pp.size > 1)
+        comm_all_reduce_host(*model.pp.comm, *model.pp.group, &non_finite, 1, MPI_MAX, "checkpoint finite-check pp all-reduce");
     if (non_finite)
         fatal_all_ranks("step %d: training diverged: the weights or the optimizer state hold a non-finite value; not "
                         "saving (latest still names the last good checkpoint)", step);
@@ -2048,8 +2285,9 @@ static void save_checkpoint(const std::string& dir, const Model& model, int step
     make_dirs(tmp_dir);
     export_hf(tmp_dir, model, params);
     std::string err;
-    TensorMap state = tensors_from_flat(model.table, m, "adam_m.");
-    TensorMap vt = tensors_from_flat(model.table, v, "adam_v.");
+    const ParamTable whole = make_param_table(model.cfg);
+    TensorMap state = tensors_from_flat(whole, m, "adam_m.");
+    TensorMap vt = tensors_from_flat(whole, v, "adam_v.");
     state.insert(vt.begin(), vt.end());
     if (!safetensors_write(tmp_dir + "/optimizer.safetensors", state,
                            {{"step", std::to_string(step)}, {"adam_step", std::to_string(model.adam_step)},
@@ -2088,7 +2326,8 @@ static std::string latest_checkpoint(const std::string& dir, long* step) {
 static int load_checkpoint(const std::string& dir, Model* model, GradSync* sync) {
     long named_step = 0;
     std::string ckpt = latest_checkpoint(dir, &named_step), err;
-    std::vector<float> params = load_hf_weights(ckpt, model->table);
+    const ParamTable whole = make_param_table(model->cfg);  // the files hold every tensor, whole
+    std::vector<float> params = load_hf_weights(ckpt, whole);
     TensorMap state;
     std::map<std::string, std::string> meta;
     std::string path = ckpt + "/optimizer.safetensors";
@@ -2106,8 +2345,8 @@ static int load_checkpoint(const std::string& dir, Model* model, GradSync* sync)
     else if (meta["model_checksum"] != weights_checksum(params))
         fatal("%s: model.safetensors is not the model this optimizer state was saved with (checksum mismatch): "
               "was the checkpoint's model replaced, e.g. by --export?", path.c_str());
-    std::vector<float> m = params_from_tensors(model->table, state, path, "adam_m.");
-    std::vector<float> v = params_from_tensors(model->table, state, path, "adam_v.");
+    std::vector<float> m = params_from_tensors(whole, state, path, "adam_m.");
+    std::vector<float> v = params_from_tensors(whole, state, path, "adam_v.");
     for (size_t i = 0; i < v.size(); i++)
         if (v[i] < 0.f) fatal("%s: adam_v holds a negative second moment (%g at element %zu)", path.c_str(), v[i], i);
     params = shards_of(model->table, params);
@@ -2167,14 +2406,15 @@ static void write_dump(const std::string& dir, const ParamTable& table, const st
 
 // ---- predictions ----
 // --predict: run the forward on one sentence and show the top guesses for each [MASK]. Under tp
-// rank 0 assembles the rows' logits from every rank's vocabulary shard ("predict tp gather").
+// the last stage's tp rank 0 assembles the rows' logits from every rank's vocabulary shard
+// ("predict tp gather") and prints them.
 
-static void predict(Model& model, Activations& a, const WordTokenizer& tok, const std::string& text) {
+static void predict(Model& model, Pipeline& pipe, const WordTokenizer& tok, const std::string& text) {
     const ModelConfig& m = model.cfg;
     std::vector<int> ids = {m.special.cls};
     for (int id : tok.encode(text)) ids.push_back(id);
     ids.push_back(m.special.sep);
-    if ((int)ids.size() > a.T) fatal("--predict: sentence of %zu tokens is longer than %d", ids.size(), a.T);
+    if ((int)ids.size() > pipe.T) fatal("--predict: sentence of %zu tokens is longer than %d", ids.size(), pipe.T);
     BatchView b;
     b.T = (int)ids.size();
     b.n_docs = 1;
@@ -2188,8 +2428,10 @@ static void predict(Model& model, Activations& a, const WordTokenizer& tok, cons
         }
     b.n_masked = (int)b.masked_rows.size();
     if (b.n_masked == 0) fatal("--predict: \"%s\" has no [MASK]", text.c_str());
-    model_forward(model, a, b);
+    run_pipeline(model, pipe, {b}, "forward", nullptr, nullptr);  // the stages in turn; the last has the logits
     const ParamTable& t = model.table;
+    if (!t.last_stage) return;
+    const Activations& a = pipe.pool[0];
     std::vector<float> shard = device_to_vector(a.logits, (size_t)b.n_masked * t.V), shards((size_t)t.tp_size * shard.size());
     if (model.tp.size > 1) comm_gather_host(*model.tp.comm, *model.tp.group, shard.data(), shard.size(), shards.data(), "predict tp gather");
     else shards = shard;
@@ -2361,6 +2603,32 @@ static double step_flops(const ModelConfig& m, const std::vector<BatchView>& bat
     return 3.0 * flops;
 }
 
+// The stages' layer ranges (rank 0, at start).
+static void print_stages(const ModelConfig& m, int pp, const std::string& schedule) {
+    if (pp == 1) return;
+    printf("pipeline: %d stages, %s:", pp, schedule.c_str());
+    for (int s = 0; s < pp; s++) {
+        int begin, end;
+        stage_layers(m.L, pp, s, &begin, &end);
+        printf("%s stage %d layers %d-%d%s", s ? "," : "", s, begin, end - 1,
+               s == 0 && s == pp - 1 ? "" : s == 0 ? " + embedding" : s == pp - 1 ? " + head and tied embedding" : "");
+    }
+    printf("\n");
+}
+
+// pp > 1, after training: the first and last stages' copies of the tied embedding must be the
+// same bits (their gradients are summed every step, their updates alike); a difference is a bug.
+static void check_tied_embedding(const Model& model, int world_rank) {
+    const PipelineParallel& pp = model.pp;
+    if (!pp.embedding || (!model.table.first_stage && !model.table.last_stage)) return;
+    const ParamInfo& emb = model.table.params[0];
+    std::string hash = weights_checksum(device_to_vector(model.params + emb.offset, emb.numel));
+    double h = (double)(strtoull(hash.c_str(), nullptr, 16) & ((1ull << 52) - 1)), both[2] = {h, -h};  // exact in a double
+    comm_all_reduce_host(*pp.comm, *pp.embedding, both, 2, MPI_MAX, "pp tied embedding check all-reduce");
+    if (both[0] != -both[1]) fatal("the first and last stages' copies of the tied embedding differ after training");
+    if (world_rank == 0) printf("tied embedding: the first and last stages' copies are bit-identical\n");
+}
+
 // This rank's parameter bytes: the tp-sharded tensors (they fall as 1/tp) and the replicated ones.
 static void print_parameter_bytes(const Model& model, const GradSync* sync) {
     double sharded = 0, replicated = 0;
@@ -2384,9 +2652,11 @@ struct StepStats {
     long masked = 0, real_tokens = 0;
     double ms = 0, ms_here = 0;     // the slowest rank's step time, this rank's
     std::vector<BatchView> views;   // this rank's micro-batches (their FLOPs)
+    std::vector<double> bubble;            // (pp) each stage's idle fraction of its pipeline program
+    std::vector<double> activation_bytes;  // (pp) each stage's peak of live activation sets, in bytes
 };
 
-static StepStats train_step(Model& model, Activations& acts, Loader& loader, GradSync* sync, Comm& comm,
+static StepStats train_step(Model& model, Pipeline& pipe, Loader& loader, GradSync* sync, Comm& comm,
                             ProcessGrid& grid, const TrainConfig& c, int step, Tracer* trace) {
     StepStats s;
     s.step = step;
@@ -2395,18 +2665,24 @@ static StepStats train_step(Model& model, Activations& acts, Loader& loader, Gra
     if (sync) sync->launched_during_backward = 0;
     ops::zero_floats(model.grads, model.table.total);
     const int n_micro = grid.dp * c.grad_accum;  // micro-batches in one global batch
-    double loss_sum = 0.0;
     for (int k = 0; k < c.grad_accum; k++) {  // this dp rank's share of the global batch
         MicroBatch mb = loader.get((uint64_t)(step - 1) * n_micro + (uint64_t)grid.dp_rank * c.grad_accum + k);
-        BatchView b = batch_view(mb);
-        bool last = k == c.grad_accum - 1;
-        loss_sum += model_forward(model, acts, b, trace);
-        model_backward(model, acts, b, last ? sync : nullptr, trace);
-        s.masked += b.n_masked;
+        s.views.push_back(batch_view(mb));
+        s.masked += s.views.back().n_masked;
         s.real_tokens += mb.n_real;
-        s.views.push_back(std::move(b));
     }
+    double loss_sum = run_pipeline(model, pipe, s.views, c.pp_schedule, sync, trace);
     if (sync) grad_sync_finish(sync);
+    // each stage's bubble and activation peak, to every stage (rank 0 logs them)
+    const int pp = model.pp.size;
+    std::vector<double> per_stage(2 * pp, 0.0);
+    per_stage[model.pp.rank] = pipe.total_ms > 0 ? 1.0 - pipe.busy_ms / pipe.total_ms : 0.0;
+    per_stage[pp + model.pp.rank] = pipe.activation_bytes();
+    if (pp > 1) comm_all_reduce_host(comm, *model.pp.group, per_stage.data(), 2 * pp, MPI_SUM, "pp stage stats all-reduce");
+    s.bubble.assign(per_stage.begin(), per_stage.begin() + pp);
+    s.activation_bytes.assign(per_stage.begin() + pp, per_stage.end());
+    // the loss lives on the last stage: every stage gets it, so that every rank has the true loss
+    if (model.pp.size > 1) comm_all_reduce_host(comm, *model.pp.group, &loss_sum, 1, MPI_SUM, "pp loss all-reduce");
     Group& grad_group = grid.dp_cp_group;
     double totals[3] = {loss_sum, (double)s.masked, (double)s.real_tokens};
     comm_all_reduce_host(comm, grad_group, totals, 3, MPI_SUM, "loss and token count all-reduce");
@@ -2424,7 +2700,7 @@ static StepStats train_step(Model& model, Activations& acts, Loader& loader, Gra
         if (grid.world_rank == 0) {
             std::vector<MicroBatch> batches;
             for (int k = 0; k < n_micro; k++) batches.push_back(loader.get((uint64_t)k));
-            write_dump(c.dump_dir, model.table, batches, s.loss, s.masked, std::move(grads));
+            write_dump(c.dump_dir, make_param_table(model.cfg), batches, s.loss, s.masked, std::move(grads));
         }
     }
     s.lr = learning_rate(c, step);
@@ -2460,6 +2736,15 @@ static void report_step(const StepStats& s, const ModelConfig& m, ProcessGrid& g
     if (grid.world_size > 1) printf(" | sent %.2f MB", bytes_total / 1e6);
     if (grid.dp_cp_group.size > 1)
         printf(", %d/%zu buckets during backward", sync->launched_during_backward, sync->buckets.size());
+    std::string bubble_json, act_json;
+    for (size_t i = 0; i < s.bubble.size(); i++) {
+        char b[64];
+        snprintf(b, sizeof b, "%s%.4f", i ? ", " : "", s.bubble[i]);
+        bubble_json += b;
+        snprintf(b, sizeof b, "%s%.0f", i ? ", " : "", s.activation_bytes[i]);
+        act_json += b;
+    }
+    if (grid.pp > 1) printf(" | bubble [%s]", bubble_json.c_str());
     printf("\n");
     fflush(stdout);
     if (!log) return;
@@ -2469,9 +2754,10 @@ static void report_step(const StepStats& s, const ModelConfig& m, ProcessGrid& g
             "{\"step\": %d, \"loss\": %.17g, \"unigram_loss\": %.9g, \"grad_norm\": %.9g, \"lr\": %.9g, "
             "\"tokens\": %ld, \"masked_tokens\": %ld, \"tokens_per_s\": %.6g, \"flops_per_s\": %.6g, "
             "\"mfu\": %s, \"step_ms\": %.6g, \"bytes_sent\": {%s}, \"buckets\": %zu, "
-            "\"buckets_during_backward\": %d}\n",
+            "\"buckets_during_backward\": %d, \"pp_bubble\": [%s], \"activation_bytes\": [%s]}\n",
             s.step, s.loss, unigram, s.grad_norm, s.lr, s.real_tokens, s.masked, tokens_per_s, flops_per_s, mfu_json,
-            s.ms, bytes_json.c_str(), sync ? sync->buckets.size() : 0, sync ? sync->launched_during_backward : 0);
+            s.ms, bytes_json.c_str(), sync ? sync->buckets.size() : 0, sync ? sync->launched_during_backward : 0,
+            bubble_json.c_str(), act_json.c_str());
     fflush(log);
 }
 
@@ -2577,6 +2863,7 @@ int main(int argc, char** argv) {
     }
     if (m.nh % grid.tp) fatal("--tp %d does not divide the model's %d attention heads", grid.tp, m.nh);
     if (m.I % grid.tp) fatal("--tp %d does not divide the model's intermediate_size %d", grid.tp, m.I);
+    if (grid.pp > m.L) fatal("--pp %d is more than the model's %d layers (a stage needs at least one)", grid.pp, m.L);
     check_memory(m, std::max(c.micro_batch_tokens, c.seq_len), grid.tp);
 
     Tracer tracer;
@@ -2586,21 +2873,23 @@ int main(int argc, char** argv) {
     tracer.t0_unix_us = std::chrono::duration<double, std::micro>(std::chrono::system_clock::now().time_since_epoch()).count();
     Comm comm{&grid, trace, {}};
     model.tp = {&comm, &grid.tp_group, grid.tp, grid.tp_rank, c.sp && c.predict.empty()};
-    // this rank's shards only: drawn, or cut from the full tensors read from disk
-    const ParamTable shard_table = make_param_table(m, grid.tp, grid.tp_rank);
+    model.pp = {&comm, &grid.pp_group, grid.embedding_group.size > 1 ? &grid.embedding_group : nullptr, grid.pp, grid.pp_rank};
+    // this rank's shards of its stage only: drawn, or cut from the full tensors read from disk
+    const ParamTable shard_table = make_param_table(m, grid.tp, grid.tp_rank, grid.pp, grid.pp_rank);
     std::vector<float> host_params;  // a resumed run's weights come from its checkpoint, below
     if (!c.resume_dir.empty()) host_params.assign(shard_table.total, 0.f);
-    else if (!c.init_from.empty()) host_params = shards_of(shard_table, load_hf_weights(c.init_from, shard_table));
+    else if (!c.init_from.empty()) host_params = shards_of(shard_table, load_hf_weights(c.init_from, make_param_table(m)));
     else init_params(shard_table, m, c.seed, &host_params);
     model_allocate(&model, host_params);
 
     if (!c.predict.empty()) {
-        if (grid.world_size != grid.tp) fatal("--predict runs on one rank, or on one tensor-parallel group (--tp N)");
+        if (grid.dp > 1) fatal("--predict runs on one model replica: --tp and --pp, but not --dp");
         WordTokenizer tok;
         std::string err;
         if (!WordTokenizer::load(c.data + "/vocab.txt", &tok, &err, m.special)) fatal("--predict: %s", err.c_str());
-        Activations a = alloc_activations(model, c.seq_len);
-        for (const std::string& text : c.predict) predict(model, a, tok, text);
+        Pipeline pipe;
+        pipe.T = c.seq_len;
+        for (const std::string& text : c.predict) predict(model, pipe, tok, text);
         destroy_grid(grid);
         MPI_Finalize();
         return 0;
@@ -2617,7 +2906,8 @@ int main(int argc, char** argv) {
     std::string err;
     if (!load_dataset(c.data, c.seq_len, (uint32_t)m.V, m.special, &data, &err)) fatal("%s", err.c_str());
     Loader loader(data, c.micro_batch_tokens, c.seed, m.special);
-    Activations acts = alloc_activations(model, c.micro_batch_tokens);
+    Pipeline pipe;
+    pipe.T = c.micro_batch_tokens;
 
     Group& grad_group = grid.dp_cp_group;  // the ranks that hold the same weights
     GradSync* sync = (!one_rank || c.zero) ? make_grad_sync(&comm, &grad_group, model, c.zero, c.bucket_mb) : nullptr;
@@ -2645,22 +2935,23 @@ int main(int argc, char** argv) {
         printf("model: H %d, I %d, L %d, heads %d, V %d, %.2fM parameters; global batch %d micro-batch(es) of %d "
                "tokens (dp %d × grad-accum %d)%s\n"
                "data: %zu documents, %zu tokens; unigram baseline %.3f (the loss of predicting word frequencies)\n",
-               m.H, m.I, m.L, m.nh, m.V, model.table.total / 1e6, n_micro, c.micro_batch_tokens, grid.dp, c.grad_accum,
+               m.H, m.I, m.L, m.nh, m.V, model.table.full_total / 1e6, n_micro, c.micro_batch_tokens, grid.dp, c.grad_accum,
                grad_group.size > 1 || c.zero ? (", " + std::to_string(sync->buckets.size()) + " gradient buckets" + (c.zero ? ", ZeRO-1" : "")).c_str() : "",
                data.docs.size(), data.tokens.size(), unigram);
-    if (grid.world_rank == 0) print_parameter_bytes(model, sync);
+    if (grid.world_rank == 0) print_parameter_bytes(model, sync), print_stages(m, grid.pp, c.pp_schedule);
     if (!c.resume_dir.empty() && start_step >= c.steps && grid.world_rank == 0)
         printf("the checkpoint is at step %d, --steps is %d: nothing to train\n", start_step, c.steps);
 
     for (int step = start_step + 1; step <= c.steps; step++) {
         maybe_inject_failure(grid.world_rank, step);
-        StepStats stats = train_step(model, acts, loader, sync, comm, grid, c, step, trace);
+        StepStats stats = train_step(model, pipe, loader, sync, comm, grid, c, step, trace);
         tracer.steps_us += stats.ms_here * 1e3;
         if (grid.world_rank == 0) report_step(stats, m, grid, c, sync, peak_tflops, unigram, log);
         bool save_now = (c.save_every > 0 && step % c.save_every == 0) || step == c.steps;
         if (!c.save_dir.empty() && save_now) save_checkpoint(c.save_dir, model, step, sync, grid.world_rank);
     }
     if (log) fclose(log);
+    check_tied_embedding(model, grid.world_rank);
     if (!c.export_dir.empty()) {  // every tp rank sends its shards; rank 0 writes
         std::vector<float> full = gather_full(model, device_to_vector(model.params, model.table.total), "export tp gather");
         if (grid.world_rank == 0) export_hf(c.export_dir, model, full);
