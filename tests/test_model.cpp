@@ -27,6 +27,62 @@ static std::string fmt(const char* f, double x) {
     return b;
 }
 
+// Runs every stage's pipeline program together, an exchange completing only when the neighbour's
+// current op is the exact counterpart (strictest pairing: what one sends the other receives, both
+// ways), and checks the schedule: no deadlock, each micro-batch forwarded and backwarded once per
+// stage in that order, data sent only after it exists and used only after it arrived, and the peak
+// of live micro-batches per stage. Returns "" or the first problem; *peaks gets each stage's peak.
+static std::string simulate_pipeline(const std::vector<std::vector<PipeOp>>& prog, int m, std::vector<int>* peaks) {
+    const int pp = (int)prog.size();
+    std::vector<size_t> pc(pp, 0);
+    std::vector<std::vector<int>> fwd(pp, std::vector<int>(m, 0)), bwd = fwd, act_in = fwd, grad_in = fwd;
+    std::vector<int> live(pp, 0);
+    peaks->assign(pp, 0);
+    char why[160];
+    for (;;) {
+        bool progress = false, done = true;
+        for (int s = 0; s < pp; s++) {
+            if (pc[s] == prog[s].size()) continue;
+            done = false;
+            const PipeOp& op = prog[s][pc[s]];
+            if (op.kind == PipeKind::forward) {
+                if (s > 0 && !act_in[s][op.micro]) { snprintf(why, sizeof why, "stage %d forwards %d before its input came", s, op.micro); return why; }
+                fwd[s][op.micro]++;
+                (*peaks)[s] = std::max((*peaks)[s], ++live[s]);
+                pc[s]++, progress = true;
+            } else if (op.kind == PipeKind::backward) {
+                if (!fwd[s][op.micro] || (s < pp - 1 && !grad_in[s][op.micro])) { snprintf(why, sizeof why, "stage %d backwards %d too early", s, op.micro); return why; }
+                bwd[s][op.micro]++;
+                live[s]--;
+                pc[s]++, progress = true;
+            } else {
+                const int q = s + op.peer;
+                if (q < 0 || q >= pp) { snprintf(why, sizeof why, "stage %d exchanges with missing stage %d", s, q); return why; }
+                if (pc[q] == prog[q].size()) continue;
+                const PipeOp& o = prog[q][pc[q]];
+                if (o.kind != PipeKind::exchange || o.peer != -op.peer || o.send != op.recv || o.recv != op.send) continue;
+                if (s > q) continue;  // the lower stage completes the pair
+                // s sends its activation op.send to q, q its gradient o.send to s
+                if (op.send >= 0 && !fwd[s][op.send]) { snprintf(why, sizeof why, "stage %d sends activation %d before its forward", s, op.send); return why; }
+                if (o.send >= 0 && !bwd[q][o.send]) { snprintf(why, sizeof why, "stage %d sends gradient %d before its backward", q, o.send); return why; }
+                if (op.send >= 0) act_in[q][op.send] = 1;
+                if (o.send >= 0) grad_in[s][o.send] = 1;
+                pc[s]++, pc[q]++, progress = true;
+            }
+        }
+        if (done) break;
+        if (!progress) {
+            std::string at;
+            for (int s = 0; s < pp; s++) at += " " + std::to_string(pc[s]) + "/" + std::to_string(prog[s].size());
+            return "deadlock at ops" + at;
+        }
+    }
+    for (int s = 0; s < pp; s++)
+        for (int i = 0; i < m; i++)
+            if (fwd[s][i] != 1 || bwd[s][i] != 1) { snprintf(why, sizeof why, "stage %d ran micro-batch %d %d/%d times", s, i, fwd[s][i], bwd[s][i]); return why; }
+    return "";
+}
+
 int main(int argc, char** argv) {
     MPI_Init(&argc, &argv);
     const std::string dir = argc > 1 ? argv[1] : "tests/golden";  // or tests/golden_pattern
@@ -217,6 +273,41 @@ int main(int argc, char** argv) {
                   learning_rate(w, 50) == 1.0f && learning_rate(w, 90) == 1.0f && learning_rate(w, 91) == 1.0f &&
                   fabsf(learning_rate(w, 100) - (1.0f - sqrtf(0.9f))) < 1e-7f && learning_rate(w, 95) > learning_rate(w, 96);
         check(ok, "learning-rate schedule", fmt("lr(5) %.3f", learning_rate(w, 5)) + fmt(" lr(100) %.4f", learning_rate(w, 100)));
+    }
+
+    // Pipeline programs: every pp ≤ 6 and m ≤ 9 micro-batches (fewer, as many and more than stages),
+    // both schedules, simulated together. 1F1B keeps at most min(pp − s, m) micro-batches alive on
+    // stage s; AFAB keeps all m.
+    {
+        std::string problem;
+        int layouts = 0;
+        for (const char* schedule : {"afab", "1f1b"})
+            for (int pp = 1; pp <= 6 && problem.empty(); pp++)
+                for (int m = 1; m <= 9 && problem.empty(); m++, layouts++) {
+                    std::vector<int> peaks;
+                    std::vector<std::vector<PipeOp>> prog;
+                    for (int s = 0; s < pp; s++) prog.push_back(pipeline_program(schedule, pp, s, m));
+                    problem = simulate_pipeline(prog, m, &peaks);
+                    for (int s = 0; s < pp && problem.empty(); s++) {
+                        int bound = std::string(schedule) == "afab" ? m : std::min(pp - s, m);
+                        if (peaks[s] != bound)
+                            problem = "stage " + std::to_string(s) + " peak " + std::to_string(peaks[s]) + ", expected " + std::to_string(bound);
+                    }
+                    if (!problem.empty()) problem = std::string(schedule) + " pp " + std::to_string(pp) + " m " + std::to_string(m) + ": " + problem;
+                }
+        check(problem.empty(), "pipeline programs: no deadlock, every micro-batch once, 1F1B peak min(pp − s, m), AFAB m",
+              problem.empty() ? std::to_string(layouts) + " layouts" : problem);
+        // the simulator catches the classic mistake: 1F1B with lone sends and receives, where stage
+        // 0 sends its second activation while stage 1 sends its first gradient
+        using K = PipeKind;
+        std::vector<std::vector<PipeOp>> naive = {
+            {{K::forward, 0}, {K::exchange, -1, 1, 0, -1}, {K::forward, 1}, {K::exchange, -1, 1, 1, -1},
+             {K::exchange, -1, 1, -1, 0}, {K::backward, 0}, {K::exchange, -1, 1, -1, 1}, {K::backward, 1}},
+            {{K::exchange, -1, -1, -1, 0}, {K::forward, 0}, {K::backward, 0}, {K::exchange, -1, -1, 0, -1},
+             {K::exchange, -1, -1, -1, 1}, {K::forward, 1}, {K::backward, 1}, {K::exchange, -1, -1, 1, -1}}};
+        std::vector<int> peaks;
+        std::string verdict = simulate_pipeline(naive, 2, &peaks);
+        check(verdict.find("deadlock") == 0, "pipeline simulator finds the deadlock of lone sends in 1F1B", verdict);
     }
 
     printf("%d passed, %d failed\n", n_pass, n_fail);
