@@ -2,8 +2,8 @@
 //
 // Reads top to bottom in the order data flows:
 //   config and command line → process grid → tracing → communication → tensor parallel →
-//   parameters → activations → model forward → model backward → gradient sync (data parallel) →
-//   optimizer → HF import/export → checkpoints → dump → predictions → training loop.
+//   parameters → activations → model forward → model backward → pipeline parallel → gradient sync
+//   (data parallel) → optimizer → HF import/export → checkpoints → dump → predictions → training loop.
 // Every numeric op lives in kernels.cuh (reference and CUDA twin); token shards, packing and masking
 // in data.h; the JSON and safetensors formats in safetensors.h.
 #include <algorithm>

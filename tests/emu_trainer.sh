@@ -17,7 +17,8 @@
 # mini has one attention head, which tp cannot split: the tp runs train "h2", mini's shape with
 # 2 heads of 64 (the GPU attention kernel's head size), H 128, I 192 and V 4097 (an odd vocabulary:
 # tp 2 pads it to 2 × 2049 rows), initialised by tests/make_model (6-8 s a tp run on 2 cores).
-# The whole script takes ~35 s on 2 cores. Last line: "N passed, M failed".
+# Pipeline parallel (pp 2, one layer a stage, grad-accum 2, 2 steps) trains h2 too, against a
+# 1-rank grad-accum 2 run. The whole script takes ~45 s on 2 cores. Last line: "N passed, M failed".
 source "$(dirname "$0")/common.sh"
 if [ "${EMU_TRAINER_TINY:-0}" = 1 ]; then FLAGS="$TINY --steps 3"
 else FLAGS="--model mini --data data/mini --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2 --steps 3"; fi
@@ -57,5 +58,11 @@ if $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export
    $MPIRUN -np 1 ./picotron_cpu $FLAGS --log "$WORK/cpu_h2.jsonl" --export "$WORK/cpu_h2" > /dev/null; then
     emu "picotron_emu trains with tp 2 and follows picotron_cpu (h2, --comm mpi, random thread order), vs CPU 1 rank" cpu_h2 2 random --tp 2
     emu "picotron_emu trains with tp 2 --sp and follows picotron_cpu (h2, reverse thread order), vs CPU 1 rank" cpu_h2 2 reverse --tp 2 --sp
+    # pipeline parallel: 2 stages of one layer, the activations and gradients of 2 micro-batches a
+    # step sent between them (1f1b), the tied embedding summed over both; 2 steps (a run ~9 s)
+    if $MPIRUN -np 1 ./picotron_cpu $FLAGS --steps 2 --grad-accum 2 --log "$WORK/cpu_h2_ga2.jsonl" --export "$WORK/cpu_h2_ga2" > /dev/null; then
+        emu "picotron_emu trains with pp 2 and follows picotron_cpu (h2, --comm mpi, random thread order), vs CPU grad-accum 2" \
+            cpu_h2_ga2 2 random --pp 2 --grad-accum 2 --steps 2
+    else fail "pp: the picotron_cpu grad-accum 2 reference run (h2)" "failed"; fi
 else fail "tp: the h2 model and its picotron_cpu reference run" "failed"; fi
 summary

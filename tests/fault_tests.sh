@@ -9,6 +9,8 @@
 #      that line, the whole run must take under 60 s (a bound against hangs on a slow, shared machine), and no rank process may be left.
 #   b. SIGKILL: kill -9 one rank of a 2-rank data-parallel run in mid-training; mpirun must exit
 #      non-zero within 10 s and no rank process may be left.
+#   c. pipeline parallel (-np 2 --pp 2 --grad-accum 4, mini): a and b for the last stage and, apart,
+#      the first; the stage left alive is blocked on a receive from the dead one and must go down too.
 #
 # Rank processes are told apart from everything else on the machine (mpirun included) by their
 # argv[0]: the binary is copied into this run's own temp dir and started from there.
@@ -19,6 +21,7 @@ export OPENBLAS_NUM_THREADS=1
 MPIRUN=${MPIRUN:-mpirun --oversubscribe -x OPENBLAS_NUM_THREADS=1}
 BIN=${BIN:-./picotron_cpu}
 TINY=${TINY:---model tiny --data data/default --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2}
+PPMINI="--model mini --data data/mini --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2"
 
 FT=$(mktemp -d /tmp/picotron-fault.XXXXXX)
 RANKBIN="$FT/picotron_cpu"
@@ -63,8 +66,8 @@ leftovers() {
     echo "$left" | tr '\n' ' '
 }
 
-if [ ! -x "$BIN" ] || [ ! -d data/default ]; then
-    why="no $BIN or data/default (run make picotron_cpu data first)"
+if [ ! -x "$BIN" ] || [ ! -d data/default ] || [ ! -d data/mini ]; then
+    why="no $BIN, data/default or data/mini (run make picotron_cpu data first)"
     fail "fault: injected failure" "$why"
     fail "fault: SIGKILL of one rank" "$why"
     echo "$passed passed, $failed failed"
@@ -72,76 +75,96 @@ if [ ! -x "$BIN" ] || [ ! -d data/default ]; then
 fi
 cp "$BIN" "$RANKBIN"
 
-# ---- a. injected failure on rank 2 at step 2 of 50, 4 data-parallel ranks ----
-name="fault: injected failure (rank 2 of 4 at step 2)"
-MSG="picotron: rank 2: injected failure at step 2"
-out="$FT/inject.out"
-start=$(now)
-# shellcheck disable=SC2086  # MPIRUN and TINY are word lists
-$MPIRUN -x PICOTRON_FAIL_AT=2:2 -np 4 "$RANKBIN" --dp 4 $TINY --steps 50 --log "$FT/inject.jsonl" \
-    </dev/null >"$out" 2>&1 &
-MPIRUN_PID=$!
-seen=        # when the failure line first showed up in the output
-rc=
-while :; do
-    if [ -z "$seen" ] && grep -qF "$MSG" "$out" 2>/dev/null; then seen=$(now); fi
-    if ! kill -0 "$MPIRUN_PID" 2>/dev/null; then wait "$MPIRUN_PID"; rc=$?; MPIRUN_PID=; break; fi
-    if ! less_than "$(elapsed "$start" "$(now)")" 30; then break; fi   # hard cap, then kill
-    sleep 0.1
-done
-end=$(now)
-[ -z "$seen" ] && grep -qF "$MSG" "$out" 2>/dev/null && seen=$end
-total=$(elapsed "$start" "$end")
-if [ -z "$rc" ]; then
-    cleanup_procs
-    fail "$name" "mpirun still running after ${total} s (killed); output: $(said "$out")"
-elif [ "$rc" = 0 ]; then
-    fail "$name" "mpirun exited 0 after ${total} s"
-elif [ -z "$seen" ]; then
-    fail "$name" "no '$MSG' line (exit $rc); output: $(said "$out")"
-elif ! less_than "$(elapsed "$seen" "$end")" 10; then
-    fail "$name" "mpirun exited $(elapsed "$seen" "$end") s after the failure (want < 10 s)"
-elif ! less_than "$total" 60; then
-    fail "$name" "whole run took ${total} s (want < 60 s)"
-elif left=$(leftovers) && [ -n "$left" ]; then
-    cleanup_procs
-    fail "$name" "rank processes left after mpirun exited: $left"
-else
-    pass "$name (exit $rc, down $(elapsed "$seen" "$end") s after the failure < 10 s, whole run ${total} s < 60 s, no process left)"
-fi
-cleanup_procs
-
-# ---- b. SIGKILL of one rank of 2 in mid-training ----
-name="fault: SIGKILL of one rank (2 data-parallel ranks)"
-out="$FT/kill.out"
-log="$FT/kill.jsonl"
-# shellcheck disable=SC2086
-$MPIRUN -np 2 "$RANKBIN" --dp 2 $TINY --steps 100000 --log "$log" </dev/null >"$out" 2>&1 &
-MPIRUN_PID=$!
-start=$(now)
-why=
-while :; do   # until the first step is logged (60 s cap)
-    [ -s "$log" ] && grep -q . "$log" && break
-    if ! kill -0 "$MPIRUN_PID" 2>/dev/null; then
-        wait "$MPIRUN_PID"
-        why="mpirun exited ($?) before the first step; output: $(said "$out")"
-        MPIRUN_PID=
-        break
-    fi
-    if ! less_than "$(elapsed "$start" "$(now)")" 60; then why="no step logged within 60 s"; break; fi
-    sleep 0.1
-done
-if [ -z "$why" ]; then
-    pids=$(rank_pids | tr "\n" " ")
-    # shellcheck disable=SC2086
-    set -- $pids
-    if [ $# != 2 ]; then
-        why="expected 2 rank processes, found $# ($pids)"
+# inject NAME FAIL_AT RANKS FLAGS...: PICOTRON_FAIL_AT=FAIL_AT (RANK:STEP, to every rank) makes
+# that rank stop with "picotron: rank RANK: injected failure at step STEP"; mpirun must exit
+# non-zero within 10 s of that line, the whole run within 60 s, no rank process left.
+inject() {
+    local name=$1 spec=$2 ranks=$3
+    shift 3
+    local msg="picotron: rank ${spec%%:*}: injected failure at step ${spec#*:}"
+    local out="$FT/inject.out" start seen rc end total left
+    start=$(now)
+    # shellcheck disable=SC2086  # MPIRUN is a word list
+    $MPIRUN -x PICOTRON_FAIL_AT="$spec" -np "$ranks" "$RANKBIN" "$@" --steps 50 --log "$FT/inject.jsonl" \
+        </dev/null >"$out" 2>&1 &
+    MPIRUN_PID=$!
+    seen=        # when the failure line first showed up in the output
+    rc=
+    while :; do
+        if [ -z "$seen" ] && grep -qF "$msg" "$out" 2>/dev/null; then seen=$(now); fi
+        if ! kill -0 "$MPIRUN_PID" 2>/dev/null; then wait "$MPIRUN_PID"; rc=$?; MPIRUN_PID=; break; fi
+        if ! less_than "$(elapsed "$start" "$(now)")" 30; then break; fi   # hard cap, then kill
+        sleep 0.1
+    done
+    end=$(now)
+    [ -z "$seen" ] && grep -qF "$msg" "$out" 2>/dev/null && seen=$end
+    total=$(elapsed "$start" "$end")
+    if [ -z "$rc" ]; then
+        cleanup_procs
+        fail "$name" "mpirun still running after ${total} s (killed); output: $(said "$out")"
+    elif [ "$rc" = 0 ]; then
+        fail "$name" "mpirun exited 0 after ${total} s"
+    elif [ -z "$seen" ]; then
+        fail "$name" "no '$msg' line (exit $rc); output: $(said "$out")"
+    elif ! less_than "$(elapsed "$seen" "$end")" 10; then
+        fail "$name" "mpirun exited $(elapsed "$seen" "$end") s after the failure (want < 10 s)"
+    elif ! less_than "$total" 60; then
+        fail "$name" "whole run took ${total} s (want < 60 s)"
+    elif left=$(leftovers) && [ -n "$left" ]; then
+        cleanup_procs
+        fail "$name" "rank processes left after mpirun exited: $left"
     else
-        victim=$1
+        pass "$name (exit $rc, down $(elapsed "$seen" "$end") s after the failure < 10 s, whole run ${total} s < 60 s, no process left)"
+    fi
+    cleanup_procs
+}
+
+# the pid of the rank process whose MPI world rank is $1 (Open MPI puts it in every rank's environment)
+pid_of_rank() {
+    local p
+    for p in $(rank_pids); do
+        tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$1" && { echo "$p"; return 0; }
+    done
+    return 1
+}
+
+# kill_one NAME RANKS VICTIM FLAGS...: a run of RANKS ranks training (100000 steps) until its
+# first step is logged, then kill -9 of one rank process (VICTIM: a world rank, or "first", the
+# lowest pid); mpirun must exit non-zero within 10 s, and no rank process may be left. The other
+# ranks are then inside a step (waiting in a collective, or on a pipeline receive from the dead rank).
+kill_one() {
+    local name=$1 ranks=$2 target=$3
+    shift 3
+    local out="$FT/kill.out" log="$FT/kill.jsonl" start why="" pids victim killed rc="" down left
+    rm -f "$log"
+    # shellcheck disable=SC2086
+    $MPIRUN -np "$ranks" "$RANKBIN" "$@" --steps 100000 --log "$log" </dev/null >"$out" 2>&1 &
+    MPIRUN_PID=$!
+    start=$(now)
+    while :; do   # until the first step is logged (60 s cap)
+        [ -s "$log" ] && grep -q . "$log" && break
+        if ! kill -0 "$MPIRUN_PID" 2>/dev/null; then
+            wait "$MPIRUN_PID"
+            why="mpirun exited ($?) before the first step; output: $(said "$out")"
+            MPIRUN_PID=
+            break
+        fi
+        if ! less_than "$(elapsed "$start" "$(now)")" 60; then why="no step logged within 60 s"; break; fi
+        sleep 0.1
+    done
+    if [ -z "$why" ]; then
+        pids=$(rank_pids | tr "\n" " ")
+        # shellcheck disable=SC2086
+        set -- $pids
+        if [ $# != "$ranks" ]; then
+            why="expected $ranks rank processes, found $# ($pids)"
+        elif [ "$target" = first ]; then victim=$1
+        elif ! victim=$(pid_of_rank "$target"); then why="no rank process with OMPI_COMM_WORLD_RANK=$target among $pids"
+        fi
+    fi
+    if [ -z "$why" ]; then
         kill -KILL "$victim"
         killed=$(now)
-        rc=
         while :; do
             if ! kill -0 "$MPIRUN_PID" 2>/dev/null; then wait "$MPIRUN_PID"; rc=$?; MPIRUN_PID=; break; fi
             if ! less_than "$(elapsed "$killed" "$(now)")" 10; then break; fi
@@ -156,10 +179,28 @@ if [ -z "$why" ]; then
             why="rank processes left after mpirun exited: $left"
         fi
     fi
-fi
-cleanup_procs
-if [ -n "$why" ]; then fail "$name" "$why"
-else pass "$name (mpirun exit $rc ${down} s after kill -9 < 10 s, no process left)"; fi
+    cleanup_procs
+    if [ -n "$why" ]; then fail "$name" "$why"
+    else pass "$name (mpirun exit $rc ${down} s after kill -9 < 10 s, no process left)"; fi
+}
+
+# ---- a. injected failure on rank 2 at step 2 of 50, 4 data-parallel ranks ----
+# shellcheck disable=SC2086  # TINY is a word list
+inject "fault: injected failure (rank 2 of 4 at step 2)" 2:2 4 --dp 4 $TINY
+
+# ---- b. SIGKILL of one rank of 2 in mid-training ----
+# shellcheck disable=SC2086
+kill_one "fault: SIGKILL of one rank (2 data-parallel ranks)" 2 first --dp 2 $TINY
+
+# ---- c. pipeline parallel: pp 2, grad-accum 4 (mini: one layer a stage, ~0.1 s a step) ----
+# The surviving stage is inside a step, blocked on a paired send-recv with the dead one (the first
+# stage waits for a gradient, the last for an activation): it must not wait there forever.
+# shellcheck disable=SC2086
+for r in 1 0; do
+    stage=$([ $r = 1 ] && echo "last" || echo "first")
+    inject "fault: pp 2, injected failure of the $stage stage (rank $r at step 3)" "$r:3" 2 --pp 2 --grad-accum 4 $PPMINI
+    kill_one "fault: pp 2, SIGKILL of the $stage stage (rank $r) in mid-training" 2 "$r" --pp 2 --grad-accum 4 $PPMINI
+done
 
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -5,7 +5,8 @@
 # tensor-parallel layouts of the GPU build on one GPU (--comm mpi stages through host memory: NCCL
 # refuses two ranks on one device) against the same single-rank CPU run, grad-accum 2 (tiny's 4
 # heads of 64 and intermediate_size 384 split over tp 2; --sp cuts the 512-token micro-batch into
-# two 256-row slices). Last line: "N passed, M failed".
+# two 256-row slices; pp 2 puts 3 of tiny's 6 layers on each stage, its 2 micro-batches a step
+# passing activations and gradients between them). Last line: "N passed, M failed".
 source "$(dirname "$0")/common.sh"
 FLAGS="--model tiny --data data/default --seq-len 128 --micro-batch-tokens 512 --steps 5 --lr 2e-3 --warmup 2"
 compare() {  # name, cpu run, gpu run
@@ -26,4 +27,5 @@ gpu "GPU dp 2 (--comm mpi, one GPU)" 2 --dp 2 --comm mpi
 gpu "GPU dp 2 ZeRO-1 (--comm mpi)" 2 --dp 2 --zero 1 --comm mpi
 gpu "GPU tp 2 (--comm mpi, one GPU)" 2 --tp 2 --grad-accum 2 --comm mpi
 gpu "GPU tp 2 --sp (--comm mpi, one GPU)" 2 --tp 2 --sp --grad-accum 2 --comm mpi
+gpu "GPU pp 2 (1f1b, --comm mpi, one GPU)" 2 --pp 2 --grad-accum 2 --comm mpi
 summary

@@ -3,15 +3,23 @@
 # single-rank run over the same global batch (dp × grad-accum micro-batches): every step's loss
 # within 1e-5 relative, every final weight tensor within 1e-4 (max |diff| / max |w|).
 # Adding a layout is one line: "ranks | flags". The single-rank reference for a layout is the run
-# with the same flags minus the layout ones (--dp, --tp, --sp, --zero) and with --grad-accum =
-# dp × grad-accum; it is computed once per distinct set of flags.
+# with the same flags minus the layout ones (--dp, --tp, --sp, --zero, --pp, --pp-schedule) and with
+# --grad-accum = dp × grad-accum; it is computed once per distinct set of flags.
 #
 # Layouts:
 #   data parallel: dp 2/3/4/8, with grad-accum, with ZeRO-1, with StableAdamW and clipping;
 #   tensor parallel: tp 2 and 4, with and without sequence parallel (--sp), dp 2 × tp 2 (with
 #   ZeRO-1 and --sp, and with ZeRO-1 and grad-accum 2), tp 2 with grad-accum 2 and --sp;
 #   an odd vocabulary (V 4097: a model made by tests/make_model for --init-from, trained on
-#   data/mini), which tp 2 and tp 4 pad to 4098 and 4100 rows.
+#   data/mini), which tp 2 and tp 4 pad to 4098 and 4100 rows;
+#   pipeline parallel (--pp, --pp-schedule): pp 2, 3 and 4, both schedules, grad-accum below, equal
+#   to and above pp, with dp, tp, --sp and ZeRO-1: dp 2 × tp 2 × pp 2 with --sp, ZeRO-1 and
+#   grad-accum 2 (8 ranks, 1f1b), pp 2 with grad-accum 4 (afab), tp 2 × pp 2 with grad-accum 1
+#   (afab), and on a 5-layer model (L5: mini's config with H 256, 4 heads, I 256, L 5, made by
+#   tests/make_model) pp 3 with grad-accum 2 (stages of 2, 2, 1 layers, 1f1b) and pp 4 with
+#   grad-accum 6 (stages of 2, 1, 1, 1 layers, 1f1b). The tied embedding's two copies (first and
+#   last stage) are checked by the trainer; the exported one is compared here. Without tp, pp
+#   matches one rank at TINY's lr 2e-3 (weights to ~1e-5); with tp the lines train at --lr 2e-4.
 # The tensor-parallel layouts train at --lr 2e-4 (their reference too; the lr is part of the flags
 # the reference keeps). At TINY's 2e-3 their losses match one rank to ~1e-8 but their final weights
 # only to ~2.6e-4 (head.dense.weight): Adam divides each gradient by √v + eps with eps 1e-6, so in an
@@ -20,10 +28,10 @@
 # partial sums) is amplified by lr/eps; the step-1 gradients of the two runs agree to 8.4e-7. At
 # --lr 2e-4 the worst weight mismatch is ~3.4e-5 to 3.9e-5 (head.dense.weight), under the 1e-4 asked for.
 #
-# --dump equivalence: step 1's dump (the batch, the loss, every normalised gradient) of tp 2 --sp and
-# of dp 2 × tp 2 with ZeRO-1 equals the single-rank dump: gradients within 1e-4 relative per tensor
-# (max |diff| / max |g|), the loss within 1e-5, ids/labels/positions/cu_seqlens equal. These run at
-# TINY's lr 2e-3: step 1's gradients do not go through Adam.
+# --dump equivalence: step 1's dump (the batch, the loss, every normalised gradient) of tp 2 --sp, of
+# dp 2 × tp 2 with ZeRO-1 and of tp 2 × pp 2 with grad-accum 2 equals the single-rank dump: gradients
+# within 1e-4 relative per tensor (max |diff| / max |g|), the loss within 1e-5, ids/labels/positions/
+# cu_seqlens equal. These run at TINY's lr 2e-3: step 1's gradients do not go through Adam.
 # Prints PASS/FAIL lines and "N passed, M failed" last.
 source "$(dirname "$0")/common.sh"
 BASE="$TINY --steps 4 --bucket-mb 8"
@@ -38,6 +46,18 @@ if $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export
    ./tests/make_model "$ODD" >> "$WORK/odd.out" 2>&1; then :
 else fail "odd-vocabulary model" "could not be made: $(tail -n 1 "$WORK/odd.out")"; fi
 ODD_FLAGS="--init-from $ODD --data data/mini"
+# the 5-layer model for pipeline stages that L does not divide: mini's config with H 256, 4 heads,
+# I 256, L 5 (and "layer_types" listing 5 kinds, every 3rd global as global_attn_every_n_layers says)
+L5="$WORK/l5"
+L5_TYPES='"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]'
+if $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export "$L5" > "$WORK/l5.out" 2>&1 &&
+   sed -i -e 's/"hidden_size": 64,/"hidden_size": 256,/' -e 's/"num_attention_heads": 1,/"num_attention_heads": 4,/' \
+          -e 's/"intermediate_size": 128,/"intermediate_size": 256,/' -e 's/"num_hidden_layers": 2,/"num_hidden_layers": 5,/' \
+          -e "s/\"layer_types\": \[[^]]*\]/$L5_TYPES/" "$L5/config.json" &&
+   [ "$(grep -c '"hidden_size": 256,\|"num_attention_heads": 4,\|"intermediate_size": 256,\|"num_hidden_layers": 5,' "$L5/config.json")" = 4 ] &&
+   grep -qF "$L5_TYPES" "$L5/config.json" && ./tests/make_model "$L5" >> "$WORK/l5.out" 2>&1; then :
+else fail "5-layer model" "could not be made: $(tail -n 1 "$WORK/l5.out")"; fi
+L5_FLAGS="--init-from $L5 --data data/mini"
 
 LAYOUTS=(
   "2 | --dp 2"
@@ -60,11 +80,17 @@ LAYOUTS=(
   "4 | --dp 2 --tp 2 --zero 1 --grad-accum 2 --lr 2e-4"
   "2 | --tp 2 --lr 2e-4 $ODD_FLAGS"
   "4 | --tp 4 --sp --lr 2e-4 $ODD_FLAGS"
+  "8 | --dp 2 --tp 2 --pp 2 --grad-accum 2 --sp --zero 1 --lr 2e-4"
+  "2 | --pp 2 --grad-accum 4 --pp-schedule afab"
+  "4 | --tp 2 --pp 2 --pp-schedule afab --lr 2e-4"
+  "3 | --pp 3 --grad-accum 2 $L5_FLAGS"
+  "4 | --pp 4 --grad-accum 6 $L5_FLAGS"
 )
 # step 1's --dump under these layouts vs one rank's
 DUMPS=(
   "2 | --tp 2 --sp"
   "4 | --dp 2 --tp 2 --zero 1"
+  "4 | --tp 2 --pp 2 --grad-accum 2"
 )
 run() {  # name ranks flags...; a model from --init-from replaces BASE's --model tiny
     local name=$1 ranks=$2 base=$BASE; shift 2
@@ -73,7 +99,7 @@ run() {  # name ranks flags...; a model from --init-from replaces BASE's --model
 }
 flag() { echo " $2 " | grep -o -- " $1 [^ ]*" | awk '{print $2}'; }
 # the flags without the layout ones: what the single-rank reference shares with the layout
-non_layout() { echo " $1 " | sed -E 's/ --(dp|tp|zero|grad-accum) [^ ]+/ /g; s/ --sp / /g' | tr -s ' ' | sed 's/^ //; s/ $//'; }
+non_layout() { echo " $1 " | sed -E 's/ --(dp|tp|pp|pp-schedule|zero|grad-accum) [^ ]+/ /g; s/ --sp / /g' | tr -s ' ' | sed 's/^ //; s/ $//'; }
 label() { echo "${1//$WORK\//}" | tr -c 'a-z0-9' '_'; }  # a file name for flags ($WORK left out)
 check() {  # kind (layout|dump) "ranks | flags"
     local kind=$1 ranks=${2%% |*} flags=${2#*| } dp ga micro shared ref name extra=() verdict

@@ -17,6 +17,25 @@
 #     without --sp, exactly; with --sp the head's rows come from the step's --dump (tests/dump_info);
 #   - trace: every tp rank writes the regions' collectives (all-gather / reduce-scatter with --sp,
 #     all-reduce without) as spans with "group": "tp" and their bytes, and not the other kind.
+# Pipeline parallel (--pp, --pp-schedule; layout equivalence is in tests/layouts.sh):
+#   - checkpoints move between pp layouts: saved under tp 2 × pp 2 (grad-accum 2) after 2 of 4 steps,
+#     resumed under 1 rank and under pp 3 (afab), both grad-accum 2, each follows the single-rank
+#     grad-accum 2 run (the tp checkpoint test's reference: losses 1e-5, final weights 1e-4, --lr 2e-4);
+#   - stages: rank 0's "pipeline:" line gives each stage the layers [s·⌊L/pp⌋ + min(s, L mod pp), …)
+#     (the first L mod pp stages one more), the embedding on the first, the head on the last;
+#   - tied embedding: after every pp run here rank 0 says the first and last stages' copies are
+#     bit-identical (the trainer stops otherwise), and the exported embedding (one tensor) is the
+#     1-rank run's (compare_runs, above and in tests/layouts.sh);
+#   - activation memory, on a 5-layer model (L5: mini's config with H 256, 4 heads, I 256, L 5) under
+#     pp 2 with grad-accum m = 2, 4, 8: the log's activation_bytes per stage are a whole number of
+#     sets, m sets under afab (so exactly 2× and 4× m = 2's) and min(pp − s, m) on stage s under
+#     1f1b (constant in m), the same on every step;
+#   - bubble: pp 2 (m 4) and pp 4 (m 8) log pp_bubble, one idle fraction in [0, 1) per stage on every
+#     step; printed beside (pp − 1)/(m + pp − 1) for reference only (the stages are unequal in cost:
+#     the last holds the head);
+#   - trace: under pp 2 (m 2) both ranks write "micro-batch i forward/backward" spans, their
+#     activation / gradient exchanges with "group": "pp" and bytes, and "pp embedding grad
+#     all-reduce" with "group": "embedding" and bytes.
 # Prints PASS/FAIL lines and "N passed, M failed" last.
 source "$(dirname "$0")/common.sh"
 
@@ -233,5 +252,127 @@ for sp in "" "--sp"; do
     if [ $ok = 1 ]; then pass "trace tp 2${sp:+ --sp}: ${#want[@]} tp collective spans with group and bytes on both ranks, none of the other kind"
     else fail "trace tp 2${sp:+ --sp}" "$why"; fi
 done
+
+# ---- pipeline parallel: checkpoints move between pp layouts; stages; the tied embedding ----
+TIED="tied embedding: the first and last stages' copies are bit-identical"
+stages_line() {  # L pp schedule -> rank 0's expected "pipeline:" line
+    awk -v L=$1 -v pp=$2 -v sch=$3 'BEGIN { printf "pipeline: %d stages, %s:", pp, sch; b = 0;
+        for (s = 0; s < pp; s++) { n = int(L / pp) + (s < L % pp); printf "%s stage %d layers %d-%d%s", s ? "," : "", s, b, b + n - 1,
+            s == 0 ? " + embedding" : s == pp - 1 ? " + head and tied embedding" : ""; b += n }; printf "\n" }'
+}
+stages_ok() {  # out-file L pp schedule: rank 0 printed the stages and, after training, the tied-embedding line
+    grep -qxF "$(stages_line $2 $3 $4)" "$1" && grep -qxF "$TIED" "$1"
+}
+if [ ! -f "$WORK/tpref/model.safetensors" ]; then fail "checkpoint tp 2 × pp 2" "no 1-rank reference (the tp checkpoint test's)"
+elif ! $MPIRUN -np 4 ./picotron_cpu $TINY $TPLR --steps 2 --tp 2 --pp 2 --grad-accum 2 --save "$WORK/ppck" \
+        --log "$WORK/ppsaved.jsonl" > "$WORK/ppsaved.out" 2>&1; then
+    fail "checkpoint tp 2 × pp 2" "the saving run failed: $(grep -m1 picotron: "$WORK/ppsaved.out")"
+else
+    if stages_ok "$WORK/ppsaved.out" 6 2 1f1b; then pass "tp 2 × pp 2 (tiny, L 6): stages 0-2, 3-5 printed; $TIED"
+    else fail "tp 2 × pp 2 stages / tied embedding" "want '$(stages_line 6 2 1f1b)' and '$TIED', got: $(grep -m1 '^pipeline:' "$WORK/ppsaved.out") / $(grep -c '^tied' "$WORK/ppsaved.out") tied lines"; fi
+    for to in "1 | --grad-accum 2" "3 | --pp 3 --pp-schedule afab --grad-accum 2"; do
+        ranks=${to%% |*} flags=${to#*| } name="ppmoved_${to%% |*}"
+        cp "$WORK/ppsaved.jsonl" "$WORK/$name.jsonl"  # the resumed run appends steps 3 and 4
+        if ! $MPIRUN -np "$ranks" ./picotron_cpu $TINY $TPLR --steps 4 $flags --resume "$WORK/ppck" --log "$WORK/$name.jsonl" \
+                --export "$WORK/$name" > "$WORK/$name.out" 2>&1; then
+            fail "checkpoint tp 2 × pp 2 -> [$flags]" "resume failed: $(grep -m1 picotron: "$WORK/$name.out")"
+        elif v=$(./tests/compare_runs "$WORK/tpref.jsonl" "$WORK/$name.jsonl" "$WORK/tpref/model.safetensors" \
+                 "$WORK/$name/model.safetensors" --loss-rel 1e-5 --weight-rel 1e-4); then
+            pass "checkpoint saved under tp 2 × pp 2 resumes under [$flags] on the 1-rank trajectory (tied embedding included): $v"
+        else fail "checkpoint tp 2 × pp 2 -> [$flags]" "$v"; fi
+    done
+    if stages_ok "$WORK/ppmoved_3.out" 6 3 afab; then pass "pp 3 afab (tiny, L 6): stages 0-1, 2-3, 4-5 printed; $TIED"
+    else fail "pp 3 stages / tied embedding" "want '$(stages_line 6 3 afab)' and '$TIED', got: $(grep -m1 '^pipeline:' "$WORK/ppmoved_3.out") / $(grep -c '^tied' "$WORK/ppmoved_3.out") tied lines"; fi
+fi
+
+# ---- pipeline parallel: activation memory, bubble, trace (on the 5-layer model) ----
+L5="$WORK/l5"
+L5_TYPES='"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]'
+if ! { $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export "$L5" > "$WORK/l5.out" 2>&1 &&
+       sed -i -e 's/"hidden_size": 64,/"hidden_size": 256,/' -e 's/"num_attention_heads": 1,/"num_attention_heads": 4,/' \
+              -e 's/"intermediate_size": 128,/"intermediate_size": 256,/' -e 's/"num_hidden_layers": 2,/"num_hidden_layers": 5,/' \
+              -e "s/\"layer_types\": \[[^]]*\]/$L5_TYPES/" "$L5/config.json" &&
+       [ "$(grep -c '"hidden_size": 256,\|"num_attention_heads": 4,\|"intermediate_size": 256,\|"num_hidden_layers": 5,' "$L5/config.json")" = 4 ] &&
+       grep -qF "$L5_TYPES" "$L5/config.json" && ./tests/make_model "$L5" >> "$WORK/l5.out" 2>&1; }; then
+    fail "5-layer model" "could not be made: $(tail -n 1 "$WORK/l5.out")"
+fi
+L5RUN="--init-from $L5 --data data/mini --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2 --steps 2"
+field() { grep -o "\"$1\": \[[^]]*\]" "$2" | sed 's/.*\[//; s/\]//; s/,//g'; }  # field log -> one line per step
+declare -A ACT  # schedule m -> the stages' activation bytes
+ok=1; why=""
+for sch in afab 1f1b; do
+    for m in 2 4 8; do
+        name="ppmem_${sch}_$m" extra=()
+        [ $sch$m = 1f1b2 ] && extra=(--trace "$WORK/pptrace")  # also the trace test's run
+        if ! $MPIRUN -np 2 ./picotron_cpu $L5RUN --pp 2 --pp-schedule $sch --grad-accum $m "${extra[@]}" \
+                --log "$WORK/$name.jsonl" > "$WORK/$name.out" 2>&1; then
+            ok=0; why="$why $sch m $m: run failed: $(grep -m1 picotron: "$WORK/$name.out");"; continue
+        fi
+        stages_ok "$WORK/$name.out" 5 2 $sch || { ok=0; why="$why $sch m $m: no '$(stages_line 5 2 $sch)' or '$TIED';"; }
+        mapfile -t per_step < <(field activation_bytes "$WORK/$name.jsonl")
+        if [ "${#per_step[@]}" != 2 ] || [ "${per_step[0]}" != "${per_step[1]}" ]; then
+            ok=0; why="$why $sch m $m: activation_bytes per step '${per_step[*]}';"
+        fi
+        ACT[$sch$m]=${per_step[1]:-}
+    done
+done
+if [ $ok = 1 ]; then
+    read -r a0 a1 <<< "${ACT[afab2]}"
+    for s in 0 1; do  # afab m 2 holds 2 sets on each stage: one set's bytes
+        v=$([ $s = 0 ] && echo $a0 || echo $a1)
+        if [ -z "$v" ] || [ "$v" -le 0 ] || [ $((v % 2)) != 0 ]; then ok=0; why="$why afab m 2 stage $s: '$v' bytes, not 2 sets;"; fi
+    done
+fi
+if [ $ok = 1 ]; then
+    set1=($((a0 / 2)) $((a1 / 2)))
+    for sch in afab 1f1b; do
+        for m in 2 4 8; do
+            want=()
+            for s in 0 1; do
+                if [ $sch = afab ]; then sets=$m; else sets=$((2 - s < m ? 2 - s : m)); fi
+                want+=($((sets * set1[s])))
+            done
+            [ "${ACT[$sch$m]}" = "${want[*]}" ] || { ok=0; why="$why $sch m $m: activation_bytes '${ACT[$sch$m]}', want '${want[*]}';"; }
+        done
+    done
+fi
+if [ $ok = 1 ]; then
+    pass "activation memory pp 2 (L5): one set ${set1[*]} bytes per stage; afab m 2/4/8: [${ACT[afab2]}] [${ACT[afab4]}] [${ACT[afab8]}] (m sets); 1f1b: [${ACT[1f1b2]}] [${ACT[1f1b4]}] [${ACT[1f1b8]}] (min(pp − s, m) sets)"
+else fail "activation memory pp 2" "$why"; fi
+
+# bubble: pp 2 m 4 (the memory test's 1f1b run) and pp 4 m 8
+$MPIRUN -np 4 ./picotron_cpu $L5RUN --pp 4 --grad-accum 8 --log "$WORK/ppbub_4_8.jsonl" > "$WORK/ppbub_4_8.out" 2>&1 ||
+    fail "bubble pp 4" "run failed: $(grep -m1 picotron: "$WORK/ppbub_4_8.out")"
+stages_ok "$WORK/ppbub_4_8.out" 5 4 1f1b && pass "pp 4 (L5): stages 0-1, 2, 3, 4 printed; $TIED" ||
+    fail "pp 4 stages / tied embedding" "want '$(stages_line 5 4 1f1b)' and '$TIED', got: $(grep -m1 '^pipeline:' "$WORK/ppbub_4_8.out")"
+for run in "2 4 $WORK/ppmem_1f1b_4.jsonl" "4 8 $WORK/ppbub_4_8.jsonl"; do
+    read -r pp m log <<< "$run"
+    [ -f "$log" ] || { fail "bubble pp $pp m $m" "no log"; continue; }
+    mapfile -t per_step < <(field pp_bubble "$log")
+    bad=$(printf '%s\n' "${per_step[@]}" | awk -v pp=$pp '{ if (NF != pp) { print "step " NR ": " NF " values"; next }
+                                                           for (i = 1; i <= NF; i++) if (!($i >= 0 && $i < 1)) print "step " NR ": " $i }')
+    formula=$(awk -v pp=$pp -v m=$m 'BEGIN { printf "%.4f", (pp - 1) / (m + pp - 1) }')
+    if [ "${#per_step[@]}" = 2 ] && [ -z "$bad" ]; then
+        pass "bubble pp $pp m $m (L5, 1f1b): per stage [${per_step[1]}] (step 2), in [0, 1) on every step; (pp − 1)/(m + pp − 1) = $formula"
+    else fail "bubble pp $pp m $m" "pp_bubble per step '${per_step[*]}':${bad:- $(( ${#per_step[@]} )) steps}"; fi
+done
+
+# trace: the memory test's 1f1b m 2 run. Stage 0 sends activations and receives gradients, stage 1
+# the other way (exchanges that only receive send 0 bytes); both all-reduce the embedding's gradient.
+ok=1; why=""
+for r in 0 1; do
+    f="$WORK/pptrace/trace_rank$r.json"
+    [ -f "$f" ] || { ok=0; why="$why no $f;"; continue; }
+    if [ $r = 0 ]; then send="pp send activation" recv="pp recv gradient"; else send="pp send gradient" recv="pp recv activation"; fi
+    for span in "micro-batch 0 forward" "micro-batch 1 forward" "micro-batch 0 backward" "micro-batch 1 backward"; do
+        grep -q "\"name\": \"$span\"" "$f" || { ok=0; why="$why rank $r lacks '$span';"; }
+    done
+    grep -q "\"name\": \"$send\".*\"group\": \"pp\", \"bytes\": [1-9]" "$f" || { ok=0; why="$why rank $r lacks '$send' (group pp, bytes);"; }
+    grep -q "\"name\": \"$recv\".*\"group\": \"pp\"" "$f" || { ok=0; why="$why rank $r lacks '$recv' (group pp);"; }
+    grep -q '"name": "pp embedding grad all-reduce".*"group": "embedding", "bytes": [1-9]' "$f" ||
+        { ok=0; why="$why rank $r lacks 'pp embedding grad all-reduce' (group embedding, bytes);"; }
+done
+if [ $ok = 1 ]; then pass "trace pp 2 (m 2): micro-batch forward/backward spans, activation/gradient exchanges (group pp) and the embedding grad all-reduce (group embedding) on both ranks"
+else fail "trace pp 2" "$why"; fi
 
 summary

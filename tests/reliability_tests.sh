@@ -9,8 +9,8 @@
 #   outputs    every output path is checked before step 1; another run's checkpoints are not reused
 #   no damage  a failing --prepare-text leaves the dataset as it was; --export never goes into a checkpoint
 #   resume     the architecture comes from the checkpoint; contradicting flags are refused
-#   tp         layouts the model or the world cannot take are refused on every rank; --export and
-#              --predict under tensor parallel give the 1-rank files and lines
+#   tp, pp     layouts the model or the world cannot take are refused on every rank; --export and
+#              --predict under tensor and pipeline parallel give the 1-rank files and lines
 #   diverged   a non-finite loss stops every rank; no non-finite checkpoint becomes latest
 # Prints PASS/FAIL lines and "N passed, M failed" last.
 source "$(dirname "$0")/common.sh"
@@ -208,7 +208,7 @@ else fail "resume: checkpoint from --init-from" "$v"; fi
 bad "resume: --model contradicting the checkpoint" "another architecture" $RUN --model tiny --data data/mini --steps 4 --resume "$W/ck_init"
 bad "resume: --init-from contradicting the checkpoint" "another architecture" $RUN --init-from "$W/lt3" --data data/mini --steps 4 --resume "$W/ck_init"
 
-# ---- tensor parallel: bad layouts refused on every rank; --predict and --export as on one rank ----
+# ---- tensor and pipeline parallel: bad layouts refused on every rank; --predict and --export as on one rank ----
 # h2: mini's shape with 2 heads (tiny's 4 and mini's 1 do not fit tp 2 and 3 alike), H 128, I 192,
 # and V 4097, which tp 2 pads to 2 × 2049 vocabulary rows; h2i the same with intermediate_size 191
 h2_config() {  # DIR I: mini's exported config.json with 2 heads, H 128, V 4097 and intermediate_size I
@@ -227,11 +227,18 @@ bad "tp: --sp with --micro-batch-tokens 255 over --tp 2" "--sp: --micro-batch-to
 bad "tp: --sp without --tp (dp 2)" "--sp cuts token rows over the tensor-parallel ranks: it needs --tp > 1" \
     $MPIRUN -np 2 $BIN --dp 2 --sp $MINI --steps 1
 bad "tp: layout tp 2 on 3 ranks" "layout dp 1 × pp 1 × cp 1 × tp 2 = 2 ranks, but mpirun started 3" $MPIRUN -np 3 $BIN --tp 2 $H2 --steps 1
-bad "tp: --pp 2 (2 ranks)" "--pp and --cp must be 1" $MPIRUN -np 2 $BIN --pp 2 $H2 --steps 1
-bad "tp: --predict with --dp 2" "--predict runs on one rank, or on one tensor-parallel group" \
+bad "tp: --predict with --dp 2" "--predict runs on one model replica: --tp and --pp, but not --dp" \
     $MPIRUN -np 2 $BIN --dp 2 --init-from "$W/h2" --data data/mini --predict "the [MASK] of"
-bad "tp: --predict with --dp 2 --tp 2 (4 ranks)" "--predict runs on one rank, or on one tensor-parallel group" \
+bad "tp: --predict with --dp 2 --tp 2 (4 ranks)" "--predict runs on one model replica: --tp and --pp, but not --dp" \
     $MPIRUN -np 4 $BIN --dp 2 --tp 2 --init-from "$W/h2" --data data/mini --predict "the [MASK] of"
+# pipeline parallel: a stage needs a layer (mini and h2 have 2), the schedule is named, --predict
+# runs on one replica
+bad "pp: --pp 3 on mini's 2 layers (3 ranks)" "--pp 3 is more than the model's 2 layers (a stage needs at least one)" \
+    $MPIRUN -np 3 $BIN --pp 3 $MINI --steps 1
+bad "pp: unknown --pp-schedule (2 ranks)" "--pp-schedule must be afab or 1f1b, got 'gpipe'" \
+    $MPIRUN -np 2 $BIN --pp 2 --pp-schedule gpipe $MINI --steps 1
+bad "pp: --predict with --dp 2 --pp 2 (4 ranks)" "--predict runs on one model replica: --tp and --pp, but not --dp" \
+    $MPIRUN -np 4 $BIN --dp 2 --pp 2 --init-from "$W/h2" --data data/mini --predict "the [MASK] of"
 if ./picotron_cpu --help 2>&1 | grep -A2 -- "^  --sp " | grep -q -- "needs --tp > 1"; then pass "tp: --help says --sp needs --tp > 1"
 else fail "tp: --help" "no '--sp … needs --tp > 1' in --help"; fi
 # --export under tp 2 --sp after 2 steps: the 1-rank run's losses (1e-5) and export (weights 1e-4,
@@ -259,7 +266,31 @@ else
             pass "tp: --predict under $flags prints the 1-rank top-5 lines ($(grep -m1 '#1:' "$W/p1.out" | cut -c 15-))"
         else fail "tp: --predict under $flags" "differs from 1 rank: $(diff "$W/p1.out" "$W/p2.out" | tr '\n' '|')"; fi
     done
+    # pp: the last stage prints, from the activation the stages passed on. The lines see stage 0's
+    # layer: two weights of layer 0 changed by ±30 change them ([UNK] 20.3% → 20.1%), so a pipeline that
+    # skipped or garbled a stage would not print the 1-rank lines.
+    rm -rf "$W/tpq"; mkdir -p "$W/tpq"; cp "$W/tpp/config.json" "$W/tpq/"
+    ./tests/st_edit "$W/tpp/model.safetensors" "$W/tpq/model.safetensors" --set model.layers.0.mlp.Wo.weight 0 30 \
+        --set model.layers.0.mlp.Wo.weight 1 -30 > /dev/null
+    if $RUN --init-from "$W/tpq" "${P[@]:2}" > "$W/pq.out" 2>&1 && ! diff -q "$W/p1.out" "$W/pq.out" > /dev/null; then
+        for layout in "2|--pp 2" "4|--pp 2 --tp 2"; do
+            ranks=${layout%%|*}; flags=${layout#*|}
+            if $MPIRUN -np "$ranks" $BIN $flags "${P[@]}" > "$W/p3.out" 2>&1 && diff -q "$W/p1.out" "$W/p3.out" > /dev/null; then
+                pass "pp: --predict under $flags ($ranks ranks) prints the 1-rank top-5 lines (a changed layer-0 weight changes them)"
+            else fail "pp: --predict under $flags" "differs from 1 rank: $(diff "$W/p1.out" "$W/p3.out" | tr '\n' '|')"; fi
+        done
+    else fail "pp: --predict" "a changed layer-0 weight leaves the 1-rank lines as they were: the check could not fail"; fi
 fi
+# --export under pp 2 (1f1b, grad-accum 2) after 2 steps: the 1-rank grad-accum 2 run's losses
+# (1e-5) and export (weights 1e-4, the same config.json): each stage's layers go back in their
+# place, the tied embedding once
+if $RUN $H2 --steps 2 --grad-accum 2 --log "$W/pp1.jsonl" --export "$W/pp1" > /dev/null 2>&1 &&
+   $MPIRUN -np 2 $BIN --pp 2 $H2 --steps 2 --grad-accum 2 --log "$W/pp2.jsonl" --export "$W/pp2" > "$W/pp2.out" 2>&1; then
+    if ! v=$(./tests/compare_runs "$W/pp1.jsonl" "$W/pp2.jsonl" "$W/pp1/model.safetensors" "$W/pp2/model.safetensors" --loss-rel 1e-5 --weight-rel 1e-4); then
+        fail "pp: --export under pp 2" "$v"
+    elif ! d=$(diff "$W/pp1/config.json" "$W/pp2/config.json"); then fail "pp: --export under pp 2" "config.json differs: $d"
+    else pass "pp: --export under pp 2 (grad-accum 2) after 2 steps equals the 1-rank export, config.json identical: $v"; fi
+else fail "pp: --export under pp 2" "a run failed: $(grep -m1 picotron: "$W/pp2.out")"; fi
 
 # ---- diverged ----
 # weight decay 1 at lr 10 multiplies every matrix by −9 a step: the weights overflow within ~40 steps
