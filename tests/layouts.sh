@@ -7,7 +7,7 @@
 # --grad-accum = dp × grad-accum; it is computed once per distinct set of flags.
 #
 # Layouts:
-#   data parallel: dp 2/3/4/8, with grad-accum, with ZeRO-1, with StableAdamW and clipping;
+#   data parallel: dp 2, dp 3/4/8 with ZeRO-1, with grad-accum, with StableAdamW and clipping;
 #   tensor parallel: tp 2 and 4, with and without sequence parallel (--sp), dp 2 × tp 2 (with
 #   ZeRO-1 and --sp, and with ZeRO-1 and grad-accum 2), tp 2 with grad-accum 2 and --sp;
 #   an odd vocabulary (V 4097: a model made by tests/make_model for --init-from, trained on
@@ -61,9 +61,6 @@ L5_FLAGS="--init-from $L5 --data data/mini"
 
 LAYOUTS=(
   "2 | --dp 2"
-  "3 | --dp 3"
-  "4 | --dp 4"
-  "8 | --dp 8"
   "2 | --dp 2 --grad-accum 2"
   "2 | --dp 2 --zero 1"
   "3 | --dp 3 --zero 1"
