@@ -97,23 +97,30 @@ if $MPIRUN -np 2 ./picotron_cpu $TINY --steps 2 --dp 2 --bucket-mb 4 --trace "$W
 else fail "trace" "run failed"; fi
 
 # ---- tensor parallel: checkpoints move between tp layouts ----
+# A checkpoint saved after 2 of 4 steps (DIR, its log SAVED) resumed under each "ranks | flags" must
+# finish on the 1-rank grad-accum 2 trajectory (tpref): label, prefix, DIR, SAVED, layouts...
+resumes_on_reference() {
+    local label=$1 prefix=$2 ckpt=$3 saved=$4 to ranks flags name v
+    shift 4
+    for to in "$@"; do
+        ranks=${to%% |*} flags=${to#*| } name="${prefix}_${ranks}"
+        cp "$saved" "$WORK/$name.jsonl"  # the resumed run appends steps 3 and 4
+        if ! $MPIRUN -np "$ranks" ./picotron_cpu $TINY $TPLR --steps 4 $flags --resume "$ckpt" --log "$WORK/$name.jsonl" \
+                --export "$WORK/$name" > "$WORK/$name.out" 2>&1; then
+            fail "checkpoint $label -> [$flags]" "resume failed: $(grep -m1 picotron: "$WORK/$name.out")"
+        elif v=$(./tests/compare_runs "$WORK/tpref.jsonl" "$WORK/$name.jsonl" "$WORK/tpref/model.safetensors" \
+                 "$WORK/$name/model.safetensors" --loss-rel 1e-5 --weight-rel 1e-4); then
+            pass "checkpoint saved under $label resumes under [$flags] on the 1-rank trajectory: $v"
+        else fail "checkpoint $label -> [$flags]" "$v"; fi
+    done
+}
 # --lr 2e-4: at TINY's 2e-3 Adam amplifies fp32 roundoff in near-zero gradients past 1e-4 (tests/layouts.sh)
 TPLR="--lr 2e-4"
 $MPIRUN -np 1 ./picotron_cpu $TINY $TPLR --steps 4 --grad-accum 2 --log "$WORK/tpref.jsonl" --export "$WORK/tpref" > "$WORK/tpref.out" 2>&1 &&
 $MPIRUN -np 4 ./picotron_cpu $TINY $TPLR --steps 2 --dp 2 --tp 2 --zero 1 --save "$WORK/tpck" --log "$WORK/tpsaved.jsonl" > "$WORK/tpsaved.out" 2>&1
 if [ $? != 0 ]; then fail "checkpoint dp 2 × tp 2 (ZeRO-1)" "the reference or the saving run failed"
 else
-    for to in "1 | --grad-accum 2" "4 | --tp 4 --grad-accum 2"; do
-        ranks=${to%% |*} flags=${to#*| } name="tpmoved_${to%% |*}"
-        cp "$WORK/tpsaved.jsonl" "$WORK/$name.jsonl"  # the resumed run appends steps 3 and 4
-        if ! $MPIRUN -np "$ranks" ./picotron_cpu $TINY $TPLR --steps 4 $flags --resume "$WORK/tpck" --log "$WORK/$name.jsonl" \
-                --export "$WORK/$name" > "$WORK/$name.out" 2>&1; then
-            fail "checkpoint dp 2 × tp 2 -> [$flags]" "resume failed: $(grep -m1 picotron: "$WORK/$name.out")"
-        elif v=$(./tests/compare_runs "$WORK/tpref.jsonl" "$WORK/$name.jsonl" "$WORK/tpref/model.safetensors" \
-                 "$WORK/$name/model.safetensors" --loss-rel 1e-5 --weight-rel 1e-4); then
-            pass "checkpoint saved under dp 2 × tp 2 with ZeRO-1 resumes under [$flags] on the 1-rank trajectory: $v"
-        else fail "checkpoint dp 2 × tp 2 -> [$flags]" "$v"; fi
-    done
+    resumes_on_reference "dp 2 × tp 2 with ZeRO-1" tpmoved "$WORK/tpck" "$WORK/tpsaved.jsonl" "1 | --grad-accum 2" "4 | --tp 4 --grad-accum 2"
 fi
 
 # ---- tensor parallel: parameter memory per rank ----
@@ -270,17 +277,8 @@ elif ! $MPIRUN -np 4 ./picotron_cpu $TINY $TPLR --steps 2 --tp 2 --pp 2 --grad-a
 else
     if stages_ok "$WORK/ppsaved.out" 6 2 1f1b; then pass "tp 2 × pp 2 (tiny, L 6): stages 0-2, 3-5 printed; $TIED"
     else fail "tp 2 × pp 2 stages / tied embedding" "want '$(stages_line 6 2 1f1b)' and '$TIED', got: $(grep -m1 '^pipeline:' "$WORK/ppsaved.out") / $(grep -c '^tied' "$WORK/ppsaved.out") tied lines"; fi
-    for to in "1 | --grad-accum 2" "3 | --pp 3 --pp-schedule afab --grad-accum 2"; do
-        ranks=${to%% |*} flags=${to#*| } name="ppmoved_${to%% |*}"
-        cp "$WORK/ppsaved.jsonl" "$WORK/$name.jsonl"  # the resumed run appends steps 3 and 4
-        if ! $MPIRUN -np "$ranks" ./picotron_cpu $TINY $TPLR --steps 4 $flags --resume "$WORK/ppck" --log "$WORK/$name.jsonl" \
-                --export "$WORK/$name" > "$WORK/$name.out" 2>&1; then
-            fail "checkpoint tp 2 × pp 2 -> [$flags]" "resume failed: $(grep -m1 picotron: "$WORK/$name.out")"
-        elif v=$(./tests/compare_runs "$WORK/tpref.jsonl" "$WORK/$name.jsonl" "$WORK/tpref/model.safetensors" \
-                 "$WORK/$name/model.safetensors" --loss-rel 1e-5 --weight-rel 1e-4); then
-            pass "checkpoint saved under tp 2 × pp 2 resumes under [$flags] on the 1-rank trajectory (tied embedding included): $v"
-        else fail "checkpoint tp 2 × pp 2 -> [$flags]" "$v"; fi
-    done
+    resumes_on_reference "tp 2 × pp 2 (tied embedding included)" ppmoved "$WORK/ppck" "$WORK/ppsaved.jsonl" \
+        "1 | --grad-accum 2" "3 | --pp 3 --pp-schedule afab --grad-accum 2"
     if stages_ok "$WORK/ppmoved_3.out" 6 3 afab; then pass "pp 3 afab (tiny, L 6): stages 0-1, 2-3, 4-5 printed; $TIED"
     else fail "pp 3 stages / tied embedding" "want '$(stages_line 6 3 afab)' and '$TIED', got: $(grep -m1 '^pipeline:' "$WORK/ppmoved_3.out") / $(grep -c '^tied' "$WORK/ppmoved_3.out") tied lines"; fi
 fi
