@@ -559,6 +559,195 @@ inline void attention_backward(float* dqkv, const float* dout, const float* out,
     }
 }
 
+// -- attention of a shard's queries against one block of keys/values (context parallelism) --
+// Queries are micro-batch tokens [q_start, q_start + Tq), keys/values tokens [k_start, k_start + Tk).
+// Query i sees key j iff both are in the same document (cu_seqlens (n_docs + 1) over the whole
+// micro-batch) and, when window >= 0, |i − j| <= window. q: (Tq, q_stride), k, v: (Tk, kv_stride),
+// head h at columns h·hd (so qkv rows with stride 3H work: q = qkv, k = qkv + H, v = qkv + 2H).
+// A ring over key blocks runs attention_block_forward per block, folds each result into the running
+// one with attention_merge, and after the last merge calls attention_block_backward per block with
+// the final out and lse. Plain per-(row, head) loops; sums over keys in double.
+
+// The document d with cu_seqlens[d] ≤ i < cu_seqlens[d + 1], or −1 for padding (empty documents stepped over).
+inline int attention_document(const int* cu_seqlens, int n_docs, int i) {
+    int lo = 0, hi = n_docs;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (cu_seqlens[mid] <= i) lo = mid + 1;
+        else hi = mid;
+    }
+    const int d = lo - 1;
+    return (d >= 0 && i < cu_seqlens[d + 1]) ? d : -1;
+}
+// [*a, *b): the tokens of [lo, hi) that token i sees (by symmetry: keys of query i, or queries of key i).
+inline void attention_visible(int i, const int* cu_seqlens, int n_docs, int window, int lo, int hi, int* a, int* b) {
+    *a = *b = lo;
+    const int d = attention_document(cu_seqlens, n_docs, i);
+    if (d < 0) return;
+    int j0, j1;
+    attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
+    if (j0 < lo) j0 = lo;
+    if (j1 > hi) j1 = hi;
+    if (j1 > j0) {
+        *a = j0;
+        *b = j1;
+    }
+}
+// out (Tq, nh·hd): softmax(q·kᵀ·scale)·v over this block's visible keys only (scale = 1/√hd); lse (Tq, nh):
+// log Σ exp(scaled scores) over them, −INFINITY (and an all-zero out row) when the block holds no visible key.
+inline void attention_block_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
+                                    const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                    const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+    const int H = nh * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel
+    {
+        std::vector<float> s(Tk > 0 ? Tk : 1);
+        std::vector<double> acc(hd);
+#pragma omp for schedule(dynamic, 16)
+        for (long task = 0; task < (long)Tq * nh; task++) {
+            const int r = (int)(task / nh), h = (int)(task % nh);
+            float* o = out + (size_t)r * H + (size_t)h * hd;
+            int j0, j1;
+            attention_visible(q_start + r, cu_seqlens, n_docs, window, k_start, k_start + Tk, &j0, &j1);
+            if (j0 == j1) {
+                for (int c = 0; c < hd; c++) o[c] = 0.0f;
+                lse[task] = -INFINITY;
+                continue;
+            }
+            const float* qi = q + (size_t)r * q_stride + (size_t)h * hd;
+            float max_score = -INFINITY;
+            for (int j = j0; j < j1; j++) {
+                const float* kj = k + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
+                float dot = 0.0f;
+                for (int c = 0; c < hd; c++) dot += qi[c] * kj[c];
+                s[j - j0] = dot * scale;
+                max_score = s[j - j0] > max_score ? s[j - j0] : max_score;
+            }
+            const double denom = sum_exp(s.data(), s.data(), j1 - j0, max_score);
+            acc.assign(hd, 0.0);
+            for (int j = j0; j < j1; j++) {
+                const float* vj = v + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
+                for (int c = 0; c < hd; c++) acc[c] += (double)s[j - j0] * vj[c];
+            }
+            for (int c = 0; c < hd; c++) o[c] = (float)(acc[c] / denom);
+            lse[task] = max_score + (float)log(denom);
+        }
+    }
+}
+// Merges a block's result into the running one, per (row, head): lse ← log(e^lse + e^lse_b),
+// out ← out·e^(lse_old − lse) + out_b·e^(lse_b − lse); −INFINITY on either side is handled (no NaN):
+// an empty block leaves the running result as it is (bitwise), an empty running result becomes the block's.
+// out, out_b (T, nh·hd); lse, lse_b (T, nh).
+inline void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int T, int nh, int hd) {
+    const size_t H = (size_t)nh * hd;
+#pragma omp parallel for schedule(static)
+    for (long task = 0; task < (long)T * nh; task++) {
+        const float la = lse[task], lb = lse_b[task];
+        float* o = out + (size_t)(task / nh) * H + (size_t)(task % nh) * hd;
+        const float* ob = out_b + (size_t)(task / nh) * H + (size_t)(task % nh) * hd;
+        if (lb == -INFINITY) continue;
+        if (la == -INFINITY) {
+            for (int c = 0; c < hd; c++) o[c] = ob[c];
+            lse[task] = lb;
+            continue;
+        }
+        const float l = (la > lb ? la : lb) + log1pf(expf(-fabsf(la - lb)));
+        const float wa = expf(la - l), wb = expf(lb - l);
+        for (int c = 0; c < hd; c++) o[c] = o[c] * wa + ob[c] * wb;
+        lse[task] = l;
+    }
+}
+// The block's share of the backward, given the FINAL out and lse (after all merges) and dout (Tq, nh·hd):
+// with p_ij = exp(s_ij − lse_i), D_i = dout_i · out_i, ds_ij = p_ij (dout_i · v_j − D_i) over this block's
+// visible pairs: dq_i += scale Σ_j ds_ij k_j (dq (Tq, dq_stride)), dk_j += scale Σ_i ds_ij q_i,
+// dv_j += Σ_i p_ij dout_i (dk, dv (Tk, dkv_stride)); they ADD (a ring adds every block's share).
+// Null dq, or null dk and dv, skip that side. The dq loop runs over (query, head), the dk/dv loop over
+// (key, head): each element has one writer.
+inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
+                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
+                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+    const size_t H = (size_t)nh * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    std::vector<float> D((size_t)Tq * nh > 0 ? (size_t)Tq * nh : 1);
+#pragma omp parallel for schedule(static)
+    for (long task = 0; task < (long)Tq * nh; task++) {
+        const size_t at = (size_t)(task / nh) * H + (size_t)(task % nh) * hd;
+        double acc = 0.0;
+        for (int c = 0; c < hd; c++) acc += (double)dout[at + c] * out[at + c];
+        D[task] = (float)acc;
+    }
+    if (dq) {
+#pragma omp parallel
+        {
+            std::vector<double> acc(hd);
+#pragma omp for schedule(dynamic, 16)
+            for (long task = 0; task < (long)Tq * nh; task++) {
+                const int r = (int)(task / nh), h = (int)(task % nh);
+                int j0, j1;
+                attention_visible(q_start + r, cu_seqlens, n_docs, window, k_start, k_start + Tk, &j0, &j1);
+                if (j0 == j1) continue;
+                const float* qi = q + (size_t)r * q_stride + (size_t)h * hd;
+                const float* gi = dout + (size_t)r * H + (size_t)h * hd;
+                acc.assign(hd, 0.0);
+                for (int j = j0; j < j1; j++) {
+                    const float* kj = k + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
+                    const float* vj = v + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
+                    float s = 0.0f, dp = 0.0f;
+                    for (int c = 0; c < hd; c++) {
+                        s += qi[c] * kj[c];
+                        dp += gi[c] * vj[c];
+                    }
+                    const float ds = expf(s * scale - lse[task]) * (dp - D[task]) * scale;
+                    for (int c = 0; c < hd; c++) acc[c] += (double)ds * kj[c];
+                }
+                float* dqi = dq + (size_t)r * dq_stride + (size_t)h * hd;
+                for (int c = 0; c < hd; c++) dqi[c] += (float)acc[c];
+            }
+        }
+    }
+    if (dk || dv) {
+#pragma omp parallel
+        {
+            std::vector<double> acc_k(hd), acc_v(hd);
+#pragma omp for schedule(dynamic, 16)
+            for (long task = 0; task < (long)Tk * nh; task++) {
+                const int jj = (int)(task / nh), h = (int)(task % nh);
+                int i0, i1;
+                attention_visible(k_start + jj, cu_seqlens, n_docs, window, q_start, q_start + Tq, &i0, &i1);
+                if (i0 == i1) continue;
+                const float* kj = k + (size_t)jj * kv_stride + (size_t)h * hd;
+                const float* vj = v + (size_t)jj * kv_stride + (size_t)h * hd;
+                acc_k.assign(hd, 0.0);
+                acc_v.assign(hd, 0.0);
+                for (int i = i0; i < i1; i++) {
+                    const size_t row = (size_t)(i - q_start);
+                    const float* qi = q + row * q_stride + (size_t)h * hd;
+                    const float* gi = dout + row * H + (size_t)h * hd;
+                    float s = 0.0f, dp = 0.0f;
+                    for (int c = 0; c < hd; c++) {
+                        s += qi[c] * kj[c];
+                        dp += gi[c] * vj[c];
+                    }
+                    const float p = expf(s * scale - lse[row * nh + h]);
+                    const float ds = p * (dp - D[row * nh + h]) * scale;
+                    for (int c = 0; c < hd; c++) {
+                        acc_k[c] += (double)ds * qi[c];
+                        acc_v[c] += (double)p * gi[c];
+                    }
+                }
+                float* dkj = dk ? dk + (size_t)jj * dkv_stride + (size_t)h * hd : nullptr;
+                float* dvj = dv ? dv + (size_t)jj * dkv_stride + (size_t)h * hd : nullptr;
+                for (int c = 0; c < hd; c++) {
+                    if (dkj) dkj[c] += (float)acc_k[c];
+                    if (dvj) dvj[c] += (float)acc_v[c];
+                }
+            }
+        }
+    }
+}
+
 // -- GELU, the exact (erf) form: gelu(x) = x/2 · (1 + erf(x/√2)) --
 inline float gelu(float x) { return 0.5f * x * (1.0f + erff(x * (float)M_SQRT1_2)); }
 inline float gelu_grad(float x) {
@@ -1635,6 +1824,194 @@ inline void attention_backward(float* dqkv, const float* dout, const float* out,
                 n_docs, T, nh, hd, window, scale);
     CUDA_LAUNCH(attention_backward_dkv_kernel, blocks, ATT_WARPS * WARP_SIZE, dqkv, dout, out, lse, qkv, cu_seqlens,
                 n_docs, T, nh, hd, window, scale);
+}
+
+// ---- attention against one block of keys/values (context parallelism) ----
+// Same contract as ref::attention_block_forward / attention_merge / attention_block_backward. Simple
+// first: one thread per (query, head) for the forward, the merge and dq, one per (key, head) for dk/dv,
+// each walking its keys (or queries) in order with its accumulators in registers/local memory, so every
+// output element has one writer (no atomics) and results do not depend on thread order.
+// [*a, *b): the tokens of [lo, hi) that token i sees (empty for padding).
+__device__ inline void attention_visible(int i, const int* cu_seqlens, int n_docs, int window, int lo, int hi, int* a,
+                                         int* b) {
+    *a = *b = lo;
+    const int d = find_document(cu_seqlens, n_docs, i);
+    if (d < 0) return;
+    int j0, j1;
+    attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
+    if (j0 < lo) j0 = lo;
+    if (j1 > hi) j1 = hi;
+    if (j1 > j0) {
+        *a = j0;
+        *b = j1;
+    }
+}
+// Two passes over the visible keys: the max score, then p = exp(s − max) summed and p·v accumulated.
+__global__ void attention_block_forward_kernel(float* out, float* lse, const float* q, int q_stride, int q_start,
+                                               int Tq, const float* k, const float* v, int kv_stride, int k_start,
+                                               int Tk, const int* cu_seqlens, int n_docs, int nh, int hd, int window,
+                                               float scale) {
+    const size_t total = (size_t)Tq * nh, H = (size_t)nh * hd;
+    for (size_t task = blockIdx.x * (size_t)blockDim.x + threadIdx.x; task < total;
+         task += (size_t)gridDim.x * blockDim.x) {
+        const int r = (int)(task / nh), h = (int)(task % nh);
+        float* o = out + (size_t)r * H + (size_t)h * hd;
+        int j0, j1;
+        attention_visible(q_start + r, cu_seqlens, n_docs, window, k_start, k_start + Tk, &j0, &j1);
+        if (j0 == j1) {
+            for (int c = 0; c < hd; c++) o[c] = 0.0f;
+            lse[task] = -INFINITY;
+            continue;
+        }
+        const float* qi = q + (size_t)r * q_stride + (size_t)h * hd;
+        float max_score = -INFINITY;
+        for (int j = j0; j < j1; j++) {
+            const float* kj = k + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
+            float dot = 0.0f;
+            for (int c = 0; c < hd; c++) dot += qi[c] * kj[c];
+            max_score = fmaxf(max_score, dot * scale);
+        }
+        float acc[MAX_HEAD_DIM];
+        for (int c = 0; c < hd; c++) acc[c] = 0.0f;
+        float denom = 0.0f;
+        for (int j = j0; j < j1; j++) {
+            const float* kj = k + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
+            const float* vj = v + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
+            float dot = 0.0f;
+            for (int c = 0; c < hd; c++) dot += qi[c] * kj[c];
+            const float p = expf(dot * scale - max_score);
+            denom += p;
+            for (int c = 0; c < hd; c++) acc[c] += p * vj[c];
+        }
+        for (int c = 0; c < hd; c++) o[c] = acc[c] / denom;
+        lse[task] = max_score + logf(denom);
+    }
+}
+inline void attention_block_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
+                                    const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                    const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+    if (hd <= 0 || hd > MAX_HEAD_DIM) fatal("attention: head dim %d outside [1, %d]", hd, MAX_HEAD_DIM);
+    if (Tq <= 0 || nh <= 0) return;
+    CUDA_LAUNCH(attention_block_forward_kernel, grid_for((size_t)Tq * nh), BLOCK_SIZE, out, lse, q, q_stride, q_start,
+                Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd, window, 1.0f / sqrtf((float)hd));
+}
+__global__ void attention_merge_kernel(float* out, float* lse, const float* out_b, const float* lse_b, int T, int nh,
+                                       int hd) {
+    const size_t total = (size_t)T * nh, H = (size_t)nh * hd;
+    for (size_t task = blockIdx.x * (size_t)blockDim.x + threadIdx.x; task < total;
+         task += (size_t)gridDim.x * blockDim.x) {
+        const float la = lse[task], lb = lse_b[task];
+        float* o = out + (task / nh) * H + (task % nh) * hd;
+        const float* ob = out_b + (task / nh) * H + (task % nh) * hd;
+        if (lb == -INFINITY) continue;
+        if (la == -INFINITY) {
+            for (int c = 0; c < hd; c++) o[c] = ob[c];
+            lse[task] = lb;
+            continue;
+        }
+        const float l = fmaxf(la, lb) + log1pf(expf(-fabsf(la - lb)));
+        const float wa = expf(la - l), wb = expf(lb - l);
+        for (int c = 0; c < hd; c++) o[c] = o[c] * wa + ob[c] * wb;
+        lse[task] = l;
+    }
+}
+inline void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int T, int nh, int hd) {
+    if (T <= 0 || nh <= 0) return;
+    CUDA_LAUNCH(attention_merge_kernel, grid_for((size_t)T * nh), BLOCK_SIZE, out, lse, out_b, lse_b, T, nh, hd);
+}
+// dq_i += scale Σ_j ds_ij k_j over the block's keys that query i sees; D_i recomputed per thread.
+__global__ void attention_block_backward_dq_kernel(float* dq, int dq_stride, const float* dout, const float* out,
+                                                   const float* lse, const float* q, int q_stride, int q_start, int Tq,
+                                                   const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                                   const int* cu_seqlens, int n_docs, int nh, int hd, int window,
+                                                   float scale) {
+    const size_t total = (size_t)Tq * nh, H = (size_t)nh * hd;
+    for (size_t task = blockIdx.x * (size_t)blockDim.x + threadIdx.x; task < total;
+         task += (size_t)gridDim.x * blockDim.x) {
+        const int r = (int)(task / nh), h = (int)(task % nh);
+        int j0, j1;
+        attention_visible(q_start + r, cu_seqlens, n_docs, window, k_start, k_start + Tk, &j0, &j1);
+        if (j0 == j1) continue;
+        const float* qi = q + (size_t)r * q_stride + (size_t)h * hd;
+        const float* gi = dout + (size_t)r * H + (size_t)h * hd;
+        const float* oi = out + (size_t)r * H + (size_t)h * hd;
+        float D = 0.0f;
+        for (int c = 0; c < hd; c++) D += gi[c] * oi[c];
+        const float lse_i = lse[task];
+        float acc[MAX_HEAD_DIM];
+        for (int c = 0; c < hd; c++) acc[c] = 0.0f;
+        for (int j = j0; j < j1; j++) {
+            const float* kj = k + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
+            const float* vj = v + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
+            float s = 0.0f, dp = 0.0f;
+            for (int c = 0; c < hd; c++) {
+                s += qi[c] * kj[c];
+                dp += gi[c] * vj[c];
+            }
+            const float ds = expf(s * scale - lse_i) * (dp - D) * scale;
+            for (int c = 0; c < hd; c++) acc[c] += ds * kj[c];
+        }
+        float* dqi = dq + (size_t)r * dq_stride + (size_t)h * hd;
+        for (int c = 0; c < hd; c++) dqi[c] += acc[c];
+    }
+}
+// dk_j += scale Σ_i ds_ij q_i, dv_j += Σ_i p_ij dout_i over the shard's queries that see key j.
+__global__ void attention_block_backward_dkv_kernel(float* dk, float* dv, int dkv_stride, const float* dout,
+                                                    const float* out, const float* lse, const float* q, int q_stride,
+                                                    int q_start, int Tq, const float* k, const float* v, int kv_stride,
+                                                    int k_start, int Tk, const int* cu_seqlens, int n_docs, int nh,
+                                                    int hd, int window, float scale) {
+    const size_t total = (size_t)Tk * nh, H = (size_t)nh * hd;
+    for (size_t task = blockIdx.x * (size_t)blockDim.x + threadIdx.x; task < total;
+         task += (size_t)gridDim.x * blockDim.x) {
+        const int jj = (int)(task / nh), h = (int)(task % nh);
+        int i0, i1;
+        attention_visible(k_start + jj, cu_seqlens, n_docs, window, q_start, q_start + Tq, &i0, &i1);
+        if (i0 == i1) continue;
+        const float* kj = k + (size_t)jj * kv_stride + (size_t)h * hd;
+        const float* vj = v + (size_t)jj * kv_stride + (size_t)h * hd;
+        float acc_k[MAX_HEAD_DIM], acc_v[MAX_HEAD_DIM];
+        for (int c = 0; c < hd; c++) acc_k[c] = acc_v[c] = 0.0f;
+        for (int i = i0; i < i1; i++) {
+            const size_t row = (size_t)(i - q_start);
+            const float* qi = q + row * q_stride + (size_t)h * hd;
+            const float* gi = dout + row * H + (size_t)h * hd;
+            const float* oi = out + row * H + (size_t)h * hd;
+            float s = 0.0f, dp = 0.0f, D = 0.0f;
+            for (int c = 0; c < hd; c++) {
+                s += qi[c] * kj[c];
+                dp += gi[c] * vj[c];
+                D += gi[c] * oi[c];
+            }
+            const float p = expf(s * scale - lse[row * nh + h]);
+            const float ds = p * (dp - D) * scale;
+            for (int c = 0; c < hd; c++) {
+                acc_k[c] += ds * qi[c];
+                acc_v[c] += p * gi[c];
+            }
+        }
+        for (int c = 0; c < hd; c++) {
+            if (dk) dk[(size_t)jj * dkv_stride + (size_t)h * hd + c] += acc_k[c];
+            if (dv) dv[(size_t)jj * dkv_stride + (size_t)h * hd + c] += acc_v[c];
+        }
+    }
+}
+inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
+                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
+                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+    if (hd <= 0 || hd > MAX_HEAD_DIM) fatal("attention: head dim %d outside [1, %d]", hd, MAX_HEAD_DIM);
+    if (Tq <= 0 || Tk <= 0 || nh <= 0) return;
+    const float scale = 1.0f / sqrtf((float)hd);
+    // dq and dk/dv are different buffers (or disjoint columns of one), so the two kernels' order does not matter
+    if (dq)
+        CUDA_LAUNCH(attention_block_backward_dq_kernel, grid_for((size_t)Tq * nh), BLOCK_SIZE, dq, dq_stride, dout, out,
+                    lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd, window,
+                    scale);
+    if (dk || dv)
+        CUDA_LAUNCH(attention_block_backward_dkv_kernel, grid_for((size_t)Tk * nh), BLOCK_SIZE, dk, dv, dkv_stride, dout,
+                    out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd,
+                    window, scale);
 }
 
 // ---- gelu ----

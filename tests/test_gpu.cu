@@ -412,6 +412,84 @@ static void test_attention(const std::vector<int>& doc_lengths, int T, int nh, i
         cuda::free_buffer(p);
 }
 
+// attention against one key block, the merge, the block backward: cuda vs ref on one (query shard, key
+// block) pair of a packed batch with padding (strided qkv rows), an empty block, the merge of both.
+static std::vector<float> finite_or(const std::vector<float>& x, float inf_as);  // below, with crossentropy
+static void test_attention_block(const std::vector<int>& doc_lengths, int T, int nh, int hd, int window, int q0,
+                                 int Tq, int k0, int Tk, uint64_t seed) {
+    Rng rng(seed);
+    std::vector<int> cu_seqlens(1, 0);
+    for (int len : doc_lengths) cu_seqlens.push_back(cu_seqlens.back() + len);
+    const int n_docs = (int)doc_lengths.size();
+    std::string tag = fmt("T=%d used=%d nh=%d hd=%d window=%d q [%d,+%d) k [%d,+%d)", T, cu_seqlens.back(), nh, hd,
+                          window, q0, Tq, k0, Tk);
+    const size_t H = (size_t)nh * hd;
+    const int S = 3 * (int)H;
+    auto qkv = random_floats(rng, (size_t)T * S, 1.5f);
+    int* d_cu = upload_ints(cu_seqlens);
+    float* d_qkv = upload(qkv);
+    const float *q = qkv.data() + (size_t)q0 * S, *k = qkv.data() + (size_t)k0 * S + H, *v = k + H;
+    const float *dq_ = d_qkv + (size_t)q0 * S, *dk_ = d_qkv + (size_t)k0 * S + H, *dv_ = dk_ + H;
+
+    std::vector<float> out((size_t)Tq * H), lse((size_t)Tq * nh);
+    ref::attention_block_forward(out.data(), lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh,
+                                 hd, window);
+    float* d_out = upload(std::vector<float>(out.size(), 7.0f));
+    float* d_lse = upload(std::vector<float>(lse.size(), 7.0f));
+    cuda::attention_block_forward(d_out, d_lse, dq_, S, q0, Tq, dk_, dv_, S, k0, Tk, d_cu, n_docs, nh, hd, window);
+    check("attention_block_forward out " + tag, download(d_out, out.size()), out, 1e-5, 1e-4);
+    check("attention_block_forward lse " + tag, finite_or(download(d_lse, lse.size()), -1e30f), finite_or(lse, -1e30f),
+          1e-5, 1e-5);
+
+    // an empty block for the same queries: the keys of no document (padding) — or, without padding, none at all
+    std::vector<float> eout((size_t)Tq * H), else_((size_t)Tq * nh);
+    const int pad0 = cu_seqlens.back(), npad = T - pad0;
+    ref::attention_block_forward(eout.data(), else_.data(), q, S, q0, Tq, qkv.data() + (size_t)pad0 * S + H,
+                                 qkv.data() + (size_t)pad0 * S + 2 * H, S, pad0, npad, cu_seqlens.data(), n_docs, nh, hd,
+                                 window);
+    float* d_eout = upload(std::vector<float>(eout.size(), 7.0f));
+    float* d_else = upload(std::vector<float>(else_.size(), 7.0f));
+    cuda::attention_block_forward(d_eout, d_else, dq_, S, q0, Tq, d_qkv + (size_t)pad0 * S + H,
+                                  d_qkv + (size_t)pad0 * S + 2 * H, S, pad0, npad, d_cu, n_docs, nh, hd, window);
+    check("attention_block_forward empty block out " + tag, download(d_eout, eout.size()), eout, 0.0, 0.0);
+    check("attention_block_forward empty block lse " + tag, finite_or(download(d_else, else_.size()), -1e30f),
+          finite_or(else_, -1e30f), 0.0, 0.0);
+
+    // merge: a random running result (some rows −inf) with the block, and the empty block into it
+    std::vector<float> mout = random_floats(rng, out.size()), mlse = random_floats(rng, lse.size(), 2.0f, 1.0f);
+    for (size_t i = 0; i < mlse.size(); i += 5) mlse[i] = -INFINITY;
+    std::vector<float> want_out = mout, want_lse = mlse;
+    ref::attention_merge(want_out.data(), want_lse.data(), out.data(), lse.data(), Tq, nh, hd);
+    ref::attention_merge(want_out.data(), want_lse.data(), eout.data(), else_.data(), Tq, nh, hd);
+    float *d_mout = upload(mout), *d_mlse = upload(mlse), *d_bout = upload(out), *d_blse = upload(lse);
+    cuda::attention_merge(d_mout, d_mlse, d_bout, d_blse, Tq, nh, hd);
+    cuda::attention_merge(d_mout, d_mlse, d_eout, d_else, Tq, nh, hd);
+    check("attention_merge out " + tag, download(d_mout, mout.size()), want_out, 1e-6, 1e-5);
+    check("attention_merge lse " + tag, finite_or(download(d_mlse, mlse.size()), -1e30f), finite_or(want_lse, -1e30f),
+          1e-6, 1e-5);
+
+    // backward from the merged result (as a ring would), over prefilled gradients (they add)
+    auto dout = random_floats(rng, (size_t)Tq * H);
+    auto dqkv0 = random_floats(rng, (size_t)T * S);
+    std::vector<float> dqkv = dqkv0;
+    ref::attention_block_backward(dqkv.data() + (size_t)q0 * S, dqkv.data() + (size_t)k0 * S + H,
+                                  dqkv.data() + (size_t)k0 * S + 2 * H, S, S, dout.data(), want_out.data(),
+                                  want_lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh, hd,
+                                  window);
+    float *d_dout = upload(dout), *d_dqkv = upload(dqkv0), *d_fout = upload(want_out), *d_flse = upload(want_lse);
+    auto run_backward = [&] {
+        cuda::attention_block_backward(d_dqkv + (size_t)q0 * S, d_dqkv + (size_t)k0 * S + H,
+                                       d_dqkv + (size_t)k0 * S + 2 * H, S, S, d_dout, d_fout, d_flse, dq_, S, q0, Tq,
+                                       dk_, dv_, S, k0, Tk, d_cu, n_docs, nh, hd, window);
+    };
+    run_backward();
+    check("attention_block_backward dq dk dv " + tag, download(d_dqkv, dqkv.size()), dqkv, 5e-5, 1e-4);
+    check_deterministic("attention_block_backward " + tag, {{d_dqkv, &dqkv0}}, run_backward);
+    for (void* p : std::initializer_list<void*>{d_cu, d_qkv, d_out, d_lse, d_eout, d_else, d_mout, d_mlse, d_bout,
+                                                 d_blse, d_dout, d_dqkv, d_fout, d_flse})
+        cuda::free_buffer(p);
+}
+
 // ---- gelu, geglu ----
 static void test_gelu(size_t n) {
     Rng rng(11);
@@ -910,6 +988,11 @@ int main(int argc, char** argv) {
     test_attention(docs, 337, 2, 64, 64, 503);  // no padding
     test_attention({100, 250}, 360, 2, 40, 5, 504);
     test_attention({300}, 300, 1, 128, -1, 505);
+    // one (query shard, key block) pair: shard and block cutting documents, window ≥ 0, hd up to 128
+    test_attention_block(docs, 350, 3, 64, -1, 20, 200, 30, 250, 511);
+    test_attention_block(docs, 350, 3, 64, 5, 200, 137, 100, 150, 512);
+    test_attention_block({100, 250}, 360, 2, 40, 70, 90, 170, 0, 120, 513);
+    test_attention_block({37, 70, 21}, 140, 2, 128, -1, 0, 140, 50, 60, 514);  // padding queries too
 
     test_gelu(10007);
     test_geglu(33, 257);

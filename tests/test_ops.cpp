@@ -750,6 +750,125 @@ static void test_attention_blocks() {
     }
 }
 
+// attention against key blocks (context parallelism): 2 query shards × 3 uneven key blocks, forward per
+// pair, merged in key order, against ref::attention_forward on the whole batch; an empty block; the
+// blocks' backward shares summed against ref::attention_backward; central differences through the
+// merged forward for one block's k and v.
+static void test_attention_ring_blocks() {
+    const int n_docs = 3, T = 128, nh = 2, hd = 8, H = nh * hd;
+    const int cu[n_docs + 1] = {0, 37, 107, 128};  // 37, 70, 21 tokens
+    const int q_cut[3] = {0, 60, 128}, k_cut[4] = {0, 45, 100, 128};
+    const size_t nq = (size_t)T * 3 * H;
+    vector<float> qkv = random_vec(nq, -1.5f, 1.5f), G = random_vec((size_t)T * H);
+    // merged forward over the blocks, the shards' rows written into (T, H) / (T, nh)
+    auto ring_forward = [&](vector<float>& out, vector<float>& lse, int window) {
+        out.assign((size_t)T * H, 0.0f);
+        lse.assign((size_t)T * nh, -INFINITY);
+        for (int s = 0; s < 2; s++) {
+            const int q0 = q_cut[s], Tq = q_cut[s + 1] - q0;
+            for (int b = 0; b < 3; b++) {
+                const int k0 = k_cut[b], Tk = k_cut[b + 1] - k0;
+                vector<float> ob((size_t)Tq * H, 9.0f), lb((size_t)Tq * nh, 9.0f);
+                ref::attention_block_forward(ob.data(), lb.data(), qkv.data() + (size_t)q0 * 3 * H, 3 * H, q0, Tq,
+                                             qkv.data() + (size_t)k0 * 3 * H + H, qkv.data() + (size_t)k0 * 3 * H + 2 * H,
+                                             3 * H, k0, Tk, cu, n_docs, nh, hd, window);
+                ref::attention_merge(out.data() + (size_t)q0 * H, lse.data() + (size_t)q0 * nh, ob.data(), lb.data(), Tq,
+                                     nh, hd);
+            }
+        }
+    };
+    for (int window : {-1, 5}) {
+        const std::string tag = "attention ring blocks window " + std::to_string(window);
+        vector<float> out((size_t)T * H), lse((size_t)T * nh), ro, rl;
+        ref::attention_forward(out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        ring_forward(ro, rl, window);
+        double eo = 0, el = 0;
+        for (size_t i = 0; i < out.size(); i++) eo = std::max(eo, fabs(ro[i] - out[i]) / std::max(1.0f, fabsf(out[i])));
+        for (size_t i = 0; i < lse.size(); i++) el = std::max(el, fabs(rl[i] - lse[i]) / std::max(1.0f, fabsf(lse[i])));
+        check(tag + ": merged forward equals attention_forward (out, lse)", eo <= 1e-5 && el <= 1e-5,
+              "(max rel err out %.2e lse %.2e, tol 1e-5 relative to max(1, |x|))", eo, el);
+
+        // an empty block: queries [0, 30) (document 0) against keys [50, 128) (documents 1, 2)
+        {
+            vector<float> ob((size_t)30 * H, 9.0f), lb((size_t)30 * nh, 9.0f);
+            ref::attention_block_forward(ob.data(), lb.data(), qkv.data(), 3 * H, 0, 30, qkv.data() + (size_t)50 * 3 * H + H,
+                                         qkv.data() + (size_t)50 * 3 * H + 2 * H, 3 * H, 50, 78, cu, n_docs, nh, hd,
+                                         window);
+            bool empty = true;
+            for (float x : ob) empty = empty && x == 0.0f;
+            for (float x : lb) empty = empty && x == -INFINITY;
+            check(tag + ": a block without visible keys gives lse -inf and zero out", empty, "");
+            vector<float> mo(ro.begin(), ro.begin() + (size_t)30 * H), ml(rl.begin(), rl.begin() + (size_t)30 * nh);
+            ref::attention_merge(mo.data(), ml.data(), ob.data(), lb.data(), 30, nh, hd);
+            const bool same = memcmp(mo.data(), ro.data(), mo.size() * sizeof(float)) == 0 &&
+                              memcmp(ml.data(), rl.data(), ml.size() * sizeof(float)) == 0;
+            check(tag + ": merging the empty block changes nothing (bitwise)", same, "");
+            // and the other way round: the empty block as the running result takes the real one as it is
+            vector<float> eo2 = ob, el2 = lb;
+            ref::attention_merge(eo2.data(), el2.data(), ro.data(), rl.data(), 30, nh, hd);
+            const bool copied = memcmp(eo2.data(), ro.data(), eo2.size() * sizeof(float)) == 0 &&
+                                memcmp(el2.data(), rl.data(), el2.size() * sizeof(float)) == 0;
+            check(tag + ": merging into an empty running result copies the block (bitwise)", copied, "");
+        }
+
+        // backward: every (shard, block) share added into one dqkv from C_FILL, against attention_backward
+        vector<float> d(nq, C_FILL), want(nq, 0.0f);
+        ref::attention_backward(want.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        for (int s = 0; s < 2; s++)
+            for (int b = 0; b < 3; b++) {
+                const int q0 = q_cut[s], Tq = q_cut[s + 1] - q0, k0 = k_cut[b], Tk = k_cut[b + 1] - k0;
+                ref::attention_block_backward(d.data() + (size_t)q0 * 3 * H, d.data() + (size_t)k0 * 3 * H + H,
+                                              d.data() + (size_t)k0 * 3 * H + 2 * H, 3 * H, 3 * H, G.data() + (size_t)q0 * H,
+                                              ro.data() + (size_t)q0 * H, rl.data() + (size_t)q0 * nh,
+                                              qkv.data() + (size_t)q0 * 3 * H, 3 * H, q0, Tq,
+                                              qkv.data() + (size_t)k0 * 3 * H + H, qkv.data() + (size_t)k0 * 3 * H + 2 * H,
+                                              3 * H, k0, Tk, cu, n_docs, nh, hd, window);
+            }
+        double ed = 0, big = 0;
+        for (size_t i = 0; i < nq; i++) {
+            ed = std::max(ed, fabs((double)d[i] - C_FILL - want[i]));
+            big = std::max(big, (double)fabs(want[i]));
+        }
+        check(tag + ": summed block backward equals attention_backward (dq, dk, dv)", ed <= 1e-5 * std::max(1.0, big),
+              "(max abs diff %.2e, largest gradient %.2f, tol 1e-5 relative)", ed, big);
+
+        // central differences through the merged forward: k and v of block 1 ([45, 100)), whose gradient is
+        // that block's share only (from both shards)
+        vector<float> dblk(nq, C_FILL);
+        for (int s = 0; s < 2; s++) {
+            const int q0 = q_cut[s], Tq = q_cut[s + 1] - q0, k0 = k_cut[1], Tk = k_cut[2] - k0;
+            ref::attention_block_backward(nullptr, dblk.data() + (size_t)k0 * 3 * H + H,
+                                          dblk.data() + (size_t)k0 * 3 * H + 2 * H, 3 * H, 3 * H, G.data() + (size_t)q0 * H,
+                                          ro.data() + (size_t)q0 * H, rl.data() + (size_t)q0 * nh,
+                                          qkv.data() + (size_t)q0 * 3 * H, 3 * H, q0, Tq,
+                                          qkv.data() + (size_t)k0 * 3 * H + H, qkv.data() + (size_t)k0 * 3 * H + 2 * H,
+                                          3 * H, k0, Tk, cu, n_docs, nh, hd, window);
+        }
+        auto objective = [&]() {
+            vector<float> o, l;
+            ring_forward(o, l, window);
+            return dot(G, o);
+        };
+        auto numeric = [&](size_t i) {  // Richardson-extrapolated, as numeric_grad(…, RICH) does
+            double s1, s2;
+            const double d1 = central(qkv, i, objective, H_NL, &s1), d2 = central(qkv, i, objective, 2 * H_NL, &s2);
+            const double r = s2 / s1;
+            return d1 + (d1 - d2) / (r * r - 1.0);
+        };
+        vector<double> ak, nk, av, nv;
+        for (int t = k_cut[1]; t < k_cut[2]; t += 3)  // every third token of the block, all columns
+            for (int c = 0; c < H; c++) {
+                size_t ik = (size_t)t * 3 * H + H + c, iv = ik + H;
+                ak.push_back((double)dblk[ik] - C_FILL);
+                nk.push_back(numeric(ik));
+                av.push_back((double)dblk[iv] - C_FILL);
+                nv.push_back(numeric(iv));
+            }
+        grad_check(tag + " block 1 dk vs central differences", ak, nk, Tol{2e-5, 2e-4});
+        grad_check(tag + " block 1 dv vs central differences", av, nv, Tol{2e-5, 2e-4});
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // gelu and geglu
 static double gelu_exact(double x) { return 0.5 * x * (1.0 + erf(x / sqrt(2.0))); }
@@ -1167,6 +1286,7 @@ int main(int argc, char** argv) {
     test_rope();
     test_attention();
     test_attention_blocks();
+    test_attention_ring_blocks();
     test_gelu();
     test_geglu();
     test_gather_scatter();
