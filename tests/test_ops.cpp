@@ -1241,6 +1241,18 @@ static void test_thread_count() {
         vector<float> ao((size_t)T * H), al((size_t)T * nh), ad((size_t)T * 3 * H, C_FILL);
         ref::attention_forward(ao.data(), al.data(), qkv.data(), cu, n_docs, T, nh, hd, 20);
         ref::attention_backward(ad.data(), Ga.data(), ao.data(), al.data(), qkv.data(), cu, n_docs, T, nh, hd, 20);
+        // one query shard [100, 290) against one key block [40, 200), merged into the whole-batch result
+        // (only the bits matter here), and the block backward
+        vector<float> bo((size_t)190 * H), bl((size_t)190 * nh), bd((size_t)T * 3 * H, C_FILL);
+        ref::attention_block_forward(bo.data(), bl.data(), qkv.data() + (size_t)100 * 3 * H, 3 * H, 100, 190,
+                                     qkv.data() + (size_t)40 * 3 * H + H, qkv.data() + (size_t)40 * 3 * H + 2 * H, 3 * H,
+                                     40, 160, cu, n_docs, nh, hd, -1);
+        ref::attention_merge(bo.data(), bl.data(), ao.data() + (size_t)100 * H, al.data() + (size_t)100 * nh, 190, nh, hd);
+        ref::attention_block_backward(bd.data() + (size_t)100 * 3 * H, bd.data() + (size_t)40 * 3 * H + H,
+                                      bd.data() + (size_t)40 * 3 * H + 2 * H, 3 * H, 3 * H, Ga.data() + (size_t)100 * H,
+                                      bo.data(), bl.data(), qkv.data() + (size_t)100 * 3 * H, 3 * H, 100, 190,
+                                      qkv.data() + (size_t)40 * 3 * H + H, qkv.data() + (size_t)40 * 3 * H + 2 * H, 3 * H,
+                                      40, 160, cu, n_docs, nh, hd, -1);
         vector<float> losses(N), lse(N), dl((size_t)N * V);
         vector<float> row_max(N), partial(2 * (size_t)N), dl_shard((size_t)N * V);
         ref::crossentropy_row_max(row_max.data(), logits.data(), targets.data(), N, V, V - 3);
@@ -1255,7 +1267,7 @@ static void test_thread_count() {
         double rms = ref::stable_adamw_rms(big.data(), v.data(), big.size(), 0.98f, 1e-6f, 3, 0.5f);
         ref::adamw_update(p.data(), big.data(), m.data(), v.data(), big.size(), 1e-3f, 0.9f, 0.98f, 1e-6f, 0.1f, 3, 0.5f);
         vector<double> sums = {ref::sum(big.data(), big.size()), ref::sum_squares(big.data(), big.size()), rms};
-        vector<vector<float>> all = {out, mean, rstd, dinp, dw, mo, mdi, mdw, mdb, emb, ao, al, ad, row_max, partial,
+        vector<vector<float>> all = {out, mean, rstd, dinp, dw, mo, mdi, mdw, mdb, emb, ao, al, ad, bo, bl, bd, row_max, partial,
                                      losses, lse, dl, dl_shard, geo, gdi, p, m, v};
         for (double d : sums) all.push_back({(float)d, (float)(d - (float)d)});
         return all;
