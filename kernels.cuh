@@ -748,6 +748,19 @@ inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_str
     }
 }
 
+// -- K/V blocks for context parallelism: what a rank sends of its shard, and the gradients it gets back --
+// kv (n, 2·Hl) ← the key and value columns [Hl, 3·Hl) of rows [row0, row0 + n) of qkv (T, 3·Hl): a ring
+// block or a halo as it travels. kv_unpack_add is its adjoint: dqkv's rows [row0, row0 + n), columns
+// [Hl, 3·Hl) += dkv (n, 2·Hl), the gradients a block's users send back to its owner.
+inline void kv_pack(float* kv, const float* qkv, int row0, int n, int Hl) {
+    for (int r = 0; r < n; r++)
+        for (int c = 0; c < 2 * Hl; c++) kv[(size_t)r * 2 * Hl + c] = qkv[(size_t)(row0 + r) * 3 * Hl + Hl + c];
+}
+inline void kv_unpack_add(float* dqkv, const float* dkv, int row0, int n, int Hl) {
+    for (int r = 0; r < n; r++)
+        for (int c = 0; c < 2 * Hl; c++) dqkv[(size_t)(row0 + r) * 3 * Hl + Hl + c] += dkv[(size_t)r * 2 * Hl + c];
+}
+
 // -- GELU, the exact (erf) form: gelu(x) = x/2 · (1 + erf(x/√2)) --
 inline float gelu(float x) { return 0.5f * x * (1.0f + erff(x * (float)M_SQRT1_2)); }
 inline float gelu_grad(float x) {
@@ -2012,6 +2025,29 @@ inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_str
         CUDA_LAUNCH(attention_block_backward_dkv_kernel, grid_for((size_t)Tk * nh), BLOCK_SIZE, dk, dv, dkv_stride, dout,
                     out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd,
                     window, scale);
+}
+// Same contract as ref::kv_pack / kv_unpack_add: one thread per element.
+__global__ void kv_pack_kernel(float* kv, const float* qkv, int row0, int n, int Hl) {
+    const size_t total = (size_t)n * 2 * Hl;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / (2 * Hl), c = i % (2 * Hl);
+        kv[i] = qkv[(row0 + r) * 3 * Hl + Hl + c];
+    }
+}
+__global__ void kv_unpack_add_kernel(float* dqkv, const float* dkv, int row0, int n, int Hl) {
+    const size_t total = (size_t)n * 2 * Hl;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / (2 * Hl), c = i % (2 * Hl);
+        dqkv[(row0 + r) * 3 * Hl + Hl + c] += dkv[i];
+    }
+}
+inline void kv_pack(float* kv, const float* qkv, int row0, int n, int Hl) {
+    if (n <= 0) return;
+    CUDA_LAUNCH(kv_pack_kernel, grid_for((size_t)n * 2 * Hl), BLOCK_SIZE, kv, qkv, row0, n, Hl);
+}
+inline void kv_unpack_add(float* dqkv, const float* dkv, int row0, int n, int Hl) {
+    if (n <= 0) return;
+    CUDA_LAUNCH(kv_unpack_add_kernel, grid_for((size_t)n * 2 * Hl), BLOCK_SIZE, dqkv, dkv, row0, n, Hl);
 }
 
 // ---- gelu ----

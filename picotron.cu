@@ -132,8 +132,9 @@ static const char* kUsage =
     "  --threads N                 CPU build: threads per rank for BLAS and every op (default OMP_NUM_THREADS,\n"
     "                              else 1 per rank when several ranks share a machine, else every core it may use)\n"
     "layout (world = dp·pp·cp·tp ranks):\n"
-    "  --dp N --tp N --pp N --cp N data / tensor / pipeline / context parallel sizes (default 1; --cp must be 1\n"
-    "                              for now). --tp must divide the attention heads and intermediate_size; a\n"
+    "  --dp N --tp N --pp N --cp N data / tensor / pipeline / context parallel sizes (default 1). --cp cuts each\n"
+    "                              micro-batch into equal contiguous token shards (it must divide\n"
+    "                              --micro-batch-tokens). --tp must divide the attention heads and intermediate_size; a\n"
     "                              vocabulary it does not divide is padded (never trained, saved or exported).\n"
     "                              --pp cuts the layers into contiguous stages (at most one stage per layer)\n"
     "  --pp-schedule afab|1f1b     pipeline schedule over a step's grad-accum micro-batches (default 1f1b)\n"
@@ -238,9 +239,12 @@ static TrainConfig parse_args(int argc, char** argv) {
               c.seq_len, c.micro_batch_tokens);
     if (c.save_every > 0 && c.save_dir.empty()) fatal("--save-every needs --save DIR");
     if (c.sp && c.tp == 1) fatal("--sp cuts token rows over the tensor-parallel ranks: it needs --tp > 1");
-    if (c.sp && c.micro_batch_tokens % c.tp)
-        fatal("--sp: --micro-batch-tokens %d is not divisible by --tp %d (each tp rank takes an equal token slice)",
-              c.micro_batch_tokens, c.tp);
+    if (c.micro_batch_tokens % c.cp)
+        fatal("--cp: --micro-batch-tokens %d is not divisible by --cp %d (each cp rank takes an equal contiguous shard)",
+              c.micro_batch_tokens, c.cp);
+    if (c.sp && (c.micro_batch_tokens / c.cp) % c.tp)
+        fatal("--sp: --micro-batch-tokens %d%s is not divisible by --tp %d (each tp rank takes an equal token slice)",
+              c.micro_batch_tokens / c.cp, c.cp > 1 ? " / --cp (a shard's tokens)" : "", c.tp);
     if (c.pp_schedule != "afab" && c.pp_schedule != "1f1b")
         fatal("--pp-schedule must be afab or 1f1b, got '%s'", c.pp_schedule.c_str());
     if (c.comm != "nccl" && c.comm != "mpi") fatal("--comm must be nccl or mpi, got '%s'", c.comm.c_str());
@@ -319,7 +323,6 @@ static ProcessGrid make_grid(const TrainConfig& c) {
     if ((long)g.dp * g.pp * g.cp * g.tp != g.world_size)
         fatal("layout dp %d × pp %d × cp %d × tp %d = %ld ranks, but mpirun started %d", g.dp, g.pp, g.cp, g.tp,
               (long)g.dp * g.pp * g.cp * g.tp, g.world_size);
-    if (g.cp > 1) fatal("this build trains data, tensor and pipeline parallel only (--cp must be 1 for now)");
     int r = g.world_rank;
     g.tp_rank = r % g.tp;
     g.cp_rank = (r / g.tp) % g.cp;
@@ -726,9 +729,10 @@ static CommRequest comm_broadcast_start([[maybe_unused]] Comm& comm, Group& g, f
 }
 // Paired exchange with group neighbours: send (n) to group-rank dst while recv (n) arrives from
 // group-rank src; either side may be absent (< 0). Pipeline stages pass activations and their
-// gradients this way (ring attention will pass its K/V blocks).
+// gradients this way, ring attention its K/V blocks, the halos their rows.
 static CommRequest comm_sendrecv_start([[maybe_unused]] Comm& comm, Group& g, float* send, int dst, float* recv, int src, size_t n,
                                        const char* what) {
+    if (dst < 0 && src < 0) return CommRequest{};
     CommRequest r = begin_request(g, what, dst >= 0 ? (double)n * sizeof(float) : 0.0);
 #ifdef __CUDACC__
     if (use_nccl(comm))
@@ -1103,6 +1107,24 @@ struct PipelineParallel {
     int size = 1, rank = 0;
 };
 
+// This rank's context shard and its group (the "context parallel" section runs attention across
+// the shards), with the scratch its ring and halo exchanges use: one attention runs at a time, so
+// every layer and micro-batch shares it (allocated by cp_allocate when cp > 1).
+struct ContextParallel {
+    Comm* comm = nullptr;
+    Group* group = nullptr;  // the cp group: shard r is group-rank r
+    int size = 1, rank = 0;
+    int window = 0;          // the local layers' window w (keys at most w tokens away)
+    float* kv[2] = {};       // (Tc, 2·H/tp) ring blocks: the one attended to, the one arriving
+    float* out_b = nullptr;  // (Tc, H/tp)     one block's partial attention output, before its merge
+    float* lse_b = nullptr;  // (Tc, heads/tp) and its log-sum-exp
+    float* dkv[2] = {};      // (Tc, 2·H/tp) a block's gradient from this shard's queries, going to its owner
+    float* dkv_in = nullptr; // (max(Tc, 2w), 2·H/tp) gradients arriving for this shard's own keys and values
+    float* kv_ext = nullptr; // (Tc + 2w, 2·H/tp) local layers: left halo | this shard's K/V | right halo
+    float* dkv_ext = nullptr;// (Tc + 2w, 2·H/tp) and its gradient
+    double ring_bytes = 0, halo_bytes = 0;  // sent this step by the ring and by the halos
+};
+
 // The whole trainable state of this rank: its shards of its stage's parameters, gradients (raw sums
 // over the masked tokens of the step), Adam moments; all on the compute device.
 struct Model {
@@ -1110,6 +1132,7 @@ struct Model {
     ParamTable table;
     TensorParallel tp;
     PipelineParallel pp;
+    ContextParallel cp;
     float* params = nullptr;  // (total)
     float* grads = nullptr;   // (total)
     float* adam_m = nullptr;  // (total)
@@ -1173,6 +1196,7 @@ struct LayerActivations {
     float* ln_attn_rstd;     // (Tl)
     float* qkv;              // (T, 3·H/tp) this rank's heads: q | k | v, after RoPE
     float* lse;              // (T, heads/tp) attention log-sum-exp
+    float* kv_halo;          // cp, local layers: (≤ 2w, 2·H/tp) the K/V rows of the neighbours' shards this one sees
     float* atty;             // (T, H/tp) attention output before Wo
     float* resid_mid;        // (Tl, H) residual after the attention block
     float* ln_mlp;           // (Tl, H)
@@ -1253,7 +1277,7 @@ static Activations alloc_activations(const Model& model, int T) {
     auto full = [&](float* local) { return tp.sp ? floats(TH) : local; };
     a.ids = ints(T);
     a.positions = ints(T);
-    a.cu_seqlens = ints(T + 1);
+    a.cu_seqlens = ints((size_t)T * model.cp.size + 1);  // the whole micro-batch's documents
     a.masked_rows = ints(a.M);
     a.targets = ints(T);
     a.emb = t.first_stage ? floats(TH) : nullptr;
@@ -1270,6 +1294,8 @@ static Activations alloc_activations(const Model& model, int T) {
         la.ln_attn_rstd = floats(Tl);
         la.qkv = floats((size_t)T * 3 * Hl);
         la.lse = floats((size_t)T * t.heads);
+        const bool halo = model.cp.size > 1 && !m.is_global(t.layer_begin + l);
+        la.kv_halo = halo ? floats((size_t)2 * model.cp.window * 2 * Hl) : nullptr;
         la.atty = floats((size_t)T * Hl);
         la.resid_mid = floats(TlH);
         la.ln_mlp = floats(TlH);
@@ -1312,14 +1338,21 @@ static Activations alloc_activations(const Model& model, int T) {
 
 // The batch metadata one forward needs, on the host (see data.h's MicroBatch): the whole
 // micro-batch, on every tp rank.
+// Under cp a rank's view is its shard (see the context parallel section): T of its tokens from
+// token_start, with the whole micro-batch's document table.
 struct BatchView {
-    int T = 0, n_docs = 0, n_masked = 0;
-    std::vector<int> ids, positions, cu_seqlens, masked_rows, targets;
+    int T = 0, n_docs = 0, n_masked = 0, n_real = 0;  // tokens, documents, masked and real tokens here
+    int token_start = 0, T_whole = 0;  // this view's first token in the micro-batch, the micro-batch's tokens
+    std::vector<int> ids, positions, masked_rows, targets;  // (T), (T), (n_masked), (n_masked): this view's
+    std::vector<int> cu_seqlens;                            // (n_docs + 1) the whole micro-batch's documents
+    std::vector<double> cp_pairs;  // (cp, cp) [r·cp + o]: same-document pairs of shard r's queries with shard o's keys
+    double cp_ring_work = 0, cp_ring_work_unbalanced = 0;  // the ring's critical path (see cp_ring_work), in pairs
 };
 
 static BatchView batch_view(const MicroBatch& mb) {
     BatchView b;
-    b.T = mb.T;
+    b.T = b.T_whole = mb.T;
+    b.n_real = mb.n_real;
     b.n_docs = mb.n_docs;
     b.ids = mb.ids;
     b.positions = mb.positions;
@@ -1360,6 +1393,339 @@ static void upload_batch(Activations* a, const BatchView& b, const ModelConfig& 
     ops::copy_to_device(a->cu_seqlens, b.cu_seqlens.data(), sizeof(int) * (b.n_docs + 1));
     if (a->head_local) ops::copy_to_device(a->masked_rows, rows[mine].data(), sizeof(int) * a->head_local);
     if (a->decoder_rows) ops::copy_to_device(a->targets, decoder_targets.data(), sizeof(int) * a->decoder_rows);
+}
+
+// ---- context parallel ----
+// A micro-batch's packed buffer of T tokens is cut into cp contiguous shards of Tc = T/cp tokens:
+// cp rank r owns tokens [r·Tc, (r+1)·Tc). Everything but attention works token by token, so the
+// embedding, the LayerNorms, the GEMMs, the MLP and the sparse head run on the shard alone (tp and
+// pp then cut the shard as they cut a micro-batch). Every rank knows the whole micro-batch's
+// document table, so positions (restarting per document), document boundaries and masked rows
+// are right across shard edges, and every rank can tell which shards share a document.
+//   Global layers: ring attention. At step s = 0 … cp−1 rank r attends to the K/V block of shard
+//     r − s, which arrived from rank r − 1 while step s − 1 computed ("cp ring kv" send/recv); the
+//     partial outputs merge by their log-sum-exp. The backward sends the blocks round again; the
+//     gradient of block r − s goes straight back to its owner ("cp ring grad dkv"). A block with no
+//     same-document pair is not computed and has no gradient to return, and a block no rank
+//     further along the ring needs is not passed on.
+//   Local layers (a ±w window): no ring. A query sees keys at most w tokens away, so rank r needs
+//     the w tokens either side of its shard, from more than one rank when Tc < w: each rank sends
+//     its neighbours those rows ("cp halo kv") and gets their gradients back ("cp halo grad dkv").
+// Balance: the documents of a micro-batch may be laid out in any order (attention stays inside a
+// document, positions restart in each, the loss is a sum), and the order decides how much of
+// each ring step's work falls on each rank; cp_balance picks the order with the shortest ring.
+// Loss, masked-token count and gradients are sums over the shards: the dp×cp gradient sync and
+// the step's all-reduces add them up as they add up data-parallel replicas.
+
+// The length of [a0, a1) ∩ [b0, b1).
+static int overlap(int a0, int a1, int b0, int b1) { return std::max(0, std::min(a1, b1) - std::max(a0, b0)); }
+
+// pairs (cp, cp): [r·cp + o] = Σ over documents of (its tokens in shard r)·(its tokens in shard o):
+// the (query, key) pairs a global layer computes for shard r's queries against shard o's block.
+static std::vector<double> cp_pairs(const std::vector<int>& cu_seqlens, int n_docs, int T, int cp) {
+    const int Tc = T / cp;
+    std::vector<double> pairs((size_t)cp * cp, 0.0);
+    for (int d = 0; d < n_docs; d++) {
+        const int d0 = cu_seqlens[d], d1 = cu_seqlens[d + 1];
+        for (int r = d0 / Tc; r < cp && r * Tc < d1; r++)
+            for (int o = d0 / Tc; o < cp && o * Tc < d1; o++)
+                pairs[(size_t)r * cp + o] +=
+                    (double)overlap(d0, d1, r * Tc, (r + 1) * Tc) * overlap(d0, d1, o * Tc, (o + 1) * Tc);
+    }
+    return pairs;
+}
+// The ring's critical path: every step waits for its slowest rank, so Σ_s max_r pairs(r, r − s).
+static double cp_ring_work(const std::vector<double>& pairs, int cp) {
+    double total = 0;
+    for (int s = 0; s < cp; s++) {
+        double slowest = 0;
+        for (int r = 0; r < cp; r++) slowest = std::max(slowest, pairs[(size_t)r * cp + (r - s + cp) % cp]);
+        total += slowest;
+    }
+    return total;
+}
+static bool cp_needs(const BatchView& b, int cp, int r, int owner) { return b.cp_pairs[(size_t)r * cp + owner] > 0; }
+// How far along the ring the block of shard owner must travel: the largest d ≤ cp − 1 such that
+// rank owner + d needs it (0: nobody else does).
+static int cp_reach(const BatchView& b, int cp, int owner) {
+    int reach = 0;
+    for (int d = 1; d < cp; d++)
+        if (cp_needs(b, cp, (owner + d) % cp, owner)) reach = d;
+    return reach;
+}
+
+// The micro-batch with its documents in the given order (padding stays at the end): ids and
+// positions move with their tokens, masked rows with their labels.
+static BatchView reorder_documents(const BatchView& b, const std::vector<int>& order) {
+    BatchView r = b;
+    std::vector<int> new_row(b.T, -1);
+    r.cu_seqlens.assign(1, 0);
+    int at = 0;
+    for (int d : order) {
+        for (int i = b.cu_seqlens[d]; i < b.cu_seqlens[d + 1]; i++, at++) {
+            r.ids[at] = b.ids[i];
+            r.positions[at] = b.positions[i];
+            new_row[i] = at;
+        }
+        r.cu_seqlens.push_back(at);
+    }
+    std::vector<std::pair<int, int>> masked;  // (row, label), sorted by the new row
+    for (int k = 0; k < b.n_masked; k++) masked.push_back({new_row[b.masked_rows[k]], b.targets[k]});
+    std::sort(masked.begin(), masked.end());
+    for (int k = 0; k < b.n_masked; k++) r.masked_rows[k] = masked[k].first, r.targets[k] = masked[k].second;
+    return r;
+}
+// Document-aware cut: candidate orders are the packer's, and a greedy one (longest document first,
+// each into the shard whose pairs so far are fewest among those it still fits in, the shards then
+// laid end to end); the one with the shorter ring critical path wins (the packer's on a tie).
+static BatchView cp_balance(const BatchView& b, int cp) {
+    const int Tc = b.T / cp;
+    std::vector<int> natural(b.n_docs), by_length(b.n_docs);
+    for (int d = 0; d < b.n_docs; d++) natural[d] = by_length[d] = d;
+    auto len = [&](int d) { return b.cu_seqlens[d + 1] - b.cu_seqlens[d]; };
+    std::stable_sort(by_length.begin(), by_length.end(), [&](int x, int y) { return len(x) > len(y); });
+    std::vector<std::vector<int>> shard_docs(cp);
+    std::vector<double> work(cp, 0.0), room(cp, (double)Tc);
+    for (int d : by_length) {
+        int best = -1;
+        for (int r = 0; r < cp; r++)
+            if (room[r] >= len(d) && (best < 0 || work[r] < work[best])) best = r;
+        if (best < 0)  // fits nowhere whole: where most room is left (it spills into the next shard)
+            best = (int)(std::max_element(room.begin(), room.end()) - room.begin());
+        shard_docs[best].push_back(d);
+        work[best] += (double)len(d) * len(d);
+        room[best] -= len(d);
+    }
+    std::vector<int> greedy;
+    for (const auto& docs : shard_docs) greedy.insert(greedy.end(), docs.begin(), docs.end());
+    BatchView best = b;
+    best.cp_pairs = cp_pairs(b.cu_seqlens, b.n_docs, b.T, cp);
+    best.cp_ring_work = best.cp_ring_work_unbalanced = cp_ring_work(best.cp_pairs, cp);
+    BatchView other = reorder_documents(b, greedy);
+    other.cp_pairs = cp_pairs(other.cu_seqlens, other.n_docs, other.T, cp);
+    other.cp_ring_work = cp_ring_work(other.cp_pairs, cp);
+    other.cp_ring_work_unbalanced = best.cp_ring_work;
+    return other.cp_ring_work < best.cp_ring_work ? other : best;
+}
+// Shard r of a (balanced) micro-batch: its Tc tokens, their positions, its masked rows (as rows of
+// the shard), and the whole document table.
+static BatchView cp_shard(const BatchView& whole, int cp, int r) {
+    const int Tc = whole.T / cp, start = r * Tc;
+    BatchView s = whole;
+    s.T = Tc;
+    s.token_start = start;
+    s.ids.assign(whole.ids.begin() + start, whole.ids.begin() + start + Tc);
+    s.positions.assign(whole.positions.begin() + start, whole.positions.begin() + start + Tc);
+    s.masked_rows.clear();
+    s.targets.clear();
+    for (int k = 0; k < whole.n_masked; k++)
+        if (whole.masked_rows[k] >= start && whole.masked_rows[k] < start + Tc) {
+            s.masked_rows.push_back(whole.masked_rows[k] - start);
+            s.targets.push_back(whole.targets[k]);
+        }
+    s.n_masked = (int)s.masked_rows.size();
+    s.n_real = overlap(0, whole.cu_seqlens[whole.n_docs], start, start + Tc);
+    return s;
+}
+
+static void cp_allocate(ContextParallel* cp, int Tc, int Hl, int heads) {
+    const size_t width = 2 * (size_t)Hl, w = cp->window;
+    for (int i = 0; i < 2; i++) {
+        cp->kv[i] = ops::alloc_floats((size_t)Tc * width);
+        cp->dkv[i] = ops::alloc_floats((size_t)Tc * width);
+    }
+    cp->out_b = ops::alloc_floats((size_t)Tc * Hl);
+    cp->lse_b = ops::alloc_floats((size_t)Tc * heads);
+    cp->dkv_in = ops::alloc_floats(std::max((size_t)Tc, 2 * w) * width);
+    cp->kv_ext = ops::alloc_floats((Tc + 2 * w) * width);
+    cp->dkv_ext = ops::alloc_floats((Tc + 2 * w) * width);
+}
+
+// One ring hop, started at the top of step s (the block for step s travels while step s − 1
+// computes): this rank passes on the block it attended to at step s − 1, kv[(s − 1) % 2], to rank
+// r + 1 if its travel goes on, and receives the block of shard r − s from rank r − 1 into kv[s % 2]
+// if it comes this far. Both sides decide from the document table alone.
+static CommRequest ring_pass(ContextParallel& cp, const BatchView& b, int s, size_t n, const char* what) {
+    const int p = cp.size, r = cp.rank;
+    if (s >= p) return CommRequest{};
+    const int sent = (r - s + 1 + p) % p, arriving = (r - s + p) % p;  // owners of the two blocks
+    const bool send = s <= cp_reach(b, p, sent), recv = s <= cp_reach(b, p, arriving);
+    CommRequest req = comm_sendrecv_start(*cp.comm, *cp.group, cp.kv[(s - 1) % 2], send ? (r + 1) % p : -1,
+                                          cp.kv[s % 2], recv ? (r - 1 + p) % p : -1, n, what);
+    cp.ring_bytes += req.bytes;
+    return req;
+}
+
+// Global-layer attention of this shard's queries over the whole micro-batch. qkv (Tc, 3·Hl) after
+// RoPE; out (Tc, Hl), lse (Tc, heads); cu_seqlens on the device (the whole table).
+static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, const float* qkv, const int* cu_seqlens,
+                                   const BatchView& b, int heads, int hd) {
+    const int p = cp.size, r = cp.rank, Tc = b.T, Hl = heads * hd, S = 3 * Hl;
+    const size_t n = (size_t)Tc * 2 * Hl;
+    ops::kv_pack(cp.kv[0], qkv, 0, Tc, Hl);
+    for (int s = 0; s < p; s++) {
+        const int owner = (r - s + p) % p;  // the block in kv[s % 2]
+        CommRequest next = ring_pass(cp, b, s + 1, n, "cp ring kv send/recv");
+        if (s == 0) {
+            ops::attention_block_forward(out, lse, qkv, S, b.token_start, Tc, qkv + Hl, qkv + 2 * Hl, S, b.token_start, Tc,
+                                         cu_seqlens, b.n_docs, heads, hd, -1);
+        } else if (cp_needs(b, p, r, owner)) {
+            const float* kv = cp.kv[s % 2];
+            ops::attention_block_forward(cp.out_b, cp.lse_b, qkv, S, b.token_start, Tc, kv, kv + Hl, 2 * Hl, owner * Tc,
+                                         Tc, cu_seqlens, b.n_docs, heads, hd, -1);
+            ops::attention_merge(out, lse, cp.out_b, cp.lse_b, Tc, heads, hd);
+        }
+        comm_wait(*cp.comm, next);
+    }
+}
+// Its backward: dqkv (Tc, 3·Hl) ← the gradients of this shard's q, k and v (before RoPE's backward),
+// from dout (Tc, Hl) and the forward's final out and lse. Step s computes against block r − s and
+// sends that block's gradient to its owner, while the gradient of this shard's block arrives
+// from rank r + s (which attended to it at its step s); arrivals are added in step order.
+static void ring_attention_backward(ContextParallel& cp, float* dqkv, const float* dout, const float* out,
+                                    const float* lse, const float* qkv, const int* cu_seqlens, const BatchView& b,
+                                    int heads, int hd) {
+    const int p = cp.size, r = cp.rank, Tc = b.T, Hl = heads * hd, S = 3 * Hl;
+    const size_t n = (size_t)Tc * 2 * Hl;
+    ops::zero_floats(dqkv, (size_t)Tc * S);
+    ops::kv_pack(cp.kv[0], qkv, 0, Tc, Hl);
+    CommRequest back;      // the previous step's gradient exchange
+    bool arriving = false; // whether it brings a gradient for this shard
+    auto finish_back = [&]() {
+        comm_wait(*cp.comm, back);
+        if (arriving) ops::kv_unpack_add(dqkv, cp.dkv_in, 0, Tc, Hl);
+    };
+    for (int s = 0; s < p; s++) {
+        const int owner = (r - s + p) % p, user = (r + s) % p;  // the block here, the rank attending to ours
+        CommRequest next = ring_pass(cp, b, s + 1, n, "cp ring kv send/recv");
+        const bool computes = s > 0 && cp_needs(b, p, r, owner);
+        float* dkv = cp.dkv[s % 2];
+        if (s == 0) {
+            ops::attention_block_backward(dqkv, dqkv + Hl, dqkv + 2 * Hl, S, S, dout, out, lse, qkv, S, b.token_start, Tc,
+                                          qkv + Hl, qkv + 2 * Hl, S, b.token_start, Tc, cu_seqlens, b.n_docs, heads, hd, -1);
+        } else if (computes) {
+            const float* kv = cp.kv[s % 2];
+            ops::zero_floats(dkv, n);
+            ops::attention_block_backward(dqkv, dkv, dkv + Hl, S, 2 * Hl, dout, out, lse, qkv, S, b.token_start, Tc, kv,
+                                          kv + Hl, 2 * Hl, owner * Tc, Tc, cu_seqlens, b.n_docs, heads, hd, -1);
+        }
+        comm_wait(*cp.comm, next);
+        if (s == 0) continue;
+        finish_back();
+        arriving = cp_needs(b, p, user, r);
+        back = comm_sendrecv_start(*cp.comm, *cp.group, dkv, computes ? owner : -1, cp.dkv_in, arriving ? user : -1, n,
+                                   "cp ring grad dkv send/recv");
+        cp.ring_bytes += back.bytes;
+    }
+    finish_back();
+}
+
+// The halo of shard r (Tc tokens from start, in a micro-batch of T tokens) under a window w:
+// the left rows [start − left, start) and the right rows [start + Tc, start + Tc + right). Rank
+// r + d's left halo holds this shard's last rows(d) rows and rank r − d's right halo its first
+// rows(d) rows, rows(d) = min(Tc, w − (d − 1)·Tc), for d = 1 … reach (more than one rank each side
+// when Tc < w). kv_ext holds left halo | this shard | right halo, each row 2·Hl wide (k | v).
+struct Halo {
+    int Tc = 0, w = 0, left = 0, right = 0, reach = 0;
+    int rows(int d) const { return std::max(0, std::min(Tc, w - (d - 1) * Tc)); }
+    int from_left_at(int d) const { return left - (d - 1) * Tc - rows(d); }  // kv_ext row of rank r − d's rows
+    int from_right_at(int d) const { return left + Tc + (d - 1) * Tc; }     // kv_ext row of rank r + d's rows
+};
+static Halo halo_of(const ContextParallel& cp, const BatchView& b) {
+    Halo h;
+    h.Tc = b.T;
+    h.w = cp.window;
+    h.left = std::min(h.w, b.token_start);
+    h.right = std::min(h.w, b.T_whole - b.token_start - b.T);
+    while (h.reach < cp.size - 1 && h.rows(h.reach + 1) > 0) h.reach++;
+    return h;
+}
+// For d = 1 … reach, both directions at once: forward, this shard's edge rows (kv_ext's middle) go
+// to ranks r ± d and theirs land in kv_ext's ends; backward, dkv_ext's ends go back to their
+// owners and the gradients of this shard's edge rows arrive in dkv_in (from rank r + d at row
+// Σ_{d' < d} rows(d'), from rank r − d at w plus that).
+static void halo_exchange(ContextParallel& cp, const Halo& h, Pass pass, float* ext, int Hl) {
+    const int p = cp.size, r = cp.rank;
+    const size_t width = 2 * (size_t)Hl;
+    std::vector<CommRequest> reqs;
+    int at = 0;  // backward: rows of dkv_in used by the nearer ranks
+    for (int d = 1; d <= h.reach; d++) {
+        const int n = h.rows(d), left = r - d >= 0 ? r - d : -1, right = r + d < p ? r + d : -1;
+        const size_t floats = (size_t)n * width;
+        if (pass == Pass::forward) {
+            float* mine = ext + (size_t)h.left * width;  // this shard's rows in kv_ext
+            reqs.push_back(comm_sendrecv_start(*cp.comm, *cp.group, mine + (size_t)(h.Tc - n) * width, right,
+                                               ext + (size_t)h.from_left_at(d) * width, left, floats, "cp halo kv send/recv"));
+            reqs.push_back(comm_sendrecv_start(*cp.comm, *cp.group, mine, left, ext + (size_t)h.from_right_at(d) * width,
+                                               right, floats, "cp halo kv send/recv"));
+        } else {
+            reqs.push_back(comm_sendrecv_start(*cp.comm, *cp.group, ext + (size_t)h.from_left_at(d) * width, left,
+                                               cp.dkv_in + (size_t)at * width, right, floats,
+                                               "cp halo grad dkv send/recv"));
+            reqs.push_back(comm_sendrecv_start(*cp.comm, *cp.group, ext + (size_t)h.from_right_at(d) * width, right,
+                                               cp.dkv_in + (size_t)(h.w + at) * width, left, floats,
+                                               "cp halo grad dkv send/recv"));
+            at += n;
+        }
+    }
+    for (CommRequest& req : reqs) {
+        cp.halo_bytes += req.bytes;
+        comm_wait(*cp.comm, req);
+    }
+}
+// Local-layer attention of this shard's queries: its K/V and the halo, one block. kv_halo (left +
+// right rows, 2·Hl) keeps the halo for the backward.
+static void halo_attention_forward(ContextParallel& cp, float* out, float* lse, float* kv_halo, const float* qkv,
+                                   const int* cu_seqlens, const BatchView& b, int heads, int hd) {
+    const Halo h = halo_of(cp, b);
+    const int Hl = heads * hd;
+    const size_t width = 2 * (size_t)Hl;
+    ops::kv_pack(cp.kv_ext + (size_t)h.left * width, qkv, 0, b.T, Hl);
+    halo_exchange(cp, h, Pass::forward, cp.kv_ext, Hl);
+    ops::copy_on_device(kv_halo, cp.kv_ext, (size_t)h.left * width * sizeof(float));
+    ops::copy_on_device(kv_halo + (size_t)h.left * width, cp.kv_ext + (size_t)(h.left + b.T) * width,
+                        (size_t)h.right * width * sizeof(float));
+    ops::attention_block_forward(out, lse, qkv, 3 * Hl, b.token_start, b.T, cp.kv_ext, cp.kv_ext + Hl, 2 * Hl,
+                                 b.token_start - h.left, h.left + b.T + h.right, cu_seqlens, b.n_docs, heads, hd, cp.window);
+}
+// Its backward: dqkv (Tc, 3·Hl) ← q, k, v gradients (before RoPE's backward). The halo rows'
+// gradients go back to their owners; this shard's own, then those arriving, are added in order.
+static void halo_attention_backward(ContextParallel& cp, float* dqkv, const float* dout, const float* out,
+                                    const float* lse, const float* kv_halo, const float* qkv, const int* cu_seqlens,
+                                    const BatchView& b, int heads, int hd) {
+    const Halo h = halo_of(cp, b);
+    const int Hl = heads * hd, rows = h.left + b.T + h.right;
+    const size_t width = 2 * (size_t)Hl;
+    ops::copy_on_device(cp.kv_ext, kv_halo, (size_t)h.left * width * sizeof(float));
+    ops::kv_pack(cp.kv_ext + (size_t)h.left * width, qkv, 0, b.T, Hl);
+    ops::copy_on_device(cp.kv_ext + (size_t)(h.left + b.T) * width, kv_halo + (size_t)h.left * width,
+                        (size_t)h.right * width * sizeof(float));
+    ops::zero_floats(dqkv, (size_t)b.T * 3 * Hl);
+    ops::zero_floats(cp.dkv_ext, (size_t)rows * width);
+    ops::attention_block_backward(dqkv, cp.dkv_ext, cp.dkv_ext + Hl, 3 * Hl, 2 * Hl, dout, out, lse, qkv, 3 * Hl,
+                                  b.token_start, b.T, cp.kv_ext, cp.kv_ext + Hl, 2 * Hl, b.token_start - h.left, rows,
+                                  cu_seqlens, b.n_docs, heads, hd, cp.window);
+    halo_exchange(cp, h, Pass::backward, cp.dkv_ext, Hl);
+    ops::kv_unpack_add(dqkv, cp.dkv_ext + (size_t)h.left * width, 0, b.T, Hl);
+    int at = 0;
+    for (int d = 1; d <= h.reach; d++) {
+        const int n = h.rows(d);
+        if (cp.rank + d < cp.size) ops::kv_unpack_add(dqkv, cp.dkv_in + (size_t)at * width, b.T - n, n, Hl);
+        if (cp.rank - d >= 0) ops::kv_unpack_add(dqkv, cp.dkv_in + (size_t)(h.w + at) * width, 0, n, Hl);
+        at += n;
+    }
+}
+
+// The attention of one layer under cp (model_forward and model_backward call these when cp > 1).
+static void cp_attention_forward(ContextParallel& cp, LayerActivations& la, const int* cu_seqlens, const BatchView& b,
+                                 bool global, int heads, int hd) {
+    if (global) ring_attention_forward(cp, la.atty, la.lse, la.qkv, cu_seqlens, b, heads, hd);
+    else halo_attention_forward(cp, la.atty, la.lse, la.kv_halo, la.qkv, cu_seqlens, b, heads, hd);
+}
+static void cp_attention_backward(ContextParallel& cp, float* dqkv, const float* datty, const LayerActivations& la,
+                                  const int* cu_seqlens, const BatchView& b, bool global, int heads, int hd) {
+    if (global) ring_attention_backward(cp, dqkv, datty, la.atty, la.lse, la.qkv, cu_seqlens, b, heads, hd);
+    else halo_attention_backward(cp, dqkv, datty, la.atty, la.lse, la.kv_halo, la.qkv, cu_seqlens, b, heads, hd);
 }
 
 // ---- model forward ----
@@ -1405,8 +1771,12 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
         float theta = m.is_global(layer) ? m.theta_global : m.theta_local;
         int window = m.is_global(layer) ? -1 : m.window();
         TRACED(trace, "rope", ops::rope_forward(la.qkv, a.positions, T, t.heads, m.hd, theta));
-        TRACED(trace, "attention",
-               ops::attention_forward(la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, t.heads, m.hd, window));
+        if (model.cp.size > 1)
+            TRACED(trace, "attention",
+                   cp_attention_forward(model.cp, la, a.cu_seqlens, b, m.is_global(layer), t.heads, m.hd));
+        else
+            TRACED(trace, "attention",
+                   ops::attention_forward(la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, t.heads, m.hd, window));
         float* attn_out = tp_full(tp, la.resid_mid, a.partial);
         TRACED(trace, "matmul", ops::matmul_forward(attn_out, la.atty, lw.wo, nullptr, T, Hl, H));
         tp_region_out(tp, Pass::forward, la.resid_mid, attn_out, Tl, H, "attention-out");
@@ -1523,9 +1893,14 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         TRACED(trace, "matmul",
                ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_full, la.atty, lw.wo, T, Hl, H, false));
         int window = m.is_global(layer) ? -1 : m.window();
-        TRACED(trace, "attention",
-               ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, t.heads,
-                                       m.hd, window));
+        if (model.cp.size > 1)
+            TRACED(trace, "attention",
+                   cp_attention_backward(model.cp, a.d_qkv, a.d_atty, la, a.cu_seqlens, b, m.is_global(layer), t.heads,
+                                         m.hd));
+        else
+            TRACED(trace, "attention",
+                   ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, t.heads,
+                                           m.hd, window));
         TRACED(trace, "rope",
                ops::rope_backward(a.d_qkv, a.positions, T, t.heads, m.hd, m.is_global(layer) ? m.theta_global : m.theta_local));
         TRACED(trace, "matmul",
@@ -2651,7 +3026,12 @@ struct StepStats {
     float lr = 0;
     long masked = 0, real_tokens = 0;
     double ms = 0, ms_here = 0;     // the slowest rank's step time, this rank's
-    std::vector<BatchView> views;   // this rank's micro-batches (their FLOPs)
+    std::vector<BatchView> views;   // this dp rank's micro-batches (their FLOPs)
+    std::vector<BatchView> shards;  // what this rank computes of them: its cp shard (the whole without cp)
+    double cp_ring_bytes = 0, cp_halo_bytes = 0;  // this rank's context-parallel traffic
+    // the ring's critical path in same-document pairs (cp_ring_work) over its ideal (the pairs / cp),
+    // in the packer's document order and in the balanced one
+    double cp_imbalance_before = 0, cp_imbalance_after = 0;
     std::vector<double> bubble;            // (pp) each stage's idle fraction of its pipeline program
     std::vector<double> activation_bytes;  // (pp) each stage's peak of live activation sets, in bytes
 };
@@ -2665,13 +3045,28 @@ static StepStats train_step(Model& model, Pipeline& pipe, Loader& loader, GradSy
     if (sync) sync->launched_during_backward = 0;
     ops::zero_floats(model.grads, model.table.total);
     const int n_micro = grid.dp * c.grad_accum;  // micro-batches in one global batch
+    ContextParallel& cp = model.cp;
+    cp.ring_bytes = cp.halo_bytes = 0;
+    double ring_before = 0, ring_after = 0, ring_ideal = 0;
     for (int k = 0; k < c.grad_accum; k++) {  // this dp rank's share of the global batch
         MicroBatch mb = loader.get((uint64_t)(step - 1) * n_micro + (uint64_t)grid.dp_rank * c.grad_accum + k);
         s.views.push_back(batch_view(mb));
-        s.masked += s.views.back().n_masked;
-        s.real_tokens += mb.n_real;
+        if (cp.size > 1) {  // every cp rank balances alike, then takes its shard
+            BatchView balanced = cp_balance(s.views.back(), cp.size);
+            ring_before += balanced.cp_ring_work_unbalanced;
+            ring_after += balanced.cp_ring_work;
+            for (double pairs : balanced.cp_pairs) ring_ideal += pairs / cp.size;
+            s.shards.push_back(cp_shard(balanced, cp.size, cp.rank));
+        } else {
+            s.shards.push_back(s.views.back());
+        }
+        s.masked += s.shards.back().n_masked;  // summed over dp×cp below
+        s.real_tokens += s.shards.back().n_real;
     }
-    double loss_sum = run_pipeline(model, pipe, s.views, c.pp_schedule, sync, trace);
+    double loss_sum = run_pipeline(model, pipe, s.shards, c.pp_schedule, sync, trace);
+    s.cp_ring_bytes = cp.ring_bytes;
+    s.cp_halo_bytes = cp.halo_bytes;
+    if (ring_ideal > 0) s.cp_imbalance_before = ring_before / ring_ideal, s.cp_imbalance_after = ring_after / ring_ideal;
     if (sync) grad_sync_finish(sync);
     // each stage's bubble and activation peak, to every stage (rank 0 logs them)
     const int pp = model.pp.size;
@@ -2745,6 +3140,7 @@ static void report_step(const StepStats& s, const ModelConfig& m, ProcessGrid& g
         act_json += b;
     }
     if (grid.pp > 1) printf(" | bubble [%s]", bubble_json.c_str());
+    if (grid.cp > 1) printf(" | cp ring work/ideal %.3f (unbalanced %.3f)", s.cp_imbalance_after, s.cp_imbalance_before);
     printf("\n");
     fflush(stdout);
     if (!log) return;
@@ -2754,10 +3150,12 @@ static void report_step(const StepStats& s, const ModelConfig& m, ProcessGrid& g
             "{\"step\": %d, \"loss\": %.17g, \"unigram_loss\": %.9g, \"grad_norm\": %.9g, \"lr\": %.9g, "
             "\"tokens\": %ld, \"masked_tokens\": %ld, \"tokens_per_s\": %.6g, \"flops_per_s\": %.6g, "
             "\"mfu\": %s, \"step_ms\": %.6g, \"bytes_sent\": {%s}, \"buckets\": %zu, "
-            "\"buckets_during_backward\": %d, \"pp_bubble\": [%s], \"activation_bytes\": [%s]}\n",
+            "\"buckets_during_backward\": %d, \"pp_bubble\": [%s], \"activation_bytes\": [%s], "
+            "\"cp_bytes\": {\"ring\": %.0f, \"halo\": %.0f}, \"cp_imbalance\": [%.6g, %.6g]}\n",
             s.step, s.loss, unigram, s.grad_norm, s.lr, s.real_tokens, s.masked, tokens_per_s, flops_per_s, mfu_json,
             s.ms, bytes_json.c_str(), sync ? sync->buckets.size() : 0, sync ? sync->launched_during_backward : 0,
-            bubble_json.c_str(), act_json.c_str());
+            bubble_json.c_str(), act_json.c_str(), s.cp_ring_bytes, s.cp_halo_bytes, s.cp_imbalance_before,
+            s.cp_imbalance_after);
     fflush(log);
 }
 
@@ -2864,7 +3262,7 @@ int main(int argc, char** argv) {
     if (m.nh % grid.tp) fatal("--tp %d does not divide the model's %d attention heads", grid.tp, m.nh);
     if (m.I % grid.tp) fatal("--tp %d does not divide the model's intermediate_size %d", grid.tp, m.I);
     if (grid.pp > m.L) fatal("--pp %d is more than the model's %d layers (a stage needs at least one)", grid.pp, m.L);
-    check_memory(m, std::max(c.micro_batch_tokens, c.seq_len), grid.tp);
+    check_memory(m, std::max(c.micro_batch_tokens / grid.cp, c.seq_len), grid.tp);
 
     Tracer tracer;
     Tracer* trace = c.trace_dir.empty() ? nullptr : &tracer;
@@ -2874,6 +3272,11 @@ int main(int argc, char** argv) {
     Comm comm{&grid, trace, {}};
     model.tp = {&comm, &grid.tp_group, grid.tp, grid.tp_rank, c.sp && c.predict.empty()};
     model.pp = {&comm, &grid.pp_group, grid.embedding_group.size > 1 ? &grid.embedding_group : nullptr, grid.pp, grid.pp_rank};
+    model.cp.comm = &comm;
+    model.cp.group = &grid.cp_group;
+    model.cp.size = grid.cp;
+    model.cp.rank = grid.cp_rank;
+    model.cp.window = m.window();
     // this rank's shards of its stage only: drawn, or cut from the full tensors read from disk
     const ParamTable shard_table = make_param_table(m, grid.tp, grid.tp_rank, grid.pp, grid.pp_rank);
     std::vector<float> host_params;  // a resumed run's weights come from its checkpoint, below
@@ -2883,7 +3286,7 @@ int main(int argc, char** argv) {
     model_allocate(&model, host_params);
 
     if (!c.predict.empty()) {
-        if (grid.dp > 1) fatal("--predict runs on one model replica: --tp and --pp, but not --dp");
+        if (grid.dp > 1 || grid.cp > 1) fatal("--predict runs on one model replica: --tp and --pp, but not --dp or --cp");
         WordTokenizer tok;
         std::string err;
         if (!WordTokenizer::load(c.data + "/vocab.txt", &tok, &err, m.special)) fatal("--predict: %s", err.c_str());
@@ -2907,7 +3310,8 @@ int main(int argc, char** argv) {
     if (!load_dataset(c.data, c.seq_len, (uint32_t)m.V, m.special, &data, &err)) fatal("%s", err.c_str());
     Loader loader(data, c.micro_batch_tokens, c.seed, m.special);
     Pipeline pipe;
-    pipe.T = c.micro_batch_tokens;
+    pipe.T = c.micro_batch_tokens / grid.cp;  // a shard under cp
+    if (grid.cp > 1) cp_allocate(&model.cp, pipe.T, model.table.heads * m.hd, model.table.heads);
 
     Group& grad_group = grid.dp_cp_group;  // the ranks that hold the same weights
     GradSync* sync = (!one_rank || c.zero) ? make_grad_sync(&comm, &grad_group, model, c.zero, c.bucket_mb) : nullptr;

@@ -564,6 +564,41 @@ static void test_rows(int T, int C, int n_rows) {
     for (void* p : std::initializer_list<void*>{d_rows, d_inp, d_out, d_dout, d_dinp}) cuda::free_buffer(p);
 }
 
+// ---- K/V blocks (context parallelism) ----
+// kv_pack and kv_unpack_add against ref, exactly (pure copies and one float add per element). The kv and dqkv
+// buffers carry GUARD extra elements past the op's range, prefilled, that must come back unchanged; n = 0 must
+// launch nothing (a zero-block grid is a launch error on the GPU) and change nothing, null pointers included.
+static void test_kv_blocks(int T, int Hl, int row0, int n, uint64_t seed) {
+    const size_t GUARD = 16, W = (size_t)3 * Hl, KW = (size_t)2 * Hl;
+    Rng rng(seed);
+    std::string tag = fmt("T=%d Hl=%d row0=%d n=%d", T, Hl, row0, n);
+    auto qkv = random_floats(rng, T * W + GUARD);
+    std::vector<float> kv0((size_t)n * KW + GUARD, 7.0f), kv = kv0;
+    ref::kv_pack(kv.data(), qkv.data(), row0, n, Hl);
+    float *d_qkv = upload(qkv), *d_kv = upload(kv0);
+    cuda::kv_pack(d_kv, d_qkv, row0, n, Hl);
+    check("kv_pack " + tag, download(d_kv, kv.size()), kv, 0, 0);
+    check("kv_pack leaves qkv unchanged " + tag, download(d_qkv, qkv.size()), qkv, 0, 0);
+
+    auto dkv = random_floats(rng, (size_t)n * KW + GUARD);
+    auto dqkv0 = random_floats(rng, T * W + GUARD);
+    std::vector<float> dqkv = dqkv0;
+    ref::kv_unpack_add(dqkv.data(), dkv.data(), row0, n, Hl);
+    float *d_dkv = upload(dkv), *d_dqkv = upload(dqkv0);
+    cuda::kv_unpack_add(d_dqkv, d_dkv, row0, n, Hl);
+    check("kv_unpack_add " + tag, download(d_dqkv, dqkv.size()), dqkv, 0, 0);
+    check("kv_unpack_add leaves dkv unchanged " + tag, download(d_dkv, dkv.size()), dkv, 0, 0);
+    check_deterministic("kv_unpack_add " + tag, {{d_dqkv, &dqkv0}},
+                        [&] { cuda::kv_unpack_add(d_dqkv, d_dkv, row0, n, Hl); });
+    if (n == 0) {  // no launch at all: null buffers are never touched
+        cuda::kv_pack(nullptr, d_qkv, row0, 0, Hl);
+        cuda::kv_unpack_add(d_dqkv, nullptr, row0, 0, Hl);
+        cuda::synchronize();
+        check("kv_pack/kv_unpack_add n=0 with null block " + tag, download(d_dqkv, dqkv.size()), dqkv0, 0, 0);
+    }
+    for (void* p : std::initializer_list<void*>{d_qkv, d_kv, d_dkv, d_dqkv}) cuda::free_buffer(p);
+}
+
 // ---- cross-entropy ----
 // logits (N, V) a vocabulary shard: global ids [vocab_start, vocab_start + V), the first V_valid columns real, the
 // rest padding (filled with 1e4, which would overflow any sum it reached). Each CUDA piece is compared with its
@@ -997,6 +1032,11 @@ int main(int argc, char** argv) {
     test_gelu(10007);
     test_geglu(33, 257);
     test_rows(300, 129, 91);
+    test_kv_blocks(37, 8, 5, 20, 621);
+    test_kv_blocks(37, 8, 0, 37, 622);    // the whole shard
+    test_kv_blocks(37, 8, 11, 0, 623);    // nothing: no launch
+    test_kv_blocks(50, 64, 37, 13, 624);  // the last rows: row0 = T - n
+    test_kv_blocks(700, 64, 3, 600, 625); // 76800 elements: 300 blocks
 
     test_crossentropy(9, 50368, 50368, 0, 601);
     test_crossentropy(20, 1000, 1000, 0, 602);

@@ -948,6 +948,120 @@ static void test_gather_scatter() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// kv_pack / kv_unpack_add (context parallelism's K/V blocks). Expectations are built here independently: per
+// row, std::copy of qkv's k part then its v part (pack); k and v parts added in two separate loops (unpack).
+// q, k, v are drawn from disjoint ranges ([10, 11), [-1, 1), [2, 3)) so a shifted column range cannot match by
+// chance. Buffers carry a guard of KV_GUARD elements past their end, which neither op may touch.
+static const int KV_GUARD = 16;
+static const float KV_SENTINEL = -123.25f;
+static vector<float> kv_random_qkv(int T, int Hl) {
+    vector<float> x((size_t)T * 3 * Hl + KV_GUARD, KV_SENTINEL);
+    for (int t = 0; t < T; t++)
+        for (int c = 0; c < 3 * Hl; c++)
+            x[(size_t)t * 3 * Hl + c] = c < Hl ? uniform(10.0f, 11.0f) : c < 2 * Hl ? uniform(-1.0f, 1.0f) : uniform(2.0f, 3.0f);
+    return x;
+}
+// the expected kv block of rows [row0, row0 + n), plus the guard
+static vector<float> kv_expected_pack(const vector<float>& qkv, int row0, int n, int Hl) {
+    vector<float> kv((size_t)n * 2 * Hl + KV_GUARD, KV_SENTINEL);
+    for (int r = 0; r < n; r++) {
+        const float* row = qkv.data() + (size_t)(row0 + r) * 3 * Hl;
+        float* dst = kv.data() + (size_t)r * 2 * Hl;
+        std::copy(row + Hl, row + 2 * Hl, dst);           // k
+        std::copy(row + 2 * Hl, row + 3 * Hl, dst + Hl);  // v
+    }
+    return kv;
+}
+static size_t count_bit_diffs(const vector<float>& a, const vector<float>& b, size_t from = 0, size_t to = SIZE_MAX) {
+    if (a.size() != b.size()) return SIZE_MAX;
+    size_t d = 0;
+    for (size_t i = from; i < std::min(to, a.size()); i++) d += memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    return d;
+}
+static void test_kv_blocks_one(int T, int Hl, int row0, int n) {
+    char tag[96];
+    snprintf(tag, sizeof tag, "(T=%d Hl=%d row0=%d n=%d)", T, Hl, row0, n);
+    const std::string t = tag;
+    const size_t W = (size_t)3 * Hl, KW = (size_t)2 * Hl;
+
+    // pack: exact copy of the k/v columns, guard and qkv untouched
+    const vector<float> qkv = kv_random_qkv(T, Hl);
+    vector<float> qkv_in = qkv, kv((size_t)n * KW + KV_GUARD, KV_SENTINEL);
+    ref::kv_pack(kv.data(), qkv_in.data(), row0, n, Hl);
+    const vector<float> want = kv_expected_pack(qkv, row0, n, Hl);
+    const size_t d_body = count_bit_diffs(kv, want, 0, (size_t)n * KW);
+    const size_t d_guard = count_bit_diffs(kv, want, (size_t)n * KW);
+    check("kv_pack = per-row copy of k, v " + t, d_body == 0, "%zu of %zu elements differ", d_body, (size_t)n * KW);
+    check("kv_pack writes nothing past n rows " + t, d_guard == 0, "%zu guard elements changed", d_guard);
+    check("kv_pack leaves qkv unchanged " + t, count_bit_diffs(qkv_in, qkv) == 0, "");
+    size_t q_like = 0;  // a q value (≥ 10) in the block means a q column leaked in
+    for (size_t i = 0; i < (size_t)n * KW; i++) q_like += kv[i] >= 10.0f;
+    check("kv_pack output holds no q column " + t, q_like == 0, "%zu q-range values", q_like);
+    if (n > 0) {  // self-check: the same comparison against the block one row off, or q|k instead of k|v, fails
+        const vector<float> shifted = kv_expected_pack(qkv, row0 == 0 ? 1 : row0 - 1, std::min(n, T - 1), Hl);
+        vector<float> qk((size_t)n * KW + KV_GUARD, KV_SENTINEL);
+        for (int r = 0; r < n; r++) std::copy_n(qkv.data() + (size_t)(row0 + r) * W, KW, qk.data() + (size_t)r * KW);
+        const bool caught = (shifted.size() != kv.size() || count_bit_diffs(kv, shifted, 0, (size_t)n * KW) > 0) &&
+                            count_bit_diffs(kv, qk, 0, (size_t)n * KW) > 0;
+        check("self-check: kv_pack comparison rejects a row shift and q|k " + t, caught, "");
+    }
+
+    // unpack_add: k/v columns of rows [row0, row0 + n) get exactly dqkv + dkv; all else bit-identical
+    vector<float> dqkv0 = random_vec(T * W + KV_GUARD), dkv = random_vec((size_t)n * KW);
+    for (int i = 0; i < KV_GUARD; i++) dqkv0[T * W + i] = KV_SENTINEL;
+    const vector<float> dkv_in = dkv;
+    vector<float> dqkv = dqkv0;
+    ref::kv_unpack_add(dqkv.data(), dkv.data(), row0, n, Hl);
+    vector<float> want_d = dqkv0;
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < Hl; j++) {
+            float& dk = want_d[(size_t)(row0 + r) * W + Hl + j];
+            dk = dk + dkv[(size_t)r * KW + j];
+        }
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < Hl; j++) {
+            float& dv = want_d[(size_t)(row0 + r) * W + 2 * Hl + j];
+            dv = dv + dkv[(size_t)r * KW + Hl + j];
+        }
+    size_t d_kv = 0, d_q = 0, d_rows = 0, d_g = 0, n_kv = 0, n_q = 0, n_rows = 0;
+    for (size_t i = 0; i < dqkv.size(); i++) {
+        const bool differs = memcmp(&dqkv[i], &want_d[i], sizeof(float)) != 0;
+        if (i >= (size_t)T * W) d_g += differs;
+        else if ((int)(i / W) < row0 || (int)(i / W) >= row0 + n) d_rows += differs, n_rows++;
+        else if (i % W < (size_t)Hl) d_q += differs, n_q++;
+        else d_kv += differs, n_kv++;
+    }
+    check("kv_unpack_add adds dkv into k, v columns " + t, d_kv == 0, "%zu of %zu differ", d_kv, n_kv);
+    check("kv_unpack_add leaves q columns of its rows bit-identical " + t, d_q == 0, "%zu of %zu differ", d_q, n_q);
+    check("kv_unpack_add leaves other rows bit-identical " + t, d_rows == 0 && d_g == 0,
+          "%zu of %zu differ, %zu guard elements changed", d_rows, n_rows, d_g);
+    check("kv_unpack_add leaves dkv unchanged " + t, count_bit_diffs(dkv, dkv_in) == 0, "");
+    if (n > 0) {  // self-check: it must have changed something (an op that did nothing would pass the rest only if
+                  // the expectation were equally wrong)
+        check("self-check: kv_unpack_add changed the k/v block " + t, count_bit_diffs(dqkv, dqkv0) > 0, "");
+    }
+
+    // adjoint: <pack(x), y> = <x, unpack_add(0, y)>, in double
+    const vector<float> x = random_vec(T * W), y = random_vec((size_t)n * KW);
+    vector<float> px((size_t)n * KW), uy(T * W, 0.0f);
+    ref::kv_pack(px.data(), x.data(), row0, n, Hl);
+    ref::kv_unpack_add(uy.data(), y.data(), row0, n, Hl);
+    double lhs = 0.0, rhs = 0.0, scale = 0.0;
+    for (size_t i = 0; i < px.size(); i++) lhs += (double)px[i] * y[i], scale += fabs((double)px[i] * y[i]);
+    for (size_t i = 0; i < x.size(); i++) rhs += (double)x[i] * uy[i];
+    const double err = fabs(lhs - rhs);
+    check("kv_unpack_add is the adjoint of kv_pack " + t, err <= 1e-12 * scale && (n == 0 || scale > 0),
+          "<pack x, y> %.17g  <x, unpack y> %.17g  |diff| %.3g  (1e-12 · Σ|terms| = %.3g)", lhs, rhs, err, 1e-12 * scale);
+}
+static void test_kv_blocks() {
+    test_kv_blocks_one(37, 8, 5, 20);
+    test_kv_blocks_one(37, 8, 0, 37);   // the whole shard
+    test_kv_blocks_one(37, 8, 11, 0);   // nothing
+    test_kv_blocks_one(50, 64, 37, 13); // the last rows: row0 = T − n
+    test_kv_blocks_one(1, 1, 0, 1);     // smallest
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // crossentropy: N = 5, V = 7, one ignored target; backward overwrites (documented), may alias logits.
 // The forward runs as its three pieces (row_max, sum_exp, finish); ce_shards() runs them vocab-parallel, doing on
 // the host what the two all-reduces do (max of row_max, sum of partial, in shard order).
@@ -1302,6 +1416,7 @@ int main(int argc, char** argv) {
     test_gelu();
     test_geglu();
     test_gather_scatter();
+    test_kv_blocks();
     test_crossentropy();
     test_adamw();
     test_stable_adamw_rms();
