@@ -1475,37 +1475,60 @@ static BatchView reorder_documents(const BatchView& b, const std::vector<int>& o
     for (int k = 0; k < b.n_masked; k++) r.masked_rows[k] = masked[k].first, r.targets[k] = masked[k].second;
     return r;
 }
-// Document-aware cut: candidate orders are the packer's, and a greedy one (longest document first,
-// each into the shard whose pairs so far are fewest among those it still fits in, the shards then
-// laid end to end); the one with the shorter ring critical path wins (the packer's on a tie).
+// The ring critical path of the micro-batch with its documents (lengths) laid out in this order.
+static double order_ring_work(const std::vector<int>& lengths, const std::vector<int>& order, int T, int cp) {
+    std::vector<int> cu(1, 0);
+    for (int d : order) cu.push_back(cu.back() + lengths[d]);
+    return cp_ring_work(cp_pairs(cu, (int)order.size(), T, cp), cp);
+}
+// Document-aware cut: the order starts as the better of the packer's and a greedy one (longest
+// document first, each into the shard with the fewest pairs so far among those it still fits in,
+// the shards then laid end to end); then, while it shortens the ring's critical path, one document
+// at a time moves to another place in the order (a long document straddling a shard edge shares
+// its work with the next rank, which runs it in parallel at a later ring step). Bounded work:
+// at most 8·n_docs² orders are tried. Every cp rank computes the same order from the same table.
 static BatchView cp_balance(const BatchView& b, int cp) {
-    const int Tc = b.T / cp;
-    std::vector<int> natural(b.n_docs), by_length(b.n_docs);
-    for (int d = 0; d < b.n_docs; d++) natural[d] = by_length[d] = d;
-    auto len = [&](int d) { return b.cu_seqlens[d + 1] - b.cu_seqlens[d]; };
-    std::stable_sort(by_length.begin(), by_length.end(), [&](int x, int y) { return len(x) > len(y); });
+    const int Tc = b.T / cp, n = b.n_docs;
+    std::vector<int> lengths(n), natural(n), by_length(n);
+    for (int d = 0; d < n; d++) lengths[d] = b.cu_seqlens[d + 1] - b.cu_seqlens[d], natural[d] = by_length[d] = d;
+    std::stable_sort(by_length.begin(), by_length.end(), [&](int x, int y) { return lengths[x] > lengths[y]; });
     std::vector<std::vector<int>> shard_docs(cp);
     std::vector<double> work(cp, 0.0), room(cp, (double)Tc);
     for (int d : by_length) {
         int best = -1;
         for (int r = 0; r < cp; r++)
-            if (room[r] >= len(d) && (best < 0 || work[r] < work[best])) best = r;
+            if (room[r] >= lengths[d] && (best < 0 || work[r] < work[best])) best = r;
         if (best < 0)  // fits nowhere whole: where most room is left (it spills into the next shard)
             best = (int)(std::max_element(room.begin(), room.end()) - room.begin());
         shard_docs[best].push_back(d);
-        work[best] += (double)len(d) * len(d);
-        room[best] -= len(d);
+        work[best] += (double)lengths[d] * lengths[d];
+        room[best] -= lengths[d];
     }
     std::vector<int> greedy;
     for (const auto& docs : shard_docs) greedy.insert(greedy.end(), docs.begin(), docs.end());
-    BatchView best = b;
-    best.cp_pairs = cp_pairs(b.cu_seqlens, b.n_docs, b.T, cp);
-    best.cp_ring_work = best.cp_ring_work_unbalanced = cp_ring_work(best.cp_pairs, cp);
-    BatchView other = reorder_documents(b, greedy);
-    other.cp_pairs = cp_pairs(other.cu_seqlens, other.n_docs, other.T, cp);
-    other.cp_ring_work = cp_ring_work(other.cp_pairs, cp);
-    other.cp_ring_work_unbalanced = best.cp_ring_work;
-    return other.cp_ring_work < best.cp_ring_work ? other : best;
+    const double unbalanced = order_ring_work(lengths, natural, b.T, cp);
+    std::vector<int> order = natural;
+    double cost = unbalanced, greedy_cost = order_ring_work(lengths, greedy, b.T, cp);
+    if (greedy_cost < cost) order = greedy, cost = greedy_cost;
+    long budget = 8L * n * n;
+    for (bool improved = true; improved && budget > 0;) {
+        improved = false;
+        for (int i = 0; i < n && !improved && budget > 0; i++)
+            for (int j = 0; j < n && !improved && budget > 0; j++, budget--) {
+                if (i == j) continue;
+                std::vector<int> moved = order;
+                const int d = moved[i];
+                moved.erase(moved.begin() + i);
+                moved.insert(moved.begin() + j, d);
+                const double c = order_ring_work(lengths, moved, b.T, cp);
+                if (c < cost) order = moved, cost = c, improved = true;
+            }
+    }
+    BatchView out = order == natural ? b : reorder_documents(b, order);
+    out.cp_pairs = cp_pairs(out.cu_seqlens, out.n_docs, out.T, cp);
+    out.cp_ring_work = cost;
+    out.cp_ring_work_unbalanced = unbalanced;
+    return out;
 }
 // Shard r of a (balanced) micro-batch: its Tc tokens, their positions, its masked rows (as rows of
 // the shard), and the whole document table.
