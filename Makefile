@@ -83,6 +83,7 @@ EMU_BINS := tests/test_emu tests/test_gpu_emu tests/test_emu_asan tests/test_gpu
 # picotron.cu's GPU build compiled by g++ under the emulator: the trainer's kernels, cuBLASLt calls,
 # streams, events and pinned staging run on the CPU (NCCL is not emulated: run it with --comm mpi).
 # tests/emu_trainer.sh trains it against picotron_cpu (1 rank, dp 2, tp 2 with and without --sp, pp 2; under a minute).
+# and with cp 2, cp 4 (32-token shards, halos from 2 ranks) and cp 2 × tp 2 --sp.
 picotron_emu: picotron.cu $(EMU_HEADERS) $(HEADERS)
 	g++ $(CXXFLAGS) $(EMU_FLAGS) $(MPI_COMPILE) -I. -x c++ picotron.cu -o $@ $(MPI_LINK)
 

@@ -18,7 +18,13 @@
 # 2 heads of 64 (the GPU attention kernel's head size), H 128, I 192 and V 4097 (an odd vocabulary:
 # tp 2 pads it to 2 × 2049 rows), initialised by tests/make_model (6-8 s a tp run on 2 cores).
 # Pipeline parallel (pp 2, one layer a stage, grad-accum 2, 2 steps) trains h2 too, against a
-# 1-rank grad-accum 2 run. The whole script takes ~45 s on 2 cores. Last line: "N passed, M failed".
+# 1-rank grad-accum 2 run. Context parallel: cp 2 (mini, shards of 128 tokens) against the 1-rank
+# run; cp 4 (mini, micro-batch 128: shards of 32 tokens, shorter than the local layers' 64-token
+# window, so each halo comes from 2 ranks) against a 1-rank micro-batch 128 run; cp 2 × tp 2 --sp
+# (h2, 4 ranks) against h2's 1-rank run. mini and h2 have a global layer (ring attention) and a
+# local one (halo exchange); each cp run must also log ring traffic on every step (cp_bytes.ring
+# > 0: a block is only passed on when a document crosses a shard edge). cp runs take 2-7 s.
+# The whole script takes ~50 s on 2 cores. Last line: "N passed, M failed".
 source "$(dirname "$0")/common.sh"
 if [ "${EMU_TRAINER_TINY:-0}" = 1 ]; then FLAGS="$TINY --steps 3"
 else FLAGS="--model mini --data data/mini --seq-len 128 --micro-batch-tokens 256 --lr 2e-3 --warmup 2 --steps 3"; fi
@@ -43,10 +49,27 @@ emu() {  # name, reference, ranks, thread order, flags…: an emulated run ($FLA
     then echo "  ($name: $(( $(date +%s) - t0 )) s)"; compare "$name" "$ref" "$id"
     else tail -n 5 "$WORK/$id.out"; fail "$name" "run failed"; fi
 }
+crosses() {  # name: every step of that emulated run passed a ring block (documents cross a shard edge)
+    local id steps ring
+    id=$(echo "$1" | tr -c 'a-zA-Z0-9' '_')
+    steps=$(grep -c '"step"' "$WORK/$id.jsonl" 2>/dev/null)
+    ring=$(grep -c '"cp_bytes": {"ring": [1-9]' "$WORK/$id.jsonl" 2>/dev/null)
+    if [ "${steps:-0}" -gt 0 ] && [ "$steps" = "$ring" ]; then pass "$1: ring traffic on all $steps steps"
+    else fail "$1" "ring traffic on ${ring:-0} of ${steps:-0} steps: no document crosses a shard edge"; fi
+}
 # mpirun -x passes the thread order (tests/cuda_emu.h: PICOTRON_EMU_ORDER, PICOTRON_EMU_SEED) to every rank
 emu "emulated GPU build follows the CPU build (1 rank, forward thread order)" cpu1 1 forward
 emu "emulated GPU build, dp 2 (--comm mpi, random thread order), vs CPU grad-accum 2" cpu2 2 random --dp 2
 emu "emulated GPU build, dp 2 ZeRO-1 (--comm mpi, reverse thread order), vs CPU grad-accum 2" cpu2 2 reverse --dp 2 --zero 1
+
+# ---- context parallel: ring attention (layer 0, global) and halo exchange (layer 1, local) ----
+emu "picotron_emu trains with cp 2 and follows picotron_cpu (mini, reverse thread order), vs CPU 1 rank" cpu1 2 reverse --cp 2
+crosses "picotron_emu trains with cp 2 and follows picotron_cpu (mini, reverse thread order), vs CPU 1 rank"
+if $MPIRUN -np 1 ./picotron_cpu $FLAGS --micro-batch-tokens 128 --log "$WORK/cpu1_128.jsonl" --export "$WORK/cpu1_128" > /dev/null; then
+    emu "picotron_emu trains with cp 4, shards of 32 tokens, and follows picotron_cpu (mini, random thread order), vs CPU 1 rank" \
+        cpu1_128 4 random --cp 4 --micro-batch-tokens 128
+    crosses "picotron_emu trains with cp 4, shards of 32 tokens, and follows picotron_cpu (mini, random thread order), vs CPU 1 rank"
+else fail "cp 4: the picotron_cpu micro-batch 128 reference run" "failed"; fi
 
 # ---- tensor parallel: the h2 model (see the header) ----
 mkdir -p "$WORK/h2"
@@ -58,6 +81,8 @@ if $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export
    $MPIRUN -np 1 ./picotron_cpu $FLAGS --log "$WORK/cpu_h2.jsonl" --export "$WORK/cpu_h2" > /dev/null; then
     emu "picotron_emu trains with tp 2 and follows picotron_cpu (h2, --comm mpi, random thread order), vs CPU 1 rank" cpu_h2 2 random --tp 2
     emu "picotron_emu trains with tp 2 --sp and follows picotron_cpu (h2, reverse thread order), vs CPU 1 rank" cpu_h2 2 reverse --tp 2 --sp
+    emu "picotron_emu trains with cp 2 × tp 2 --sp and follows picotron_cpu (h2, forward thread order), vs CPU 1 rank" cpu_h2 4 forward --cp 2 --tp 2 --sp
+    crosses "picotron_emu trains with cp 2 × tp 2 --sp and follows picotron_cpu (h2, forward thread order), vs CPU 1 rank"
     # pipeline parallel: 2 stages of one layer, the activations and gradients of 2 micro-batches a
     # step sent between them (1f1b), the tied embedding summed over both; 2 steps (a run ~9 s)
     if $MPIRUN -np 1 ./picotron_cpu $FLAGS --steps 2 --grad-accum 2 --log "$WORK/cpu_h2_ga2.jsonl" --export "$WORK/cpu_h2_ga2" > /dev/null; then

@@ -3,7 +3,7 @@
 # single-rank run over the same global batch (dp × grad-accum micro-batches): every step's loss
 # within 1e-5 relative, every final weight tensor within 1e-4 (max |diff| / max |w|).
 # Adding a layout is one line: "ranks | flags". The single-rank reference for a layout is the run
-# with the same flags minus the layout ones (--dp, --tp, --sp, --zero, --pp, --pp-schedule) and with
+# with the same flags minus the layout ones (--dp, --tp, --cp, --sp, --zero, --pp, --pp-schedule) and with
 # --grad-accum = dp × grad-accum; it is computed once per distinct set of flags.
 #
 # Layouts:
@@ -20,6 +20,15 @@
 #   grad-accum 6 (stages of 2, 1, 1, 1 layers, 1f1b). The tied embedding's two copies (first and
 #   last stage) are checked by the trainer; the exported one is compared here. Without tp, pp
 #   matches one rank at TINY's lr 2e-3 (weights to ~1e-5); with tp the lines train at --lr 2e-4.
+#   context parallel (--cp): cp 2 and 4 on tiny (shards of 128 and 64 tokens: documents of up to
+#   128 tokens cross shard edges), cp 4 on 128-token micro-batches (shards of 32 tokens, shorter
+#   than the 64-token window: halos from two ranks each side; one document longer than a shard),
+#   dp 2 × cp 2 with ZeRO-1, tp 2 × cp 2 with --sp, cp 2 × pp 2; and on a 4-layer model (S4: mini's
+#   config with H 128, 2 heads, L 4, made by tests/make_model) cp 8 (shards of 32 tokens, a ring of
+#   8), the 8-rank dp 2 × cp 2 × tp 2 (--sp, ZeRO-1), tp 2 × cp 2 × pp 2 and dp 2 × cp 2 × pp 2
+#   (ZeRO-1, afab) and the 16-rank dp 2 × tp 2 × pp 2 × cp 2 (--sp, ZeRO-1, grad-accum 2). They
+#   train at --lr 2e-4 as tp does (cp's partial attention sums round differently, and Adam's eps
+#   amplifies that in the smallest gradients: cp 2 at 2e-3 matches weights to 8.2e-5 only).
 # The tensor-parallel layouts train at --lr 2e-4 (their reference too; the lr is part of the flags
 # the reference keeps). At TINY's 2e-3 their losses match one rank to ~1e-8 but their final weights
 # only to ~2.6e-4 (head.dense.weight): Adam divides each gradient by √v + eps with eps 1e-6, so in an
@@ -29,7 +38,7 @@
 # --lr 2e-4 the worst weight mismatch is ~3.4e-5 to 3.9e-5 (head.dense.weight), under the 1e-4 asked for.
 #
 # --dump equivalence: step 1's dump (the batch, the loss, every normalised gradient) of tp 2 --sp, of
-# dp 2 × tp 2 with ZeRO-1 and of tp 2 × pp 2 with grad-accum 2 equals the single-rank dump: gradients
+# dp 2 × tp 2 with ZeRO-1, of tp 2 × pp 2 with grad-accum 2 and of cp 2 × tp 2 --sp equals the single-rank dump: gradients
 # within 1e-4 relative per tensor (max |diff| / max |g|), the loss within 1e-5, ids/labels/positions/
 # cu_seqlens equal. These run at TINY's lr 2e-3: step 1's gradients do not go through Adam.
 # Prints PASS/FAIL lines and "N passed, M failed" last.
@@ -58,6 +67,17 @@ if $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export
    grep -qF "$L5_TYPES" "$L5/config.json" && ./tests/make_model "$L5" >> "$WORK/l5.out" 2>&1; then :
 else fail "5-layer model" "could not be made: $(tail -n 1 "$WORK/l5.out")"; fi
 L5_FLAGS="--init-from $L5 --data data/mini"
+# the small model for the 8- and 16-rank context-parallel layouts: mini's config with H 128, 2 heads,
+# L 4 (global, local, local, global: each pp 2 stage has both kinds)
+S4="$WORK/s4"
+S4_TYPES='"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]'
+if $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export "$S4" > "$WORK/s4.out" 2>&1 &&
+   sed -i -e 's/"hidden_size": 64,/"hidden_size": 128,/' -e 's/"num_attention_heads": 1,/"num_attention_heads": 2,/' \
+          -e 's/"num_hidden_layers": 2,/"num_hidden_layers": 4,/' -e "s/\"layer_types\": \[[^]]*\]/$S4_TYPES/" "$S4/config.json" &&
+   [ "$(grep -c '"hidden_size": 128,\|"num_attention_heads": 2,\|"num_hidden_layers": 4,' "$S4/config.json")" = 3 ] &&
+   grep -qF "$S4_TYPES" "$S4/config.json" && ./tests/make_model "$S4" >> "$WORK/s4.out" 2>&1; then :
+else fail "4-layer model" "could not be made: $(tail -n 1 "$WORK/s4.out")"; fi
+S4_FLAGS="--init-from $S4 --data data/mini --lr 2e-4"
 
 LAYOUTS=(
   "2 | --dp 2"
@@ -82,12 +102,24 @@ LAYOUTS=(
   "4 | --tp 2 --pp 2 --pp-schedule afab --lr 2e-4"
   "3 | --pp 3 --grad-accum 2 $L5_FLAGS"
   "4 | --pp 4 --grad-accum 6 $L5_FLAGS"
+  "2 | --cp 2 --lr 2e-4"
+  "4 | --cp 4 --lr 2e-4"
+  "4 | --cp 4 --micro-batch-tokens 128 --lr 2e-4"
+  "4 | --dp 2 --cp 2 --zero 1 --grad-accum 2 --lr 2e-4"
+  "4 | --tp 2 --cp 2 --sp --lr 2e-4"
+  "4 | --cp 2 --pp 2 --grad-accum 2 --lr 2e-4"
+  "8 | --cp 8 $S4_FLAGS"
+  "8 | --dp 2 --cp 2 --tp 2 --sp --zero 1 --grad-accum 2 $S4_FLAGS"
+  "8 | --tp 2 --cp 2 --pp 2 --grad-accum 2 $S4_FLAGS"
+  "8 | --dp 2 --cp 2 --pp 2 --zero 1 --pp-schedule afab $S4_FLAGS"
+  "16 | --dp 2 --tp 2 --pp 2 --cp 2 --sp --zero 1 --grad-accum 2 $S4_FLAGS"
 )
 # step 1's --dump under these layouts vs one rank's
 DUMPS=(
   "2 | --tp 2 --sp"
   "4 | --dp 2 --tp 2 --zero 1"
   "4 | --tp 2 --pp 2 --grad-accum 2"
+  "4 | --cp 2 --tp 2 --sp"
 )
 run() {  # name ranks flags...; a model from --init-from replaces BASE's --model tiny
     local name=$1 ranks=$2 base=$BASE; shift 2
@@ -96,7 +128,7 @@ run() {  # name ranks flags...; a model from --init-from replaces BASE's --model
 }
 flag() { echo " $2 " | grep -o -- " $1 [^ ]*" | awk '{print $2}'; }
 # the flags without the layout ones: what the single-rank reference shares with the layout
-non_layout() { echo " $1 " | sed -E 's/ --(dp|tp|pp|pp-schedule|zero|grad-accum) [^ ]+/ /g; s/ --sp / /g' | tr -s ' ' | sed 's/^ //; s/ $//'; }
+non_layout() { echo " $1 " | sed -E 's/ --(dp|tp|pp|cp|pp-schedule|zero|grad-accum) [^ ]+/ /g; s/ --sp / /g' | tr -s ' ' | sed 's/^ //; s/ $//'; }
 label() { echo "${1//$WORK\//}" | tr -c 'a-z0-9' '_'; }  # a file name for flags ($WORK left out)
 check() {  # kind (layout|dump) "ranks | flags"
     local kind=$1 ranks=${2%% |*} flags=${2#*| } dp ga micro shared ref name extra=() verdict
