@@ -242,9 +242,12 @@ static TrainConfig parse_args(int argc, char** argv) {
     if (c.micro_batch_tokens % c.cp)
         fatal("--cp: --micro-batch-tokens %d is not divisible by --cp %d (each cp rank takes an equal contiguous shard)",
               c.micro_batch_tokens, c.cp);
+    if (c.sp && c.cp == 1 && c.micro_batch_tokens % c.tp)
+        fatal("--sp: --micro-batch-tokens %d is not divisible by --tp %d (each tp rank takes an equal token slice)",
+              c.micro_batch_tokens, c.tp);
     if (c.sp && (c.micro_batch_tokens / c.cp) % c.tp)
-        fatal("--sp: --micro-batch-tokens %d%s is not divisible by --tp %d (each tp rank takes an equal token slice)",
-              c.micro_batch_tokens / c.cp, c.cp > 1 ? " / --cp (a shard's tokens)" : "", c.tp);
+        fatal("--sp: a --cp shard of %d tokens (--micro-batch-tokens %d / --cp %d) is not divisible by --tp %d (each tp "
+              "rank takes an equal token slice)", c.micro_batch_tokens / c.cp, c.micro_batch_tokens, c.cp, c.tp);
     if (c.pp_schedule != "afab" && c.pp_schedule != "1f1b")
         fatal("--pp-schedule must be afab or 1f1b, got '%s'", c.pp_schedule.c_str());
     if (c.comm != "nccl" && c.comm != "mpi") fatal("--comm must be nccl or mpi, got '%s'", c.comm.c_str());

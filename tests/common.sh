@@ -17,3 +17,14 @@ summary() {
     echo "$passed passed, $failed failed"
     [ "$failed" = 0 ]
 }
+# make_s4 DIR: the small model of the 8- and 16-rank context-parallel tests: mini's config with
+# H 128, 2 heads, L 4 (global, local, local, global: each pp 2 stage has both kinds), V 4096
+# (data/mini), initialised by tests/make_model. Exit non-zero if any step fails.
+make_s4() {
+    local dir=$1 types='"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]'
+    $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export "$dir" > "$dir.out" 2>&1 &&
+    sed -i -e 's/"hidden_size": 64,/"hidden_size": 128,/' -e 's/"num_attention_heads": 1,/"num_attention_heads": 2,/' \
+           -e 's/"num_hidden_layers": 2,/"num_hidden_layers": 4,/' -e "s/\"layer_types\": \[[^]]*\]/$types/" "$dir/config.json" &&
+    [ "$(grep -c '"hidden_size": 128,\|"num_attention_heads": 2,\|"num_hidden_layers": 4,' "$dir/config.json")" = 3 ] &&
+    grep -qF "$types" "$dir/config.json" && ./tests/make_model "$dir" >> "$dir.out" 2>&1
+}

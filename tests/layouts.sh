@@ -67,16 +67,9 @@ if $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export
    grep -qF "$L5_TYPES" "$L5/config.json" && ./tests/make_model "$L5" >> "$WORK/l5.out" 2>&1; then :
 else fail "5-layer model" "could not be made: $(tail -n 1 "$WORK/l5.out")"; fi
 L5_FLAGS="--init-from $L5 --data data/mini"
-# the small model for the 8- and 16-rank context-parallel layouts: mini's config with H 128, 2 heads,
-# L 4 (global, local, local, global: each pp 2 stage has both kinds)
+# the small model for the 8- and 16-rank context-parallel layouts (tests/common.sh)
 S4="$WORK/s4"
-S4_TYPES='"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]'
-if $MPIRUN -np 1 ./picotron_cpu --model mini --data data/mini --steps 0 --export "$S4" > "$WORK/s4.out" 2>&1 &&
-   sed -i -e 's/"hidden_size": 64,/"hidden_size": 128,/' -e 's/"num_attention_heads": 1,/"num_attention_heads": 2,/' \
-          -e 's/"num_hidden_layers": 2,/"num_hidden_layers": 4,/' -e "s/\"layer_types\": \[[^]]*\]/$S4_TYPES/" "$S4/config.json" &&
-   [ "$(grep -c '"hidden_size": 128,\|"num_attention_heads": 2,\|"num_hidden_layers": 4,' "$S4/config.json")" = 3 ] &&
-   grep -qF "$S4_TYPES" "$S4/config.json" && ./tests/make_model "$S4" >> "$WORK/s4.out" 2>&1; then :
-else fail "4-layer model" "could not be made: $(tail -n 1 "$WORK/s4.out")"; fi
+make_s4 "$S4" || fail "4-layer model" "could not be made: $(tail -n 1 "$S4.out")"
 S4_FLAGS="--init-from $S4 --data data/mini --lr 2e-4"
 
 LAYOUTS=(

@@ -36,6 +36,11 @@
 #   - trace: under pp 2 (m 2) both ranks write "micro-batch i forward/backward" spans, their
 #     activation / gradient exchanges with "group": "pp" and bytes, and "pp embedding grad
 #     all-reduce" with "group": "embedding" and bytes.
+# Context parallel (--cp; layout equivalence is in tests/layouts.sh):
+#   - checkpoints: saved under the 16-rank dp 2 × tp 2 × pp 2 × cp 2 layout (--sp, ZeRO-1) after 2 of
+#     4 steps, resumed under one rank (grad-accum 2), the run follows the 1-rank run;
+#   - traffic: rank 0's ring and halo bytes per step (the log's cp_bytes) equal the formulas (below)
+#     for cp 2, 4 and 8 (shards shorter than the window), every block needed or none, and tp 2 × cp 2.
 # Prints PASS/FAIL lines and "N passed, M failed" last.
 source "$(dirname "$0")/common.sh"
 
@@ -99,16 +104,18 @@ else fail "trace" "run failed"; fi
 # ---- tensor parallel: checkpoints move between tp layouts ----
 # A checkpoint saved after 2 of 4 steps (DIR, its log SAVED) resumed under each "ranks | flags" must
 # finish on the 1-rank grad-accum 2 trajectory (tpref): label, prefix, DIR, SAVED, layouts...
+# (RESUME_FLAGS and RESUME_REF: the runs' shared flags and the reference's name; TINY's by default)
 resumes_on_reference() {
     local label=$1 prefix=$2 ckpt=$3 saved=$4 to ranks flags name v
+    local run_flags=${RESUME_FLAGS:-$TINY $TPLR} ref=${RESUME_REF:-tpref}
     shift 4
     for to in "$@"; do
         ranks=${to%% |*} flags=${to#*| } name="${prefix}_${ranks}"
         cp "$saved" "$WORK/$name.jsonl"  # the resumed run appends steps 3 and 4
-        if ! $MPIRUN -np "$ranks" ./picotron_cpu $TINY $TPLR --steps 4 $flags --resume "$ckpt" --log "$WORK/$name.jsonl" \
+        if ! $MPIRUN -np "$ranks" ./picotron_cpu $run_flags --steps 4 $flags --resume "$ckpt" --log "$WORK/$name.jsonl" \
                 --export "$WORK/$name" > "$WORK/$name.out" 2>&1; then
             fail "checkpoint $label -> [$flags]" "resume failed: $(grep -m1 picotron: "$WORK/$name.out")"
-        elif v=$(./tests/compare_runs "$WORK/tpref.jsonl" "$WORK/$name.jsonl" "$WORK/tpref/model.safetensors" \
+        elif v=$(./tests/compare_runs "$WORK/$ref.jsonl" "$WORK/$name.jsonl" "$WORK/$ref/model.safetensors" \
                  "$WORK/$name/model.safetensors" --loss-rel 1e-5 --weight-rel 1e-4); then
             pass "checkpoint saved under $label resumes under [$flags] on the 1-rank trajectory: $v"
         else fail "checkpoint $label -> [$flags]" "$v"; fi
@@ -372,5 +379,62 @@ for r in 0 1; do
 done
 if [ $ok = 1 ]; then pass "trace pp 2 (m 2): micro-batch forward/backward spans, activation/gradient exchanges (group pp) and the embedding grad all-reduce (group embedding) on both ranks"
 else fail "trace pp 2" "$why"; fi
+
+# ---- context parallel: checkpoints across the 4D layout, ring and halo traffic ----
+# The 16-rank dp 2 × tp 2 × pp 2 × cp 2 layout (--sp, ZeRO-1) saves after 2 of 4 steps; one rank
+# resumes (grad-accum 2: the same global batch) and follows the 1-rank run (S4, tests/common.sh).
+S4="$WORK/s4"
+make_s4 "$S4" || fail "4-layer model" "could not be made: $(tail -n 1 "$S4.out")"
+S4RUN="--init-from $S4 --data data/mini --seq-len 128 --micro-batch-tokens 256 --lr 2e-4 --warmup 2"
+$MPIRUN -np 1 ./picotron_cpu $S4RUN --steps 4 --grad-accum 2 --log "$WORK/s4ref.jsonl" --export "$WORK/s4ref" > "$WORK/s4ref.out" 2>&1 &&
+$MPIRUN -np 16 ./picotron_cpu $S4RUN --steps 2 --dp 2 --tp 2 --pp 2 --cp 2 --sp --zero 1 --save "$WORK/cpck" \
+    --log "$WORK/cpsaved.jsonl" > "$WORK/cpsaved.out" 2>&1
+if [ $? != 0 ]; then fail "checkpoint dp 2 × tp 2 × pp 2 × cp 2" "the reference or the saving run failed"
+else
+    RESUME_FLAGS=$S4RUN RESUME_REF=s4ref resumes_on_reference "dp 2 × tp 2 × pp 2 × cp 2 (16 ranks, --sp, ZeRO-1)" \
+        cpmoved "$WORK/cpck" "$WORK/cpsaved.jsonl" "1 | --grad-accum 2"
+fi
+
+# Traffic. Per micro-batch, with B = Tc·2·(H/tp)·4 bytes (one shard's K and V, fp32), rank r sends
+#   a global layer: forward, one B per ring hop it passes a block on (step s = 1 … cp−1, the
+#     block of r − s + 1 if rank r + 1 is no further than its reach); backward, those hops again
+#     plus one B per shard o ≠ r its queries attend to (that block's gradient, to o). With every
+#     block needed: 3·(cp − 1)·B; with no document crossing a shard edge: 0;
+#   a local layer (window w): forward the rows its neighbours' halos hold, Σ_d rows(d) for each
+#     neighbour r ± d that exists (rows(d) = min(Tc, w − (d − 1)·Tc), d ≥ 1, while positive),
+#     2·(H/tp)·4 bytes a row; backward the same number of rows of its own halo's gradient. On rank 0
+#     (neighbours on the right only): 2·min(w, (cp − 1)·Tc) rows.
+# Rank 0's log (cp_bytes ring / halo, every step) is checked against these on data made to fix the
+# case: documents of exactly 256 tokens (every micro-batch of 256 one document: every block needed)
+# and of exactly 128 (two documents a micro-batch, aligned with cp 2's shards: no block needed).
+mkdir -p "$WORK/cptext"
+words() { awk -v n=$1 'BEGIN { split("alpha beta gamma delta epsilon zeta eta theta", w, " ");
+                              for (d = 0; d < 12; d++) { s = ""; for (i = 0; i < n; i++) s = s w[1 + (i + d) % 8] " "; print s; print "" } }'; }
+words 254 > "$WORK/cptext/long.txt"
+mkdir -p "$WORK/cptext_short"; words 126 > "$WORK/cptext_short/short.txt"
+if ! { $MPIRUN -np 1 ./picotron_cpu --model mini --prepare-text "$WORK/cptext" --data "$WORK/cplong" > "$WORK/cpprep.out" 2>&1 &&
+       $MPIRUN -np 1 ./picotron_cpu --model mini --prepare-text "$WORK/cptext_short" --data "$WORK/cpshort" >> "$WORK/cpprep.out" 2>&1; }; then
+    fail "cp traffic data" "--prepare-text failed: $(tail -n 1 "$WORK/cpprep.out")"
+fi
+cp_traffic() {  # label ranks data model-flags Lg Ll H tp cp needed(1|0) flags...
+    local label=$1 ranks=$2 data=$3 model=$4 Lg=$5 Ll=$6 H=$7 tp=$8 cp=$9 needed=${10} want got
+    shift 10
+    if ! $MPIRUN -np "$ranks" ./picotron_cpu $model --data "$data" --seq-len 256 --micro-batch-tokens 256 --steps 2 \
+            --cp "$cp" "$@" --log "$WORK/cpt_$ranks$cp$needed.jsonl" > "$WORK/cpt.out" 2>&1; then
+        fail "cp traffic $label" "run failed: $(grep -m1 picotron: "$WORK/cpt.out")"; return
+    fi
+    want=$(awk -v Lg=$Lg -v Ll=$Ll -v H=$H -v tp=$tp -v cp=$cp -v need=$needed 'BEGIN { Tc = 256 / cp; w = 64;
+        B = Tc * 2 * (H / tp) * 4; rows = (cp - 1) * Tc < w ? (cp - 1) * Tc : w;
+        printf "%.0f %.0f", Lg * need * 3 * (cp - 1) * B, Ll * 2 * rows * 2 * (H / tp) * 4 }')
+    got=$(grep -o '"cp_bytes": {"ring": [0-9]*, "halo": [0-9]*' "$WORK/cpt_$ranks$cp$needed.jsonl" | sed 's/[^0-9 ]//g' | tr -s ' ' | sort -u)
+    if [ "$(echo $got)" = "$want" ]; then pass "cp traffic $label: rank 0 sends ring $(echo $want | cut -d' ' -f1) + halo $(echo $want | cut -d' ' -f2) bytes a step, as the formulas say"
+    else fail "cp traffic $label" "rank 0 logged ring/halo '$(echo $got)' per step, the formulas say '$want'"; fi
+}
+MINIM="--model mini --lr 2e-3 --warmup 2"
+cp_traffic "cp 2, every block needed (mini)" 2 "$WORK/cplong" "$MINIM" 1 1 64 1 2 1
+cp_traffic "cp 4, every block needed (mini)" 4 "$WORK/cplong" "$MINIM" 1 1 64 1 4 1
+cp_traffic "cp 8, shards of 32 < the window: halos from 2 ranks (mini)" 8 "$WORK/cplong" "$MINIM" 1 1 64 1 8 1
+cp_traffic "cp 2, documents aligned with the shards: no ring block sent (mini)" 2 "$WORK/cpshort" "$MINIM" 1 1 64 1 2 0
+cp_traffic "tp 2 × cp 2 --sp, every block needed (S4: H/tp = 64)" 4 "$WORK/cplong" "--init-from $S4 --lr 2e-4 --warmup 2" 2 2 128 2 2 1 --tp 2 --sp
 
 summary

@@ -9,7 +9,7 @@
 #   outputs    every output path is checked before step 1; another run's checkpoints are not reused
 #   no damage  a failing --prepare-text leaves the dataset as it was; --export never goes into a checkpoint
 #   resume     the architecture comes from the checkpoint; contradicting flags are refused
-#   tp, pp     layouts the model or the world cannot take are refused on every rank; --export and
+#   tp, pp, cp layouts the model or the world cannot take are refused on every rank; --export and
 #              --predict under tensor and pipeline parallel give the 1-rank files and lines
 #   diverged   a non-finite loss stops every rank; no non-finite checkpoint becomes latest
 # Prints PASS/FAIL lines and "N passed, M failed" last.
@@ -239,6 +239,14 @@ bad "pp: unknown --pp-schedule (2 ranks)" "--pp-schedule must be afab or 1f1b, g
     $MPIRUN -np 2 $BIN --pp 2 --pp-schedule gpipe $MINI --steps 1
 bad "pp: --predict with --dp 2 --pp 2 (4 ranks)" "--predict runs on one model replica: --tp and --pp, but not --dp" \
     $MPIRUN -np 4 $BIN --dp 2 --pp 2 --init-from "$W/h2" --data data/mini --predict "the [MASK] of"
+# context parallel: equal shards, and tp's equal slices of a shard with --sp; --predict on one replica
+bad "cp: --micro-batch-tokens 255 over --cp 2" "--cp: --micro-batch-tokens 255 is not divisible by --cp 2" \
+    $MPIRUN -np 2 $BIN --cp 2 --model mini --data data/mini --seq-len 128 --micro-batch-tokens 255 --steps 1
+bad "cp: --sp with shards of 129 tokens over --tp 2 (4 ranks)" \
+    "--sp: a --cp shard of 129 tokens (--micro-batch-tokens 258 / --cp 2) is not divisible by --tp 2" \
+    $MPIRUN -np 4 $BIN --cp 2 --tp 2 --sp --init-from "$W/h2" --data data/mini --seq-len 128 --micro-batch-tokens 258 --steps 1
+bad "cp: --predict with --cp 2" "--predict runs on one model replica: --tp and --pp, but not --dp or --cp" \
+    $MPIRUN -np 2 $BIN --cp 2 --init-from "$W/h2" --data data/mini --predict "the [MASK] of"
 if ./picotron_cpu --help 2>&1 | grep -A2 -- "^  --sp " | grep -q -- "needs --tp > 1"; then pass "tp: --help says --sp needs --tp > 1"
 else fail "tp: --help" "no '--sp … needs --tp > 1' in --help"; fi
 # --export under tp 2 --sp after 2 steps: the 1-rank run's losses (1e-5) and export (weights 1e-4,
