@@ -11,6 +11,8 @@
 #      non-zero within 10 s and no rank process may be left.
 #   c. pipeline parallel (-np 2 --pp 2 --grad-accum 4, mini): a and b for the last stage and, apart,
 #      the first; the stage left alive is blocked on a receive from the dead one and must go down too.
+#   d. context parallel (-np 2 --cp 2, mini): a and b for cp rank 1; the other is inside a ring or
+#      halo exchange with it.
 #
 # Rank processes are told apart from everything else on the machine (mpirun included) by their
 # argv[0]: the binary is copied into this run's own temp dir and started from there.
@@ -201,6 +203,13 @@ for r in 1 0; do
     inject "fault: pp 2, injected failure of the $stage stage (rank $r at step 3)" "$r:3" 2 --pp 2 --grad-accum 4 $PPMINI
     kill_one "fault: pp 2, SIGKILL of the $stage stage (rank $r) in mid-training" 2 "$r" --pp 2 --grad-accum 4 $PPMINI
 done
+
+# ---- d. context parallel: cp 2 (mini), one rank dies inside the ring ----
+# The survivor is inside a layer's ring or halo exchange with the dead one: it must go down too.
+# shellcheck disable=SC2086
+inject "fault: cp 2, injected failure of cp rank 1 at step 3" "1:3" 2 --cp 2 $PPMINI
+# shellcheck disable=SC2086
+kill_one "fault: cp 2, SIGKILL of cp rank 1 in mid-training" 2 1 --cp 2 $PPMINI
 
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

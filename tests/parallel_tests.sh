@@ -40,7 +40,9 @@
 #   - checkpoints: saved under the 16-rank dp 2 × tp 2 × pp 2 × cp 2 layout (--sp, ZeRO-1) after 2 of
 #     4 steps, resumed under one rank (grad-accum 2), the run follows the 1-rank run;
 #   - traffic: rank 0's ring and halo bytes per step (the log's cp_bytes) equal the formulas (below)
-#     for cp 2, 4 and 8 (shards shorter than the window), every block needed or none, and tp 2 × cp 2.
+#     for cp 2, 4 and 8 (shards shorter than the window), every block needed, none, or some (blocks
+#     stop where nobody further along the ring needs them), and tp 2 × cp 2;
+#   - trace: the ring's and the halo's exchanges (and their gradients) are spans with group cp.
 # Prints PASS/FAIL lines and "N passed, M failed" last.
 source "$(dirname "$0")/common.sh"
 
@@ -416,25 +418,45 @@ if ! { $MPIRUN -np 1 ./picotron_cpu --model mini --prepare-text "$WORK/cptext" -
        $MPIRUN -np 1 ./picotron_cpu --model mini --prepare-text "$WORK/cptext_short" --data "$WORK/cpshort" >> "$WORK/cpprep.out" 2>&1; }; then
     fail "cp traffic data" "--prepare-text failed: $(tail -n 1 "$WORK/cpprep.out")"
 fi
-cp_traffic() {  # label ranks data model-flags Lg Ll H tp cp needed(1|0) flags...
-    local label=$1 ranks=$2 data=$3 model=$4 Lg=$5 Ll=$6 H=$7 tp=$8 cp=$9 needed=${10} want got
+cp_traffic() {  # label ranks data model-flags Lg Ll H tp cp blocks flags...: blocks = rank 0's B per global layer
+    local label=$1 ranks=$2 data=$3 model=$4 Lg=$5 Ll=$6 H=$7 tp=$8 cp=$9 blocks=${10} want got log
     shift 10
+    log="$WORK/cpt_${ranks}_${cp}_$blocks.jsonl"
     if ! $MPIRUN -np "$ranks" ./picotron_cpu $model --data "$data" --seq-len 256 --micro-batch-tokens 256 --steps 2 \
-            --cp "$cp" "$@" --log "$WORK/cpt_$ranks$cp$needed.jsonl" > "$WORK/cpt.out" 2>&1; then
+            --cp "$cp" "$@" --log "$log" > "$WORK/cpt.out" 2>&1; then
         fail "cp traffic $label" "run failed: $(grep -m1 picotron: "$WORK/cpt.out")"; return
     fi
-    want=$(awk -v Lg=$Lg -v Ll=$Ll -v H=$H -v tp=$tp -v cp=$cp -v need=$needed 'BEGIN { Tc = 256 / cp; w = 64;
+    want=$(awk -v Lg=$Lg -v Ll=$Ll -v H=$H -v tp=$tp -v cp=$cp -v blocks=$blocks 'BEGIN { Tc = 256 / cp; w = 64;
         B = Tc * 2 * (H / tp) * 4; rows = (cp - 1) * Tc < w ? (cp - 1) * Tc : w;
-        printf "%.0f %.0f", Lg * need * 3 * (cp - 1) * B, Ll * 2 * rows * 2 * (H / tp) * 4 }')
-    got=$(grep -o '"cp_bytes": {"ring": [0-9]*, "halo": [0-9]*' "$WORK/cpt_$ranks$cp$needed.jsonl" | sed 's/[^0-9 ]//g' | tr -s ' ' | sort -u)
+        printf "%.0f %.0f", Lg * blocks * B, Ll * 2 * rows * 2 * (H / tp) * 4 }')
+    got=$(grep -o '"cp_bytes": {"ring": [0-9]*, "halo": [0-9]*' "$log" | sed 's/[^0-9 ]//g' | tr -s ' ' | sort -u)
     if [ "$(echo $got)" = "$want" ]; then pass "cp traffic $label: rank 0 sends ring $(echo $want | cut -d' ' -f1) + halo $(echo $want | cut -d' ' -f2) bytes a step, as the formulas say"
     else fail "cp traffic $label" "rank 0 logged ring/halo '$(echo $got)' per step, the formulas say '$want'"; fi
 }
 MINIM="--model mini --lr 2e-3 --warmup 2"
-cp_traffic "cp 2, every block needed (mini)" 2 "$WORK/cplong" "$MINIM" 1 1 64 1 2 1
-cp_traffic "cp 4, every block needed (mini)" 4 "$WORK/cplong" "$MINIM" 1 1 64 1 4 1
-cp_traffic "cp 8, shards of 32 < the window: halos from 2 ranks (mini)" 8 "$WORK/cplong" "$MINIM" 1 1 64 1 8 1
+# every block needed: 3·(cp − 1) blocks a global layer
+cp_traffic "cp 2, every block needed (mini)" 2 "$WORK/cplong" "$MINIM" 1 1 64 1 2 3 --trace "$WORK/cptrace"
+cp_traffic "cp 4, every block needed (mini)" 4 "$WORK/cplong" "$MINIM" 1 1 64 1 4 9
+cp_traffic "cp 8, shards of 32 < the window: halos from 2 ranks (mini)" 8 "$WORK/cplong" "$MINIM" 1 1 64 1 8 21
+cp_traffic "tp 2 × cp 2 --sp, every block needed (S4: H/tp = 64)" 4 "$WORK/cplong" "--init-from $S4 --lr 2e-4 --warmup 2" 2 2 128 2 2 3 --tp 2 --sp
+# cp 2, two documents of 128: none crosses the edge, no block is sent
 cp_traffic "cp 2, documents aligned with the shards: no ring block sent (mini)" 2 "$WORK/cpshort" "$MINIM" 1 1 64 1 2 0
-cp_traffic "tp 2 × cp 2 --sp, every block needed (S4: H/tp = 64)" 4 "$WORK/cplong" "--init-from $S4 --lr 2e-4 --warmup 2" 2 2 128 2 2 1 --tp 2 --sp
+# cp 4, documents of 128 on shards {0, 1} and {2, 3}: rank 0 passes on its own block (rank 1 needs
+# it) and, at step 2, shard 3's (rank 2, the last before shard 2, needs it: reach 3), not shard 2's
+# at step 3 (shard 2's reach is 1); backward those 2 hops again and the gradient of shard 1's block
+# only: 2 + 2 + 1 = 5 blocks, against 9 with every block needed
+cp_traffic "cp 4, documents on shard pairs: blocks stop where nobody further needs them (mini)" 4 "$WORK/cpshort" "$MINIM" 1 1 64 1 4 5
+# trace (the first cp 2 run): both ranks have the ring's and the halo's exchanges, forward and
+# backward, as spans with "group": "cp" and the bytes they sent
+ok=1; why=""
+for r in 0 1; do
+    f="$WORK/cptrace/trace_rank$r.json"
+    [ -f "$f" ] || { ok=0; why="$why no $f;"; continue; }
+    for span in "cp ring kv send/recv" "cp ring grad dkv send/recv" "cp halo kv send/recv" "cp halo grad dkv send/recv"; do
+        grep -q "\"name\": \"$span\".*\"group\": \"cp\", \"bytes\": [1-9]" "$f" || { ok=0; why="$why rank $r lacks '$span' (group cp, bytes);"; }
+    done
+done
+if [ $ok = 1 ]; then pass "trace cp 2: the ring's and the halo's exchanges and their gradients, with group cp and bytes, on both ranks"
+else fail "trace cp 2" "$why"; fi
 
 summary

@@ -124,7 +124,6 @@ bad "seq-len > micro-batch" "seq-len" $MPIRUN -np 1 $BIN --seq-len 512 --micro-b
 bad "malformed config.json" "config.json" $MPIRUN -np 1 $BIN --init-from "$WORK/bad/cfg" --steps 1
 bad "malformed safetensors" "model.safetensors" $MPIRUN -np 1 $BIN --init-from "$WORK/bad/st" --steps 1
 bad "layout does not match the world" "dp 3 × pp 1 × cp 1 × tp 1 = 3 ranks, but mpirun started 2" $MPIRUN -np 2 $BIN --dp 3 --steps 1
-bad "context parallel not yet" "--cp must be 1 for now" $MPIRUN -np 2 $BIN --cp 2 --steps 1
 bad "nccl on the CPU build" "--comm nccl needs the GPU build" $MPIRUN -np 1 $BIN --comm nccl --steps 1
 bad "zero 2" "--zero" $MPIRUN -np 1 $BIN --zero 2 --steps 1
 

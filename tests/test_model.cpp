@@ -83,6 +83,107 @@ static std::string simulate_pipeline(const std::vector<std::vector<PipeOp>>& pro
     return "";
 }
 
+// Context parallel's host side, against brute force over token pairs: cp_pairs (the same-document
+// pairs of each shard pair), cp_balance (a reordering of whole documents that keeps every token's
+// id, position and label, and whose ring critical path is no longer than the packer's),
+// cp_shard (the shards tile the micro-batch) and the halo geometry (what rank r receives from
+// rank q is what q sends to r, and it is exactly the tokens within w of r's shard that q owns).
+static void test_context_parallel() {
+    uint64_t state = 12345;
+    auto rnd = [&](int n) { state = state * 6364136223846793005ull + 1442695040888963407ull; return (int)((state >> 33) % n); };
+    int cases = 0;
+    std::string problem;
+    for (int trial = 0; trial < 60 && problem.empty(); trial++) {
+        const int cp = std::vector<int>{2, 3, 4, 8}[trial % 4], Tc = 8 + rnd(60), T = cp * Tc;
+        BatchView b;
+        b.T = b.T_whole = T;
+        b.cu_seqlens = {0};
+        const int n_real = T - rnd(Tc);  // some padding at the end
+        while (b.cu_seqlens.back() < n_real) b.cu_seqlens.push_back(std::min(n_real, b.cu_seqlens.back() + 1 + rnd(2 * Tc)));
+        b.n_docs = (int)b.cu_seqlens.size() - 1;
+        b.n_real = n_real;
+        for (int i = 0; i < T; i++) {
+            b.ids.push_back(1000 + i);  // every token its own id: where it went is visible
+            int d = 0;
+            while (d < b.n_docs && b.cu_seqlens[d + 1] <= i) d++;
+            b.positions.push_back(i < n_real ? i - b.cu_seqlens[d] : 0);
+            if (i < n_real && rnd(3) == 0) b.masked_rows.push_back(i), b.targets.push_back(5000 + i);
+        }
+        b.n_masked = (int)b.masked_rows.size();
+        auto brute_pairs = [&](const BatchView& v) {
+            std::vector<double> pairs((size_t)cp * cp, 0.0);
+            auto doc_of = [&](int i) {
+                for (int d = 0; d < v.n_docs; d++)
+                    if (i >= v.cu_seqlens[d] && i < v.cu_seqlens[d + 1]) return d;
+                return -1;
+            };
+            for (int i = 0; i < T; i++)
+                for (int j = 0; j < T; j++)
+                    if (doc_of(i) >= 0 && doc_of(i) == doc_of(j)) pairs[(size_t)(i / Tc) * cp + j / Tc] += 1;
+            return pairs;
+        };
+        const std::vector<double> pairs = cp_pairs(b.cu_seqlens, b.n_docs, T, cp);
+        if (pairs != brute_pairs(b)) problem = "cp_pairs differs from the brute-force count";
+        BatchView bal = cp_balance(b, cp);
+        if (bal.cp_pairs != brute_pairs(bal)) problem = "the balanced view's pairs differ from the brute-force count";
+        if (bal.cp_ring_work != cp_ring_work(bal.cp_pairs, cp) || bal.cp_ring_work_unbalanced != cp_ring_work(pairs, cp) ||
+            bal.cp_ring_work > bal.cp_ring_work_unbalanced)
+            problem = "the balanced ring work is not its pairs' critical path, or longer than the packer's";
+        // the documents are a permutation of the packer's, each with its tokens, positions and labels
+        std::vector<int> seen(b.n_docs, 0);
+        for (int d = 0; d < bal.n_docs && problem.empty(); d++) {
+            const int s0 = bal.cu_seqlens[d], len = bal.cu_seqlens[d + 1] - s0, first = bal.ids[s0] - 1000;
+            int src = 0;
+            while (src < b.n_docs && b.cu_seqlens[src] != first) src++;
+            if (src == b.n_docs || seen[src]++ || b.cu_seqlens[src + 1] - first != len) { problem = "a document was cut or duplicated"; break; }
+            for (int i = 0; i < len; i++)
+                if (bal.ids[s0 + i] != b.ids[first + i] || bal.positions[s0 + i] != b.positions[first + i]) problem = "a token moved without its document";
+        }
+        std::vector<std::pair<int, int>> labels_before, labels_after;
+        for (int k = 0; k < b.n_masked; k++) labels_before.push_back({b.ids[b.masked_rows[k]], b.targets[k]});
+        for (int k = 0; k < bal.n_masked; k++) labels_after.push_back({bal.ids[bal.masked_rows[k]], bal.targets[k]});
+        std::sort(labels_after.begin(), labels_after.end());  // labels_before is sorted: ids increase with rows
+        if (labels_before != labels_after || !std::is_sorted(bal.masked_rows.begin(), bal.masked_rows.end()))
+            problem = "a label no longer sits on its token, or the masked rows are out of order";
+        if (bal.cu_seqlens.back() != n_real) problem = "the padding moved";
+        // the shards tile the micro-batch
+        std::vector<int> ids, rows;
+        int real = 0;
+        for (int r = 0; r < cp; r++) {
+            BatchView s = cp_shard(bal, cp, r);
+            ids.insert(ids.end(), s.ids.begin(), s.ids.end());
+            for (int k = 0; k < s.n_masked; k++) rows.push_back(s.masked_rows[k] + r * Tc);
+            real += s.n_real;
+            if (s.T != Tc || s.token_start != r * Tc || s.cu_seqlens != bal.cu_seqlens) problem = "a shard has the wrong extent or table";
+        }
+        if (ids != bal.ids || rows != bal.masked_rows || real != n_real) problem = "the shards do not tile the micro-batch";
+        // halo geometry, w = 16 and 64 (shards of 8 to 67 tokens: more than one rank each side at times)
+        for (int w : {16, 64}) {
+            ContextParallel c;
+            c.size = cp;
+            c.window = w;
+            for (int r = 0; r < cp; r++) {
+                c.rank = r;
+                Halo h = halo_of(c, cp_shard(bal, cp, r));
+                int left = 0, right = 0;
+                for (int j = std::max(0, r * Tc - w); j < r * Tc; j++) left++;
+                for (int j = (r + 1) * Tc; j < std::min(T, (r + 1) * Tc + w); j++) right++;
+                int from_left = 0, from_right = 0;
+                for (int d = 1; d <= h.reach; d++) from_left += r - d >= 0 ? h.rows(d) : 0, from_right += r + d < cp ? h.rows(d) : 0;
+                if (h.left != left || h.right != right || from_left != left || from_right != right)
+                    problem = "halo of rank " + std::to_string(r) + " (cp " + std::to_string(cp) + ", Tc " +
+                              std::to_string(Tc) + ", w " + std::to_string(w) + "): not the tokens within w";
+                for (int d = 1; d <= h.reach; d++)  // rank r − d's rows in r's left halo are r − d's last rows(d)
+                    if (r - d >= 0 && h.from_left_at(d) != (r - d + 1) * Tc - h.rows(d) - (r * Tc - h.left))
+                        problem = "halo rows of rank r − d land in the wrong place";
+            }
+        }
+        cases++;
+    }
+    check(problem.empty(), "cp host side: pairs, balance (a reordering of whole documents, never longer), shards, halos",
+          problem.empty() ? std::to_string(cases) + " random micro-batches, cp 2/3/4/8, vs brute force" : problem);
+}
+
 int main(int argc, char** argv) {
     MPI_Init(&argc, &argv);
     const std::string dir = argc > 1 ? argv[1] : "tests/golden";  // or tests/golden_pattern
@@ -310,6 +411,7 @@ int main(int argc, char** argv) {
         check(verdict.find("deadlock") == 0, "pipeline simulator finds the deadlock of lone sends in 1F1B", verdict);
     }
 
+    if (dir == "tests/golden") test_context_parallel();
     printf("%d passed, %d failed\n", n_pass, n_fail);
     MPI_Finalize();
     return n_fail ? 1 : 0;
