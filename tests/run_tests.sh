@@ -22,6 +22,7 @@ SUITES=(
 if command -v nvcc >/dev/null 2>&1; then SUITES+=("bash tests/gpu_static.sh"); fi  # spills, kernel table
 for t in "${SUITES[@]}"; do
     echo "== $t"
+    t_start=$SECONDS
     out=$(timeout 900 $t 2>&1)
     rc=$?
     if [[ $t == bash* ]]; then echo "$out" | grep -E '^(PASS|FAIL|\| )' || true  # few lines, each worth reading
@@ -33,7 +34,7 @@ for t in "${SUITES[@]}"; do
     passed=$((passed + p))
     failed=$((failed + f))
     [ "$rc" = 0 ] || [ "$f" != 0 ] || fail "$t" "exit $rc with no failed check"
-    echo "$t totals: $line"
+    echo "$t totals: $line ($((SECONDS - t_start)) s)"
 done
 
 # ---- end to end ----
