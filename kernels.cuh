@@ -635,6 +635,14 @@ inline void attention_block_forward(float* out, float* lse, const float* q, int 
         }
     }
 }
+// flash_attention_forward: the GPU build's tensor-core form of attention_block_forward (bf16
+// operands, fp32 accumulation); its reference is the block forward itself.
+inline void flash_attention_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
+                                    const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                    const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+    attention_block_forward(out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, nh,
+                            hd, window);
+}
 // Merges a block's result into the running one, per (row, head): lse ← log(e^lse + e^lse_b),
 // out ← out·e^(lse_old − lse) + out_b·e^(lse_b − lse); −INFINITY on either side is handled (no NaN):
 // an empty block leaves the running result as it is (bitwise), an empty running result becomes the block's.
@@ -2320,6 +2328,160 @@ inline double stable_adamw_rms(const float* grad, const float* v, size_t n, floa
     return sqrt(acc / (double)(n ? n : 1));
 }
 
+
+// -- flash attention on tensor cores (head dim 64): the fast form of attention_block_forward --
+// Same contract as ref::attention_block_forward (a query shard against one key/value block of a
+// packed micro-batch, global or windowed, out and lse), computed in bf16 on the tensor cores with
+// fp32 accumulation and softmax. A CTA takes 64 query rows of one head, four warps 16 rows each;
+// it visits only the 64-key tiles that its rows' documents (and window) reach, and a warp skips a
+// tile none of its rows sees. Per key tile: K and V rounded to bf16 into shared memory,
+// S = Q·Kᵀ (mma m16n8k16, fragments by ldmatrix), masked and scaled, an online softmax (running
+// max and sum per row, the four lanes of a row reduced by shuffles), then O += bf16(P)·V (P's
+// fragments are S's accumulator layout, repacked; V's come by ldmatrix.trans). Out = O / Σ, lse =
+// max + log Σ; a row that sees nothing gets zeros and −inf, as the reference. Every output element
+// has one writer: deterministic. (Inputs are the fp32 activations the trainer keeps today; the
+// bf16 activations and the backward are the next steps of the fast path.)
+constexpr int FLASH_TILE = 64, FLASH_HD = 64, FLASH_WARPS = 4;
+__device__ inline void store_bf16x2(uint16_t* dst, uint32_t pair) {  // dst[0] = low half, dst[1] = high
+    dst[0] = (uint16_t)(pair & 0xffffu);
+    dst[1] = (uint16_t)(pair >> 16);
+}
+constexpr int FLASH_LD = FLASH_HD + 8;  // shared row stride in bf16: 144 bytes, 16-byte aligned rows whose
+                                        // 8 ldmatrix addresses fall in distinct bank groups
+__global__ void flash_attention_forward_kernel(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
+                                               const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                               const int* cu_seqlens, int n_docs, int nh, int window, float scale) {
+    alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
+    __shared__ int row_lo[FLASH_TILE], row_hi[FLASH_TILE];  // each query row's visible keys [lo, hi)
+    __shared__ int tile_lo, tile_hi;                         // the union over the CTA's rows
+    const int h = blockIdx.y, q0 = blockIdx.x * FLASH_TILE, tid = threadIdx.x, warp = tid / WARP_SIZE;
+    const int lane = tid % WARP_SIZE, g = lane / 4, t = lane % 4, mat = lane / 8, mrow = lane % 8;
+    const int H = nh * FLASH_HD;
+    if (tid < FLASH_TILE) {
+        int lo = k_start, hi = k_start;
+        if (q0 + tid < Tq) attention_visible(q_start + q0 + tid, cu_seqlens, n_docs, window, k_start, k_start + Tk, &lo, &hi);
+        row_lo[tid] = lo;
+        row_hi[tid] = hi;
+    }
+    for (int e = tid; e < FLASH_TILE * FLASH_HD / 2; e += blockDim.x) {  // Q tile → bf16, zeros past Tq
+        const int row = e / (FLASH_HD / 2), c = 2 * (e % (FLASH_HD / 2));
+        float x0 = 0.0f, x1 = 0.0f;
+        if (q0 + row < Tq) {
+            const float* src = q + (size_t)(q0 + row) * q_stride + (size_t)h * FLASH_HD + c;
+            x0 = src[0];
+            x1 = src[1];
+        }
+        store_bf16x2(&sQ[row * FLASH_LD + c], pack_bf16x2(x0, x1));
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int lo = k_start + Tk, hi = k_start;
+        for (int i = 0; i < FLASH_TILE; i++)
+            if (row_hi[i] > row_lo[i]) lo = row_lo[i] < lo ? row_lo[i] : lo, hi = row_hi[i] > hi ? row_hi[i] : hi;
+        tile_lo = lo;
+        tile_hi = hi;
+    }
+    __syncthreads();
+    // this warp's rows and keys; this lane's two rows (g and g + 8 of the warp's 16)
+    int warp_lo = k_start + Tk, warp_hi = k_start;
+    for (int i = 16 * warp; i < 16 * warp + 16; i++)
+        if (row_hi[i] > row_lo[i]) warp_lo = row_lo[i] < warp_lo ? row_lo[i] : warp_lo, warp_hi = row_hi[i] > warp_hi ? row_hi[i] : warp_hi;
+    const int ra = 16 * warp + g, rb = ra + 8;
+    const int lo_a = row_lo[ra], hi_a = row_hi[ra], lo_b = row_lo[rb], hi_b = row_hi[rb];
+    uint32_t qf[FLASH_HD / 16][4];  // A fragments of the warp's 16 rows, one per 16 dims
+    for (int kk = 0; kk < FLASH_HD / 16; kk++)
+        ldmatrix_x4(qf[kk], sQ + (16 * warp + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * kk + 8 * (mat / 2));
+    float o[FLASH_HD / 8][4];  // the accumulator: 8 tiles of 8 dims, rows g (0, 1) and g + 8 (2, 3)
+    for (auto& tile : o)
+        for (float& x : tile) x = 0.0f;
+    float max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;  // this lane's share of the sums
+    for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
+        __syncthreads();  // the previous tile's readers are done with sK and sV
+        for (int e = tid; e < FLASH_TILE * FLASH_HD / 2; e += blockDim.x) {
+            const int row = e / (FLASH_HD / 2), c = 2 * (e % (FLASH_HD / 2)), j = kt + row;
+            float k0 = 0.0f, k1 = 0.0f, v0 = 0.0f, v1 = 0.0f;
+            if (j < tile_hi) {
+                const size_t at = (size_t)(j - k_start) * kv_stride + (size_t)h * FLASH_HD + c;
+                k0 = k[at], k1 = k[at + 1], v0 = v[at], v1 = v[at + 1];
+            }
+            store_bf16x2(&sK[row * FLASH_LD + c], pack_bf16x2(k0, k1));
+            store_bf16x2(&sV[row * FLASH_LD + c], pack_bf16x2(v0, v1));
+        }
+        __syncthreads();
+        if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;  // none of this warp's rows sees this tile
+        float s[FLASH_TILE / 8][4];  // scores: 8 tiles of 8 keys
+        for (auto& tile : s)
+            for (float& x : tile) x = 0.0f;
+        for (int p = 0; p < FLASH_TILE / 16; p++)  // keys 16p … 16p + 15
+            for (int kk = 0; kk < FLASH_HD / 16; kk++) {
+                uint32_t b[4];
+                ldmatrix_x4(b, sK + (16 * p + mrow + 8 * (mat / 2)) * FLASH_LD + 16 * kk + 8 * (mat % 2));
+                mma_m16n8k16_bf16(s[2 * p], qf[kk], b, s[2 * p]);
+                mma_m16n8k16_bf16(s[2 * p + 1], qf[kk], b + 2, s[2 * p + 1]);
+            }
+        float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
+        for (int n = 0; n < FLASH_TILE / 8; n++)
+            for (int i = 0; i < 4; i++) {
+                const int j = kt + 8 * n + 2 * t + i % 2;
+                const bool seen = i < 2 ? (j >= lo_a && j < hi_a) : (j >= lo_b && j < hi_b);
+                s[n][i] = seen ? s[n][i] * scale : -INFINITY;
+                if (i < 2) tile_max_a = fmaxf(tile_max_a, s[n][i]);
+                else tile_max_b = fmaxf(tile_max_b, s[n][i]);
+            }
+        for (int offset = 1; offset < 4; offset *= 2) {  // the 4 lanes of a row
+            tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(FULL_MASK, tile_max_a, offset));
+            tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(FULL_MASK, tile_max_b, offset));
+        }
+        const float new_a = fmaxf(max_a, tile_max_a), new_b = fmaxf(max_b, tile_max_b);
+        // rescale what was summed under the old max (nothing was, while the max is −inf)
+        const float alpha_a = max_a == -INFINITY ? 0.0f : expf(max_a - new_a);
+        const float alpha_b = max_b == -INFINITY ? 0.0f : expf(max_b - new_b);
+        sum_a *= alpha_a;
+        sum_b *= alpha_b;
+        for (auto& tile : o) tile[0] *= alpha_a, tile[1] *= alpha_a, tile[2] *= alpha_b, tile[3] *= alpha_b;
+        for (int n = 0; n < FLASH_TILE / 8; n++)
+            for (int i = 0; i < 4; i++) {
+                const float mx = i < 2 ? new_a : new_b;
+                s[n][i] = s[n][i] == -INFINITY ? 0.0f : expf(s[n][i] - mx);
+                (i < 2 ? sum_a : sum_b) += s[n][i];
+            }
+        max_a = new_a;
+        max_b = new_b;
+        for (int p = 0; p < FLASH_TILE / 16; p++) {  // O += P (keys 16p …) · V
+            const uint32_t pa[4] = {pack_bf16x2(s[2 * p][0], s[2 * p][1]), pack_bf16x2(s[2 * p][2], s[2 * p][3]),
+                                    pack_bf16x2(s[2 * p + 1][0], s[2 * p + 1][1]),
+                                    pack_bf16x2(s[2 * p + 1][2], s[2 * p + 1][3])};
+            for (int dp = 0; dp < FLASH_HD / 16; dp++) {  // dims 16dp …
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, sV + (16 * p + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * dp + 8 * (mat / 2));
+                mma_m16n8k16_bf16(o[2 * dp], pa, b, o[2 * dp]);
+                mma_m16n8k16_bf16(o[2 * dp + 1], pa, b + 2, o[2 * dp + 1]);
+            }
+        }
+    }
+    for (int offset = 1; offset < 4; offset *= 2) {
+        sum_a += __shfl_xor_sync(FULL_MASK, sum_a, offset);
+        sum_b += __shfl_xor_sync(FULL_MASK, sum_b, offset);
+    }
+    for (int half = 0; half < 2; half++) {
+        const int row = q0 + (half ? rb : ra);
+        const float sum = half ? sum_b : sum_a, mx = half ? max_b : max_a;
+        if (row >= Tq) continue;
+        float* dst = out + (size_t)row * H + (size_t)h * FLASH_HD;
+        for (int n = 0; n < FLASH_HD / 8; n++)
+            for (int i = 0; i < 2; i++) dst[8 * n + 2 * t + i] = sum > 0.0f ? o[n][2 * half + i] / sum : 0.0f;
+        if (t == 0) lse[(size_t)row * nh + h] = sum > 0.0f ? mx + logf(sum) : -INFINITY;
+    }
+}
+inline void flash_attention_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
+                                    const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                    const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+    if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
+    if (Tq <= 0 || nh <= 0) return;
+    CUDA_LAUNCH(flash_attention_forward_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
+                FLASH_WARPS * WARP_SIZE, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens,
+                n_docs, nh, window, 1.0f / sqrtf((float)hd));
+}
 }  // namespace cuda
 namespace ops = cuda;
 #else

@@ -3,7 +3,8 @@
 #   - ptxas (-Xptxas -v) reports no register spills in any kernel;
 #   - cuobjdump lists every __global__ kernel of kernels.cuh in the sm_90 code;
 #   - a table per kernel: registers, static shared memory, local memory (bytes), spilled bytes and
-#     tensor-core instructions (HMMA, HGMMA, IMMA in the SASS).
+#     tensor-core instructions (HMMA, HGMMA, IMMA in the SASS);
+#   - the tensor-core kernels (flash attention) have HMMA instructions in their SASS.
 # cuobjdump comes from PyPI (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm; scripts/install_deps.sh
 # installs them when nvcc exists) since this toolkit lacks it. Ends with "N passed, M failed".
 source "$(dirname "$0")/common.sh"
@@ -50,6 +51,15 @@ n_kernels=$(wc -l < "$WORK/tensor")
 if [ "$n_kernels" = 0 ]; then fail "kernel list" "cuobjdump --dump-sass listed no function"
 elif [ -n "$missing" ]; then fail "kernel list" "kernels.cuh kernels missing from the SASS:$missing"
 else pass "cuobjdump lists every __global__ kernel of kernels.cuh ($n_kernels functions in the sm_90 code)"; fi
+
+# The tensor-core kernels must use the tensor cores: mma.sync compiles to HMMA (flash attention)
+tc_missing=""
+for k in flash_attention_forward_kernel; do
+    n=$(awk -v k="$k" 'index($1, k) {print $2}' "$WORK/tensor" | head -n 1)
+    [ "${n:-0}" -gt 0 ] || tc_missing+=" $k (${n:-absent})"
+done
+if [ -z "$tc_missing" ]; then pass "tensor-core instructions (HMMA) in the SASS of flash_attention_forward_kernel"
+else fail "tensor cores" "no HMMA in:$tc_missing"; fi
 
 # The table, by demangled name (markdown rows, so that run_tests.sh shows them)
 printf '| %-50s | %4s | %6s | %5s | %6s | %6s |\n' kernel regs shared local spills tensor

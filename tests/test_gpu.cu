@@ -842,6 +842,47 @@ __global__ void ldmatrix_layout_kernel(uint32_t* out) {
     cuda::ldmatrix_x4_trans(r + 10, row);
     for (int i = 0; i < 14; i++) out[lane * 14 + i] = r[i];
 }
+// The tensor-core flash forward against the block reference. The kernel rounds q, k and v to bf16
+// (round to nearest even) and P to bf16 before P·V; the reference runs on the same bf16-rounded
+// inputs in fp32/double, so what is left is P's rounding: each weight p_j/Σp is off by at most
+// 2⁻⁹ relative, so |Δout| ≤ 2⁻⁹·max|v| (Σ p_j |v_j| / Σ p_j), plus fp32 accumulation (≪ 1e-4).
+// lse comes from fp32 sums of exact bf16 products either way: 1e-5 relative, 1e-4 absolute.
+static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int nh, int window, int q0, int Tq, int k0,
+                               int Tk, uint64_t seed) {
+    const int hd = 64;
+    Rng rng(seed);
+    std::vector<int> cu_seqlens(1, 0);
+    for (int len : doc_lengths) cu_seqlens.push_back(cu_seqlens.back() + len);
+    const int n_docs = (int)doc_lengths.size();
+    const std::string tag = fmt("T=%d used=%d nh=%d window=%d q [%d,+%d) k [%d,+%d)", T, cu_seqlens.back(), nh, window,
+                                q0, Tq, k0, Tk);
+    const size_t H = (size_t)nh * hd;
+    const int S = 3 * (int)H;
+    const float v_max = 1.5f;
+    auto qkv = random_floats(rng, (size_t)T * S, v_max);
+    std::vector<float> rounded(qkv.size());
+    for (size_t i = 0; i < qkv.size(); i++) rounded[i] = host_bf16_float(host_bf16(qkv[i]));
+    std::vector<float> out((size_t)Tq * H), lse((size_t)Tq * nh);
+    ref::attention_block_forward(out.data(), lse.data(), rounded.data() + (size_t)q0 * S, S, q0, Tq,
+                                 rounded.data() + (size_t)k0 * S + H, rounded.data() + (size_t)k0 * S + 2 * H, S, k0, Tk,
+                                 cu_seqlens.data(), n_docs, nh, hd, window);
+    int* d_cu = upload_ints(cu_seqlens);
+    float* d_qkv = upload(qkv);
+    const std::vector<float> init_out(out.size(), 7.0f), init_lse(lse.size(), 7.0f);
+    float *d_out = upload(init_out), *d_lse = upload(init_lse);
+    auto run = [&]() {
+        cuda::flash_attention_forward(d_out, d_lse, d_qkv + (size_t)q0 * S, S, q0, Tq, d_qkv + (size_t)k0 * S + H,
+                                      d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, nh, hd, window);
+    };
+    run();
+    check("flash_attention_forward out (bf16, tol 2^-9·max|v|) " + tag, download(d_out, out.size()), out,
+          v_max / 512.0 + 1e-4, 0.0);
+    check("flash_attention_forward lse " + tag, finite_or(download(d_lse, lse.size()), -1e30f), finite_or(lse, -1e30f),
+          1e-4, 1e-5);
+    check_deterministic("flash_attention_forward " + tag, {{d_out, &init_out}, {d_lse, &init_lse}}, run);
+    for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_out, (void*)d_lse}) CUDA_CHECK(cudaFree(p));
+}
+
 static void test_tensor_core_tile(uint64_t seed) {
     Rng rng(seed);
     std::vector<uint16_t> q(256), k(256), v(256);
@@ -1028,6 +1069,13 @@ int main(int argc, char** argv) {
     test_attention_block(docs, 350, 3, 64, 5, 200, 137, 100, 150, 512);
     test_attention_block({100, 250}, 360, 2, 40, 70, 90, 170, 0, 120, 513);
     test_attention_block({37, 70, 21}, 140, 2, 128, -1, 0, 140, 50, 60, 514);  // padding queries too
+    // the tensor-core flash forward: documents shorter than a tile and of one token, padding, windows
+    // cutting tiles, T and blocks not multiples of 64, an external key block, a block nobody sees
+    test_flash_forward({1, 30, 100, 7, 62}, 220, 2, -1, 0, 220, 0, 220, 521);
+    test_flash_forward({1, 30, 100, 7, 62}, 220, 2, 5, 13, 150, 0, 220, 522);
+    test_flash_forward({300}, 300, 1, 64, 70, 130, 40, 200, 523);
+    test_flash_forward({37, 70, 21}, 140, 2, -1, 0, 140, 50, 60, 524);
+    test_flash_forward({37, 70, 21}, 140, 1, -1, 0, 40, 128, 12, 525);  // keys: padding only
 
     test_gelu(10007);
     test_geglu(33, 257);
