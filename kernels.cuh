@@ -756,6 +756,16 @@ inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_str
     }
 }
 
+// flash_attention_backward: the GPU build's tensor-core form of attention_block_backward; its
+// reference is the block backward itself.
+inline void flash_attention_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
+                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
+                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+    attention_block_backward(dq, dk, dv, dq_stride, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v,
+                             kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd, window);
+}
+
 // -- K/V blocks for context parallelism: what a rank sends of its shard, and the gradients it gets back --
 // kv (n, 2·Hl) ← the key and value columns [Hl, 3·Hl) of rows [row0, row0 + n) of qkv (T, 3·Hl): a ring
 // block or a halo as it travels. kv_unpack_add is its adjoint: dqkv's rows [row0, row0 + n), columns
@@ -2342,6 +2352,7 @@ inline double stable_adamw_rms(const float* grad, const float* v, size_t n, floa
 // has one writer: deterministic. (Inputs are the fp32 activations the trainer keeps today; the
 // bf16 activations and the backward are the next steps of the fast path.)
 constexpr int FLASH_TILE = 64, FLASH_HD = 64, FLASH_WARPS = 4;
+__device__ inline int flash_min(int a, int b) { return a < b ? a : b; }
 __device__ inline void store_bf16x2(uint16_t* dst, uint32_t pair) {  // dst[0] = low half, dst[1] = high
     dst[0] = (uint16_t)(pair & 0xffffu);
     dst[1] = (uint16_t)(pair >> 16);
@@ -2481,6 +2492,235 @@ inline void flash_attention_forward(float* out, float* lse, const float* q, int 
     CUDA_LAUNCH(flash_attention_forward_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
                 FLASH_WARPS * WARP_SIZE, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens,
                 n_docs, nh, window, 1.0f / sqrtf((float)hd));
+}
+
+// -- flash attention backward on tensor cores: the fast form of attention_block_backward --
+// Same contract (adds into dq, dk, dv; a null dq, or null dk and dv, skips that side), in bf16 on
+// the tensor cores with fp32 accumulation. P is recomputed tile by tile from the saved lse, and
+// D_i = dO_i · O_i once per query tile in fp32. Two kernels, so that every output element has one
+// writer and no atomics are needed (deterministic): the dq kernel takes 64 queries and walks the
+// key tiles they see (S = Q·Kᵀ, dP = dO·Vᵀ, dS = P ∘ (dP − D), dQ += dS·K); the dk/dv kernel takes
+// 64 keys and walks the query tiles that see them (Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D),
+// dV += Pᵀ·dO, dK += dSᵀ·Q). Each warp owns 16 rows (queries, or keys); the mma operand patterns
+// are the forward's: a row-major tile as A or as the "col" B of Xᵀ by ldmatrix, and as B of X by
+// ldmatrix.trans; an accumulator repacked to bf16 is the next product's A.
+__device__ inline void flash_load_tile(uint16_t* dst, const float* src, int stride, int col0, int row0, int rows,
+                                       int tid, int threads) {  // rows [row0, row0 + rows) → bf16, zeros past them
+    for (int e = tid; e < FLASH_TILE * FLASH_HD / 2; e += threads) {
+        const int row = e / (FLASH_HD / 2), c = 2 * (e % (FLASH_HD / 2));
+        float x0 = 0.0f, x1 = 0.0f;
+        if (row < rows) {
+            const float* at = src + (size_t)(row0 + row) * stride + col0 + c;
+            x0 = at[0];
+            x1 = at[1];
+        }
+        store_bf16x2(&dst[row * FLASH_LD + c], pack_bf16x2(x0, x1));
+    }
+}
+// acc (16 rows × 64 cols, 8 tiles) += A (16 × 64, fragments a[4][4]: 16 columns each) · Xᵀ, X a
+// row-major 64 × 64 bf16 tile in shared memory (B of Xᵀ: ldmatrix without .trans).
+__device__ inline void flash_mma_abt(float acc[8][4], const uint32_t a[4][4], const uint16_t* x, int mat, int mrow) {
+    for (int p = 0; p < 4; p++)
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t b[4];
+            ldmatrix_x4(b, x + (16 * p + mrow + 8 * (mat / 2)) * FLASH_LD + 16 * kk + 8 * (mat % 2));
+            mma_m16n8k16_bf16(acc[2 * p], a[kk], b, acc[2 * p]);
+            mma_m16n8k16_bf16(acc[2 * p + 1], a[kk], b + 2, acc[2 * p + 1]);
+        }
+}
+// acc (16 × 64) += P (16 × 64, an fp32 accumulator, rounded to bf16 here) · X, X row-major 64 × 64
+// in shared memory (B of X: ldmatrix.trans).
+__device__ inline void flash_mma_pb(float acc[8][4], const float p[8][4], const uint16_t* x, int mat, int mrow) {
+    for (int kk = 0; kk < 4; kk++) {
+        const uint32_t a[4] = {pack_bf16x2(p[2 * kk][0], p[2 * kk][1]), pack_bf16x2(p[2 * kk][2], p[2 * kk][3]),
+                               pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                               pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+        for (int dp = 0; dp < 4; dp++) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, x + (16 * kk + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * dp + 8 * (mat / 2));
+            mma_m16n8k16_bf16(acc[2 * dp], a, b, acc[2 * dp]);
+            mma_m16n8k16_bf16(acc[2 * dp + 1], a, b + 2, acc[2 * dp + 1]);
+        }
+    }
+}
+__device__ inline void flash_fragments(uint32_t a[4][4], const uint16_t* x, int warp, int mat, int mrow) {
+    for (int kk = 0; kk < 4; kk++) ldmatrix_x4(a[kk], x + (16 * warp + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * kk + 8 * (mat / 2));
+}
+__device__ inline void flash_zero(float x[8][4]) {
+    for (int n = 0; n < 8; n++)
+        for (int i = 0; i < 4; i++) x[n][i] = 0.0f;
+}
+__global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, const float* dout, const float* out,
+                                                   const float* lse, const float* q, int q_stride, int q_start, int Tq,
+                                                   const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                                   const int* cu_seqlens, int n_docs, int nh, int window, float scale) {
+    alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sdO[FLASH_TILE * FLASH_LD];
+    alignas(16) __shared__ uint16_t sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
+    __shared__ int row_lo[FLASH_TILE], row_hi[FLASH_TILE];
+    __shared__ float row_lse[FLASH_TILE], row_D[FLASH_TILE];
+    __shared__ int tile_lo, tile_hi;
+    const int h = blockIdx.y, q0 = blockIdx.x * FLASH_TILE, tid = threadIdx.x, warp = tid / WARP_SIZE;
+    const int lane = tid % WARP_SIZE, g = lane / 4, t = lane % 4, mat = lane / 8, mrow = lane % 8;
+    const int H = nh * FLASH_HD, rows = flash_min(FLASH_TILE, Tq - q0);
+    if (tid < FLASH_TILE) {
+        int lo = k_start, hi = k_start;
+        float D = 0.0f, l = 0.0f;
+        if (tid < rows) {
+            const int i = q0 + tid;
+            attention_visible(q_start + i, cu_seqlens, n_docs, window, k_start, k_start + Tk, &lo, &hi);
+            const float *gi = dout + (size_t)i * H + (size_t)h * FLASH_HD, *oi = out + (size_t)i * H + (size_t)h * FLASH_HD;
+            for (int c = 0; c < FLASH_HD; c++) D += gi[c] * oi[c];
+            l = lse[(size_t)i * nh + h];
+        }
+        row_lo[tid] = lo, row_hi[tid] = hi, row_D[tid] = D, row_lse[tid] = l;
+    }
+    flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, rows, tid, blockDim.x);
+    flash_load_tile(sdO, dout, H, h * FLASH_HD, q0, rows, tid, blockDim.x);
+    __syncthreads();
+    if (tid == 0) {
+        int lo = k_start + Tk, hi = k_start;
+        for (int i = 0; i < FLASH_TILE; i++)
+            if (row_hi[i] > row_lo[i]) lo = row_lo[i] < lo ? row_lo[i] : lo, hi = row_hi[i] > hi ? row_hi[i] : hi;
+        tile_lo = lo, tile_hi = hi;
+    }
+    __syncthreads();
+    int warp_lo = k_start + Tk, warp_hi = k_start;
+    for (int i = 16 * warp; i < 16 * warp + 16; i++)
+        if (row_hi[i] > row_lo[i]) warp_lo = row_lo[i] < warp_lo ? row_lo[i] : warp_lo, warp_hi = row_hi[i] > warp_hi ? row_hi[i] : warp_hi;
+    const int ra = 16 * warp + g, rb = ra + 8;
+    uint32_t qf[4][4], gf[4][4];  // A fragments of the warp's Q and dO rows
+    flash_fragments(qf, sQ, warp, mat, mrow);
+    flash_fragments(gf, sdO, warp, mat, mrow);
+    float acc[8][4];
+    flash_zero(acc);
+    for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
+        __syncthreads();
+        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
+        flash_load_tile(sV, v, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
+        __syncthreads();
+        if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;
+        float s[8][4], dp[8][4];
+        flash_zero(s);
+        flash_zero(dp);
+        flash_mma_abt(s, qf, sK, mat, mrow);   // S = Q·Kᵀ
+        flash_mma_abt(dp, gf, sV, mat, mrow);  // dP = dO·Vᵀ
+        for (int n = 0; n < 8; n++)
+            for (int i = 0; i < 4; i++) {
+                const int r = i < 2 ? ra : rb, j = kt + 8 * n + 2 * t + i % 2;
+                const float p = j >= row_lo[r] && j < row_hi[r] ? expf(s[n][i] * scale - row_lse[r]) : 0.0f;
+                s[n][i] = p * (dp[n][i] - row_D[r]);  // dS
+            }
+        flash_mma_pb(acc, s, sK, mat, mrow);  // dQ += dS·K
+    }
+    for (int half = 0; half < 2; half++) {
+        const int row = (half ? rb : ra);
+        if (row >= rows) continue;
+        float* dst = dq + (size_t)(q0 + row) * dq_stride + (size_t)h * FLASH_HD;
+        for (int n = 0; n < 8; n++)
+            for (int i = 0; i < 2; i++) dst[8 * n + 2 * t + i] += scale * acc[n][2 * half + i];
+    }
+}
+__global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dkv_stride, const float* dout,
+                                                    const float* out, const float* lse, const float* q, int q_stride,
+                                                    int q_start, int Tq, const float* k, const float* v, int kv_stride,
+                                                    int k_start, int Tk, const int* cu_seqlens, int n_docs, int nh,
+                                                    int window, float scale) {
+    alignas(16) __shared__ uint16_t sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
+    alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sdO[FLASH_TILE * FLASH_LD];
+    __shared__ int key_lo[FLASH_TILE], key_hi[FLASH_TILE];  // each key's queries [lo, hi), in q_start's numbering
+    __shared__ int q_lo[FLASH_TILE], q_hi[FLASH_TILE];      // the query tile's rows' keys
+    __shared__ float q_lse[FLASH_TILE], q_D[FLASH_TILE];
+    __shared__ int tile_lo, tile_hi;
+    const int h = blockIdx.y, k0 = blockIdx.x * FLASH_TILE, tid = threadIdx.x, warp = tid / WARP_SIZE;
+    const int lane = tid % WARP_SIZE, g = lane / 4, t = lane % 4, mat = lane / 8, mrow = lane % 8;
+    const int H = nh * FLASH_HD, keys = flash_min(FLASH_TILE, Tk - k0);
+    if (tid < FLASH_TILE) {
+        int lo = q_start, hi = q_start;
+        if (tid < keys) attention_visible(k_start + k0 + tid, cu_seqlens, n_docs, window, q_start, q_start + Tq, &lo, &hi);
+        key_lo[tid] = lo, key_hi[tid] = hi;
+    }
+    flash_load_tile(sK, k, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
+    flash_load_tile(sV, v, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
+    __syncthreads();
+    if (tid == 0) {
+        int lo = q_start + Tq, hi = q_start;
+        for (int j = 0; j < FLASH_TILE; j++)
+            if (key_hi[j] > key_lo[j]) lo = key_lo[j] < lo ? key_lo[j] : lo, hi = key_hi[j] > hi ? key_hi[j] : hi;
+        tile_lo = lo, tile_hi = hi;
+    }
+    __syncthreads();
+    int warp_lo = q_start + Tq, warp_hi = q_start;
+    for (int j = 16 * warp; j < 16 * warp + 16; j++)
+        if (key_hi[j] > key_lo[j]) warp_lo = key_lo[j] < warp_lo ? key_lo[j] : warp_lo, warp_hi = key_hi[j] > warp_hi ? key_hi[j] : warp_hi;
+    const int ja = k_start + k0 + 16 * warp + g, jb = ja + 8;  // this lane's two keys
+    uint32_t kf[4][4], vf[4][4];
+    flash_fragments(kf, sK, warp, mat, mrow);
+    flash_fragments(vf, sV, warp, mat, mrow);
+    float acc_k[8][4], acc_v[8][4];
+    flash_zero(acc_k);
+    flash_zero(acc_v);
+    for (int qt = tile_lo; qt < tile_hi; qt += FLASH_TILE) {  // qt in q_start's numbering
+        __syncthreads();
+        const int first = qt - q_start, rows = flash_min(FLASH_TILE, tile_hi - qt);
+        if (tid < FLASH_TILE) {
+            int lo = k_start, hi = k_start;
+            float D = 0.0f, l = 0.0f;
+            if (tid < rows) {
+                const int i = first + tid;
+                attention_visible(qt + tid, cu_seqlens, n_docs, window, k_start, k_start + Tk, &lo, &hi);
+                const float *gi = dout + (size_t)i * H + (size_t)h * FLASH_HD, *oi = out + (size_t)i * H + (size_t)h * FLASH_HD;
+                for (int c = 0; c < FLASH_HD; c++) D += gi[c] * oi[c];
+                l = lse[(size_t)i * nh + h];
+            }
+            q_lo[tid] = lo, q_hi[tid] = hi, q_D[tid] = D, q_lse[tid] = l;
+        }
+        flash_load_tile(sQ, q, q_stride, h * FLASH_HD, first, rows, tid, blockDim.x);
+        flash_load_tile(sdO, dout, H, h * FLASH_HD, first, rows, tid, blockDim.x);
+        __syncthreads();
+        if (qt >= warp_hi || qt + FLASH_TILE <= warp_lo) continue;
+        float s[8][4], dp[8][4];
+        flash_zero(s);
+        flash_zero(dp);
+        flash_mma_abt(s, kf, sQ, mat, mrow);    // Sᵀ = K·Qᵀ
+        flash_mma_abt(dp, vf, sdO, mat, mrow);  // dPᵀ = V·dOᵀ
+        for (int n = 0; n < 8; n++)
+            for (int i = 0; i < 4; i++) {
+                const int col = 8 * n + 2 * t + i % 2, j = i < 2 ? ja : jb;  // query qt + col, key j
+                const bool seen = col < rows && j >= q_lo[col] && j < q_hi[col];
+                const float p = seen ? expf(s[n][i] * scale - q_lse[col]) : 0.0f;
+                s[n][i] = p;
+                dp[n][i] = p * (dp[n][i] - q_D[col]);  // dSᵀ
+            }
+        flash_mma_pb(acc_v, s, sdO, mat, mrow);  // dV += Pᵀ·dO
+        flash_mma_pb(acc_k, dp, sQ, mat, mrow);  // dK += dSᵀ·Q
+    }
+    for (int half = 0; half < 2; half++) {
+        const int row = 16 * warp + g + 8 * half;
+        if (row >= keys) continue;
+        float* dkj = dk ? dk + (size_t)(k0 + row) * dkv_stride + (size_t)h * FLASH_HD : nullptr;
+        float* dvj = dv ? dv + (size_t)(k0 + row) * dkv_stride + (size_t)h * FLASH_HD : nullptr;
+        for (int n = 0; n < 8; n++)
+            for (int i = 0; i < 2; i++) {
+                if (dkj) dkj[8 * n + 2 * t + i] += scale * acc_k[n][2 * half + i];
+                if (dvj) dvj[8 * n + 2 * t + i] += acc_v[n][2 * half + i];
+            }
+    }
+}
+inline void flash_attention_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
+                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
+                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+    if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
+    if (Tq <= 0 || Tk <= 0 || nh <= 0) return;
+    const float scale = 1.0f / sqrtf((float)hd);
+    if (dq)
+        CUDA_LAUNCH(flash_attention_backward_dq_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
+                    FLASH_WARPS * WARP_SIZE, dq, dq_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride,
+                    k_start, Tk, cu_seqlens, n_docs, nh, window, scale);
+    if (dk || dv)
+        CUDA_LAUNCH(flash_attention_backward_dkv_kernel, dim3((unsigned)div_round_up(Tk, FLASH_TILE), (unsigned)nh),
+                    FLASH_WARPS * WARP_SIZE, dk, dv, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v,
+                    kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, window, scale);
 }
 }  // namespace cuda
 namespace ops = cuda;

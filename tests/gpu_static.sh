@@ -4,7 +4,7 @@
 #   - cuobjdump lists every __global__ kernel of kernels.cuh in the sm_90 code;
 #   - a table per kernel: registers, static shared memory, local memory (bytes), spilled bytes and
 #     tensor-core instructions (HMMA, HGMMA, IMMA in the SASS);
-#   - the tensor-core kernels (flash attention) have HMMA instructions in their SASS.
+#   - the tensor-core kernels (flash attention forward and backward) have HMMA instructions in their SASS.
 # cuobjdump comes from PyPI (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm; scripts/install_deps.sh
 # installs them when nvcc exists) since this toolkit lacks it. Ends with "N passed, M failed".
 source "$(dirname "$0")/common.sh"
@@ -54,11 +54,11 @@ else pass "cuobjdump lists every __global__ kernel of kernels.cuh ($n_kernels fu
 
 # The tensor-core kernels must use the tensor cores: mma.sync compiles to HMMA (flash attention)
 tc_missing=""
-for k in flash_attention_forward_kernel; do
+for k in flash_attention_forward_kernel flash_attention_backward_dq_kernel flash_attention_backward_dkv_kernel; do
     n=$(awk -v k="$k" 'index($1, k) {print $2}' "$WORK/tensor" | head -n 1)
     [ "${n:-0}" -gt 0 ] || tc_missing+=" $k (${n:-absent})"
 done
-if [ -z "$tc_missing" ]; then pass "tensor-core instructions (HMMA) in the SASS of flash_attention_forward_kernel"
+if [ -z "$tc_missing" ]; then pass "tensor-core instructions (HMMA) in the SASS of the flash attention kernels (forward, backward dq, backward dk/dv)"
 else fail "tensor cores" "no HMMA in:$tc_missing"; fi
 
 # The table, by demangled name (markdown rows, so that run_tests.sh shows them)

@@ -883,6 +883,82 @@ static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int n
     for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_out, (void*)d_lse}) CUDA_CHECK(cudaFree(p));
 }
 
+// The tensor-core flash backward against the block backward, both on the same bf16-rounded q, k,
+// v and dout (out and lse from the reference forward). The kernels round P and dS to bf16 before
+// their products (everything else is exact bf16 products summed in fp32), so each output element
+// is off by at most 2⁻⁹ × its sum of |terms|: Σ_i p_ij |dO_i| for dV, scale·Σ |dS| |q| for dK,
+// scale·Σ |dS| |k| for dQ, computed below from the reference's P and dS; the check allows 2⁻⁸ ×
+// that (fp32 sums of dP − D and of the products at most double it) plus 1e-6. The op adds: dq, dk
+// and dv start from random values. null_dq / null_dkv: that side is skipped and must stay as it was.
+static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int nh, int window, int q0, int Tq, int k0,
+                                int Tk, uint64_t seed, bool null_dq = false, bool null_dkv = false) {
+    const int hd = 64;
+    Rng rng(seed);
+    std::vector<int> cu_seqlens(1, 0);
+    for (int len : doc_lengths) cu_seqlens.push_back(cu_seqlens.back() + len);
+    const int n_docs = (int)doc_lengths.size();
+    const std::string tag = fmt("T=%d used=%d nh=%d window=%d q [%d,+%d) k [%d,+%d)", T, cu_seqlens.back(), nh, window,
+                                q0, Tq, k0, Tk) + (null_dq ? " (no dq)" : "") + (null_dkv ? " (no dk, dv)" : "");
+    const size_t H = (size_t)nh * hd;
+    const int S = 3 * (int)H;
+    const float scale = 1.0f / sqrtf((float)hd);
+    auto bf16_round = [](std::vector<float> x) {
+        for (float& e : x) e = host_bf16_float(host_bf16(e));
+        return x;
+    };
+    const std::vector<float> qkv = bf16_round(random_floats(rng, (size_t)T * S, 1.5f));
+    const std::vector<float> dout = bf16_round(random_floats(rng, (size_t)Tq * H, 1.0f));
+    const std::vector<float> init = random_floats(rng, (size_t)T * S, 0.1f);
+    const float *q = qkv.data() + (size_t)q0 * S, *k = qkv.data() + (size_t)k0 * S + H, *v = k + H;
+    std::vector<float> out((size_t)Tq * H), lse((size_t)Tq * nh);
+    ref::attention_block_forward(out.data(), lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh,
+                                 hd, window);
+    std::vector<float> want = init;
+    ref::attention_block_backward(null_dq ? nullptr : want.data() + (size_t)q0 * S,
+                                  null_dkv ? nullptr : want.data() + (size_t)k0 * S + H,
+                                  null_dkv ? nullptr : want.data() + (size_t)k0 * S + 2 * H, S, S, dout.data(), out.data(),
+                                  lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh, hd, window);
+    std::vector<double> abs_sum(init.size(), 0.0);  // Σ |terms| of each output element
+    for (int h = 0; h < nh; h++)
+        for (int i = 0; i < Tq; i++) {
+            int a, b;
+            ref::attention_visible(q0 + i, cu_seqlens.data(), n_docs, window, k0, k0 + Tk, &a, &b);
+            const float* gi = dout.data() + (size_t)i * H + (size_t)h * hd;
+            double D = 0;
+            for (int c = 0; c < hd; c++) D += (double)gi[c] * out[(size_t)i * H + (size_t)h * hd + c];
+            for (int j = a; j < b; j++) {
+                const float *qi = qkv.data() + (size_t)(q0 + i) * S + h * hd, *kj = qkv.data() + (size_t)j * S + H + h * hd;
+                const float* vj = kj + H;
+                double sc = 0, dp = 0;
+                for (int c = 0; c < hd; c++) sc += (double)qi[c] * kj[c], dp += (double)gi[c] * vj[c];
+                const double p = exp(sc * scale - lse[(size_t)i * nh + h]), ds = fabs(p * (dp - D));
+                for (int c = 0; c < hd; c++) {
+                    if (!null_dq) abs_sum[(size_t)(q0 + i) * S + h * hd + c] += scale * ds * fabs(kj[c]);
+                    if (!null_dkv) {
+                        abs_sum[(size_t)j * S + H + h * hd + c] += scale * ds * fabs(qi[c]);
+                        abs_sum[(size_t)j * S + 2 * H + h * hd + c] += p * fabs(gi[c]);
+                    }
+                }
+            }
+        }
+    int* d_cu = upload_ints(cu_seqlens);
+    float *d_qkv = upload(qkv), *d_dout = upload(dout), *d_out = upload(out), *d_lse = upload(lse), *d_grad = upload(init);
+    auto run = [&]() {
+        cuda::flash_attention_backward(null_dq ? nullptr : d_grad + (size_t)q0 * S,
+                                       null_dkv ? nullptr : d_grad + (size_t)k0 * S + H,
+                                       null_dkv ? nullptr : d_grad + (size_t)k0 * S + 2 * H, S, S, d_dout, d_out, d_lse,
+                                       d_qkv + (size_t)q0 * S, S, q0, Tq, d_qkv + (size_t)k0 * S + H,
+                                       d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, nh, hd, window);
+    };
+    run();
+    const std::vector<float> got = download(d_grad, init.size());
+    std::vector<float> err_over_tol(got.size()), zeros(got.size(), 0.0f);
+    for (size_t e = 0; e < got.size(); e++)
+        err_over_tol[e] = (float)(fabs((double)got[e] - want[e]) / (abs_sum[e] / 256.0 + 1e-6));
+    check("flash_attention_backward dq dk dv, |error| / (2^-8·Σ|terms| + 1e-6) " + tag, err_over_tol, zeros, 1.0, 0.0);
+    check_deterministic("flash_attention_backward " + tag, {{d_grad, &init}}, run);
+    for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_dout, (void*)d_out, (void*)d_lse, (void*)d_grad}) CUDA_CHECK(cudaFree(p));
+}
 static void test_tensor_core_tile(uint64_t seed) {
     Rng rng(seed);
     std::vector<uint16_t> q(256), k(256), v(256);
@@ -1076,6 +1152,11 @@ int main(int argc, char** argv) {
     test_flash_forward({300}, 300, 1, 64, 70, 130, 40, 200, 523);
     test_flash_forward({37, 70, 21}, 140, 2, -1, 0, 140, 50, 60, 524);
     test_flash_forward({37, 70, 21}, 140, 1, -1, 0, 40, 128, 12, 525);  // keys: padding only
+    test_flash_backward({1, 30, 100, 7, 62}, 220, 1, -1, 0, 220, 0, 220, 531);
+    test_flash_backward({1, 30, 100, 7, 62}, 220, 2, 5, 13, 150, 0, 220, 532);
+    test_flash_backward({300}, 300, 1, 64, 70, 130, 40, 200, 533);
+    test_flash_backward({37, 70, 21}, 140, 2, -1, 0, 140, 50, 60, 534, true, false);
+    test_flash_backward({37, 70, 21}, 140, 2, -1, 0, 140, 50, 60, 535, false, true);
 
     test_gelu(10007);
     test_geglu(33, 257);
