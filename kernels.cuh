@@ -2357,8 +2357,29 @@ __device__ inline void store_bf16x2(uint16_t* dst, uint32_t pair) {  // dst[0] =
     dst[0] = (uint16_t)(pair & 0xffffu);
     dst[1] = (uint16_t)(pair >> 16);
 }
+// [*lo, *hi) ← the union of the non-empty ranges [lo_of[i], hi_of[i]) for i in [begin, end); empty
+// (*lo = none_lo ≥ *hi = none_hi) when all are.
+__device__ inline void flash_union(const int* lo_of, const int* hi_of, int begin, int end, int none_lo, int none_hi,
+                                   int* lo, int* hi) {
+    *lo = none_lo, *hi = none_hi;
+    for (int i = begin; i < end; i++)
+        if (hi_of[i] > lo_of[i]) *lo = lo_of[i] < *lo ? lo_of[i] : *lo, *hi = hi_of[i] > *hi ? hi_of[i] : *hi;
+}
 constexpr int FLASH_LD = FLASH_HD + 8;  // shared row stride in bf16: 144 bytes, 16-byte aligned rows whose
                                         // 8 ldmatrix addresses fall in distinct bank groups
+__device__ inline void flash_load_tile(uint16_t* dst, const float* src, int stride, int col0, int row0, int rows,
+                                       int tid, int threads) {  // rows [row0, row0 + rows) → bf16, zeros past them
+    for (int e = tid; e < FLASH_TILE * FLASH_HD / 2; e += threads) {
+        const int row = e / (FLASH_HD / 2), c = 2 * (e % (FLASH_HD / 2));
+        float x0 = 0.0f, x1 = 0.0f;
+        if (row < rows) {
+            const float* at = src + (size_t)(row0 + row) * stride + col0 + c;
+            x0 = at[0];
+            x1 = at[1];
+        }
+        store_bf16x2(&dst[row * FLASH_LD + c], pack_bf16x2(x0, x1));
+    }
+}
 __global__ void flash_attention_forward_kernel(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
                                                const float* k, const float* v, int kv_stride, int k_start, int Tk,
                                                const int* cu_seqlens, int n_docs, int nh, int window, float scale) {
@@ -2374,29 +2395,13 @@ __global__ void flash_attention_forward_kernel(float* out, float* lse, const flo
         row_lo[tid] = lo;
         row_hi[tid] = hi;
     }
-    for (int e = tid; e < FLASH_TILE * FLASH_HD / 2; e += blockDim.x) {  // Q tile → bf16, zeros past Tq
-        const int row = e / (FLASH_HD / 2), c = 2 * (e % (FLASH_HD / 2));
-        float x0 = 0.0f, x1 = 0.0f;
-        if (q0 + row < Tq) {
-            const float* src = q + (size_t)(q0 + row) * q_stride + (size_t)h * FLASH_HD + c;
-            x0 = src[0];
-            x1 = src[1];
-        }
-        store_bf16x2(&sQ[row * FLASH_LD + c], pack_bf16x2(x0, x1));
-    }
+    flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, Tq - q0, tid, blockDim.x);  // zeros past Tq
     __syncthreads();
-    if (tid == 0) {
-        int lo = k_start + Tk, hi = k_start;
-        for (int i = 0; i < FLASH_TILE; i++)
-            if (row_hi[i] > row_lo[i]) lo = row_lo[i] < lo ? row_lo[i] : lo, hi = row_hi[i] > hi ? row_hi[i] : hi;
-        tile_lo = lo;
-        tile_hi = hi;
-    }
+    if (tid == 0) flash_union(row_lo, row_hi, 0, FLASH_TILE, k_start + Tk, k_start, &tile_lo, &tile_hi);
     __syncthreads();
     // this warp's rows and keys; this lane's two rows (g and g + 8 of the warp's 16)
-    int warp_lo = k_start + Tk, warp_hi = k_start;
-    for (int i = 16 * warp; i < 16 * warp + 16; i++)
-        if (row_hi[i] > row_lo[i]) warp_lo = row_lo[i] < warp_lo ? row_lo[i] : warp_lo, warp_hi = row_hi[i] > warp_hi ? row_hi[i] : warp_hi;
+    int warp_lo, warp_hi;  // the union over this warp's 16 rows
+    flash_union(row_lo, row_hi, 16 * warp, 16 * warp + 16, k_start + Tk, k_start, &warp_lo, &warp_hi);
     const int ra = 16 * warp + g, rb = ra + 8;
     const int lo_a = row_lo[ra], hi_a = row_hi[ra], lo_b = row_lo[rb], hi_b = row_hi[rb];
     uint32_t qf[FLASH_HD / 16][4];  // A fragments of the warp's 16 rows, one per 16 dims
@@ -2408,16 +2413,8 @@ __global__ void flash_attention_forward_kernel(float* out, float* lse, const flo
     float max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;  // this lane's share of the sums
     for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
         __syncthreads();  // the previous tile's readers are done with sK and sV
-        for (int e = tid; e < FLASH_TILE * FLASH_HD / 2; e += blockDim.x) {
-            const int row = e / (FLASH_HD / 2), c = 2 * (e % (FLASH_HD / 2)), j = kt + row;
-            float k0 = 0.0f, k1 = 0.0f, v0 = 0.0f, v1 = 0.0f;
-            if (j < tile_hi) {
-                const size_t at = (size_t)(j - k_start) * kv_stride + (size_t)h * FLASH_HD + c;
-                k0 = k[at], k1 = k[at + 1], v0 = v[at], v1 = v[at + 1];
-            }
-            store_bf16x2(&sK[row * FLASH_LD + c], pack_bf16x2(k0, k1));
-            store_bf16x2(&sV[row * FLASH_LD + c], pack_bf16x2(v0, v1));
-        }
+        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
+        flash_load_tile(sV, v, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
         __syncthreads();
         if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;  // none of this warp's rows sees this tile
         float s[FLASH_TILE / 8][4];  // scores: 8 tiles of 8 keys
@@ -2504,19 +2501,6 @@ inline void flash_attention_forward(float* out, float* lse, const float* q, int 
 // dV += Pᵀ·dO, dK += dSᵀ·Q). Each warp owns 16 rows (queries, or keys); the mma operand patterns
 // are the forward's: a row-major tile as A or as the "col" B of Xᵀ by ldmatrix, and as B of X by
 // ldmatrix.trans; an accumulator repacked to bf16 is the next product's A.
-__device__ inline void flash_load_tile(uint16_t* dst, const float* src, int stride, int col0, int row0, int rows,
-                                       int tid, int threads) {  // rows [row0, row0 + rows) → bf16, zeros past them
-    for (int e = tid; e < FLASH_TILE * FLASH_HD / 2; e += threads) {
-        const int row = e / (FLASH_HD / 2), c = 2 * (e % (FLASH_HD / 2));
-        float x0 = 0.0f, x1 = 0.0f;
-        if (row < rows) {
-            const float* at = src + (size_t)(row0 + row) * stride + col0 + c;
-            x0 = at[0];
-            x1 = at[1];
-        }
-        store_bf16x2(&dst[row * FLASH_LD + c], pack_bf16x2(x0, x1));
-    }
-}
 // acc (16 rows × 64 cols, 8 tiles) += A (16 × 64, fragments a[4][4]: 16 columns each) · Xᵀ, X a
 // row-major 64 × 64 bf16 tile in shared memory (B of Xᵀ: ldmatrix without .trans).
 __device__ inline void flash_mma_abt(float acc[8][4], const uint32_t a[4][4], const uint16_t* x, int mat, int mrow) {
@@ -2546,6 +2530,19 @@ __device__ inline void flash_mma_pb(float acc[8][4], const float p[8][4], const 
 __device__ inline void flash_fragments(uint32_t a[4][4], const uint16_t* x, int warp, int mat, int mrow) {
     for (int kk = 0; kk < 4; kk++) ldmatrix_x4(a[kk], x + (16 * warp + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * kk + 8 * (mat / 2));
 }
+// Query row i (of the shard from q_start) of head h: the keys it sees [*lo, *hi), D = dO_i · O_i and
+// its lse; a row past the shard (!real) sees nothing.
+__device__ inline void flash_query_row(int* lo, int* hi, float* D, float* l, bool real, int i, const float* dout,
+                                       const float* out, const float* lse, int q_start, int k_start, int Tk,
+                                       const int* cu_seqlens, int n_docs, int nh, int h, int window) {
+    *lo = *hi = k_start;
+    *D = *l = 0.0f;
+    if (!real) return;
+    attention_visible(q_start + i, cu_seqlens, n_docs, window, k_start, k_start + Tk, lo, hi);
+    const size_t at = (size_t)i * nh * FLASH_HD + (size_t)h * FLASH_HD;
+    for (int c = 0; c < FLASH_HD; c++) *D += dout[at + c] * out[at + c];
+    *l = lse[(size_t)i * nh + h];
+}
 __device__ inline void flash_zero(float x[8][4]) {
     for (int n = 0; n < 8; n++)
         for (int i = 0; i < 4; i++) x[n][i] = 0.0f;
@@ -2562,31 +2559,16 @@ __global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, con
     const int h = blockIdx.y, q0 = blockIdx.x * FLASH_TILE, tid = threadIdx.x, warp = tid / WARP_SIZE;
     const int lane = tid % WARP_SIZE, g = lane / 4, t = lane % 4, mat = lane / 8, mrow = lane % 8;
     const int H = nh * FLASH_HD, rows = flash_min(FLASH_TILE, Tq - q0);
-    if (tid < FLASH_TILE) {
-        int lo = k_start, hi = k_start;
-        float D = 0.0f, l = 0.0f;
-        if (tid < rows) {
-            const int i = q0 + tid;
-            attention_visible(q_start + i, cu_seqlens, n_docs, window, k_start, k_start + Tk, &lo, &hi);
-            const float *gi = dout + (size_t)i * H + (size_t)h * FLASH_HD, *oi = out + (size_t)i * H + (size_t)h * FLASH_HD;
-            for (int c = 0; c < FLASH_HD; c++) D += gi[c] * oi[c];
-            l = lse[(size_t)i * nh + h];
-        }
-        row_lo[tid] = lo, row_hi[tid] = hi, row_D[tid] = D, row_lse[tid] = l;
-    }
+    if (tid < FLASH_TILE)
+        flash_query_row(&row_lo[tid], &row_hi[tid], &row_D[tid], &row_lse[tid], tid < rows, q0 + tid, dout, out, lse,
+                        q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
     flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, rows, tid, blockDim.x);
     flash_load_tile(sdO, dout, H, h * FLASH_HD, q0, rows, tid, blockDim.x);
     __syncthreads();
-    if (tid == 0) {
-        int lo = k_start + Tk, hi = k_start;
-        for (int i = 0; i < FLASH_TILE; i++)
-            if (row_hi[i] > row_lo[i]) lo = row_lo[i] < lo ? row_lo[i] : lo, hi = row_hi[i] > hi ? row_hi[i] : hi;
-        tile_lo = lo, tile_hi = hi;
-    }
+    if (tid == 0) flash_union(row_lo, row_hi, 0, FLASH_TILE, k_start + Tk, k_start, &tile_lo, &tile_hi);
     __syncthreads();
-    int warp_lo = k_start + Tk, warp_hi = k_start;
-    for (int i = 16 * warp; i < 16 * warp + 16; i++)
-        if (row_hi[i] > row_lo[i]) warp_lo = row_lo[i] < warp_lo ? row_lo[i] : warp_lo, warp_hi = row_hi[i] > warp_hi ? row_hi[i] : warp_hi;
+    int warp_lo, warp_hi;  // the union over this warp's 16 rows
+    flash_union(row_lo, row_hi, 16 * warp, 16 * warp + 16, k_start + Tk, k_start, &warp_lo, &warp_hi);
     const int ra = 16 * warp + g, rb = ra + 8;
     uint32_t qf[4][4], gf[4][4];  // A fragments of the warp's Q and dO rows
     flash_fragments(qf, sQ, warp, mat, mrow);
@@ -2642,16 +2624,10 @@ __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dk
     flash_load_tile(sK, k, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
     flash_load_tile(sV, v, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
     __syncthreads();
-    if (tid == 0) {
-        int lo = q_start + Tq, hi = q_start;
-        for (int j = 0; j < FLASH_TILE; j++)
-            if (key_hi[j] > key_lo[j]) lo = key_lo[j] < lo ? key_lo[j] : lo, hi = key_hi[j] > hi ? key_hi[j] : hi;
-        tile_lo = lo, tile_hi = hi;
-    }
+    if (tid == 0) flash_union(key_lo, key_hi, 0, FLASH_TILE, q_start + Tq, q_start, &tile_lo, &tile_hi);
     __syncthreads();
-    int warp_lo = q_start + Tq, warp_hi = q_start;
-    for (int j = 16 * warp; j < 16 * warp + 16; j++)
-        if (key_hi[j] > key_lo[j]) warp_lo = key_lo[j] < warp_lo ? key_lo[j] : warp_lo, warp_hi = key_hi[j] > warp_hi ? key_hi[j] : warp_hi;
+    int warp_lo, warp_hi;  // the union over this warp's 16 rows
+    flash_union(key_lo, key_hi, 16 * warp, 16 * warp + 16, q_start + Tq, q_start, &warp_lo, &warp_hi);
     const int ja = k_start + k0 + 16 * warp + g, jb = ja + 8;  // this lane's two keys
     uint32_t kf[4][4], vf[4][4];
     flash_fragments(kf, sK, warp, mat, mrow);
@@ -2662,18 +2638,9 @@ __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dk
     for (int qt = tile_lo; qt < tile_hi; qt += FLASH_TILE) {  // qt in q_start's numbering
         __syncthreads();
         const int first = qt - q_start, rows = flash_min(FLASH_TILE, tile_hi - qt);
-        if (tid < FLASH_TILE) {
-            int lo = k_start, hi = k_start;
-            float D = 0.0f, l = 0.0f;
-            if (tid < rows) {
-                const int i = first + tid;
-                attention_visible(qt + tid, cu_seqlens, n_docs, window, k_start, k_start + Tk, &lo, &hi);
-                const float *gi = dout + (size_t)i * H + (size_t)h * FLASH_HD, *oi = out + (size_t)i * H + (size_t)h * FLASH_HD;
-                for (int c = 0; c < FLASH_HD; c++) D += gi[c] * oi[c];
-                l = lse[(size_t)i * nh + h];
-            }
-            q_lo[tid] = lo, q_hi[tid] = hi, q_D[tid] = D, q_lse[tid] = l;
-        }
+        if (tid < FLASH_TILE)
+            flash_query_row(&q_lo[tid], &q_hi[tid], &q_D[tid], &q_lse[tid], tid < rows, first + tid, dout, out, lse,
+                            q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
         flash_load_tile(sQ, q, q_stride, h * FLASH_HD, first, rows, tid, blockDim.x);
         flash_load_tile(sdO, dout, H, h * FLASH_HD, first, rows, tid, blockDim.x);
         __syncthreads();

@@ -842,6 +842,14 @@ __global__ void ldmatrix_layout_kernel(uint32_t* out) {
     cuda::ldmatrix_x4_trans(r + 10, row);
     for (int i = 0; i < 14; i++) out[lane * 14 + i] = r[i];
 }
+static std::vector<int> document_table(const std::vector<int>& doc_lengths) {  // cu_seqlens
+    std::vector<int> cu_seqlens(1, 0);
+    for (int len : doc_lengths) cu_seqlens.push_back(cu_seqlens.back() + len);
+    return cu_seqlens;
+}
+static std::string flash_tag(const std::vector<int>& cu_seqlens, int T, int nh, int window, int q0, int Tq, int k0, int Tk) {
+    return fmt("T=%d used=%d nh=%d window=%d q [%d,+%d) k [%d,+%d)", T, cu_seqlens.back(), nh, window, q0, Tq, k0, Tk);
+}
 // The tensor-core flash forward against the block reference. The kernel rounds q, k and v to bf16
 // (round to nearest even) and P to bf16 before P·V; the reference runs on the same bf16-rounded
 // inputs in fp32/double, so what is left is P's rounding: each weight p_j/Σp is off by at most
@@ -851,11 +859,9 @@ static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int n
                                int Tk, uint64_t seed) {
     const int hd = 64;
     Rng rng(seed);
-    std::vector<int> cu_seqlens(1, 0);
-    for (int len : doc_lengths) cu_seqlens.push_back(cu_seqlens.back() + len);
+    const std::vector<int> cu_seqlens = document_table(doc_lengths);
     const int n_docs = (int)doc_lengths.size();
-    const std::string tag = fmt("T=%d used=%d nh=%d window=%d q [%d,+%d) k [%d,+%d)", T, cu_seqlens.back(), nh, window,
-                                q0, Tq, k0, Tk);
+    const std::string tag = flash_tag(cu_seqlens, T, nh, window, q0, Tq, k0, Tk);
     const size_t H = (size_t)nh * hd;
     const int S = 3 * (int)H;
     const float v_max = 1.5f;
@@ -894,11 +900,10 @@ static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int 
                                 int Tk, uint64_t seed, bool null_dq = false, bool null_dkv = false) {
     const int hd = 64;
     Rng rng(seed);
-    std::vector<int> cu_seqlens(1, 0);
-    for (int len : doc_lengths) cu_seqlens.push_back(cu_seqlens.back() + len);
+    const std::vector<int> cu_seqlens = document_table(doc_lengths);
     const int n_docs = (int)doc_lengths.size();
-    const std::string tag = fmt("T=%d used=%d nh=%d window=%d q [%d,+%d) k [%d,+%d)", T, cu_seqlens.back(), nh, window,
-                                q0, Tq, k0, Tk) + (null_dq ? " (no dq)" : "") + (null_dkv ? " (no dk, dv)" : "");
+    const std::string tag = flash_tag(cu_seqlens, T, nh, window, q0, Tq, k0, Tk) + (null_dq ? " (no dq)" : "") +
+                            (null_dkv ? " (no dk, dv)" : "");
     const size_t H = (size_t)nh * hd;
     const int S = 3 * (int)H;
     const float scale = 1.0f / sqrtf((float)hd);
