@@ -1186,7 +1186,8 @@ static std::vector<float> gather_full(const Model& model, const std::vector<floa
 }
 
 // ---- activations ----
-// What one micro-batch's forward keeps for its backward, sized for micro_batch_tokens (T) tokens.
+// What one micro-batch's forward keeps for its backward, sized for T tokens (micro_batch_tokens, or a
+// cp shard of micro_batch_tokens / cp).
 // Scratch buffers for gradients are shared by all layers: the backward visits one layer at a time.
 // Under tp a rank holds its heads' and intermediate units' columns (H/tp, I/tp below stand for the
 // table's local counts) and its vocabulary rows (V/tp); with --sp the residual stream and the
@@ -2011,7 +2012,7 @@ static std::vector<PipeOp> pipeline_program(const std::string& schedule, int pp,
 // A stage's pipeline state: activation sets for the micro-batches in flight (grown on demand, so
 // their number is the schedule's peak), the buffers exchanges land in, and what a step measured.
 struct Pipeline {
-    int T = 0;                  // token capacity of a set (micro_batch_tokens; --predict: seq_len)
+    int T = 0;                  // token capacity of a set (micro_batch_tokens / cp; --predict: seq_len)
     std::vector<Activations> pool;
     float* act_in = nullptr;    // (Tl, H) activation received from the previous stage
     float* grad_in = nullptr;   // (Tl, H) gradient received from the next stage

@@ -852,8 +852,9 @@ static std::string flash_tag(const std::vector<int>& cu_seqlens, int T, int nh, 
 }
 // The tensor-core flash forward against the block reference. The kernel rounds q, k and v to bf16
 // (round to nearest even) and P to bf16 before P·V; the reference runs on the same bf16-rounded
-// inputs in fp32/double, so what is left is P's rounding: each weight p_j/Σp is off by at most
-// 2⁻⁹ relative, so |Δout| ≤ 2⁻⁹·max|v| (Σ p_j |v_j| / Σ p_j), plus fp32 accumulation (≪ 1e-4).
+// inputs in fp32/double, so what is left is P's rounding: bf16 keeps 8 significant bits, so each
+// weight p_j/Σp is off by at most 2⁻⁸ relative and |Δout| ≤ 2⁻⁸·max|v| (Σ p_j |v_j| / Σ p_j),
+// plus fp32 accumulation (≪ 1e-4).
 // lse comes from fp32 sums of exact bf16 products either way: 1e-5 relative, 1e-4 absolute.
 static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int nh, int window, int q0, int Tq, int k0,
                                int Tk, uint64_t seed) {
@@ -881,8 +882,8 @@ static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int n
                                       d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, nh, hd, window);
     };
     run();
-    check("flash_attention_forward out (bf16, tol 2^-9·max|v|) " + tag, download(d_out, out.size()), out,
-          v_max / 512.0 + 1e-4, 0.0);
+    check("flash_attention_forward out (bf16, tol 2^-8·max|v|) " + tag, download(d_out, out.size()), out,
+          v_max / 256.0 + 1e-4, 0.0);
     check("flash_attention_forward lse " + tag, finite_or(download(d_lse, lse.size()), -1e30f), finite_or(lse, -1e30f),
           1e-4, 1e-5);
     check_deterministic("flash_attention_forward " + tag, {{d_out, &init_out}, {d_lse, &init_lse}}, run);
@@ -892,9 +893,10 @@ static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int n
 // The tensor-core flash backward against the block backward, both on the same bf16-rounded q, k,
 // v and dout (out and lse from the reference forward). The kernels round P and dS to bf16 before
 // their products (everything else is exact bf16 products summed in fp32), so each output element
-// is off by at most 2⁻⁹ × its sum of |terms|: Σ_i p_ij |dO_i| for dV, scale·Σ |dS| |q| for dK,
-// scale·Σ |dS| |k| for dQ, computed below from the reference's P and dS; the check allows 2⁻⁸ ×
-// that (fp32 sums of dP − D and of the products at most double it) plus 1e-6. The op adds: dq, dk
+// is off by at most 2⁻⁸ (bf16's unit roundoff) × its sum of |terms|: Σ_i p_ij |dO_i| for dV,
+// scale·Σ |dS| |q| for dK, scale·Σ |dS| |k| for dQ, computed below from the reference's P and dS;
+// the check allows 2⁻⁷ × that (fp32 rounding of P and of the sums, second order), plus what the fp32 sums of dP and D
+// (kernel and reference alike) can move dS by where dP − D cancels, plus 1e-6. The op adds: dq, dk
 // and dv start from random values. null_dq / null_dkv: that side is skipped and must stay as it was.
 static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int nh, int window, int q0, int Tq, int k0,
                                 int Tk, uint64_t seed, bool null_dq = false, bool null_dkv = false) {
@@ -924,22 +926,32 @@ static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int 
                                   null_dkv ? nullptr : want.data() + (size_t)k0 * S + 2 * H, S, S, dout.data(), out.data(),
                                   lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh, hd, window);
     std::vector<double> abs_sum(init.size(), 0.0);  // Σ |terms| of each output element
+    std::vector<double> dot_err(init.size(), 0.0);  // what the fp32 sums of dP and D can move dS by, through it
     for (int h = 0; h < nh; h++)
         for (int i = 0; i < Tq; i++) {
             int a, b;
             ref::attention_visible(q0 + i, cu_seqlens.data(), n_docs, window, k0, k0 + Tk, &a, &b);
             const float* gi = dout.data() + (size_t)i * H + (size_t)h * hd;
-            double D = 0;
-            for (int c = 0; c < hd; c++) D += (double)gi[c] * out[(size_t)i * H + (size_t)h * hd + c];
+            double D = 0, D_abs = 0;
+            for (int c = 0; c < hd; c++) {
+                D += (double)gi[c] * out[(size_t)i * H + (size_t)h * hd + c];
+                D_abs += fabs((double)gi[c] * out[(size_t)i * H + (size_t)h * hd + c]);
+            }
             for (int j = a; j < b; j++) {
                 const float *qi = qkv.data() + (size_t)(q0 + i) * S + h * hd, *kj = qkv.data() + (size_t)j * S + H + h * hd;
                 const float* vj = kj + H;
-                double sc = 0, dp = 0;
-                for (int c = 0; c < hd; c++) sc += (double)qi[c] * kj[c], dp += (double)gi[c] * vj[c];
+                double sc = 0, dp = 0, dp_abs = 0;
+                for (int c = 0; c < hd; c++)
+                    sc += (double)qi[c] * kj[c], dp += (double)gi[c] * vj[c], dp_abs += fabs((double)gi[c] * vj[c]);
                 const double p = exp(sc * scale - lse[(size_t)i * nh + h]), ds = fabs(p * (dp - D));
+                // dP and D are fp32 sums of hd products in the kernel and in the reference: each off by
+                // up to hd·2⁻²⁴ of its Σ|terms|, which dS = P·(dP − D) carries even where dP − D cancels
+                const double ds_err = p * 2.0 * hd * std::ldexp(1.0, -24) * (dp_abs + D_abs);
                 for (int c = 0; c < hd; c++) {
                     if (!null_dq) abs_sum[(size_t)(q0 + i) * S + h * hd + c] += scale * ds * fabs(kj[c]);
+                    if (!null_dq) dot_err[(size_t)(q0 + i) * S + h * hd + c] += scale * ds_err * fabs(kj[c]);
                     if (!null_dkv) {
+                        dot_err[(size_t)j * S + H + h * hd + c] += scale * ds_err * fabs(qi[c]);
                         abs_sum[(size_t)j * S + H + h * hd + c] += scale * ds * fabs(qi[c]);
                         abs_sum[(size_t)j * S + 2 * H + h * hd + c] += p * fabs(gi[c]);
                     }
@@ -959,8 +971,9 @@ static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int 
     const std::vector<float> got = download(d_grad, init.size());
     std::vector<float> err_over_tol(got.size()), zeros(got.size(), 0.0f);
     for (size_t e = 0; e < got.size(); e++)
-        err_over_tol[e] = (float)(fabs((double)got[e] - want[e]) / (abs_sum[e] / 256.0 + 1e-6));
-    check("flash_attention_backward dq dk dv, |error| / (2^-8·Σ|terms| + 1e-6) " + tag, err_over_tol, zeros, 1.0, 0.0);
+        err_over_tol[e] = (float)(fabs((double)got[e] - want[e]) / (abs_sum[e] / 128.0 + dot_err[e] + 1e-6));
+    check("flash_attention_backward dq dk dv, |error| / (2^-7·Σ|terms| + fp32 dot error + 1e-6) " + tag, err_over_tol,
+          zeros, 1.0, 0.0);
     check_deterministic("flash_attention_backward " + tag, {{d_grad, &init}}, run);
     for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_dout, (void*)d_out, (void*)d_lse, (void*)d_grad}) CUDA_CHECK(cudaFree(p));
 }
@@ -1152,16 +1165,16 @@ int main(int argc, char** argv) {
     test_attention_block({37, 70, 21}, 140, 2, 128, -1, 0, 140, 50, 60, 514);  // padding queries too
     // the tensor-core flash forward: documents shorter than a tile and of one token, padding, windows
     // cutting tiles, T and blocks not multiples of 64, an external key block, a block nobody sees
-    test_flash_forward({1, 30, 100, 7, 62}, 220, 2, -1, 0, 220, 0, 220, 521);
-    test_flash_forward({1, 30, 100, 7, 62}, 220, 2, 5, 13, 150, 0, 220, 522);
-    test_flash_forward({300}, 300, 1, 64, 70, 130, 40, 200, 523);
+    test_flash_forward({1, 30, 60, 7, 22}, 140, 2, -1, 0, 140, 0, 140, 521);
+    test_flash_forward({1, 30, 60, 7, 22}, 140, 1, 5, 13, 100, 0, 140, 522);
+    test_flash_forward({200}, 200, 1, 64, 30, 100, 10, 150, 523);
     test_flash_forward({37, 70, 21}, 140, 2, -1, 0, 140, 50, 60, 524);
     test_flash_forward({37, 70, 21}, 140, 1, -1, 0, 40, 128, 12, 525);  // keys: padding only
-    test_flash_backward({1, 30, 100, 7, 62}, 220, 1, -1, 0, 220, 0, 220, 531);
-    test_flash_backward({1, 30, 100, 7, 62}, 220, 2, 5, 13, 150, 0, 220, 532);
-    test_flash_backward({300}, 300, 1, 64, 70, 130, 40, 200, 533);
-    test_flash_backward({37, 70, 21}, 140, 2, -1, 0, 140, 50, 60, 534, true, false);
-    test_flash_backward({37, 70, 21}, 140, 2, -1, 0, 140, 50, 60, 535, false, true);
+    test_flash_backward({1, 30, 60, 7, 22}, 140, 2, -1, 0, 140, 0, 140, 531);
+    test_flash_backward({1, 30, 60, 7, 22}, 140, 1, 5, 13, 100, 0, 140, 532);
+    test_flash_backward({200}, 200, 1, 64, 30, 100, 10, 150, 533);
+    test_flash_backward({37, 70, 21}, 140, 1, -1, 0, 140, 50, 60, 534, true, false);
+    test_flash_backward({37, 70, 21}, 140, 1, -1, 0, 140, 50, 60, 535, false, true);
 
     test_gelu(10007);
     test_geglu(33, 257);
