@@ -20,12 +20,12 @@
 #   grad-accum 6 (stages of 2, 1, 1, 1 layers, 1f1b). The tied embedding's two copies (first and
 #   last stage) are checked by the trainer; the exported one is compared here. Without tp, pp
 #   matches one rank at TINY's lr 2e-3 (weights to ~1e-5); with tp the lines train at --lr 2e-4.
-#   context parallel (--cp): cp 2 and 4 on tiny (shards of 128 and 64 tokens: documents of up to
-#   128 tokens cross shard edges), cp 4 on 128-token micro-batches (shards of 32 tokens, shorter
-#   than the 64-token window: halos from two ranks each side; one document longer than a shard),
-#   dp 2 × cp 2 with ZeRO-1, tp 2 × cp 2 with --sp, cp 2 × pp 2; and on a 4-layer model (S4: mini's
-#   config with H 128, 2 heads, L 4, made by tests/make_model) cp 8 (shards of 32 tokens, a ring of
-#   8), the 8-rank dp 2 × cp 2 × tp 2 (--sp, ZeRO-1), tp 2 × cp 2 × pp 2 and dp 2 × cp 2 × pp 2
+#   context parallel (--cp): on tiny cp 2 (shards of 128 tokens: documents of up to 128 tokens cross
+#   the edge) and cp 4 on 128-token micro-batches (shards of 32 tokens, shorter than the 64-token
+#   window: halos from two ranks each side; one document longer than a shard); on a 4-layer model
+#   (S4: mini's config with H 128, 2 heads, L 4, made by tests/make_model; cheaper than tiny's
+#   vocabulary of 50368) cp 4 (shards of 64), dp 2 × cp 2 with ZeRO-1, tp 2 × cp 2 with --sp,
+#   cp 2 × pp 2, cp 8 (shards of 32 tokens, a ring of 8), the 8-rank dp 2 × cp 2 × tp 2 (--sp, ZeRO-1), tp 2 × cp 2 × pp 2 and dp 2 × cp 2 × pp 2
 #   (ZeRO-1, afab) and the 16-rank dp 2 × tp 2 × pp 2 × cp 2 (--sp, ZeRO-1, grad-accum 2). They
 #   train at --lr 2e-4 as tp does (cp's partial attention sums round differently, and Adam's eps
 #   amplifies that in the smallest gradients: cp 2 at 2e-3 matches weights to 8.2e-5 only).
@@ -96,11 +96,11 @@ LAYOUTS=(
   "3 | --pp 3 --grad-accum 2 $L5_FLAGS"
   "4 | --pp 4 --grad-accum 6 $L5_FLAGS"
   "2 | --cp 2 --lr 2e-4"
-  "4 | --cp 4 --lr 2e-4"
   "4 | --cp 4 --micro-batch-tokens 128 --lr 2e-4"
-  "4 | --dp 2 --cp 2 --zero 1 --grad-accum 2 --lr 2e-4"
-  "4 | --tp 2 --cp 2 --sp --lr 2e-4"
-  "4 | --cp 2 --pp 2 --grad-accum 2 --lr 2e-4"
+  "4 | --cp 4 $S4_FLAGS"
+  "4 | --dp 2 --cp 2 --zero 1 --grad-accum 2 $S4_FLAGS"
+  "4 | --tp 2 --cp 2 --sp $S4_FLAGS"
+  "4 | --cp 2 --pp 2 --grad-accum 2 $S4_FLAGS"
   "8 | --cp 8 $S4_FLAGS"
   "8 | --dp 2 --cp 2 --tp 2 --sp --zero 1 --grad-accum 2 $S4_FLAGS"
   "8 | --tp 2 --cp 2 --pp 2 --grad-accum 2 $S4_FLAGS"
