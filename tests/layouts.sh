@@ -14,7 +14,7 @@
 #   data/mini), which tp 2 and tp 4 pad to 4098 and 4100 rows;
 #   pipeline parallel (--pp, --pp-schedule): pp 2, 3 and 4, both schedules, grad-accum below, equal
 #   to and above pp, with dp, tp, --sp and ZeRO-1: dp 2 × tp 2 × pp 2 with --sp, ZeRO-1 and
-#   grad-accum 2 (8 ranks, 1f1b), pp 2 with grad-accum 4 (afab), tp 2 × pp 2 with grad-accum 1
+#   grad-accum 2 (8 ranks, 1f1b, on S4 below), pp 2 with grad-accum 4 (afab), tp 2 × pp 2 with grad-accum 1
 #   (afab), and on a 5-layer model (L5: mini's config with H 256, 4 heads, I 256, L 5, made by
 #   tests/make_model) pp 3 with grad-accum 2 (stages of 2, 2, 1 layers, 1f1b) and pp 4 with
 #   grad-accum 6 (stages of 2, 1, 1, 1 layers, 1f1b). The tied embedding's two copies (first and
@@ -90,7 +90,7 @@ LAYOUTS=(
   "4 | --dp 2 --tp 2 --zero 1 --grad-accum 2 --lr 2e-4"
   "2 | --tp 2 --lr 2e-4 $ODD_FLAGS"
   "4 | --tp 4 --sp --lr 2e-4 $ODD_FLAGS"
-  "8 | --dp 2 --tp 2 --pp 2 --grad-accum 2 --sp --zero 1 --lr 2e-4"
+  "8 | --dp 2 --tp 2 --pp 2 --grad-accum 2 --sp --zero 1 $S4_FLAGS"
   "2 | --pp 2 --grad-accum 4 --pp-schedule afab"
   "4 | --tp 2 --pp 2 --pp-schedule afab --lr 2e-4"
   "3 | --pp 3 --grad-accum 2 $L5_FLAGS"
