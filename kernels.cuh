@@ -405,7 +405,7 @@ inline void rope_backward(float* dqkv, const int* pos, int T, int nh, int hd, fl
 // -- attention confined to each packed document, optionally to a ±window band --
 // qkv (T, 3, nh, hd); out (T, nh, hd); lse (T, nh) = log Σ_j exp(s_ij), kept for the backward.
 // Token i of document d = [cu_seqlens[d], cu_seqlens[d+1]) sees keys j of the same document with
-// |i − j| ≤ window (window < 0: no band). Tokens past cu_seqlens[n_docs] are padding: zero output.
+// |i − j| ≤ window (window < 0: no band). Tokens past cu_seqlens[n_docs] are padding: zero output, lse −∞.
 //
 // Computed in blocks of kAttentionBlock queries of one document and one head: the block's scores
 // against the keys any of its rows can see (S = Q Kᵀ, one GEMM), the band masked out, a softmax per
@@ -480,7 +480,7 @@ inline void attention_forward(float* out, float* lse, const float* qkv, const in
                               int nh, int hd, int window) {
     const int H = nh * hd, used = cu_seqlens[n_docs];
     memset(out + (size_t)used * H, 0, (size_t)(T - used) * H * sizeof(float));  // padding rows
-    memset(lse + (size_t)used * nh, 0, (size_t)(T - used) * nh * sizeof(float));
+    for (size_t i = (size_t)used * nh; i < (size_t)T * nh; i++) lse[i] = -INFINITY;  // as a row that sees nothing
     const std::vector<AttentionTask> tasks = attention_tasks(cu_seqlens, n_docs);
     const int n_tasks = (int)tasks.size() * nh;
 #pragma omp parallel
@@ -635,14 +635,6 @@ inline void attention_block_forward(float* out, float* lse, const float* q, int 
         }
     }
 }
-// flash_attention_forward: the GPU build's tensor-core form of attention_block_forward (bf16
-// operands, fp32 accumulation); its reference is the block forward itself.
-inline void flash_attention_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
-                                    const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                    const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
-    attention_block_forward(out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, nh,
-                            hd, window);
-}
 // Merges a block's result into the running one, per (row, head): lse ← log(e^lse + e^lse_b),
 // out ← out·e^(lse_old − lse) + out_b·e^(lse_b − lse); −INFINITY on either side is handled (no NaN):
 // an empty block leaves the running result as it is (bitwise), an empty running result becomes the block's.
@@ -754,16 +746,6 @@ inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_str
             }
         }
     }
-}
-
-// flash_attention_backward: the GPU build's tensor-core form of attention_block_backward; its
-// reference is the block backward itself.
-inline void flash_attention_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
-                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
-                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
-    attention_block_backward(dq, dk, dv, dq_stride, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v,
-                             kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd, window);
 }
 
 // -- K/V blocks for context parallelism: what a rank sends of its shard, and the gradients it gets back --
@@ -1040,8 +1022,7 @@ constexpr int WARP_SIZE = 32;
 constexpr unsigned FULL_MASK = 0xffffffffu;
 constexpr int BLOCK_SIZE = 256;            // threads per block of the element-wise kernels
 constexpr size_t MAX_GRID_BLOCKS = 1 << 20;  // element-wise kernels grid-stride beyond this
-constexpr int MAX_HEAD_DIM = 128;          // attention and rope keep up to 4 dims per lane / 64 angles
-constexpr int DIMS_PER_LANE = MAX_HEAD_DIM / WARP_SIZE;
+constexpr int MAX_HEAD_DIM = 128;          // rope keeps up to 64 angles
 
 inline size_t div_round_up(size_t a, size_t b) { return (a + b - 1) / b; }
 // blocks for an element-wise kernel over n items (n > 0); the kernels grid-stride, so capping is safe
@@ -1617,6 +1598,11 @@ inline void rope_backward(float* dqkv, const int* pos, int T, int nh, int hd, fl
 }
 
 // ---- attention ----
+// The contract of ref's attention ops, on the tensor cores: flash attention, forward and backward,
+// for head dim 64 (ModernBERT's, every size; the run set-up refuses others on the GPU build). One
+// pair of kernels serves every call: the whole micro-batch (attention_forward/backward: q, k and v
+// from one qkv) and a query shard against one key/value block (the ring and the halo of context
+// parallelism); the merge of block results and the K/V block packing are simple element-wise kernels.
 // Same key range as ref::attention_key_range, usable in kernels. The relation "i sees j" (same
 // document, |i − j| ≤ window) is symmetric, so the same function also gives the queries that see key j.
 __host__ __device__ inline void attention_key_range(int i, int doc_start, int doc_end, int window, int* j0, int* j1) {
@@ -1640,228 +1626,6 @@ __device__ inline int find_document(const int* cu_seqlens, int n_docs, int i) {
     return (d >= 0 && i < cu_seqlens[d + 1]) ? d : -1;
 }
 
-// Forward. One warp per (query i, head h), ATT_WARPS per block; q sits in shared memory. The key
-// range is walked in chunks of 32: lane l scores key jb + l (a full dot product over hd), the chunk's
-// max updates the running max (online softmax), and then for each key of the chunk the warp adds
-// p · v_j into the output, lane l holding dims l, l+32, l+64, l+96. Padding tokens get zeros, lse 0.
-constexpr int ATT_WARPS = 4;
-__global__ void attention_forward_kernel(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs,
-                                         int T, int nh, int hd, int window, float scale) {
-    __shared__ float q_shared[ATT_WARPS][MAX_HEAD_DIM];
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    const size_t task = (size_t)blockIdx.x * ATT_WARPS + warp;
-    if (task >= (size_t)T * nh) return;  // the whole warp leaves together; no block barriers below
-    const int i = (int)(task / nh), h = (int)(task % nh);
-    const size_t H = (size_t)nh * hd;
-    float* o = out + (size_t)i * H + (size_t)h * hd;
-    const int d = find_document(cu_seqlens, n_docs, i);
-    if (d < 0) {
-        for (int c = lane; c < hd; c += WARP_SIZE) o[c] = 0.0f;
-        if (lane == 0) lse[task] = 0.0f;
-        return;
-    }
-    int j0, j1;
-    attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
-    float* q = q_shared[warp];
-    for (int c = lane; c < hd; c += WARP_SIZE) q[c] = qkv[(size_t)i * 3 * H + (size_t)h * hd + c];
-    __syncwarp();
-
-    float running_max = -INFINITY, denom = 0.0f;
-    float acc[DIMS_PER_LANE] = {};
-    for (int jb = j0; jb < j1; jb += WARP_SIZE) {
-        const int j = jb + lane;
-        float score = -INFINITY;
-        if (j < j1) {
-            const float* k = qkv + (size_t)j * 3 * H + H + (size_t)h * hd;
-            float dot = 0.0f;
-            for (int c = 0; c < hd; c++) dot += q[c] * k[c];
-            score = dot * scale;
-        }
-        const float new_max = fmaxf(running_max, warp_max(score));  // finite: key jb is in range
-        const float p = j < j1 ? expf(score - new_max) : 0.0f;
-        const float correction = expf(running_max - new_max);  // 0 on the first chunk
-        denom = denom * correction + warp_sum(p);
-        for (int r = 0; r < DIMS_PER_LANE; r++) acc[r] *= correction;
-        const int n_keys = j1 - jb < WARP_SIZE ? j1 - jb : WARP_SIZE;
-        for (int u = 0; u < n_keys; u++) {
-            const float p_u = __shfl_sync(FULL_MASK, p, u);
-            const float* v = qkv + (size_t)(jb + u) * 3 * H + 2 * H + (size_t)h * hd;
-            for (int r = 0; r < DIMS_PER_LANE; r++) {
-                const int c = lane + r * WARP_SIZE;
-                if (c < hd) acc[r] += p_u * v[c];
-            }
-        }
-        running_max = new_max;
-    }
-    for (int r = 0; r < DIMS_PER_LANE; r++) {
-        const int c = lane + r * WARP_SIZE;
-        if (c < hd) o[c] = acc[r] / denom;
-    }
-    if (lane == 0) lse[task] = running_max + logf(denom);
-}
-inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs, int T,
-                              int nh, int hd, int window) {
-    if (hd <= 0 || hd > MAX_HEAD_DIM) fatal("attention: head dim %d outside [1, %d]", hd, MAX_HEAD_DIM);
-    if (T <= 0 || nh <= 0) return;
-    const float scale = 1.0f / sqrtf((float)hd);
-    CUDA_LAUNCH(attention_forward_kernel, grid_for_warps((size_t)T * nh, ATT_WARPS), ATT_WARPS * WARP_SIZE, out, lse,
-                qkv, cu_seqlens, n_docs, T, nh, hd, window, scale);
-}
-
-// Backward, query side: dq_i = scale Σ_j ds_ij k_j with ds_ij = p_ij (dout_i · v_j − D_i),
-// p_ij = exp(s_ij · scale − lse_i), D_i = dout_i · out_i. One warp per (query i, head h); q_i and
-// dout_i in shared memory; keys in chunks of 32, lane l computing ds for key jb + l, then the warp
-// accumulates ds · k_j over the chunk in key order (lane l owns dims l, l+32, …). Each dq element is
-// owned by one lane: no atomics.
-__global__ void attention_backward_dq_kernel(float* dqkv, const float* dout, const float* out, const float* lse,
-                                             const float* qkv, const int* cu_seqlens, int n_docs, int T, int nh,
-                                             int hd, int window, float scale) {
-    __shared__ float q_shared[ATT_WARPS][MAX_HEAD_DIM];
-    __shared__ float dout_shared[ATT_WARPS][MAX_HEAD_DIM];
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    const size_t task = (size_t)blockIdx.x * ATT_WARPS + warp;
-    if (task >= (size_t)T * nh) return;
-    const int i = (int)(task / nh), h = (int)(task % nh);
-    const int d = find_document(cu_seqlens, n_docs, i);
-    const size_t H = (size_t)nh * hd;
-    float* dq = dqkv + (size_t)i * 3 * H + (size_t)h * hd;
-    if (d < 0) {  // padding: zero gradient
-        for (int c = lane; c < hd; c += WARP_SIZE) dq[c] = 0.0f;
-        return;
-    }
-    int j0, j1;
-    attention_key_range(i, cu_seqlens[d], cu_seqlens[d + 1], window, &j0, &j1);
-    float* q = q_shared[warp];
-    float* dout_i = dout_shared[warp];
-    float D = 0.0f;
-    for (int c = lane; c < hd; c += WARP_SIZE) {
-        q[c] = qkv[(size_t)i * 3 * H + (size_t)h * hd + c];
-        dout_i[c] = dout[(size_t)i * H + (size_t)h * hd + c];
-        D += dout_i[c] * out[(size_t)i * H + (size_t)h * hd + c];
-    }
-    D = warp_sum(D);
-    __syncwarp();
-    const float lse_i = lse[task];
-
-    float acc[DIMS_PER_LANE] = {};
-    for (int jb = j0; jb < j1; jb += WARP_SIZE) {
-        const int j = jb + lane;
-        float ds = 0.0f;
-        if (j < j1) {
-            const float* k = qkv + (size_t)j * 3 * H + H + (size_t)h * hd;
-            const float* v = qkv + (size_t)j * 3 * H + 2 * H + (size_t)h * hd;
-            float s = 0.0f, dp = 0.0f;
-            for (int c = 0; c < hd; c++) {
-                s += q[c] * k[c];
-                dp += dout_i[c] * v[c];
-            }
-            const float p = expf(s * scale - lse_i);
-            ds = p * (dp - D) * scale;
-        }
-        const int n_keys = j1 - jb < WARP_SIZE ? j1 - jb : WARP_SIZE;
-        for (int u = 0; u < n_keys; u++) {
-            const float ds_u = __shfl_sync(FULL_MASK, ds, u);
-            const float* k = qkv + (size_t)(jb + u) * 3 * H + H + (size_t)h * hd;
-            for (int r = 0; r < DIMS_PER_LANE; r++) {
-                const int c = lane + r * WARP_SIZE;
-                if (c < hd) acc[r] += ds_u * k[c];
-            }
-        }
-    }
-    for (int r = 0; r < DIMS_PER_LANE; r++) {
-        const int c = lane + r * WARP_SIZE;
-        if (c < hd) dq[c] = acc[r];
-    }
-}
-// Backward, key side: dk_j = scale Σ_i ds_ij q_i, dv_j = Σ_i p_ij dout_i over the queries i that see
-// key j (by symmetry, attention_key_range(j, …)). One warp per (key j, head h); k_j and v_j in shared
-// memory; queries in chunks of 32, lane l recomputing s, dout·v, D and lse for query ib + l, then the
-// warp accumulates over the chunk in query order. Each dk/dv element is owned by one lane.
-__global__ void attention_backward_dkv_kernel(float* dqkv, const float* dout, const float* out, const float* lse,
-                                              const float* qkv, const int* cu_seqlens, int n_docs, int T, int nh,
-                                              int hd, int window, float scale) {
-    __shared__ float k_shared[ATT_WARPS][MAX_HEAD_DIM];
-    __shared__ float v_shared[ATT_WARPS][MAX_HEAD_DIM];
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    const size_t task = (size_t)blockIdx.x * ATT_WARPS + warp;
-    if (task >= (size_t)T * nh) return;
-    const int j = (int)(task / nh), h = (int)(task % nh);
-    const int d = find_document(cu_seqlens, n_docs, j);
-    const size_t H = (size_t)nh * hd;
-    float* dk = dqkv + (size_t)j * 3 * H + H + (size_t)h * hd;
-    float* dv = dqkv + (size_t)j * 3 * H + 2 * H + (size_t)h * hd;
-    if (d < 0) {  // padding key: nobody attends to it
-        for (int c = lane; c < hd; c += WARP_SIZE) dk[c] = dv[c] = 0.0f;
-        return;
-    }
-    int i0, i1;
-    attention_key_range(j, cu_seqlens[d], cu_seqlens[d + 1], window, &i0, &i1);
-    float* k = k_shared[warp];
-    float* v = v_shared[warp];
-    for (int c = lane; c < hd; c += WARP_SIZE) {
-        k[c] = qkv[(size_t)j * 3 * H + H + (size_t)h * hd + c];
-        v[c] = qkv[(size_t)j * 3 * H + 2 * H + (size_t)h * hd + c];
-    }
-    __syncwarp();
-
-    float acc_k[DIMS_PER_LANE] = {}, acc_v[DIMS_PER_LANE] = {};
-    for (int ib = i0; ib < i1; ib += WARP_SIZE) {
-        const int i = ib + lane;
-        float p = 0.0f, ds = 0.0f;
-        if (i < i1) {
-            const float* q = qkv + (size_t)i * 3 * H + (size_t)h * hd;
-            const float* dout_i = dout + (size_t)i * H + (size_t)h * hd;
-            const float* out_i = out + (size_t)i * H + (size_t)h * hd;
-            float s = 0.0f, dp = 0.0f, D = 0.0f;
-            for (int c = 0; c < hd; c++) {
-                s += q[c] * k[c];
-                dp += dout_i[c] * v[c];
-                D += dout_i[c] * out_i[c];
-            }
-            p = expf(s * scale - lse[(size_t)i * nh + h]);
-            ds = p * (dp - D) * scale;
-        }
-        const int n_queries = i1 - ib < WARP_SIZE ? i1 - ib : WARP_SIZE;
-        for (int u = 0; u < n_queries; u++) {
-            const float p_u = __shfl_sync(FULL_MASK, p, u);
-            const float ds_u = __shfl_sync(FULL_MASK, ds, u);
-            const float* q = qkv + (size_t)(ib + u) * 3 * H + (size_t)h * hd;
-            const float* dout_u = dout + (size_t)(ib + u) * H + (size_t)h * hd;
-            for (int r = 0; r < DIMS_PER_LANE; r++) {
-                const int c = lane + r * WARP_SIZE;
-                if (c < hd) {
-                    acc_k[r] += ds_u * q[c];
-                    acc_v[r] += p_u * dout_u[c];
-                }
-            }
-        }
-    }
-    for (int r = 0; r < DIMS_PER_LANE; r++) {
-        const int c = lane + r * WARP_SIZE;
-        if (c < hd) {
-            dk[c] = acc_k[r];
-            dv[c] = acc_v[r];
-        }
-    }
-}
-inline void attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
-                               const int* cu_seqlens, int n_docs, int T, int nh, int hd, int window) {
-    if (hd <= 0 || hd > MAX_HEAD_DIM) fatal("attention: head dim %d outside [1, %d]", hd, MAX_HEAD_DIM);
-    if (!dqkv || T <= 0 || nh <= 0) return;
-    const float scale = 1.0f / sqrtf((float)hd);
-    const unsigned blocks = grid_for_warps((size_t)T * nh, ATT_WARPS);
-    // the two kernels write disjoint parts of dqkv (q vs k, v), so their order does not matter
-    CUDA_LAUNCH(attention_backward_dq_kernel, blocks, ATT_WARPS * WARP_SIZE, dqkv, dout, out, lse, qkv, cu_seqlens,
-                n_docs, T, nh, hd, window, scale);
-    CUDA_LAUNCH(attention_backward_dkv_kernel, blocks, ATT_WARPS * WARP_SIZE, dqkv, dout, out, lse, qkv, cu_seqlens,
-                n_docs, T, nh, hd, window, scale);
-}
-
-// ---- attention against one block of keys/values (context parallelism) ----
-// Same contract as ref::attention_block_forward / attention_merge / attention_block_backward. Simple
-// first: one thread per (query, head) for the forward, the merge and dq, one per (key, head) for dk/dv,
-// each walking its keys (or queries) in order with its accumulators in registers/local memory, so every
-// output element has one writer (no atomics) and results do not depend on thread order.
 // [*a, *b): the tokens of [lo, hi) that token i sees (empty for padding).
 __device__ inline void attention_visible(int i, const int* cu_seqlens, int n_docs, int window, int lo, int hi, int* a,
                                          int* b) {
@@ -1877,54 +1641,380 @@ __device__ inline void attention_visible(int i, const int* cu_seqlens, int n_doc
         *b = j1;
     }
 }
-// Two passes over the visible keys: the max score, then p = exp(s − max) summed and p·v accumulated.
-__global__ void attention_block_forward_kernel(float* out, float* lse, const float* q, int q_stride, int q_start,
-                                               int Tq, const float* k, const float* v, int kv_stride, int k_start,
-                                               int Tk, const int* cu_seqlens, int n_docs, int nh, int hd, int window,
-                                               float scale) {
-    const size_t total = (size_t)Tq * nh, H = (size_t)nh * hd;
-    for (size_t task = blockIdx.x * (size_t)blockDim.x + threadIdx.x; task < total;
-         task += (size_t)gridDim.x * blockDim.x) {
-        const int r = (int)(task / nh), h = (int)(task % nh);
-        float* o = out + (size_t)r * H + (size_t)h * hd;
-        int j0, j1;
-        attention_visible(q_start + r, cu_seqlens, n_docs, window, k_start, k_start + Tk, &j0, &j1);
-        if (j0 == j1) {
-            for (int c = 0; c < hd; c++) o[c] = 0.0f;
-            lse[task] = -INFINITY;
-            continue;
+
+// -- flash attention on tensor cores (head dim 64): the fast form of attention_block_forward --
+// Same contract as ref::attention_block_forward (a query shard against one key/value block of a
+// packed micro-batch, global or windowed, out and lse), computed in bf16 on the tensor cores with
+// fp32 accumulation and softmax. A CTA takes 64 query rows of one head, four warps 16 rows each;
+// it visits only the 64-key tiles that its rows' documents (and window) reach, and a warp skips a
+// tile none of its rows sees. Per key tile: K and V rounded to bf16 into shared memory,
+// S = Q·Kᵀ (mma m16n8k16, fragments by ldmatrix), masked and scaled, an online softmax (running
+// max and sum per row, the four lanes of a row reduced by shuffles), then O += bf16(P)·V (P's
+// fragments are S's accumulator layout, repacked; V's come by ldmatrix.trans). Out = O / Σ, lse =
+// max + log Σ; a row that sees nothing gets zeros and −inf, as the reference. Every output element
+// has one writer: deterministic. (Inputs are the fp32 activations the trainer keeps today, rounded
+// to bf16 as they are loaded.)
+constexpr int FLASH_TILE = 64, FLASH_HD = 64, FLASH_WARPS = 4;
+__device__ inline int flash_min(int a, int b) { return a < b ? a : b; }
+__device__ inline void store_bf16x2(uint16_t* dst, uint32_t pair) {  // dst[0] = low half, dst[1] = high
+    dst[0] = (uint16_t)(pair & 0xffffu);
+    dst[1] = (uint16_t)(pair >> 16);
+}
+// [*lo, *hi) ← the union of the non-empty ranges [lo_of[i], hi_of[i]) for i in [begin, end); empty
+// (*lo = none_lo ≥ *hi = none_hi) when all are.
+__device__ inline void flash_union(const int* lo_of, const int* hi_of, int begin, int end, int none_lo, int none_hi,
+                                   int* lo, int* hi) {
+    *lo = none_lo, *hi = none_hi;
+    for (int i = begin; i < end; i++)
+        if (hi_of[i] > lo_of[i]) *lo = lo_of[i] < *lo ? lo_of[i] : *lo, *hi = hi_of[i] > *hi ? hi_of[i] : *hi;
+}
+constexpr int FLASH_LD = FLASH_HD + 8;  // shared row stride in bf16: 144 bytes, 16-byte aligned rows whose
+                                        // 8 ldmatrix addresses fall in distinct bank groups
+__device__ inline void flash_load_tile(uint16_t* dst, const float* src, int stride, int col0, int row0, int rows,
+                                       int tid, int threads) {  // rows [row0, row0 + rows) → bf16, zeros past them
+    for (int e = tid; e < FLASH_TILE * FLASH_HD / 2; e += threads) {
+        const int row = e / (FLASH_HD / 2), c = 2 * (e % (FLASH_HD / 2));
+        float x0 = 0.0f, x1 = 0.0f;
+        if (row < rows) {
+            const float* at = src + (size_t)(row0 + row) * stride + col0 + c;
+            x0 = at[0];
+            x1 = at[1];
         }
-        const float* qi = q + (size_t)r * q_stride + (size_t)h * hd;
-        float max_score = -INFINITY;
-        for (int j = j0; j < j1; j++) {
-            const float* kj = k + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
-            float dot = 0.0f;
-            for (int c = 0; c < hd; c++) dot += qi[c] * kj[c];
-            max_score = fmaxf(max_score, dot * scale);
+        store_bf16x2(&dst[row * FLASH_LD + c], pack_bf16x2(x0, x1));
+    }
+}
+__global__ void flash_attention_forward_kernel(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
+                                               const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                               const int* cu_seqlens, int n_docs, int nh, int window, float scale) {
+    alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
+    __shared__ int row_lo[FLASH_TILE], row_hi[FLASH_TILE];  // each query row's visible keys [lo, hi)
+    __shared__ int tile_lo, tile_hi;                         // the union over the CTA's rows
+    const int h = blockIdx.y, q0 = blockIdx.x * FLASH_TILE, tid = threadIdx.x, warp = tid / WARP_SIZE;
+    const int lane = tid % WARP_SIZE, g = lane / 4, t = lane % 4, mat = lane / 8, mrow = lane % 8;
+    const int H = nh * FLASH_HD;
+    if (tid < FLASH_TILE) {
+        int lo = k_start, hi = k_start;
+        if (q0 + tid < Tq) attention_visible(q_start + q0 + tid, cu_seqlens, n_docs, window, k_start, k_start + Tk, &lo, &hi);
+        row_lo[tid] = lo;
+        row_hi[tid] = hi;
+    }
+    flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, Tq - q0, tid, blockDim.x);  // zeros past Tq
+    __syncthreads();
+    if (tid == 0) flash_union(row_lo, row_hi, 0, FLASH_TILE, k_start + Tk, k_start, &tile_lo, &tile_hi);
+    __syncthreads();
+    // this warp's rows and keys; this lane's two rows (g and g + 8 of the warp's 16)
+    int warp_lo, warp_hi;  // the union over this warp's 16 rows
+    flash_union(row_lo, row_hi, 16 * warp, 16 * warp + 16, k_start + Tk, k_start, &warp_lo, &warp_hi);
+    const int ra = 16 * warp + g, rb = ra + 8;
+    const int lo_a = row_lo[ra], hi_a = row_hi[ra], lo_b = row_lo[rb], hi_b = row_hi[rb];
+    uint32_t qf[FLASH_HD / 16][4];  // A fragments of the warp's 16 rows, one per 16 dims
+    for (int kk = 0; kk < FLASH_HD / 16; kk++)
+        ldmatrix_x4(qf[kk], sQ + (16 * warp + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * kk + 8 * (mat / 2));
+    float o[FLASH_HD / 8][4];  // the accumulator: 8 tiles of 8 dims, rows g (0, 1) and g + 8 (2, 3)
+    for (auto& tile : o)
+        for (float& x : tile) x = 0.0f;
+    float max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;  // this lane's share of the sums
+    for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
+        __syncthreads();  // the previous tile's readers are done with sK and sV
+        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
+        flash_load_tile(sV, v, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
+        __syncthreads();
+        if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;  // none of this warp's rows sees this tile
+        float s[FLASH_TILE / 8][4];  // scores: 8 tiles of 8 keys
+        for (auto& tile : s)
+            for (float& x : tile) x = 0.0f;
+        for (int p = 0; p < FLASH_TILE / 16; p++)  // keys 16p … 16p + 15
+            for (int kk = 0; kk < FLASH_HD / 16; kk++) {
+                uint32_t b[4];
+                ldmatrix_x4(b, sK + (16 * p + mrow + 8 * (mat / 2)) * FLASH_LD + 16 * kk + 8 * (mat % 2));
+                mma_m16n8k16_bf16(s[2 * p], qf[kk], b, s[2 * p]);
+                mma_m16n8k16_bf16(s[2 * p + 1], qf[kk], b + 2, s[2 * p + 1]);
+            }
+        float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
+        for (int n = 0; n < FLASH_TILE / 8; n++)
+            for (int i = 0; i < 4; i++) {
+                const int j = kt + 8 * n + 2 * t + i % 2;
+                const bool seen = i < 2 ? (j >= lo_a && j < hi_a) : (j >= lo_b && j < hi_b);
+                s[n][i] = seen ? s[n][i] * scale : -INFINITY;
+                if (i < 2) tile_max_a = fmaxf(tile_max_a, s[n][i]);
+                else tile_max_b = fmaxf(tile_max_b, s[n][i]);
+            }
+        for (int offset = 1; offset < 4; offset *= 2) {  // the 4 lanes of a row
+            tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(FULL_MASK, tile_max_a, offset));
+            tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(FULL_MASK, tile_max_b, offset));
         }
-        float acc[MAX_HEAD_DIM];
-        for (int c = 0; c < hd; c++) acc[c] = 0.0f;
-        float denom = 0.0f;
-        for (int j = j0; j < j1; j++) {
-            const float* kj = k + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
-            const float* vj = v + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
-            float dot = 0.0f;
-            for (int c = 0; c < hd; c++) dot += qi[c] * kj[c];
-            const float p = expf(dot * scale - max_score);
-            denom += p;
-            for (int c = 0; c < hd; c++) acc[c] += p * vj[c];
+        const float new_a = fmaxf(max_a, tile_max_a), new_b = fmaxf(max_b, tile_max_b);
+        // rescale what was summed under the old max (nothing was, while the max is −inf)
+        const float alpha_a = max_a == -INFINITY ? 0.0f : expf(max_a - new_a);
+        const float alpha_b = max_b == -INFINITY ? 0.0f : expf(max_b - new_b);
+        sum_a *= alpha_a;
+        sum_b *= alpha_b;
+        for (auto& tile : o) tile[0] *= alpha_a, tile[1] *= alpha_a, tile[2] *= alpha_b, tile[3] *= alpha_b;
+        for (int n = 0; n < FLASH_TILE / 8; n++)
+            for (int i = 0; i < 4; i++) {
+                const float mx = i < 2 ? new_a : new_b;
+                s[n][i] = s[n][i] == -INFINITY ? 0.0f : expf(s[n][i] - mx);
+                (i < 2 ? sum_a : sum_b) += s[n][i];
+            }
+        max_a = new_a;
+        max_b = new_b;
+        for (int p = 0; p < FLASH_TILE / 16; p++) {  // O += P (keys 16p …) · V
+            const uint32_t pa[4] = {pack_bf16x2(s[2 * p][0], s[2 * p][1]), pack_bf16x2(s[2 * p][2], s[2 * p][3]),
+                                    pack_bf16x2(s[2 * p + 1][0], s[2 * p + 1][1]),
+                                    pack_bf16x2(s[2 * p + 1][2], s[2 * p + 1][3])};
+            for (int dp = 0; dp < FLASH_HD / 16; dp++) {  // dims 16dp …
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, sV + (16 * p + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * dp + 8 * (mat / 2));
+                mma_m16n8k16_bf16(o[2 * dp], pa, b, o[2 * dp]);
+                mma_m16n8k16_bf16(o[2 * dp + 1], pa, b + 2, o[2 * dp + 1]);
+            }
         }
-        for (int c = 0; c < hd; c++) o[c] = acc[c] / denom;
-        lse[task] = max_score + logf(denom);
+    }
+    for (int offset = 1; offset < 4; offset *= 2) {
+        sum_a += __shfl_xor_sync(FULL_MASK, sum_a, offset);
+        sum_b += __shfl_xor_sync(FULL_MASK, sum_b, offset);
+    }
+    for (int half = 0; half < 2; half++) {
+        const int row = q0 + (half ? rb : ra);
+        const float sum = half ? sum_b : sum_a, mx = half ? max_b : max_a;
+        if (row >= Tq) continue;
+        float* dst = out + (size_t)row * H + (size_t)h * FLASH_HD;
+        for (int n = 0; n < FLASH_HD / 8; n++)
+            for (int i = 0; i < 2; i++) dst[8 * n + 2 * t + i] = sum > 0.0f ? o[n][2 * half + i] / sum : 0.0f;
+        if (t == 0) lse[(size_t)row * nh + h] = sum > 0.0f ? mx + logf(sum) : -INFINITY;
     }
 }
 inline void attention_block_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
                                     const float* k, const float* v, int kv_stride, int k_start, int Tk,
                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
-    if (hd <= 0 || hd > MAX_HEAD_DIM) fatal("attention: head dim %d outside [1, %d]", hd, MAX_HEAD_DIM);
+    if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
     if (Tq <= 0 || nh <= 0) return;
-    CUDA_LAUNCH(attention_block_forward_kernel, grid_for((size_t)Tq * nh), BLOCK_SIZE, out, lse, q, q_stride, q_start,
-                Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd, window, 1.0f / sqrtf((float)hd));
+    CUDA_LAUNCH(flash_attention_forward_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
+                FLASH_WARPS * WARP_SIZE, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens,
+                n_docs, nh, window, 1.0f / sqrtf((float)hd));
+}
+// The whole micro-batch: its queries against its own keys, q | k | v the column blocks of qkv (T, 3H).
+inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs, int T,
+                              int nh, int hd, int window) {
+    const int H = nh * hd;
+    attention_block_forward(out, lse, qkv, 3 * H, 0, T, qkv + H, qkv + 2 * H, 3 * H, 0, T, cu_seqlens, n_docs, nh, hd,
+                            window);
+}
+
+// -- flash attention backward on tensor cores: the fast form of attention_block_backward --
+// Same contract (adds into dq, dk, dv, or with add false writes them, every row: the whole-batch
+// backward needs no zeroing pass; a null dq, or null dk and dv, skips that side), in bf16 on
+// the tensor cores with fp32 accumulation. P is recomputed tile by tile from the saved lse, and
+// D_i = dO_i · O_i once per query tile in fp32. Two kernels, so that every output element has one
+// writer and no atomics are needed (deterministic): the dq kernel takes 64 queries and walks the
+// key tiles they see (S = Q·Kᵀ, dP = dO·Vᵀ, dS = P ∘ (dP − D), dQ += dS·K); the dk/dv kernel takes
+// 64 keys and walks the query tiles that see them (Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D),
+// dV += Pᵀ·dO, dK += dSᵀ·Q). Each warp owns 16 rows (queries, or keys); the mma operand patterns
+// are the forward's: a row-major tile as A or as the "col" B of Xᵀ by ldmatrix, and as B of X by
+// ldmatrix.trans; an accumulator repacked to bf16 is the next product's A.
+// acc (16 rows × 64 cols, 8 tiles) += A (16 × 64, fragments a[4][4]: 16 columns each) · Xᵀ, X a
+// row-major 64 × 64 bf16 tile in shared memory (B of Xᵀ: ldmatrix without .trans).
+__device__ inline void flash_mma_abt(float acc[8][4], const uint32_t a[4][4], const uint16_t* x, int mat, int mrow) {
+    for (int p = 0; p < 4; p++)
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t b[4];
+            ldmatrix_x4(b, x + (16 * p + mrow + 8 * (mat / 2)) * FLASH_LD + 16 * kk + 8 * (mat % 2));
+            mma_m16n8k16_bf16(acc[2 * p], a[kk], b, acc[2 * p]);
+            mma_m16n8k16_bf16(acc[2 * p + 1], a[kk], b + 2, acc[2 * p + 1]);
+        }
+}
+// acc (16 × 64) += P (16 × 64, an fp32 accumulator, rounded to bf16 here) · X, X row-major 64 × 64
+// in shared memory (B of X: ldmatrix.trans).
+__device__ inline void flash_mma_pb(float acc[8][4], const float p[8][4], const uint16_t* x, int mat, int mrow) {
+    for (int kk = 0; kk < 4; kk++) {
+        const uint32_t a[4] = {pack_bf16x2(p[2 * kk][0], p[2 * kk][1]), pack_bf16x2(p[2 * kk][2], p[2 * kk][3]),
+                               pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                               pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+        for (int dp = 0; dp < 4; dp++) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, x + (16 * kk + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * dp + 8 * (mat / 2));
+            mma_m16n8k16_bf16(acc[2 * dp], a, b, acc[2 * dp]);
+            mma_m16n8k16_bf16(acc[2 * dp + 1], a, b + 2, acc[2 * dp + 1]);
+        }
+    }
+}
+__device__ inline void flash_fragments(uint32_t a[4][4], const uint16_t* x, int warp, int mat, int mrow) {
+    for (int kk = 0; kk < 4; kk++) ldmatrix_x4(a[kk], x + (16 * warp + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * kk + 8 * (mat / 2));
+}
+// Query row i (of the shard from q_start) of head h: the keys it sees [*lo, *hi), D = dO_i · O_i and
+// its lse; a row past the shard (!real) sees nothing.
+__device__ inline void flash_query_row(int* lo, int* hi, float* D, float* l, bool real, int i, const float* dout,
+                                       const float* out, const float* lse, int q_start, int k_start, int Tk,
+                                       const int* cu_seqlens, int n_docs, int nh, int h, int window) {
+    *lo = *hi = k_start;
+    *D = *l = 0.0f;
+    if (!real) return;
+    attention_visible(q_start + i, cu_seqlens, n_docs, window, k_start, k_start + Tk, lo, hi);
+    const size_t at = (size_t)i * nh * FLASH_HD + (size_t)h * FLASH_HD;
+    for (int c = 0; c < FLASH_HD; c++) *D += dout[at + c] * out[at + c];
+    *l = lse[(size_t)i * nh + h];
+}
+__device__ inline void flash_zero(float x[8][4]) {
+    for (int n = 0; n < 8; n++)
+        for (int i = 0; i < 4; i++) x[n][i] = 0.0f;
+}
+__global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, const float* dout, const float* out,
+                                                   const float* lse, const float* q, int q_stride, int q_start, int Tq,
+                                                   const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                                   const int* cu_seqlens, int n_docs, int nh, int window, float scale,
+                                                   bool add) {
+    alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sdO[FLASH_TILE * FLASH_LD];
+    alignas(16) __shared__ uint16_t sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
+    __shared__ int row_lo[FLASH_TILE], row_hi[FLASH_TILE];
+    __shared__ float row_lse[FLASH_TILE], row_D[FLASH_TILE];
+    __shared__ int tile_lo, tile_hi;
+    const int h = blockIdx.y, q0 = blockIdx.x * FLASH_TILE, tid = threadIdx.x, warp = tid / WARP_SIZE;
+    const int lane = tid % WARP_SIZE, g = lane / 4, t = lane % 4, mat = lane / 8, mrow = lane % 8;
+    const int H = nh * FLASH_HD, rows = flash_min(FLASH_TILE, Tq - q0);
+    if (tid < FLASH_TILE)
+        flash_query_row(&row_lo[tid], &row_hi[tid], &row_D[tid], &row_lse[tid], tid < rows, q0 + tid, dout, out, lse,
+                        q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
+    flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, rows, tid, blockDim.x);
+    flash_load_tile(sdO, dout, H, h * FLASH_HD, q0, rows, tid, blockDim.x);
+    __syncthreads();
+    if (tid == 0) flash_union(row_lo, row_hi, 0, FLASH_TILE, k_start + Tk, k_start, &tile_lo, &tile_hi);
+    __syncthreads();
+    int warp_lo, warp_hi;  // the union over this warp's 16 rows
+    flash_union(row_lo, row_hi, 16 * warp, 16 * warp + 16, k_start + Tk, k_start, &warp_lo, &warp_hi);
+    const int ra = 16 * warp + g, rb = ra + 8;
+    uint32_t qf[4][4], gf[4][4];  // A fragments of the warp's Q and dO rows
+    flash_fragments(qf, sQ, warp, mat, mrow);
+    flash_fragments(gf, sdO, warp, mat, mrow);
+    float acc[8][4];
+    flash_zero(acc);
+    for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
+        __syncthreads();
+        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
+        flash_load_tile(sV, v, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
+        __syncthreads();
+        if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;
+        float s[8][4], dp[8][4];
+        flash_zero(s);
+        flash_zero(dp);
+        flash_mma_abt(s, qf, sK, mat, mrow);   // S = Q·Kᵀ
+        flash_mma_abt(dp, gf, sV, mat, mrow);  // dP = dO·Vᵀ
+        for (int n = 0; n < 8; n++)
+            for (int i = 0; i < 4; i++) {
+                const int r = i < 2 ? ra : rb, j = kt + 8 * n + 2 * t + i % 2;
+                const float p = j >= row_lo[r] && j < row_hi[r] ? expf(s[n][i] * scale - row_lse[r]) : 0.0f;
+                s[n][i] = p * (dp[n][i] - row_D[r]);  // dS
+            }
+        flash_mma_pb(acc, s, sK, mat, mrow);  // dQ += dS·K
+    }
+    for (int half = 0; half < 2; half++) {
+        const int row = (half ? rb : ra);
+        if (row >= rows) continue;
+        float* dst = dq + (size_t)(q0 + row) * dq_stride + (size_t)h * FLASH_HD;
+        for (int n = 0; n < 8; n++)
+            for (int i = 0; i < 2; i++) dst[8 * n + 2 * t + i] = (add ? dst[8 * n + 2 * t + i] : 0.0f) + scale * acc[n][2 * half + i];
+    }
+}
+__global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dkv_stride, const float* dout,
+                                                    const float* out, const float* lse, const float* q, int q_stride,
+                                                    int q_start, int Tq, const float* k, const float* v, int kv_stride,
+                                                    int k_start, int Tk, const int* cu_seqlens, int n_docs, int nh,
+                                                    int window, float scale, bool add) {
+    alignas(16) __shared__ uint16_t sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
+    alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sdO[FLASH_TILE * FLASH_LD];
+    __shared__ int key_lo[FLASH_TILE], key_hi[FLASH_TILE];  // each key's queries [lo, hi), in q_start's numbering
+    __shared__ int q_lo[FLASH_TILE], q_hi[FLASH_TILE];      // the query tile's rows' keys
+    __shared__ float q_lse[FLASH_TILE], q_D[FLASH_TILE];
+    __shared__ int tile_lo, tile_hi;
+    const int h = blockIdx.y, k0 = blockIdx.x * FLASH_TILE, tid = threadIdx.x, warp = tid / WARP_SIZE;
+    const int lane = tid % WARP_SIZE, g = lane / 4, t = lane % 4, mat = lane / 8, mrow = lane % 8;
+    const int H = nh * FLASH_HD, keys = flash_min(FLASH_TILE, Tk - k0);
+    if (tid < FLASH_TILE) {
+        int lo = q_start, hi = q_start;
+        if (tid < keys) attention_visible(k_start + k0 + tid, cu_seqlens, n_docs, window, q_start, q_start + Tq, &lo, &hi);
+        key_lo[tid] = lo, key_hi[tid] = hi;
+    }
+    flash_load_tile(sK, k, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
+    flash_load_tile(sV, v, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
+    __syncthreads();
+    if (tid == 0) flash_union(key_lo, key_hi, 0, FLASH_TILE, q_start + Tq, q_start, &tile_lo, &tile_hi);
+    __syncthreads();
+    int warp_lo, warp_hi;  // the union over this warp's 16 rows
+    flash_union(key_lo, key_hi, 16 * warp, 16 * warp + 16, q_start + Tq, q_start, &warp_lo, &warp_hi);
+    const int ja = k_start + k0 + 16 * warp + g, jb = ja + 8;  // this lane's two keys
+    uint32_t kf[4][4], vf[4][4];
+    flash_fragments(kf, sK, warp, mat, mrow);
+    flash_fragments(vf, sV, warp, mat, mrow);
+    float acc_k[8][4], acc_v[8][4];
+    flash_zero(acc_k);
+    flash_zero(acc_v);
+    for (int qt = tile_lo; qt < tile_hi; qt += FLASH_TILE) {  // qt in q_start's numbering
+        __syncthreads();
+        const int first = qt - q_start, rows = flash_min(FLASH_TILE, tile_hi - qt);
+        if (tid < FLASH_TILE)
+            flash_query_row(&q_lo[tid], &q_hi[tid], &q_D[tid], &q_lse[tid], tid < rows, first + tid, dout, out, lse,
+                            q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
+        flash_load_tile(sQ, q, q_stride, h * FLASH_HD, first, rows, tid, blockDim.x);
+        flash_load_tile(sdO, dout, H, h * FLASH_HD, first, rows, tid, blockDim.x);
+        __syncthreads();
+        if (qt >= warp_hi || qt + FLASH_TILE <= warp_lo) continue;
+        float s[8][4], dp[8][4];
+        flash_zero(s);
+        flash_zero(dp);
+        flash_mma_abt(s, kf, sQ, mat, mrow);    // Sᵀ = K·Qᵀ
+        flash_mma_abt(dp, vf, sdO, mat, mrow);  // dPᵀ = V·dOᵀ
+        for (int n = 0; n < 8; n++)
+            for (int i = 0; i < 4; i++) {
+                const int col = 8 * n + 2 * t + i % 2, j = i < 2 ? ja : jb;  // query qt + col, key j
+                const bool seen = col < rows && j >= q_lo[col] && j < q_hi[col];
+                const float p = seen ? expf(s[n][i] * scale - q_lse[col]) : 0.0f;
+                s[n][i] = p;
+                dp[n][i] = p * (dp[n][i] - q_D[col]);  // dSᵀ
+            }
+        flash_mma_pb(acc_v, s, sdO, mat, mrow);  // dV += Pᵀ·dO
+        flash_mma_pb(acc_k, dp, sQ, mat, mrow);  // dK += dSᵀ·Q
+    }
+    for (int half = 0; half < 2; half++) {
+        const int row = 16 * warp + g + 8 * half;
+        if (row >= keys) continue;
+        float* dkj = dk ? dk + (size_t)(k0 + row) * dkv_stride + (size_t)h * FLASH_HD : nullptr;
+        float* dvj = dv ? dv + (size_t)(k0 + row) * dkv_stride + (size_t)h * FLASH_HD : nullptr;
+        for (int n = 0; n < 8; n++)
+            for (int i = 0; i < 2; i++) {
+                const int c = 8 * n + 2 * t + i;
+                if (dkj) dkj[c] = (add ? dkj[c] : 0.0f) + scale * acc_k[n][2 * half + i];
+                if (dvj) dvj[c] = (add ? dvj[c] : 0.0f) + acc_v[n][2 * half + i];
+            }
+    }
+}
+inline void flash_attention_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
+                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
+                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window, bool add) {
+    if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
+    if (Tq <= 0 || Tk <= 0 || nh <= 0) return;
+    const float scale = 1.0f / sqrtf((float)hd);
+    if (dq)
+        CUDA_LAUNCH(flash_attention_backward_dq_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
+                    FLASH_WARPS * WARP_SIZE, dq, dq_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride,
+                    k_start, Tk, cu_seqlens, n_docs, nh, window, scale, add);
+    if (dk || dv)
+        CUDA_LAUNCH(flash_attention_backward_dkv_kernel, dim3((unsigned)div_round_up(Tk, FLASH_TILE), (unsigned)nh),
+                    FLASH_WARPS * WARP_SIZE, dk, dv, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v,
+                    kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, window, scale, add);
+}
+inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
+                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
+                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
+                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+    flash_attention_backward(dq, dk, dv, dq_stride, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v,
+                             kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd, window, true);
+}
+// dqkv (T, 3H) written: the gradients of the whole micro-batch's q | k | v.
+inline void attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
+                               const int* cu_seqlens, int n_docs, int T, int nh, int hd, int window) {
+    const int H = nh * hd;
+    flash_attention_backward(dqkv, dqkv + H, dqkv + 2 * H, 3 * H, 3 * H, dout, out, lse, qkv, 3 * H, 0, T, qkv + H,
+                             qkv + 2 * H, 3 * H, 0, T, cu_seqlens, n_docs, nh, hd, window, false);
 }
 __global__ void attention_merge_kernel(float* out, float* lse, const float* out_b, const float* lse_b, int T, int nh,
                                        int hd) {
@@ -1949,100 +2039,6 @@ __global__ void attention_merge_kernel(float* out, float* lse, const float* out_
 inline void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int T, int nh, int hd) {
     if (T <= 0 || nh <= 0) return;
     CUDA_LAUNCH(attention_merge_kernel, grid_for((size_t)T * nh), BLOCK_SIZE, out, lse, out_b, lse_b, T, nh, hd);
-}
-// dq_i += scale Σ_j ds_ij k_j over the block's keys that query i sees; D_i recomputed per thread.
-__global__ void attention_block_backward_dq_kernel(float* dq, int dq_stride, const float* dout, const float* out,
-                                                   const float* lse, const float* q, int q_stride, int q_start, int Tq,
-                                                   const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                                   const int* cu_seqlens, int n_docs, int nh, int hd, int window,
-                                                   float scale) {
-    const size_t total = (size_t)Tq * nh, H = (size_t)nh * hd;
-    for (size_t task = blockIdx.x * (size_t)blockDim.x + threadIdx.x; task < total;
-         task += (size_t)gridDim.x * blockDim.x) {
-        const int r = (int)(task / nh), h = (int)(task % nh);
-        int j0, j1;
-        attention_visible(q_start + r, cu_seqlens, n_docs, window, k_start, k_start + Tk, &j0, &j1);
-        if (j0 == j1) continue;
-        const float* qi = q + (size_t)r * q_stride + (size_t)h * hd;
-        const float* gi = dout + (size_t)r * H + (size_t)h * hd;
-        const float* oi = out + (size_t)r * H + (size_t)h * hd;
-        float D = 0.0f;
-        for (int c = 0; c < hd; c++) D += gi[c] * oi[c];
-        const float lse_i = lse[task];
-        float acc[MAX_HEAD_DIM];
-        for (int c = 0; c < hd; c++) acc[c] = 0.0f;
-        for (int j = j0; j < j1; j++) {
-            const float* kj = k + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
-            const float* vj = v + (size_t)(j - k_start) * kv_stride + (size_t)h * hd;
-            float s = 0.0f, dp = 0.0f;
-            for (int c = 0; c < hd; c++) {
-                s += qi[c] * kj[c];
-                dp += gi[c] * vj[c];
-            }
-            const float ds = expf(s * scale - lse_i) * (dp - D) * scale;
-            for (int c = 0; c < hd; c++) acc[c] += ds * kj[c];
-        }
-        float* dqi = dq + (size_t)r * dq_stride + (size_t)h * hd;
-        for (int c = 0; c < hd; c++) dqi[c] += acc[c];
-    }
-}
-// dk_j += scale Σ_i ds_ij q_i, dv_j += Σ_i p_ij dout_i over the shard's queries that see key j.
-__global__ void attention_block_backward_dkv_kernel(float* dk, float* dv, int dkv_stride, const float* dout,
-                                                    const float* out, const float* lse, const float* q, int q_stride,
-                                                    int q_start, int Tq, const float* k, const float* v, int kv_stride,
-                                                    int k_start, int Tk, const int* cu_seqlens, int n_docs, int nh,
-                                                    int hd, int window, float scale) {
-    const size_t total = (size_t)Tk * nh, H = (size_t)nh * hd;
-    for (size_t task = blockIdx.x * (size_t)blockDim.x + threadIdx.x; task < total;
-         task += (size_t)gridDim.x * blockDim.x) {
-        const int jj = (int)(task / nh), h = (int)(task % nh);
-        int i0, i1;
-        attention_visible(k_start + jj, cu_seqlens, n_docs, window, q_start, q_start + Tq, &i0, &i1);
-        if (i0 == i1) continue;
-        const float* kj = k + (size_t)jj * kv_stride + (size_t)h * hd;
-        const float* vj = v + (size_t)jj * kv_stride + (size_t)h * hd;
-        float acc_k[MAX_HEAD_DIM], acc_v[MAX_HEAD_DIM];
-        for (int c = 0; c < hd; c++) acc_k[c] = acc_v[c] = 0.0f;
-        for (int i = i0; i < i1; i++) {
-            const size_t row = (size_t)(i - q_start);
-            const float* qi = q + row * q_stride + (size_t)h * hd;
-            const float* gi = dout + row * H + (size_t)h * hd;
-            const float* oi = out + row * H + (size_t)h * hd;
-            float s = 0.0f, dp = 0.0f, D = 0.0f;
-            for (int c = 0; c < hd; c++) {
-                s += qi[c] * kj[c];
-                dp += gi[c] * vj[c];
-                D += gi[c] * oi[c];
-            }
-            const float p = expf(s * scale - lse[row * nh + h]);
-            const float ds = p * (dp - D) * scale;
-            for (int c = 0; c < hd; c++) {
-                acc_k[c] += ds * qi[c];
-                acc_v[c] += p * gi[c];
-            }
-        }
-        for (int c = 0; c < hd; c++) {
-            if (dk) dk[(size_t)jj * dkv_stride + (size_t)h * hd + c] += acc_k[c];
-            if (dv) dv[(size_t)jj * dkv_stride + (size_t)h * hd + c] += acc_v[c];
-        }
-    }
-}
-inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
-                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
-                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
-    if (hd <= 0 || hd > MAX_HEAD_DIM) fatal("attention: head dim %d outside [1, %d]", hd, MAX_HEAD_DIM);
-    if (Tq <= 0 || Tk <= 0 || nh <= 0) return;
-    const float scale = 1.0f / sqrtf((float)hd);
-    // dq and dk/dv are different buffers (or disjoint columns of one), so the two kernels' order does not matter
-    if (dq)
-        CUDA_LAUNCH(attention_block_backward_dq_kernel, grid_for((size_t)Tq * nh), BLOCK_SIZE, dq, dq_stride, dout, out,
-                    lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd, window,
-                    scale);
-    if (dk || dv)
-        CUDA_LAUNCH(attention_block_backward_dkv_kernel, grid_for((size_t)Tk * nh), BLOCK_SIZE, dk, dv, dkv_stride, dout,
-                    out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd,
-                    window, scale);
 }
 // Same contract as ref::kv_pack / kv_unpack_add: one thread per element.
 __global__ void kv_pack_kernel(float* kv, const float* qkv, int row0, int n, int Hl) {
@@ -2336,358 +2332,6 @@ inline double stable_adamw_rms(const float* grad, const float* v, size_t n, floa
     const double bias_correction2 = 1.0 - pow((double)beta2, t);
     const double acc = reduce_to_host(n, StableAdamwTerm{grad, v, beta2, eps, grad_scale, bias_correction2});
     return sqrt(acc / (double)(n ? n : 1));
-}
-
-
-// -- flash attention on tensor cores (head dim 64): the fast form of attention_block_forward --
-// Same contract as ref::attention_block_forward (a query shard against one key/value block of a
-// packed micro-batch, global or windowed, out and lse), computed in bf16 on the tensor cores with
-// fp32 accumulation and softmax. A CTA takes 64 query rows of one head, four warps 16 rows each;
-// it visits only the 64-key tiles that its rows' documents (and window) reach, and a warp skips a
-// tile none of its rows sees. Per key tile: K and V rounded to bf16 into shared memory,
-// S = Q·Kᵀ (mma m16n8k16, fragments by ldmatrix), masked and scaled, an online softmax (running
-// max and sum per row, the four lanes of a row reduced by shuffles), then O += bf16(P)·V (P's
-// fragments are S's accumulator layout, repacked; V's come by ldmatrix.trans). Out = O / Σ, lse =
-// max + log Σ; a row that sees nothing gets zeros and −inf, as the reference. Every output element
-// has one writer: deterministic. (Inputs are the fp32 activations the trainer keeps today; the
-// bf16 activations and the backward are the next steps of the fast path.)
-constexpr int FLASH_TILE = 64, FLASH_HD = 64, FLASH_WARPS = 4;
-__device__ inline int flash_min(int a, int b) { return a < b ? a : b; }
-__device__ inline void store_bf16x2(uint16_t* dst, uint32_t pair) {  // dst[0] = low half, dst[1] = high
-    dst[0] = (uint16_t)(pair & 0xffffu);
-    dst[1] = (uint16_t)(pair >> 16);
-}
-// [*lo, *hi) ← the union of the non-empty ranges [lo_of[i], hi_of[i]) for i in [begin, end); empty
-// (*lo = none_lo ≥ *hi = none_hi) when all are.
-__device__ inline void flash_union(const int* lo_of, const int* hi_of, int begin, int end, int none_lo, int none_hi,
-                                   int* lo, int* hi) {
-    *lo = none_lo, *hi = none_hi;
-    for (int i = begin; i < end; i++)
-        if (hi_of[i] > lo_of[i]) *lo = lo_of[i] < *lo ? lo_of[i] : *lo, *hi = hi_of[i] > *hi ? hi_of[i] : *hi;
-}
-constexpr int FLASH_LD = FLASH_HD + 8;  // shared row stride in bf16: 144 bytes, 16-byte aligned rows whose
-                                        // 8 ldmatrix addresses fall in distinct bank groups
-__device__ inline void flash_load_tile(uint16_t* dst, const float* src, int stride, int col0, int row0, int rows,
-                                       int tid, int threads) {  // rows [row0, row0 + rows) → bf16, zeros past them
-    for (int e = tid; e < FLASH_TILE * FLASH_HD / 2; e += threads) {
-        const int row = e / (FLASH_HD / 2), c = 2 * (e % (FLASH_HD / 2));
-        float x0 = 0.0f, x1 = 0.0f;
-        if (row < rows) {
-            const float* at = src + (size_t)(row0 + row) * stride + col0 + c;
-            x0 = at[0];
-            x1 = at[1];
-        }
-        store_bf16x2(&dst[row * FLASH_LD + c], pack_bf16x2(x0, x1));
-    }
-}
-__global__ void flash_attention_forward_kernel(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
-                                               const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                               const int* cu_seqlens, int n_docs, int nh, int window, float scale) {
-    alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
-    __shared__ int row_lo[FLASH_TILE], row_hi[FLASH_TILE];  // each query row's visible keys [lo, hi)
-    __shared__ int tile_lo, tile_hi;                         // the union over the CTA's rows
-    const int h = blockIdx.y, q0 = blockIdx.x * FLASH_TILE, tid = threadIdx.x, warp = tid / WARP_SIZE;
-    const int lane = tid % WARP_SIZE, g = lane / 4, t = lane % 4, mat = lane / 8, mrow = lane % 8;
-    const int H = nh * FLASH_HD;
-    if (tid < FLASH_TILE) {
-        int lo = k_start, hi = k_start;
-        if (q0 + tid < Tq) attention_visible(q_start + q0 + tid, cu_seqlens, n_docs, window, k_start, k_start + Tk, &lo, &hi);
-        row_lo[tid] = lo;
-        row_hi[tid] = hi;
-    }
-    flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, Tq - q0, tid, blockDim.x);  // zeros past Tq
-    __syncthreads();
-    if (tid == 0) flash_union(row_lo, row_hi, 0, FLASH_TILE, k_start + Tk, k_start, &tile_lo, &tile_hi);
-    __syncthreads();
-    // this warp's rows and keys; this lane's two rows (g and g + 8 of the warp's 16)
-    int warp_lo, warp_hi;  // the union over this warp's 16 rows
-    flash_union(row_lo, row_hi, 16 * warp, 16 * warp + 16, k_start + Tk, k_start, &warp_lo, &warp_hi);
-    const int ra = 16 * warp + g, rb = ra + 8;
-    const int lo_a = row_lo[ra], hi_a = row_hi[ra], lo_b = row_lo[rb], hi_b = row_hi[rb];
-    uint32_t qf[FLASH_HD / 16][4];  // A fragments of the warp's 16 rows, one per 16 dims
-    for (int kk = 0; kk < FLASH_HD / 16; kk++)
-        ldmatrix_x4(qf[kk], sQ + (16 * warp + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * kk + 8 * (mat / 2));
-    float o[FLASH_HD / 8][4];  // the accumulator: 8 tiles of 8 dims, rows g (0, 1) and g + 8 (2, 3)
-    for (auto& tile : o)
-        for (float& x : tile) x = 0.0f;
-    float max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;  // this lane's share of the sums
-    for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
-        __syncthreads();  // the previous tile's readers are done with sK and sV
-        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
-        flash_load_tile(sV, v, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
-        __syncthreads();
-        if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;  // none of this warp's rows sees this tile
-        float s[FLASH_TILE / 8][4];  // scores: 8 tiles of 8 keys
-        for (auto& tile : s)
-            for (float& x : tile) x = 0.0f;
-        for (int p = 0; p < FLASH_TILE / 16; p++)  // keys 16p … 16p + 15
-            for (int kk = 0; kk < FLASH_HD / 16; kk++) {
-                uint32_t b[4];
-                ldmatrix_x4(b, sK + (16 * p + mrow + 8 * (mat / 2)) * FLASH_LD + 16 * kk + 8 * (mat % 2));
-                mma_m16n8k16_bf16(s[2 * p], qf[kk], b, s[2 * p]);
-                mma_m16n8k16_bf16(s[2 * p + 1], qf[kk], b + 2, s[2 * p + 1]);
-            }
-        float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
-        for (int n = 0; n < FLASH_TILE / 8; n++)
-            for (int i = 0; i < 4; i++) {
-                const int j = kt + 8 * n + 2 * t + i % 2;
-                const bool seen = i < 2 ? (j >= lo_a && j < hi_a) : (j >= lo_b && j < hi_b);
-                s[n][i] = seen ? s[n][i] * scale : -INFINITY;
-                if (i < 2) tile_max_a = fmaxf(tile_max_a, s[n][i]);
-                else tile_max_b = fmaxf(tile_max_b, s[n][i]);
-            }
-        for (int offset = 1; offset < 4; offset *= 2) {  // the 4 lanes of a row
-            tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(FULL_MASK, tile_max_a, offset));
-            tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(FULL_MASK, tile_max_b, offset));
-        }
-        const float new_a = fmaxf(max_a, tile_max_a), new_b = fmaxf(max_b, tile_max_b);
-        // rescale what was summed under the old max (nothing was, while the max is −inf)
-        const float alpha_a = max_a == -INFINITY ? 0.0f : expf(max_a - new_a);
-        const float alpha_b = max_b == -INFINITY ? 0.0f : expf(max_b - new_b);
-        sum_a *= alpha_a;
-        sum_b *= alpha_b;
-        for (auto& tile : o) tile[0] *= alpha_a, tile[1] *= alpha_a, tile[2] *= alpha_b, tile[3] *= alpha_b;
-        for (int n = 0; n < FLASH_TILE / 8; n++)
-            for (int i = 0; i < 4; i++) {
-                const float mx = i < 2 ? new_a : new_b;
-                s[n][i] = s[n][i] == -INFINITY ? 0.0f : expf(s[n][i] - mx);
-                (i < 2 ? sum_a : sum_b) += s[n][i];
-            }
-        max_a = new_a;
-        max_b = new_b;
-        for (int p = 0; p < FLASH_TILE / 16; p++) {  // O += P (keys 16p …) · V
-            const uint32_t pa[4] = {pack_bf16x2(s[2 * p][0], s[2 * p][1]), pack_bf16x2(s[2 * p][2], s[2 * p][3]),
-                                    pack_bf16x2(s[2 * p + 1][0], s[2 * p + 1][1]),
-                                    pack_bf16x2(s[2 * p + 1][2], s[2 * p + 1][3])};
-            for (int dp = 0; dp < FLASH_HD / 16; dp++) {  // dims 16dp …
-                uint32_t b[4];
-                ldmatrix_x4_trans(b, sV + (16 * p + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * dp + 8 * (mat / 2));
-                mma_m16n8k16_bf16(o[2 * dp], pa, b, o[2 * dp]);
-                mma_m16n8k16_bf16(o[2 * dp + 1], pa, b + 2, o[2 * dp + 1]);
-            }
-        }
-    }
-    for (int offset = 1; offset < 4; offset *= 2) {
-        sum_a += __shfl_xor_sync(FULL_MASK, sum_a, offset);
-        sum_b += __shfl_xor_sync(FULL_MASK, sum_b, offset);
-    }
-    for (int half = 0; half < 2; half++) {
-        const int row = q0 + (half ? rb : ra);
-        const float sum = half ? sum_b : sum_a, mx = half ? max_b : max_a;
-        if (row >= Tq) continue;
-        float* dst = out + (size_t)row * H + (size_t)h * FLASH_HD;
-        for (int n = 0; n < FLASH_HD / 8; n++)
-            for (int i = 0; i < 2; i++) dst[8 * n + 2 * t + i] = sum > 0.0f ? o[n][2 * half + i] / sum : 0.0f;
-        if (t == 0) lse[(size_t)row * nh + h] = sum > 0.0f ? mx + logf(sum) : -INFINITY;
-    }
-}
-inline void flash_attention_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
-                                    const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                    const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
-    if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
-    if (Tq <= 0 || nh <= 0) return;
-    CUDA_LAUNCH(flash_attention_forward_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
-                FLASH_WARPS * WARP_SIZE, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens,
-                n_docs, nh, window, 1.0f / sqrtf((float)hd));
-}
-
-// -- flash attention backward on tensor cores: the fast form of attention_block_backward --
-// Same contract (adds into dq, dk, dv; a null dq, or null dk and dv, skips that side), in bf16 on
-// the tensor cores with fp32 accumulation. P is recomputed tile by tile from the saved lse, and
-// D_i = dO_i · O_i once per query tile in fp32. Two kernels, so that every output element has one
-// writer and no atomics are needed (deterministic): the dq kernel takes 64 queries and walks the
-// key tiles they see (S = Q·Kᵀ, dP = dO·Vᵀ, dS = P ∘ (dP − D), dQ += dS·K); the dk/dv kernel takes
-// 64 keys and walks the query tiles that see them (Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D),
-// dV += Pᵀ·dO, dK += dSᵀ·Q). Each warp owns 16 rows (queries, or keys); the mma operand patterns
-// are the forward's: a row-major tile as A or as the "col" B of Xᵀ by ldmatrix, and as B of X by
-// ldmatrix.trans; an accumulator repacked to bf16 is the next product's A.
-// acc (16 rows × 64 cols, 8 tiles) += A (16 × 64, fragments a[4][4]: 16 columns each) · Xᵀ, X a
-// row-major 64 × 64 bf16 tile in shared memory (B of Xᵀ: ldmatrix without .trans).
-__device__ inline void flash_mma_abt(float acc[8][4], const uint32_t a[4][4], const uint16_t* x, int mat, int mrow) {
-    for (int p = 0; p < 4; p++)
-        for (int kk = 0; kk < 4; kk++) {
-            uint32_t b[4];
-            ldmatrix_x4(b, x + (16 * p + mrow + 8 * (mat / 2)) * FLASH_LD + 16 * kk + 8 * (mat % 2));
-            mma_m16n8k16_bf16(acc[2 * p], a[kk], b, acc[2 * p]);
-            mma_m16n8k16_bf16(acc[2 * p + 1], a[kk], b + 2, acc[2 * p + 1]);
-        }
-}
-// acc (16 × 64) += P (16 × 64, an fp32 accumulator, rounded to bf16 here) · X, X row-major 64 × 64
-// in shared memory (B of X: ldmatrix.trans).
-__device__ inline void flash_mma_pb(float acc[8][4], const float p[8][4], const uint16_t* x, int mat, int mrow) {
-    for (int kk = 0; kk < 4; kk++) {
-        const uint32_t a[4] = {pack_bf16x2(p[2 * kk][0], p[2 * kk][1]), pack_bf16x2(p[2 * kk][2], p[2 * kk][3]),
-                               pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                               pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-        for (int dp = 0; dp < 4; dp++) {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, x + (16 * kk + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * dp + 8 * (mat / 2));
-            mma_m16n8k16_bf16(acc[2 * dp], a, b, acc[2 * dp]);
-            mma_m16n8k16_bf16(acc[2 * dp + 1], a, b + 2, acc[2 * dp + 1]);
-        }
-    }
-}
-__device__ inline void flash_fragments(uint32_t a[4][4], const uint16_t* x, int warp, int mat, int mrow) {
-    for (int kk = 0; kk < 4; kk++) ldmatrix_x4(a[kk], x + (16 * warp + mrow + 8 * (mat % 2)) * FLASH_LD + 16 * kk + 8 * (mat / 2));
-}
-// Query row i (of the shard from q_start) of head h: the keys it sees [*lo, *hi), D = dO_i · O_i and
-// its lse; a row past the shard (!real) sees nothing.
-__device__ inline void flash_query_row(int* lo, int* hi, float* D, float* l, bool real, int i, const float* dout,
-                                       const float* out, const float* lse, int q_start, int k_start, int Tk,
-                                       const int* cu_seqlens, int n_docs, int nh, int h, int window) {
-    *lo = *hi = k_start;
-    *D = *l = 0.0f;
-    if (!real) return;
-    attention_visible(q_start + i, cu_seqlens, n_docs, window, k_start, k_start + Tk, lo, hi);
-    const size_t at = (size_t)i * nh * FLASH_HD + (size_t)h * FLASH_HD;
-    for (int c = 0; c < FLASH_HD; c++) *D += dout[at + c] * out[at + c];
-    *l = lse[(size_t)i * nh + h];
-}
-__device__ inline void flash_zero(float x[8][4]) {
-    for (int n = 0; n < 8; n++)
-        for (int i = 0; i < 4; i++) x[n][i] = 0.0f;
-}
-__global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, const float* dout, const float* out,
-                                                   const float* lse, const float* q, int q_stride, int q_start, int Tq,
-                                                   const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                                   const int* cu_seqlens, int n_docs, int nh, int window, float scale) {
-    alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sdO[FLASH_TILE * FLASH_LD];
-    alignas(16) __shared__ uint16_t sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
-    __shared__ int row_lo[FLASH_TILE], row_hi[FLASH_TILE];
-    __shared__ float row_lse[FLASH_TILE], row_D[FLASH_TILE];
-    __shared__ int tile_lo, tile_hi;
-    const int h = blockIdx.y, q0 = blockIdx.x * FLASH_TILE, tid = threadIdx.x, warp = tid / WARP_SIZE;
-    const int lane = tid % WARP_SIZE, g = lane / 4, t = lane % 4, mat = lane / 8, mrow = lane % 8;
-    const int H = nh * FLASH_HD, rows = flash_min(FLASH_TILE, Tq - q0);
-    if (tid < FLASH_TILE)
-        flash_query_row(&row_lo[tid], &row_hi[tid], &row_D[tid], &row_lse[tid], tid < rows, q0 + tid, dout, out, lse,
-                        q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
-    flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, rows, tid, blockDim.x);
-    flash_load_tile(sdO, dout, H, h * FLASH_HD, q0, rows, tid, blockDim.x);
-    __syncthreads();
-    if (tid == 0) flash_union(row_lo, row_hi, 0, FLASH_TILE, k_start + Tk, k_start, &tile_lo, &tile_hi);
-    __syncthreads();
-    int warp_lo, warp_hi;  // the union over this warp's 16 rows
-    flash_union(row_lo, row_hi, 16 * warp, 16 * warp + 16, k_start + Tk, k_start, &warp_lo, &warp_hi);
-    const int ra = 16 * warp + g, rb = ra + 8;
-    uint32_t qf[4][4], gf[4][4];  // A fragments of the warp's Q and dO rows
-    flash_fragments(qf, sQ, warp, mat, mrow);
-    flash_fragments(gf, sdO, warp, mat, mrow);
-    float acc[8][4];
-    flash_zero(acc);
-    for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
-        __syncthreads();
-        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
-        flash_load_tile(sV, v, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
-        __syncthreads();
-        if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;
-        float s[8][4], dp[8][4];
-        flash_zero(s);
-        flash_zero(dp);
-        flash_mma_abt(s, qf, sK, mat, mrow);   // S = Q·Kᵀ
-        flash_mma_abt(dp, gf, sV, mat, mrow);  // dP = dO·Vᵀ
-        for (int n = 0; n < 8; n++)
-            for (int i = 0; i < 4; i++) {
-                const int r = i < 2 ? ra : rb, j = kt + 8 * n + 2 * t + i % 2;
-                const float p = j >= row_lo[r] && j < row_hi[r] ? expf(s[n][i] * scale - row_lse[r]) : 0.0f;
-                s[n][i] = p * (dp[n][i] - row_D[r]);  // dS
-            }
-        flash_mma_pb(acc, s, sK, mat, mrow);  // dQ += dS·K
-    }
-    for (int half = 0; half < 2; half++) {
-        const int row = (half ? rb : ra);
-        if (row >= rows) continue;
-        float* dst = dq + (size_t)(q0 + row) * dq_stride + (size_t)h * FLASH_HD;
-        for (int n = 0; n < 8; n++)
-            for (int i = 0; i < 2; i++) dst[8 * n + 2 * t + i] += scale * acc[n][2 * half + i];
-    }
-}
-__global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dkv_stride, const float* dout,
-                                                    const float* out, const float* lse, const float* q, int q_stride,
-                                                    int q_start, int Tq, const float* k, const float* v, int kv_stride,
-                                                    int k_start, int Tk, const int* cu_seqlens, int n_docs, int nh,
-                                                    int window, float scale) {
-    alignas(16) __shared__ uint16_t sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
-    alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sdO[FLASH_TILE * FLASH_LD];
-    __shared__ int key_lo[FLASH_TILE], key_hi[FLASH_TILE];  // each key's queries [lo, hi), in q_start's numbering
-    __shared__ int q_lo[FLASH_TILE], q_hi[FLASH_TILE];      // the query tile's rows' keys
-    __shared__ float q_lse[FLASH_TILE], q_D[FLASH_TILE];
-    __shared__ int tile_lo, tile_hi;
-    const int h = blockIdx.y, k0 = blockIdx.x * FLASH_TILE, tid = threadIdx.x, warp = tid / WARP_SIZE;
-    const int lane = tid % WARP_SIZE, g = lane / 4, t = lane % 4, mat = lane / 8, mrow = lane % 8;
-    const int H = nh * FLASH_HD, keys = flash_min(FLASH_TILE, Tk - k0);
-    if (tid < FLASH_TILE) {
-        int lo = q_start, hi = q_start;
-        if (tid < keys) attention_visible(k_start + k0 + tid, cu_seqlens, n_docs, window, q_start, q_start + Tq, &lo, &hi);
-        key_lo[tid] = lo, key_hi[tid] = hi;
-    }
-    flash_load_tile(sK, k, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
-    flash_load_tile(sV, v, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
-    __syncthreads();
-    if (tid == 0) flash_union(key_lo, key_hi, 0, FLASH_TILE, q_start + Tq, q_start, &tile_lo, &tile_hi);
-    __syncthreads();
-    int warp_lo, warp_hi;  // the union over this warp's 16 rows
-    flash_union(key_lo, key_hi, 16 * warp, 16 * warp + 16, q_start + Tq, q_start, &warp_lo, &warp_hi);
-    const int ja = k_start + k0 + 16 * warp + g, jb = ja + 8;  // this lane's two keys
-    uint32_t kf[4][4], vf[4][4];
-    flash_fragments(kf, sK, warp, mat, mrow);
-    flash_fragments(vf, sV, warp, mat, mrow);
-    float acc_k[8][4], acc_v[8][4];
-    flash_zero(acc_k);
-    flash_zero(acc_v);
-    for (int qt = tile_lo; qt < tile_hi; qt += FLASH_TILE) {  // qt in q_start's numbering
-        __syncthreads();
-        const int first = qt - q_start, rows = flash_min(FLASH_TILE, tile_hi - qt);
-        if (tid < FLASH_TILE)
-            flash_query_row(&q_lo[tid], &q_hi[tid], &q_D[tid], &q_lse[tid], tid < rows, first + tid, dout, out, lse,
-                            q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
-        flash_load_tile(sQ, q, q_stride, h * FLASH_HD, first, rows, tid, blockDim.x);
-        flash_load_tile(sdO, dout, H, h * FLASH_HD, first, rows, tid, blockDim.x);
-        __syncthreads();
-        if (qt >= warp_hi || qt + FLASH_TILE <= warp_lo) continue;
-        float s[8][4], dp[8][4];
-        flash_zero(s);
-        flash_zero(dp);
-        flash_mma_abt(s, kf, sQ, mat, mrow);    // Sᵀ = K·Qᵀ
-        flash_mma_abt(dp, vf, sdO, mat, mrow);  // dPᵀ = V·dOᵀ
-        for (int n = 0; n < 8; n++)
-            for (int i = 0; i < 4; i++) {
-                const int col = 8 * n + 2 * t + i % 2, j = i < 2 ? ja : jb;  // query qt + col, key j
-                const bool seen = col < rows && j >= q_lo[col] && j < q_hi[col];
-                const float p = seen ? expf(s[n][i] * scale - q_lse[col]) : 0.0f;
-                s[n][i] = p;
-                dp[n][i] = p * (dp[n][i] - q_D[col]);  // dSᵀ
-            }
-        flash_mma_pb(acc_v, s, sdO, mat, mrow);  // dV += Pᵀ·dO
-        flash_mma_pb(acc_k, dp, sQ, mat, mrow);  // dK += dSᵀ·Q
-    }
-    for (int half = 0; half < 2; half++) {
-        const int row = 16 * warp + g + 8 * half;
-        if (row >= keys) continue;
-        float* dkj = dk ? dk + (size_t)(k0 + row) * dkv_stride + (size_t)h * FLASH_HD : nullptr;
-        float* dvj = dv ? dv + (size_t)(k0 + row) * dkv_stride + (size_t)h * FLASH_HD : nullptr;
-        for (int n = 0; n < 8; n++)
-            for (int i = 0; i < 2; i++) {
-                if (dkj) dkj[8 * n + 2 * t + i] += scale * acc_k[n][2 * half + i];
-                if (dvj) dvj[8 * n + 2 * t + i] += acc_v[n][2 * half + i];
-            }
-    }
-}
-inline void flash_attention_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
-                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
-                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
-    if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
-    if (Tq <= 0 || Tk <= 0 || nh <= 0) return;
-    const float scale = 1.0f / sqrtf((float)hd);
-    if (dq)
-        CUDA_LAUNCH(flash_attention_backward_dq_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
-                    FLASH_WARPS * WARP_SIZE, dq, dq_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride,
-                    k_start, Tk, cu_seqlens, n_docs, nh, window, scale);
-    if (dk || dv)
-        CUDA_LAUNCH(flash_attention_backward_dkv_kernel, dim3((unsigned)div_round_up(Tk, FLASH_TILE), (unsigned)nh),
-                    FLASH_WARPS * WARP_SIZE, dk, dv, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v,
-                    kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, window, scale);
 }
 }  // namespace cuda
 namespace ops = cuda;

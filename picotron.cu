@@ -3289,6 +3289,11 @@ int main(int argc, char** argv) {
     if (m.nh % grid.tp) fatal("--tp %d does not divide the model's %d attention heads", grid.tp, m.nh);
     if (m.I % grid.tp) fatal("--tp %d does not divide the model's intermediate_size %d", grid.tp, m.I);
     if (grid.pp > m.L) fatal("--pp %d is more than the model's %d layers (a stage needs at least one)", grid.pp, m.L);
+#ifdef __CUDACC__
+    if (m.hd != cuda::FLASH_HD)  // the tensor-core attention kernels are built for one head size
+        fatal("the GPU build's attention runs head dim %d only; this model's is %d (hidden_size %d / %d heads)",
+              cuda::FLASH_HD, m.hd, m.H, m.nh);
+#endif
     check_memory(m, std::max(c.micro_batch_tokens / grid.cp, c.seq_len), grid.tp);
 
     Tracer tracer;

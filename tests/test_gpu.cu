@@ -373,49 +373,11 @@ static void test_rope_inv_freq() {
 }
 
 // ---- attention ----
-static void test_attention(const std::vector<int>& doc_lengths, int T, int nh, int hd, int window, uint64_t seed) {
-    Rng rng(seed);
-    std::vector<int> cu_seqlens(1, 0);
-    for (int len : doc_lengths) cu_seqlens.push_back(cu_seqlens.back() + len);
-    const int n_docs = (int)doc_lengths.size();
-    std::string tag = fmt("T=%d docs=%d used=%d nh=%d hd=%d window=%d", T, n_docs, cu_seqlens.back(), nh, hd, window);
-    const size_t H = (size_t)nh * hd;
-    auto qkv = random_floats(rng, (size_t)T * 3 * H, 1.5f);
-    int* d_cu = upload_ints(cu_seqlens);
-    float* d_qkv = upload(qkv);
-
-    std::vector<float> out((size_t)T * H), lse((size_t)T * nh);
-    ref::attention_forward(out.data(), lse.data(), qkv.data(), cu_seqlens.data(), n_docs, T, nh, hd, window);
-    float* d_out = upload(std::vector<float>(out.size(), 7.0f));  // padding rows must become zero
-    float* d_lse = upload(std::vector<float>(lse.size(), 7.0f));
-    cuda::attention_forward(d_out, d_lse, d_qkv, d_cu, n_docs, T, nh, hd, window);
-    check("attention_forward out " + tag, download(d_out, out.size()), out, 1e-5, 1e-4);
-    check("attention_forward lse " + tag, download(d_lse, lse.size()), lse, 1e-5, 1e-5);
-
-    // backward from the reference's out/lse, over a prefilled dqkv (written: padding rows become zero)
-    float *d_out_ref = upload(out), *d_lse_ref = upload(lse);
-    auto dout = random_floats(rng, (size_t)T * H);
-    for (int t = cu_seqlens.back(); t < T; t++)  // the model's dout on padding rows is arbitrary too
-        for (size_t c = 0; c < H; c++) dout[(size_t)t * H + c] = 3.0f;
-    auto dqkv0 = random_floats(rng, (size_t)T * 3 * H);
-    std::vector<float> dqkv = dqkv0;
-    ref::attention_backward(dqkv.data(), dout.data(), out.data(), lse.data(), qkv.data(), cu_seqlens.data(), n_docs, T,
-                            nh, hd, window);
-    float* d_dout = upload(dout);
-    float* d_dqkv = upload(dqkv0);
-    cuda::attention_backward(d_dqkv, d_dout, d_out_ref, d_lse_ref, d_qkv, d_cu, n_docs, T, nh, hd, window);
-    check("attention_backward dqkv " + tag, download(d_dqkv, dqkv.size()), dqkv, 5e-5, 1e-4);
-    check_deterministic("attention_backward " + tag, {{d_dqkv, &dqkv0}}, [&] {
-        cuda::attention_backward(d_dqkv, d_dout, d_out_ref, d_lse_ref, d_qkv, d_cu, n_docs, T, nh, hd, window);
-    });
-    for (void* p : std::initializer_list<void*>{d_cu, d_qkv, d_out, d_lse, d_out_ref, d_lse_ref, d_dout, d_dqkv})
-        cuda::free_buffer(p);
-}
-
-// attention against one key block, the merge, the block backward: cuda vs ref on one (query shard, key
-// block) pair of a packed batch with padding (strided qkv rows), an empty block, the merge of both.
+// attention_merge: cuda vs ref, merging the reference's result of one (query shard, key block) pair
+// of a packed batch with padding into a random running result (some rows −inf), then an empty block
+// (the keys of padding) into that: element-wise fp32 arithmetic, 1e-6 absolute, 1e-5 relative.
 static std::vector<float> finite_or(const std::vector<float>& x, float inf_as);  // below, with crossentropy
-static void test_attention_block(const std::vector<int>& doc_lengths, int T, int nh, int hd, int window, int q0,
+static void test_attention_merge(const std::vector<int>& doc_lengths, int T, int nh, int hd, int window, int q0,
                                  int Tq, int k0, int Tk, uint64_t seed) {
     Rng rng(seed);
     std::vector<int> cu_seqlens(1, 0);
@@ -424,70 +386,28 @@ static void test_attention_block(const std::vector<int>& doc_lengths, int T, int
     std::string tag = fmt("T=%d used=%d nh=%d hd=%d window=%d q [%d,+%d) k [%d,+%d)", T, cu_seqlens.back(), nh, hd,
                           window, q0, Tq, k0, Tk);
     const size_t H = (size_t)nh * hd;
-    const int S = 3 * (int)H;
+    const int S = 3 * (int)H, pad0 = cu_seqlens.back(), npad = T - pad0;
     auto qkv = random_floats(rng, (size_t)T * S, 1.5f);
-    int* d_cu = upload_ints(cu_seqlens);
-    float* d_qkv = upload(qkv);
     const float *q = qkv.data() + (size_t)q0 * S, *k = qkv.data() + (size_t)k0 * S + H, *v = k + H;
-    const float *dq_ = d_qkv + (size_t)q0 * S, *dk_ = d_qkv + (size_t)k0 * S + H, *dv_ = dk_ + H;
-
-    std::vector<float> out((size_t)Tq * H), lse((size_t)Tq * nh);
+    std::vector<float> out((size_t)Tq * H), lse((size_t)Tq * nh), eout(out.size()), else_(lse.size());
     ref::attention_block_forward(out.data(), lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh,
                                  hd, window);
-    float* d_out = upload(std::vector<float>(out.size(), 7.0f));
-    float* d_lse = upload(std::vector<float>(lse.size(), 7.0f));
-    cuda::attention_block_forward(d_out, d_lse, dq_, S, q0, Tq, dk_, dv_, S, k0, Tk, d_cu, n_docs, nh, hd, window);
-    check("attention_block_forward out " + tag, download(d_out, out.size()), out, 1e-5, 1e-4);
-    check("attention_block_forward lse " + tag, finite_or(download(d_lse, lse.size()), -1e30f), finite_or(lse, -1e30f),
-          1e-5, 1e-5);
-
-    // an empty block for the same queries: the keys of no document (padding) — or, without padding, none at all
-    std::vector<float> eout((size_t)Tq * H), else_((size_t)Tq * nh);
-    const int pad0 = cu_seqlens.back(), npad = T - pad0;
     ref::attention_block_forward(eout.data(), else_.data(), q, S, q0, Tq, qkv.data() + (size_t)pad0 * S + H,
                                  qkv.data() + (size_t)pad0 * S + 2 * H, S, pad0, npad, cu_seqlens.data(), n_docs, nh, hd,
                                  window);
-    float* d_eout = upload(std::vector<float>(eout.size(), 7.0f));
-    float* d_else = upload(std::vector<float>(else_.size(), 7.0f));
-    cuda::attention_block_forward(d_eout, d_else, dq_, S, q0, Tq, d_qkv + (size_t)pad0 * S + H,
-                                  d_qkv + (size_t)pad0 * S + 2 * H, S, pad0, npad, d_cu, n_docs, nh, hd, window);
-    check("attention_block_forward empty block out " + tag, download(d_eout, eout.size()), eout, 0.0, 0.0);
-    check("attention_block_forward empty block lse " + tag, finite_or(download(d_else, else_.size()), -1e30f),
-          finite_or(else_, -1e30f), 0.0, 0.0);
-
-    // merge: a random running result (some rows −inf) with the block, and the empty block into it
     std::vector<float> mout = random_floats(rng, out.size()), mlse = random_floats(rng, lse.size(), 2.0f, 1.0f);
     for (size_t i = 0; i < mlse.size(); i += 5) mlse[i] = -INFINITY;
     std::vector<float> want_out = mout, want_lse = mlse;
     ref::attention_merge(want_out.data(), want_lse.data(), out.data(), lse.data(), Tq, nh, hd);
     ref::attention_merge(want_out.data(), want_lse.data(), eout.data(), else_.data(), Tq, nh, hd);
     float *d_mout = upload(mout), *d_mlse = upload(mlse), *d_bout = upload(out), *d_blse = upload(lse);
+    float *d_eout = upload(eout), *d_else = upload(else_);
     cuda::attention_merge(d_mout, d_mlse, d_bout, d_blse, Tq, nh, hd);
     cuda::attention_merge(d_mout, d_mlse, d_eout, d_else, Tq, nh, hd);
     check("attention_merge out " + tag, download(d_mout, mout.size()), want_out, 1e-6, 1e-5);
     check("attention_merge lse " + tag, finite_or(download(d_mlse, mlse.size()), -1e30f), finite_or(want_lse, -1e30f),
           1e-6, 1e-5);
-
-    // backward from the merged result (as a ring would), over prefilled gradients (they add)
-    auto dout = random_floats(rng, (size_t)Tq * H);
-    auto dqkv0 = random_floats(rng, (size_t)T * S);
-    std::vector<float> dqkv = dqkv0;
-    ref::attention_block_backward(dqkv.data() + (size_t)q0 * S, dqkv.data() + (size_t)k0 * S + H,
-                                  dqkv.data() + (size_t)k0 * S + 2 * H, S, S, dout.data(), want_out.data(),
-                                  want_lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh, hd,
-                                  window);
-    float *d_dout = upload(dout), *d_dqkv = upload(dqkv0), *d_fout = upload(want_out), *d_flse = upload(want_lse);
-    auto run_backward = [&] {
-        cuda::attention_block_backward(d_dqkv + (size_t)q0 * S, d_dqkv + (size_t)k0 * S + H,
-                                       d_dqkv + (size_t)k0 * S + 2 * H, S, S, d_dout, d_fout, d_flse, dq_, S, q0, Tq,
-                                       dk_, dv_, S, k0, Tk, d_cu, n_docs, nh, hd, window);
-    };
-    run_backward();
-    check("attention_block_backward dq dk dv " + tag, download(d_dqkv, dqkv.size()), dqkv, 5e-5, 1e-4);
-    check_deterministic("attention_block_backward " + tag, {{d_dqkv, &dqkv0}}, run_backward);
-    for (void* p : std::initializer_list<void*>{d_cu, d_qkv, d_out, d_lse, d_eout, d_else, d_mout, d_mlse, d_bout,
-                                                 d_blse, d_dout, d_dqkv, d_fout, d_flse})
-        cuda::free_buffer(p);
+    for (void* p : std::initializer_list<void*>{d_mout, d_mlse, d_bout, d_blse, d_eout, d_else}) cuda::free_buffer(p);
 }
 
 // ---- gelu, geglu ----
@@ -856,13 +776,16 @@ static std::string flash_tag(const std::vector<int>& cu_seqlens, int T, int nh, 
 // weight p_j/Σp is off by at most 2⁻⁸ relative and |Δout| ≤ 2⁻⁸·max|v| (Σ p_j |v_j| / Σ p_j),
 // plus fp32 accumulation (≪ 1e-4).
 // lse comes from fp32 sums of exact bf16 products either way: 1e-5 relative, 1e-4 absolute.
+// whole: the whole-batch op (attention_forward, q, k and v of all T rows) against ref's whole-batch
+// op, instead of the block op on [q0, q0 + Tq) × [k0, k0 + Tk).
 static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int nh, int window, int q0, int Tq, int k0,
-                               int Tk, uint64_t seed) {
+                               int Tk, uint64_t seed, bool whole = false) {
     const int hd = 64;
     Rng rng(seed);
     const std::vector<int> cu_seqlens = document_table(doc_lengths);
     const int n_docs = (int)doc_lengths.size();
-    const std::string tag = flash_tag(cu_seqlens, T, nh, window, q0, Tq, k0, Tk);
+    if (whole) q0 = k0 = 0, Tq = Tk = T;
+    const std::string tag = (whole ? "whole batch " : "") + flash_tag(cu_seqlens, T, nh, window, q0, Tq, k0, Tk);
     const size_t H = (size_t)nh * hd;
     const int S = 3 * (int)H;
     const float v_max = 1.5f;
@@ -870,23 +793,28 @@ static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int n
     std::vector<float> rounded(qkv.size());
     for (size_t i = 0; i < qkv.size(); i++) rounded[i] = host_bf16_float(host_bf16(qkv[i]));
     std::vector<float> out((size_t)Tq * H), lse((size_t)Tq * nh);
-    ref::attention_block_forward(out.data(), lse.data(), rounded.data() + (size_t)q0 * S, S, q0, Tq,
-                                 rounded.data() + (size_t)k0 * S + H, rounded.data() + (size_t)k0 * S + 2 * H, S, k0, Tk,
-                                 cu_seqlens.data(), n_docs, nh, hd, window);
+    if (whole)
+        ref::attention_forward(out.data(), lse.data(), rounded.data(), cu_seqlens.data(), n_docs, T, nh, hd, window);
+    else
+        ref::attention_block_forward(out.data(), lse.data(), rounded.data() + (size_t)q0 * S, S, q0, Tq,
+                                     rounded.data() + (size_t)k0 * S + H, rounded.data() + (size_t)k0 * S + 2 * H, S, k0,
+                                     Tk, cu_seqlens.data(), n_docs, nh, hd, window);
     int* d_cu = upload_ints(cu_seqlens);
     float* d_qkv = upload(qkv);
     const std::vector<float> init_out(out.size(), 7.0f), init_lse(lse.size(), 7.0f);
     float *d_out = upload(init_out), *d_lse = upload(init_lse);
     auto run = [&]() {
-        cuda::flash_attention_forward(d_out, d_lse, d_qkv + (size_t)q0 * S, S, q0, Tq, d_qkv + (size_t)k0 * S + H,
-                                      d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, nh, hd, window);
+        if (whole) cuda::attention_forward(d_out, d_lse, d_qkv, d_cu, n_docs, T, nh, hd, window);
+        else
+            cuda::attention_block_forward(d_out, d_lse, d_qkv + (size_t)q0 * S, S, q0, Tq, d_qkv + (size_t)k0 * S + H,
+                                          d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, nh, hd, window);
     };
     run();
-    check("flash_attention_forward out (bf16, tol 2^-8·max|v|) " + tag, download(d_out, out.size()), out,
+    check("flash attention forward out (bf16, tol 2^-8·max|v|) " + tag, download(d_out, out.size()), out,
           v_max / 256.0 + 1e-4, 0.0);
-    check("flash_attention_forward lse " + tag, finite_or(download(d_lse, lse.size()), -1e30f), finite_or(lse, -1e30f),
+    check("flash attention forward lse " + tag, finite_or(download(d_lse, lse.size()), -1e30f), finite_or(lse, -1e30f),
           1e-4, 1e-5);
-    check_deterministic("flash_attention_forward " + tag, {{d_out, &init_out}, {d_lse, &init_lse}}, run);
+    check_deterministic("flash attention forward " + tag, {{d_out, &init_out}, {d_lse, &init_lse}}, run);
     for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_out, (void*)d_lse}) CUDA_CHECK(cudaFree(p));
 }
 
@@ -898,14 +826,17 @@ static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int n
 // the check allows 2⁻⁷ × that (fp32 rounding of P and of the sums, second order), plus what the fp32 sums of dP and D
 // (kernel and reference alike) can move dS by where dP − D cancels, plus 1e-6. The op adds: dq, dk
 // and dv start from random values. null_dq / null_dkv: that side is skipped and must stay as it was.
+// whole: the whole-batch op (attention_backward), which writes dqkv (padding rows: zeros) over the
+// random values, against ref's whole-batch op.
 static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int nh, int window, int q0, int Tq, int k0,
-                                int Tk, uint64_t seed, bool null_dq = false, bool null_dkv = false) {
+                                int Tk, uint64_t seed, bool null_dq = false, bool null_dkv = false, bool whole = false) {
     const int hd = 64;
     Rng rng(seed);
     const std::vector<int> cu_seqlens = document_table(doc_lengths);
     const int n_docs = (int)doc_lengths.size();
-    const std::string tag = flash_tag(cu_seqlens, T, nh, window, q0, Tq, k0, Tk) + (null_dq ? " (no dq)" : "") +
-                            (null_dkv ? " (no dk, dv)" : "");
+    if (whole) q0 = k0 = 0, Tq = Tk = T;
+    const std::string tag = (whole ? "whole batch " : "") + flash_tag(cu_seqlens, T, nh, window, q0, Tq, k0, Tk) +
+                            (null_dq ? " (no dq)" : "") + (null_dkv ? " (no dk, dv)" : "");
     const size_t H = (size_t)nh * hd;
     const int S = 3 * (int)H;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -921,10 +852,14 @@ static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int 
     ref::attention_block_forward(out.data(), lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh,
                                  hd, window);
     std::vector<float> want = init;
-    ref::attention_block_backward(null_dq ? nullptr : want.data() + (size_t)q0 * S,
-                                  null_dkv ? nullptr : want.data() + (size_t)k0 * S + H,
-                                  null_dkv ? nullptr : want.data() + (size_t)k0 * S + 2 * H, S, S, dout.data(), out.data(),
-                                  lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh, hd, window);
+    if (whole)
+        ref::attention_backward(want.data(), dout.data(), out.data(), lse.data(), qkv.data(), cu_seqlens.data(), n_docs,
+                                T, nh, hd, window);
+    else
+        ref::attention_block_backward(null_dq ? nullptr : want.data() + (size_t)q0 * S,
+                                      null_dkv ? nullptr : want.data() + (size_t)k0 * S + H,
+                                      null_dkv ? nullptr : want.data() + (size_t)k0 * S + 2 * H, S, S, dout.data(), out.data(),
+                                      lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh, hd, window);
     std::vector<double> abs_sum(init.size(), 0.0);  // Σ |terms| of each output element
     std::vector<double> dot_err(init.size(), 0.0);  // what the fp32 sums of dP and D can move dS by, through it
     for (int h = 0; h < nh; h++)
@@ -961,20 +896,23 @@ static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int 
     int* d_cu = upload_ints(cu_seqlens);
     float *d_qkv = upload(qkv), *d_dout = upload(dout), *d_out = upload(out), *d_lse = upload(lse), *d_grad = upload(init);
     auto run = [&]() {
-        cuda::flash_attention_backward(null_dq ? nullptr : d_grad + (size_t)q0 * S,
-                                       null_dkv ? nullptr : d_grad + (size_t)k0 * S + H,
-                                       null_dkv ? nullptr : d_grad + (size_t)k0 * S + 2 * H, S, S, d_dout, d_out, d_lse,
-                                       d_qkv + (size_t)q0 * S, S, q0, Tq, d_qkv + (size_t)k0 * S + H,
-                                       d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, nh, hd, window);
+        if (whole)
+            cuda::attention_backward(d_grad, d_dout, d_out, d_lse, d_qkv, d_cu, n_docs, T, nh, hd, window);
+        else
+            cuda::attention_block_backward(null_dq ? nullptr : d_grad + (size_t)q0 * S,
+                                           null_dkv ? nullptr : d_grad + (size_t)k0 * S + H,
+                                           null_dkv ? nullptr : d_grad + (size_t)k0 * S + 2 * H, S, S, d_dout, d_out, d_lse,
+                                           d_qkv + (size_t)q0 * S, S, q0, Tq, d_qkv + (size_t)k0 * S + H,
+                                           d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, nh, hd, window);
     };
     run();
     const std::vector<float> got = download(d_grad, init.size());
     std::vector<float> err_over_tol(got.size()), zeros(got.size(), 0.0f);
     for (size_t e = 0; e < got.size(); e++)
         err_over_tol[e] = (float)(fabs((double)got[e] - want[e]) / (abs_sum[e] / 128.0 + dot_err[e] + 1e-6));
-    check("flash_attention_backward dq dk dv, |error| / (2^-7·Σ|terms| + fp32 dot error + 1e-6) " + tag, err_over_tol,
+    check("flash attention backward dq dk dv, |error| / (2^-7·Σ|terms| + fp32 dot error + 1e-6) " + tag, err_over_tol,
           zeros, 1.0, 0.0);
-    check_deterministic("flash_attention_backward " + tag, {{d_grad, &init}}, run);
+    check_deterministic("flash attention backward " + tag, {{d_grad, &init}}, run);
     for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_dout, (void*)d_out, (void*)d_lse, (void*)d_grad}) CUDA_CHECK(cudaFree(p));
 }
 static void test_tensor_core_tile(uint64_t seed) {
@@ -1153,16 +1091,11 @@ int main(int argc, char** argv) {
 
     // documents of different lengths (one > 200, one of length 1, one empty), 13 padding tokens
     const std::vector<int> docs = {37, 230, 1, 64, 0, 5};
-    test_attention(docs, 350, 3, 64, -1, 501);
-    test_attention(docs, 350, 3, 64, 64, 502);
-    test_attention(docs, 337, 2, 64, 64, 503);  // no padding
-    test_attention({100, 250}, 360, 2, 40, 5, 504);
-    test_attention({300}, 300, 1, 128, -1, 505);
     // one (query shard, key block) pair: shard and block cutting documents, window ≥ 0, hd up to 128
-    test_attention_block(docs, 350, 3, 64, -1, 20, 200, 30, 250, 511);
-    test_attention_block(docs, 350, 3, 64, 5, 200, 137, 100, 150, 512);
-    test_attention_block({100, 250}, 360, 2, 40, 70, 90, 170, 0, 120, 513);
-    test_attention_block({37, 70, 21}, 140, 2, 128, -1, 0, 140, 50, 60, 514);  // padding queries too
+    test_attention_merge(docs, 350, 3, 64, -1, 20, 200, 30, 250, 511);
+    test_attention_merge(docs, 350, 3, 64, 5, 200, 137, 100, 150, 512);
+    test_attention_merge({100, 250}, 360, 2, 40, 70, 90, 170, 0, 120, 513);
+    test_attention_merge({37, 70, 21}, 140, 2, 128, -1, 0, 140, 50, 60, 514);  // padding queries too
     // the tensor-core flash forward: documents shorter than a tile and of one token, padding, windows
     // cutting tiles, T and blocks not multiples of 64, an external key block, a block nobody sees
     test_flash_forward({1, 30, 60, 7, 22}, 140, 2, -1, 0, 140, 0, 140, 521);
@@ -1175,6 +1108,12 @@ int main(int argc, char** argv) {
     test_flash_backward({200}, 200, 1, 64, 30, 100, 10, 150, 533);
     test_flash_backward({37, 70, 21}, 140, 1, -1, 0, 140, 50, 60, 534, true, false);
     test_flash_backward({37, 70, 21}, 140, 1, -1, 0, 140, 50, 60, 535, false, true);
+    // the whole-batch ops (forward written, backward written over random values): documents of
+    // different lengths, one > 200, one of length 1, one empty, padding or none, global and ±64
+    test_flash_forward(docs, 350, 3, -1, 0, 0, 0, 0, 541, true);
+    test_flash_forward(docs, 337, 2, 64, 0, 0, 0, 0, 542, true);  // no padding
+    test_flash_backward(docs, 350, 2, -1, 0, 0, 0, 0, 543, false, false, true);
+    test_flash_backward(docs, 337, 1, 64, 0, 0, 0, 0, 544, false, false, true);
 
     test_gelu(10007);
     test_geglu(33, 257);

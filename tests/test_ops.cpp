@@ -583,7 +583,10 @@ static void test_attention() {
         for (int i = cu[n_docs]; i < T; i++)
             for (int c = 0; c < H; c++)
                 if (out[(size_t)i * H + c] != 0.0f) pad_zero = false;
-        check(tag + " padding rows give zero output", pad_zero, "");
+        for (int i = cu[n_docs]; i < T; i++)
+            for (int h = 0; h < nh; h++)
+                if (lse[(size_t)i * nh + h] != -INFINITY) pad_zero = false;
+        check(tag + " padding rows give zero output and lse -inf (they see nothing)", pad_zero, "");
 
         // analytic gradient, written over a buffer of C_FILL (an op that accumulated would be off by C_FILL)
         vector<float> dqkv(nq, C_FILL);
