@@ -4,6 +4,7 @@
 #   make test-gpu   every CUDA kernel against its reference, on a machine with a GPU
 #   make test-emu   the same kernels under the CPU emulator of the CUDA execution model (no GPU needed)
 #   make bench-cpu  picotron_cpu vs PyTorch + transformers on the tiny model: s/step and peak memory (out/bench/bench.md)
+#   make bench      one GPU: base at seq 1024 and 8192 vs PyTorch + transformers, attention TFLOP/s (out/bench/bench_gpu.md)
 SHELL := /bin/bash
 
 MPI_COMPILE := $(shell mpicxx --showme:compile 2>/dev/null)
@@ -30,7 +31,7 @@ ifneq ($(NVCC),)
 BINARIES += picotron
 endif
 
-.PHONY: all deps data run test test-gpu test-emu bench-cpu clean
+.PHONY: all deps data run test test-gpu test-emu bench-cpu bench clean
 all: $(BINARIES)
 
 deps:
@@ -139,6 +140,22 @@ bench-cpu: picotron_cpu
 	@python3 -c "import torch, transformers" 2>/dev/null || \
 	  { echo "make bench-cpu needs PyTorch and transformers: run pip install torch transformers numpy"; exit 1; }
 	python3 scripts/bench_cpu.py
+
+# The GPU benchmark (scripts/bench_gpu.py): base trained by picotron at seq 1024 and 8192 (tokens/s,
+# MFU, peak memory, time per op class) and by torch + transformers on the same GPU and batch
+# (scripts/bench_torch.py), and the attention kernels' TFLOP/s (scripts/bench_attention.cu). The GPU
+# check comes first, so that a machine without one gets one line and builds nothing.
+out/bench/bench_attention: scripts/bench_attention.cu $(HEADERS)
+	@mkdir -p out/bench
+	nvcc $(NVCCFLAGS) $(MPI_COMPILE) -I. $< -o $@ $(CUDA_LIBS) $(MPI_LINK)
+bench:
+	@if ! command -v nvidia-smi >/dev/null; then echo "make bench needs an NVIDIA GPU: nvidia-smi not found"; exit 1; fi
+	@if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then echo "make bench needs an NVIDIA GPU: nvidia-smi -L lists none"; exit 1; fi
+	@[ -n "$(NVCC)" ] || { echo "make bench needs nvcc (the CUDA toolkit) to build picotron"; exit 1; }
+	@python3 -c "import numpy, transformers, torch; assert torch.cuda.is_available()" 2>/dev/null || \
+	  { echo "make bench needs PyTorch with CUDA, transformers and numpy (pip install torch transformers numpy)"; exit 1; }
+	@$(MAKE) --no-print-directory picotron out/bench/bench_attention
+	python3 scripts/bench_gpu.py
 
 clean:
 	rm -f picotron picotron_cpu $(TEST_BINS) tests/test_gpu $(EMU_BINS)

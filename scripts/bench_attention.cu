@@ -1,0 +1,162 @@
+// bench_attention.cu — TFLOP/s of kernels.cuh's attention kernels on one GPU (make bench builds it).
+//
+//   nvcc -std=c++17 -O2 -arch=sm_90 -DOMPI_SKIP_MPICXX $(mpicxx --showme:compile) -I.
+//       scripts/bench_attention.cu -o bench_attention -lcublasLt -lcublas -lnccl -lgomp $(mpicxx --showme:link)
+//   ./bench_attention [--runs 20] [--warmup 3]
+//
+// base's attention shape: 12 heads of 64, T = 1024, 2048, 4096, 8192 tokens packed as ONE document,
+// global (window −1) and ModernBERT's local band (window 64: |i − j| ≤ 64). Two implementations:
+//   flash    cuda::flash_attention_forward / _backward: the bf16 tensor-core kernels (the targets are theirs)
+//   trainer  cuda::attention_forward / _backward: the fp32 kernels picotron's training step calls today
+// FLOPs FlashAttention style: forward 4·hd·(visible query-key pairs) per head (QKᵀ and PV, 2 FLOPs a
+// multiply-add each), backward 2.5× the forward (five products of that size instead of two). The pairs
+// are counted exactly from the band, so a windowed run is credited only with the work it must do.
+// Each timing is one launch between two cudaEvents, after warm-up launches; the median is printed.
+// Output: one line per (impl, T, window), "RESULT {json}", for scripts/bench_gpu.py.
+#include "kernels.cuh"
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int kHeads = 12, kHeadDim = 64, kWindow = 64;
+
+// The one place that knows the kernels' argument lists (they may gain RoPE arguments): qkv (T, 3, nh, hd)
+// holds q, k, v at columns 0, H, 2H of each row; the flash kernels take them as strided views.
+struct Buffers {
+    float *qkv, *out, *lse, *dout, *dqkv;
+    int* cu_seqlens;
+};
+void run_forward(bool flash, const Buffers& b, int T, int window) {
+    const int H = kHeads * kHeadDim;
+    if (flash)
+        cuda::flash_attention_forward(b.out, b.lse, b.qkv, 3 * H, 0, T, b.qkv + H, b.qkv + 2 * H, 3 * H, 0, T,
+                                      b.cu_seqlens, 1, kHeads, kHeadDim, window);
+    else
+        cuda::attention_forward(b.out, b.lse, b.qkv, b.cu_seqlens, 1, T, kHeads, kHeadDim, window);
+}
+void run_backward(bool flash, const Buffers& b, int T, int window) {
+    const int H = kHeads * kHeadDim;
+    if (flash)  // adds into dq, dk, dv (the caller zeroes dqkv first, outside the timing)
+        cuda::flash_attention_backward(b.dqkv, b.dqkv + H, b.dqkv + 2 * H, 3 * H, 3 * H, b.dout, b.out, b.lse, b.qkv,
+                                       3 * H, 0, T, b.qkv + H, b.qkv + 2 * H, 3 * H, 0, T, b.cu_seqlens, 1, kHeads,
+                                       kHeadDim, window);
+    else  // writes dqkv
+        cuda::attention_backward(b.dqkv, b.dout, b.out, b.lse, b.qkv, b.cu_seqlens, 1, T, kHeads, kHeadDim, window);
+}
+
+// Query-key pairs with |i − j| ≤ window inside one document of T tokens (window < 0: all T²).
+double visible_pairs(int T, int window) {
+    if (window < 0) return (double)T * T;
+    double pairs = 0;
+    for (int i = 0; i < T; i++) pairs += std::min(i + window, T - 1) - std::max(i - window, 0) + 1;
+    return pairs;
+}
+
+// Milliseconds of one call of f, the median of `runs` after `warmup`; before() runs untimed before each.
+template <typename F, typename G>
+double median_ms(int warmup, int runs, F f, G before) {
+    cudaEvent_t start, stop;
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+    for (int i = 0; i < warmup; i++) before(), f();
+    std::vector<float> ms(runs);
+    for (int i = 0; i < runs; i++) {
+        before();
+        CUDA_CHECK(cudaEventRecord(start));
+        f();
+        CUDA_CHECK(cudaEventRecord(stop));
+        CUDA_CHECK(cudaEventSynchronize(stop));
+        CUDA_CHECK(cudaEventElapsedTime(&ms[i], start, stop));
+    }
+    CUDA_CHECK(cudaEventDestroy(start));
+    CUDA_CHECK(cudaEventDestroy(stop));
+    std::sort(ms.begin(), ms.end());
+    return ms[runs / 2];
+}
+
+std::vector<float> random_values(size_t n, uint64_t seed) {  // uniform in [−1, 1), a fixed LCG: no state shared
+    std::vector<float> v(n);
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        v[i] = (float)((seed >> 40) * (1.0 / (1ull << 24))) * 2.0f - 1.0f;
+    }
+    return v;
+}
+
+float* device_copy(const std::vector<float>& host) {
+    float* d;
+    CUDA_CHECK(cudaMalloc(&d, host.size() * sizeof(float)));
+    CUDA_CHECK(cudaMemcpy(d, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+    return d;
+}
+
+// max |a − b| over n device floats (host side: a sanity check that both kernels computed the same thing)
+float max_abs_diff(const float* a, const float* b, size_t n) {
+    std::vector<float> ha(n), hb(n);
+    CUDA_CHECK(cudaMemcpy(ha.data(), a, n * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(hb.data(), b, n * sizeof(float), cudaMemcpyDeviceToHost));
+    float m = 0.0f;
+    for (size_t i = 0; i < n; i++) m = std::max(m, std::fabs(ha[i] - hb[i]));
+    return m;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    int runs = 20, warmup = 3;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const std::string flag = argv[i];
+        if (flag == "--runs") runs = std::max(1, atoi(argv[i + 1]));
+        else if (flag == "--warmup") warmup = std::max(0, atoi(argv[i + 1]));
+        else fatal("bench_attention: unknown flag %s (--runs N, --warmup N)", flag.c_str());
+    }
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    printf("device: %s; %d heads × %d, one document; median of %d runs after %d warm-up\n", prop.name, kHeads,
+           kHeadDim, runs, warmup);
+
+    const int H = kHeads * kHeadDim, T_max = 8192;
+    Buffers b;
+    b.qkv = device_copy(random_values((size_t)T_max * 3 * H, 1));
+    b.dout = device_copy(random_values((size_t)T_max * H, 2));
+    float *ref_out, *ref_dqkv;  // the trainer kernels' results, to compare the flash kernels' against
+    CUDA_CHECK(cudaMalloc(&b.out, (size_t)T_max * H * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&ref_out, (size_t)T_max * H * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&b.lse, (size_t)T_max * kHeads * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&b.dqkv, (size_t)T_max * 3 * H * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&ref_dqkv, (size_t)T_max * 3 * H * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&b.cu_seqlens, 2 * sizeof(int)));
+
+    for (int T : {1024, 2048, 4096, 8192})
+        for (int window : {-1, kWindow}) {
+            const int cu[2] = {0, T};
+            CUDA_CHECK(cudaMemcpy(b.cu_seqlens, cu, sizeof cu, cudaMemcpyHostToDevice));
+            const double fwd_flops = 4.0 * kHeadDim * visible_pairs(T, window) * kHeads, bwd_flops = 2.5 * fwd_flops;
+            for (bool flash : {false, true}) {  // trainer first: its out and dqkv are the comparison's reference
+                auto zero_grad = [&] { CUDA_CHECK(cudaMemset(b.dqkv, 0, (size_t)T * 3 * H * sizeof(float))); };
+                const double fwd_ms = median_ms(warmup, runs, [&] { run_forward(flash, b, T, window); }, [] {});
+                run_forward(flash, b, T, window);  // the backward needs this implementation's own out and lse
+                const double bwd_ms = median_ms(warmup, runs, [&] { run_backward(flash, b, T, window); }, zero_grad);
+                zero_grad();
+                run_backward(flash, b, T, window);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                char diffs[96] = "null, \"max_abs_diff_dqkv\": null";  // the trainer kernels are the reference
+                if (!flash) {
+                    CUDA_CHECK(cudaMemcpy(ref_out, b.out, (size_t)T * H * sizeof(float), cudaMemcpyDeviceToDevice));
+                    CUDA_CHECK(cudaMemcpy(ref_dqkv, b.dqkv, (size_t)T * 3 * H * sizeof(float), cudaMemcpyDeviceToDevice));
+                } else {
+                    snprintf(diffs, sizeof diffs, "%.3g, \"max_abs_diff_dqkv\": %.3g",
+                             max_abs_diff(b.out, ref_out, (size_t)T * H), max_abs_diff(b.dqkv, ref_dqkv, (size_t)T * 3 * H));
+                }
+                printf("RESULT {\"impl\": \"%s\", \"T\": %d, \"window\": %d, \"pairs\": %.0f, \"fwd_ms\": %.6g, "
+                       "\"bwd_ms\": %.6g, \"fwd_tflops\": %.6g, \"bwd_tflops\": %.6g, \"max_abs_diff_out\": %s}\n",
+                       flash ? "flash" : "trainer", T, window, visible_pairs(T, window), fwd_ms, bwd_ms,
+                       fwd_flops / (fwd_ms * 1e9), bwd_flops / (bwd_ms * 1e9), diffs);
+                fflush(stdout);
+            }
+        }
+    return 0;
+}
