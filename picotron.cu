@@ -3171,18 +3171,23 @@ static void report_step(const StepStats& s, const ModelConfig& m, ProcessGrid& g
     printf("\n");
     fflush(stdout);
     if (!log) return;
-    char mfu_json[32] = "null";
+    char mfu_json[32] = "null", device_json[32] = "null";
     if (peak_tflops > 0) snprintf(mfu_json, sizeof mfu_json, "%.6g", mfu);
+#ifdef __CUDACC__  // the GPU's memory in use (buffers are allocated before step 1 or once at a first use: its peak)
+    size_t free_bytes, total_bytes;
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    snprintf(device_json, sizeof device_json, "%zu", total_bytes - free_bytes);
+#endif
     fprintf(log,
             "{\"step\": %d, \"loss\": %.17g, \"unigram_loss\": %.9g, \"grad_norm\": %.9g, \"lr\": %.9g, "
             "\"tokens\": %ld, \"masked_tokens\": %ld, \"tokens_per_s\": %.6g, \"flops_per_s\": %.6g, "
             "\"mfu\": %s, \"step_ms\": %.6g, \"bytes_sent\": {%s}, \"buckets\": %zu, "
             "\"buckets_during_backward\": %d, \"pp_bubble\": [%s], \"activation_bytes\": [%s], "
-            "\"cp_bytes\": {\"ring\": %.0f, \"halo\": %.0f}, \"cp_imbalance\": [%.6g, %.6g]}\n",
+            "\"cp_bytes\": {\"ring\": %.0f, \"halo\": %.0f}, \"cp_imbalance\": [%.6g, %.6g], \"gpu_used_bytes\": %s}\n",
             s.step, s.loss, unigram, s.grad_norm, s.lr, s.real_tokens, s.masked, tokens_per_s, flops_per_s, mfu_json,
             s.ms, bytes_json.c_str(), sync ? sync->buckets.size() : 0, sync ? sync->launched_during_backward : 0,
             bubble_json.c_str(), act_json.c_str(), s.cp_ring_bytes, s.cp_halo_bytes, s.cp_imbalance_before,
-            s.cp_imbalance_after);
+            s.cp_imbalance_after, device_json);
     fflush(log);
 }
 
