@@ -369,41 +369,68 @@ inline void add_inplace(float* x, const float* y, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-// -- rotary position embedding, rotate-half style, on the q and k parts of qkv --
-// qkv (T, 3, nh, hd) rows are [q heads | k heads | v heads]. Pair (i, i + hd/2) of each q/k head
-// turns by angle pos[t] · inv_freq_i, inv_freq_i = θ^(−2i/hd), everything in accurate fp32 as
-// transformers computes it (the float product pos·inv_freq is rounded once, then cos/sin).
+// -- rotary position embedding, rotate-half style: the attention ops turn q and k as they read them --
+// A head's row is [pair firsts | pair seconds]: pair (i, i + hd/2) of a token at position p turns by
+// angle p · inv_freq_i, inv_freq_i = θ^(−2i/hd), in accurate fp32 as transformers computes it (the
+// float product p·inv_freq rounded once, then cos/sin). The table holds each angle's cos and sin, so
+// that the kernels read them instead of evaluating cos/sin for every tile they load.
 inline float rope_inv_freq(int i, int hd, float theta) { return 1.0f / powf(theta, (float)(2 * i) / (float)hd); }
-inline void rope_rotate(float* qkv, const int* pos, int T, int nh, int hd, float theta, float direction) {
-    int half = hd / 2;
-    float* inv_freq = static_cast<float*>(malloc(sizeof(float) * (half > 0 ? half : 1)));
-    for (int i = 0; i < half; i++) inv_freq[i] = rope_inv_freq(i, hd, theta);
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < half; i++) {  // one angle per (token, pair), shared by every q and k head
-            float angle = (float)pos[t] * inv_freq[i];
-            float c = cosf(angle), s = direction * sinf(angle);
-            for (int part = 0; part < 2; part++)  // q, then k; v is not rotated
-                for (int h = 0; h < nh; h++) {
-                    float* x = qkv + (size_t)t * 3 * nh * hd + (size_t)part * nh * hd + (size_t)h * hd;
-                    float x1 = x[i], x2 = x[i + half];
-                    x[i] = x1 * c - x2 * s;
-                    x[i + half] = x2 * c + x1 * s;
-                }
+// table (P, hd/2, 2): cos and sin of p·inv_freq_i for the positions p < P
+inline void rope_table(float* table, int P, int hd, float theta) {
+    const int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        const float inv_freq = rope_inv_freq(i, hd, theta);
+        for (int p = 0; p < P; p++) {
+            const float angle = (float)p * inv_freq;
+            table[((size_t)p * half + i) * 2] = cosf(angle);
+            table[((size_t)p * half + i) * 2 + 1] = sinf(angle);
         }
-    free(inv_freq);
+    }
 }
-// in place: q, k ← R(pos) q, R(pos) k
-inline void rope_forward(float* qkv, const int* pos, int T, int nh, int hd, float theta) {
-    rope_rotate(qkv, pos, T, nh, hd, theta, 1.0f);
+// x (rows, stride): the nh heads of each row r (columns [0, nh·hd)) turned by R(pos[r]) (direction 1)
+// or by its transpose (direction −1, the backward: a rotation's transpose turns the other way).
+inline void rope_rotate(float* x, int stride, int rows, const int* pos, int nh, int hd, const float* table,
+                        float direction) {
+    const int half = hd / 2;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < half; i++) {  // one angle per (token, pair), shared by every head
+            const float* cs = table + ((size_t)pos[r] * half + i) * 2;
+            const float c = cs[0], s = direction * cs[1];
+            for (int h = 0; h < nh; h++) {
+                float* xh = x + (size_t)r * stride + (size_t)h * hd;
+                const float x1 = xh[i], x2 = xh[i + half];
+                xh[i] = x1 * c - x2 * s;
+                xh[i + half] = x2 * c + x1 * s;
+            }
+        }
 }
-// in place: dq, dk ← R(pos)ᵀ dq, R(pos)ᵀ dk (a rotation's transpose turns the other way)
-inline void rope_backward(float* dqkv, const int* pos, int T, int nh, int hd, float theta) {
-    rope_rotate(dqkv, pos, T, nh, hd, theta, -1.0f);
+// (rows, width): columns [0, width) of x (rows, stride), the first `parts` blocks of nh heads turned
+// by R(pos[r]): what the attention ops compute on (they leave their inputs as they are).
+inline std::vector<float> rope_copy(const float* x, int stride, int rows, int width, int parts, const int* pos, int nh,
+                                    int hd, const float* table) {
+    std::vector<float> y((size_t)rows * width);
+    for (int r = 0; r < rows; r++) memcpy(&y[(size_t)r * width], x + (size_t)r * stride, sizeof(float) * width);
+    for (int part = 0; part < parts; part++) rope_rotate(y.data() + part * nh * hd, width, rows, pos, nh, hd, table, 1.0f);
+    return y;
+}
+// [k | v] (Tk, 2·nh·hd): a key/value block's keys turned by their positions, beside its values.
+inline std::vector<float> rope_kv_copy(const float* k, const float* v, int kv_stride, int Tk, const int* pos, int nh,
+                                       int hd, const float* table) {
+    const int H = nh * hd;
+    std::vector<float> kv((size_t)Tk * 2 * H);
+    for (int j = 0; j < Tk; j++) {
+        memcpy(&kv[(size_t)j * 2 * H], k + (size_t)j * kv_stride, sizeof(float) * H);
+        memcpy(&kv[(size_t)j * 2 * H + H], v + (size_t)j * kv_stride, sizeof(float) * H);
+    }
+    rope_rotate(kv.data(), 2 * H, Tk, pos, nh, hd, table, 1.0f);
+    return kv;
 }
 
 // -- attention confined to each packed document, optionally to a ±window band --
 // qkv (T, 3, nh, hd); out (T, nh, hd); lse (T, nh) = log Σ_j exp(s_ij), kept for the backward.
+// RoPE is part of the op: q and k are turned by their tokens' positions (T) through the table of
+// rope_table (a null table: no rotation), and the backward's dq and dk are those of the unturned q, k.
 // Token i of document d = [cu_seqlens[d], cu_seqlens[d+1]) sees keys j of the same document with
 // |i − j| ≤ window (window < 0: no band). Tokens past cu_seqlens[n_docs] are padding: zero output, lse −∞.
 //
@@ -476,9 +503,11 @@ inline float* attention_scratch(int T) {
     return p;
 }
 
-inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs, int T,
-                              int nh, int hd, int window) {
+inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs,
+                              const int* positions, const float* rope, int T, int nh, int hd, int window) {
     const int H = nh * hd, used = cu_seqlens[n_docs];
+    std::vector<float> turned;
+    if (rope) qkv = (turned = rope_copy(qkv, 3 * H, T, 3 * H, 2, positions, nh, hd, rope)).data();
     memset(out + (size_t)used * H, 0, (size_t)(T - used) * H * sizeof(float));  // padding rows
     for (size_t i = (size_t)used * nh; i < (size_t)T * nh; i++) lse[i] = -INFINITY;  // as a row that sees nothing
     const std::vector<AttentionTask> tasks = attention_tasks(cu_seqlens, n_docs);
@@ -518,9 +547,12 @@ inline void attention_forward(float* out, float* lse, const float* qkv, const in
 // all its keys at once, so its dq is written by one GEMM; dk and dv collect over the query blocks of
 // the document, so the threads share (document, head) pairs, each of which owns its dk, dv rows.
 inline void attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
-                               const int* cu_seqlens, int n_docs, int T, int nh, int hd, int window) {
+                               const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int T,
+                               int nh, int hd, int window) {
     const int H = nh * hd, used = cu_seqlens[n_docs];
     const float scale = 1.0f / sqrtf((float)hd);
+    std::vector<float> turned;
+    if (rope) qkv = (turned = rope_copy(qkv, 3 * H, T, 3 * H, 2, positions, nh, hd, rope)).data();
     memset(dqkv + (size_t)used * 3 * H, 0, (size_t)(T - used) * 3 * H * sizeof(float));  // padding rows
 #pragma omp parallel
     {
@@ -557,6 +589,9 @@ inline void attention_backward(float* dqkv, const float* dout, const float* out,
         free(P);
         free(dS);
     }
+    if (!rope) return;
+    rope_rotate(dqkv, 3 * H, T, positions, nh, hd, rope, -1.0f);  // the gradients of the unturned q and k
+    rope_rotate(dqkv + H, 3 * H, T, positions, nh, hd, rope, -1.0f);
 }
 
 // -- attention of a shard's queries against one block of keys/values (context parallelism) --
@@ -564,6 +599,8 @@ inline void attention_backward(float* dqkv, const float* dout, const float* out,
 // Query i sees key j iff both are in the same document (cu_seqlens (n_docs + 1) over the whole
 // micro-batch) and, when window >= 0, |i − j| <= window. q: (Tq, q_stride), k, v: (Tk, kv_stride),
 // head h at columns h·hd (so qkv rows with stride 3H work: q = qkv, k = qkv + H, v = qkv + 2H).
+// RoPE as in attention_forward: positions (the whole micro-batch's) of query i and key j are
+// positions[i] and positions[j]; a null table: no rotation.
 // A ring over key blocks runs attention_block_forward per block, folds each result into the running
 // one with attention_merge, and after the last merge calls attention_block_backward per block with
 // the final out and lse. Plain per-(row, head) loops; sums over keys in double.
@@ -597,9 +634,17 @@ inline void attention_visible(int i, const int* cu_seqlens, int n_docs, int wind
 // log Σ exp(scaled scores) over them, −INFINITY (and an all-zero out row) when the block holds no visible key.
 inline void attention_block_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
                                     const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                    const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+                                    const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int nh,
+                                    int hd, int window) {
     const int H = nh * hd;
     const float scale = 1.0f / sqrtf((float)hd);
+    if (rope) {  // on turned copies of q and [k | v]
+        const std::vector<float> qt = rope_copy(q, q_stride, Tq, H, 1, positions + q_start, nh, hd, rope);
+        const std::vector<float> kv = rope_kv_copy(k, v, kv_stride, Tk, positions + k_start, nh, hd, rope);
+        attention_block_forward(out, lse, qt.data(), H, q_start, Tq, kv.data(), kv.data() + H, 2 * H, k_start, Tk,
+                                cu_seqlens, n_docs, positions, nullptr, nh, hd, window);
+        return;
+    }
 #pragma omp parallel
     {
         std::vector<float> s(Tk > 0 ? Tk : 1);
@@ -667,9 +712,29 @@ inline void attention_merge(float* out, float* lse, const float* out_b, const fl
 inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
                                      const float* out, const float* lse, const float* q, int q_stride, int q_start,
                                      int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+                                     const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int nh,
+                                     int hd, int window) {
     const size_t H = (size_t)nh * hd;
     const float scale = 1.0f / sqrtf((float)hd);
+    if (rope) {  // the turned copies' gradients, collected from zero, turned back and added
+        const std::vector<float> qt = rope_copy(q, q_stride, Tq, (int)H, 1, positions + q_start, nh, hd, rope);
+        const std::vector<float> kv = rope_kv_copy(k, v, kv_stride, Tk, positions + k_start, nh, hd, rope);
+        std::vector<float> dqt(dq ? (size_t)Tq * H : 0), dkv(dk || dv ? (size_t)Tk * 2 * H : 0);
+        attention_block_backward(dq ? dqt.data() : nullptr, dk ? dkv.data() : nullptr, dv ? dkv.data() + H : nullptr,
+                                 (int)H, 2 * (int)H, dout, out, lse, qt.data(), (int)H, q_start, Tq, kv.data(),
+                                 kv.data() + H, 2 * (int)H, k_start, Tk, cu_seqlens, n_docs, positions, nullptr, nh, hd,
+                                 window);
+        if (dq) rope_rotate(dqt.data(), (int)H, Tq, positions + q_start, nh, hd, rope, -1.0f);
+        if (dk) rope_rotate(dkv.data(), 2 * (int)H, Tk, positions + k_start, nh, hd, rope, -1.0f);
+        for (int i = 0; dq && i < Tq; i++)
+            for (size_t c = 0; c < H; c++) dq[(size_t)i * dq_stride + c] += dqt[(size_t)i * H + c];
+        for (int j = 0; (dk || dv) && j < Tk; j++)
+            for (size_t c = 0; c < H; c++) {
+                if (dk) dk[(size_t)j * dkv_stride + c] += dkv[(size_t)j * 2 * H + c];
+                if (dv) dv[(size_t)j * dkv_stride + c] += dkv[(size_t)j * 2 * H + H + c];
+            }
+        return;
+    }
     std::vector<float> D((size_t)Tq * nh > 0 ? (size_t)Tq * nh : 1);
 #pragma omp parallel for schedule(static)
     for (long task = 0; task < (long)Tq * nh; task++) {
@@ -1022,7 +1087,6 @@ constexpr int WARP_SIZE = 32;
 constexpr unsigned FULL_MASK = 0xffffffffu;
 constexpr int BLOCK_SIZE = 256;            // threads per block of the element-wise kernels
 constexpr size_t MAX_GRID_BLOCKS = 1 << 20;  // element-wise kernels grid-stride beyond this
-constexpr int MAX_HEAD_DIM = 128;          // rope keeps up to 64 angles
 
 inline size_t div_round_up(size_t a, size_t b) { return (a + b - 1) / b; }
 // blocks for an element-wise kernel over n items (n > 0); the kernels grid-stride, so capping is safe
@@ -1553,53 +1617,19 @@ inline void add_inplace(float* x, const float* y, size_t n) {
 }
 
 // ---- rope ----
-// The inverse frequencies are computed on the host with the reference's own powf and passed to the
-// kernel by value, so the angle pos · inv_freq is bit-identical to ref's; cosf/sinf are the accurate
-// device versions (≤ 2 ulp). The rotation uses _rn intrinsics so that nvcc does not fuse it into FMAs
-// and the float arithmetic is exactly the reference's.
-inline float rope_inv_freq(int i, int hd, float theta) { return ref::rope_inv_freq(i, hd, theta); }
-struct RopeFrequencies {
-    float inv_freq[MAX_HEAD_DIM / 2];
-};
-// One thread per rotated pair (t, part ∈ {q, k}, head h, i < hd/2), grid-stride; the index runs
-// fastest over i, so a warp touches consecutive floats of one head.
-__global__ void rope_kernel(float* qkv, const int* pos, int T, int nh, int hd, float direction,
-                            RopeFrequencies freqs) {
-    const int half = hd / 2;
-    const size_t total = (size_t)T * 2 * nh * half;
-    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
-        const int i = (int)(idx % half);
-        size_t rest = idx / half;
-        const int h = (int)(rest % nh);
-        rest /= nh;
-        const int part = (int)(rest % 2);
-        const size_t t = rest / 2;
-        float* x = qkv + t * 3 * nh * hd + (size_t)part * nh * hd + (size_t)h * hd;
-        const float angle = __fmul_rn((float)pos[t], freqs.inv_freq[i]);
-        const float c = cosf(angle), s = direction * sinf(angle);
-        const float x1 = x[i], x2 = x[i + half];
-        x[i] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
-        x[i + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
-    }
-}
-inline void rope_rotate(float* qkv, const int* pos, int T, int nh, int hd, float theta, float direction) {
-    if (hd > MAX_HEAD_DIM) fatal("rope: head dim %d > %d", hd, MAX_HEAD_DIM);
-    const int half = hd / 2;
-    if (T <= 0 || nh <= 0 || half <= 0) return;
-    RopeFrequencies freqs = {};
-    for (int i = 0; i < half; i++) freqs.inv_freq[i] = rope_inv_freq(i, hd, theta);
-    CUDA_LAUNCH(rope_kernel, grid_for((size_t)T * 2 * nh * half), BLOCK_SIZE, qkv, pos, T, nh, hd, direction, freqs);
-}
-inline void rope_forward(float* qkv, const int* pos, int T, int nh, int hd, float theta) {
-    rope_rotate(qkv, pos, T, nh, hd, theta, 1.0f);
-}
-inline void rope_backward(float* dqkv, const int* pos, int T, int nh, int hd, float theta) {
-    rope_rotate(dqkv, pos, T, nh, hd, theta, -1.0f);
+// The attention kernels turn q and k as they load them (see flash_load_tile), reading cos and sin
+// from this table: built on the host by ref's own code (so every angle is bit-identical to the CPU
+// build's) and uploaded once per activation set.
+inline void rope_table(float* table, int P, int hd, float theta) {
+    std::vector<float> host((size_t)P * hd);
+    ref::rope_table(host.data(), P, hd, theta);
+    copy_to_device(table, host.data(), host.size() * sizeof(float));
 }
 
 // ---- attention ----
 // The contract of ref's attention ops, on the tensor cores: flash attention, forward and backward,
-// for head dim 64 (ModernBERT's, every size; the run set-up refuses others on the GPU build). One
+// for head dim 64 (ModernBERT's, every size; the run set-up refuses others on the GPU build), RoPE
+// applied to Q and K tiles as they are loaded and undone on dQ and dK as they are stored. One
 // pair of kernels serves every call: the whole micro-batch (attention_forward/backward: q, k and v
 // from one qkv) and a query shard against one key/value block (the ring and the halo of context
 // parallelism); the merge of block results and the K/V block packing are simple element-wise kernels.
@@ -1670,22 +1700,36 @@ __device__ inline void flash_union(const int* lo_of, const int* hi_of, int begin
 }
 constexpr int FLASH_LD = FLASH_HD + 8;  // shared row stride in bf16: 144 bytes, 16-byte aligned rows whose
                                         // 8 ldmatrix addresses fall in distinct bank groups
+// Rows [row0, row0 + rows) of src's head at col0 → bf16, zeros past them. With a rope table, each row
+// is first turned by its position, positions[first + row0 + row] (first: src row 0's token index):
+// a thread takes dims c, c + 1 and their partners c + 32, c + 33, with ref's arithmetic (_rn: no FMA).
+constexpr int FLASH_HALF = FLASH_HD / 2;
 __device__ inline void flash_load_tile(uint16_t* dst, const float* src, int stride, int col0, int row0, int rows,
-                                       int tid, int threads) {  // rows [row0, row0 + rows) → bf16, zeros past them
-    for (int e = tid; e < FLASH_TILE * FLASH_HD / 2; e += threads) {
-        const int row = e / (FLASH_HD / 2), c = 2 * (e % (FLASH_HD / 2));
-        float x0 = 0.0f, x1 = 0.0f;
+                                       int tid, int threads, const float* rope = nullptr, const int* positions = nullptr,
+                                       int first = 0) {
+    for (int e = tid; e < FLASH_TILE * FLASH_HALF / 2; e += threads) {
+        const int row = e / (FLASH_HALF / 2), c = 2 * (e % (FLASH_HALF / 2));
+        float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // dims c, c + 1, c + 32, c + 33
         if (row < rows) {
             const float* at = src + (size_t)(row0 + row) * stride + col0 + c;
-            x0 = at[0];
-            x1 = at[1];
+            x[0] = at[0], x[1] = at[1], x[2] = at[FLASH_HALF], x[3] = at[FLASH_HALF + 1];
+            if (rope) {
+                const float* cs = rope + ((size_t)positions[first + row0 + row] * FLASH_HALF + c) * 2;
+                for (int i = 0; i < 2; i++) {
+                    const float x1 = x[i], x2 = x[2 + i], co = cs[2 * i], si = cs[2 * i + 1];
+                    x[i] = __fsub_rn(__fmul_rn(x1, co), __fmul_rn(x2, si));
+                    x[2 + i] = __fadd_rn(__fmul_rn(x2, co), __fmul_rn(x1, si));
+                }
+            }
         }
-        store_bf16x2(&dst[row * FLASH_LD + c], pack_bf16x2(x0, x1));
+        store_bf16x2(&dst[row * FLASH_LD + c], pack_bf16x2(x[0], x[1]));
+        store_bf16x2(&dst[row * FLASH_LD + FLASH_HALF + c], pack_bf16x2(x[2], x[3]));
     }
 }
 __global__ void flash_attention_forward_kernel(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
                                                const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                               const int* cu_seqlens, int n_docs, int nh, int window, float scale) {
+                                               const int* cu_seqlens, int n_docs, const int* positions,
+                                               const float* rope, int nh, int window, float scale) {
     alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
     __shared__ int row_lo[FLASH_TILE], row_hi[FLASH_TILE];  // each query row's visible keys [lo, hi)
     __shared__ int tile_lo, tile_hi;                         // the union over the CTA's rows
@@ -1698,7 +1742,7 @@ __global__ void flash_attention_forward_kernel(float* out, float* lse, const flo
         row_lo[tid] = lo;
         row_hi[tid] = hi;
     }
-    flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, Tq - q0, tid, blockDim.x);  // zeros past Tq
+    flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, Tq - q0, tid, blockDim.x, rope, positions, q_start);  // zeros past Tq
     __syncthreads();
     if (tid == 0) flash_union(row_lo, row_hi, 0, FLASH_TILE, k_start + Tk, k_start, &tile_lo, &tile_hi);
     __syncthreads();
@@ -1716,7 +1760,8 @@ __global__ void flash_attention_forward_kernel(float* out, float* lse, const flo
     float max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;  // this lane's share of the sums
     for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
         __syncthreads();  // the previous tile's readers are done with sK and sV
-        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
+        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x,
+                        rope, positions, k_start);
         flash_load_tile(sV, v, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
         __syncthreads();
         if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;  // none of this warp's rows sees this tile
@@ -1786,19 +1831,20 @@ __global__ void flash_attention_forward_kernel(float* out, float* lse, const flo
 }
 inline void attention_block_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
                                     const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                    const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+                                    const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int nh,
+                                    int hd, int window) {
     if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
     if (Tq <= 0 || nh <= 0) return;
     CUDA_LAUNCH(flash_attention_forward_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
                 FLASH_WARPS * WARP_SIZE, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens,
-                n_docs, nh, window, 1.0f / sqrtf((float)hd));
+                n_docs, positions, rope, nh, window, 1.0f / sqrtf((float)hd));
 }
 // The whole micro-batch: its queries against its own keys, q | k | v the column blocks of qkv (T, 3H).
-inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs, int T,
-                              int nh, int hd, int window) {
+inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs,
+                              const int* positions, const float* rope, int T, int nh, int hd, int window) {
     const int H = nh * hd;
-    attention_block_forward(out, lse, qkv, 3 * H, 0, T, qkv + H, qkv + 2 * H, 3 * H, 0, T, cu_seqlens, n_docs, nh, hd,
-                            window);
+    attention_block_forward(out, lse, qkv, 3 * H, 0, T, qkv + H, qkv + 2 * H, 3 * H, 0, T, cu_seqlens, n_docs,
+                            positions, rope, nh, hd, window);
 }
 
 // -- flash attention backward on tensor cores: the fast form of attention_block_backward --
@@ -1858,11 +1904,30 @@ __device__ inline void flash_zero(float x[8][4]) {
     for (int n = 0; n < 8; n++)
         for (int i = 0; i < 4; i++) x[n][i] = 0.0f;
 }
+// One row of a lane's 16 × 64 accumulator (its dims 8n + 2t + {0, 1}; half 0: row g, 1: row g + 8)
+// times scale, into dst's 64 dims (added, or written over). With the row's RoPE cos and sin (cs), the
+// gradient is turned back first (Rᵀ: that of the unturned q or k): the lane holds both dims of each
+// pair, c and c + 32 (tiles n and n + 4).
+__device__ inline void flash_store_row(float* dst, const float acc[8][4], int half, int t, float scale, const float* cs,
+                                       bool add) {
+    for (int n = 0; n < 4; n++)
+        for (int i = 0; i < 2; i++) {
+            const int c = 8 * n + 2 * t + i;
+            float g1 = scale * acc[n][2 * half + i], g2 = scale * acc[n + 4][2 * half + i];
+            if (cs) {
+                const float co = cs[2 * c], si = cs[2 * c + 1], g = g1;
+                g1 = __fadd_rn(__fmul_rn(g1, co), __fmul_rn(g2, si));
+                g2 = __fsub_rn(__fmul_rn(g2, co), __fmul_rn(g, si));
+            }
+            dst[c] = (add ? dst[c] : 0.0f) + g1;
+            dst[c + FLASH_HALF] = (add ? dst[c + FLASH_HALF] : 0.0f) + g2;
+        }
+}
 __global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, const float* dout, const float* out,
                                                    const float* lse, const float* q, int q_stride, int q_start, int Tq,
                                                    const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                                   const int* cu_seqlens, int n_docs, int nh, int window, float scale,
-                                                   bool add) {
+                                                   const int* cu_seqlens, int n_docs, const int* positions,
+                                                   const float* rope, int nh, int window, float scale, bool add) {
     alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sdO[FLASH_TILE * FLASH_LD];
     alignas(16) __shared__ uint16_t sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
     __shared__ int row_lo[FLASH_TILE], row_hi[FLASH_TILE];
@@ -1874,7 +1939,7 @@ __global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, con
     if (tid < FLASH_TILE)
         flash_query_row(&row_lo[tid], &row_hi[tid], &row_D[tid], &row_lse[tid], tid < rows, q0 + tid, dout, out, lse,
                         q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
-    flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, rows, tid, blockDim.x);
+    flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, rows, tid, blockDim.x, rope, positions, q_start);
     flash_load_tile(sdO, dout, H, h * FLASH_HD, q0, rows, tid, blockDim.x);
     __syncthreads();
     if (tid == 0) flash_union(row_lo, row_hi, 0, FLASH_TILE, k_start + Tk, k_start, &tile_lo, &tile_hi);
@@ -1889,7 +1954,8 @@ __global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, con
     flash_zero(acc);
     for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
         __syncthreads();
-        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
+        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x,
+                        rope, positions, k_start);
         flash_load_tile(sV, v, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
         __syncthreads();
         if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;
@@ -1909,16 +1975,16 @@ __global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, con
     for (int half = 0; half < 2; half++) {
         const int row = (half ? rb : ra);
         if (row >= rows) continue;
-        float* dst = dq + (size_t)(q0 + row) * dq_stride + (size_t)h * FLASH_HD;
-        for (int n = 0; n < 8; n++)
-            for (int i = 0; i < 2; i++) dst[8 * n + 2 * t + i] = (add ? dst[8 * n + 2 * t + i] : 0.0f) + scale * acc[n][2 * half + i];
+        const float* cs = rope ? rope + (size_t)positions[q_start + q0 + row] * FLASH_HD : nullptr;
+        flash_store_row(dq + (size_t)(q0 + row) * dq_stride + (size_t)h * FLASH_HD, acc, half, t, scale, cs, add);
     }
 }
 __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dkv_stride, const float* dout,
                                                     const float* out, const float* lse, const float* q, int q_stride,
                                                     int q_start, int Tq, const float* k, const float* v, int kv_stride,
-                                                    int k_start, int Tk, const int* cu_seqlens, int n_docs, int nh,
-                                                    int window, float scale, bool add) {
+                                                    int k_start, int Tk, const int* cu_seqlens, int n_docs,
+                                                    const int* positions, const float* rope, int nh, int window,
+                                                    float scale, bool add) {
     alignas(16) __shared__ uint16_t sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
     alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sdO[FLASH_TILE * FLASH_LD];
     __shared__ int key_lo[FLASH_TILE], key_hi[FLASH_TILE];  // each key's queries [lo, hi), in q_start's numbering
@@ -1933,7 +1999,7 @@ __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dk
         if (tid < keys) attention_visible(k_start + k0 + tid, cu_seqlens, n_docs, window, q_start, q_start + Tq, &lo, &hi);
         key_lo[tid] = lo, key_hi[tid] = hi;
     }
-    flash_load_tile(sK, k, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
+    flash_load_tile(sK, k, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x, rope, positions, k_start);
     flash_load_tile(sV, v, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
     __syncthreads();
     if (tid == 0) flash_union(key_lo, key_hi, 0, FLASH_TILE, q_start + Tq, q_start, &tile_lo, &tile_hi);
@@ -1953,7 +2019,7 @@ __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dk
         if (tid < FLASH_TILE)
             flash_query_row(&q_lo[tid], &q_hi[tid], &q_D[tid], &q_lse[tid], tid < rows, first + tid, dout, out, lse,
                             q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
-        flash_load_tile(sQ, q, q_stride, h * FLASH_HD, first, rows, tid, blockDim.x);
+        flash_load_tile(sQ, q, q_stride, h * FLASH_HD, first, rows, tid, blockDim.x, rope, positions, q_start);
         flash_load_tile(sdO, dout, H, h * FLASH_HD, first, rows, tid, blockDim.x);
         __syncthreads();
         if (qt >= warp_hi || qt + FLASH_TILE <= warp_lo) continue;
@@ -1976,45 +2042,44 @@ __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dk
     for (int half = 0; half < 2; half++) {
         const int row = 16 * warp + g + 8 * half;
         if (row >= keys) continue;
-        float* dkj = dk ? dk + (size_t)(k0 + row) * dkv_stride + (size_t)h * FLASH_HD : nullptr;
-        float* dvj = dv ? dv + (size_t)(k0 + row) * dkv_stride + (size_t)h * FLASH_HD : nullptr;
-        for (int n = 0; n < 8; n++)
-            for (int i = 0; i < 2; i++) {
-                const int c = 8 * n + 2 * t + i;
-                if (dkj) dkj[c] = (add ? dkj[c] : 0.0f) + scale * acc_k[n][2 * half + i];
-                if (dvj) dvj[c] = (add ? dvj[c] : 0.0f) + acc_v[n][2 * half + i];
-            }
+        const size_t at = (size_t)(k0 + row) * dkv_stride + (size_t)h * FLASH_HD;
+        const float* cs = rope ? rope + (size_t)positions[k_start + k0 + row] * FLASH_HD : nullptr;
+        if (dk) flash_store_row(dk + at, acc_k, half, t, scale, cs, add);
+        if (dv) flash_store_row(dv + at, acc_v, half, t, 1.0f, nullptr, add);
     }
 }
 inline void flash_attention_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
                                      const float* out, const float* lse, const float* q, int q_stride, int q_start,
                                      int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window, bool add) {
+                                     const int* cu_seqlens, int n_docs, const int* positions, const float* rope,
+                                     int nh, int hd, int window, bool add) {
     if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
     if (Tq <= 0 || Tk <= 0 || nh <= 0) return;
     const float scale = 1.0f / sqrtf((float)hd);
     if (dq)
         CUDA_LAUNCH(flash_attention_backward_dq_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
                     FLASH_WARPS * WARP_SIZE, dq, dq_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride,
-                    k_start, Tk, cu_seqlens, n_docs, nh, window, scale, add);
+                    k_start, Tk, cu_seqlens, n_docs, positions, rope, nh, window, scale, add);
     if (dk || dv)
         CUDA_LAUNCH(flash_attention_backward_dkv_kernel, dim3((unsigned)div_round_up(Tk, FLASH_TILE), (unsigned)nh),
                     FLASH_WARPS * WARP_SIZE, dk, dv, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v,
-                    kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, window, scale, add);
+                    kv_stride, k_start, Tk, cu_seqlens, n_docs, positions, rope, nh, window, scale, add);
 }
 inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
                                      const float* out, const float* lse, const float* q, int q_stride, int q_start,
                                      int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
-                                     const int* cu_seqlens, int n_docs, int nh, int hd, int window) {
+                                     const int* cu_seqlens, int n_docs, const int* positions, const float* rope,
+                                     int nh, int hd, int window) {
     flash_attention_backward(dq, dk, dv, dq_stride, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v,
-                             kv_stride, k_start, Tk, cu_seqlens, n_docs, nh, hd, window, true);
+                             kv_stride, k_start, Tk, cu_seqlens, n_docs, positions, rope, nh, hd, window, true);
 }
 // dqkv (T, 3H) written: the gradients of the whole micro-batch's q | k | v.
 inline void attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
-                               const int* cu_seqlens, int n_docs, int T, int nh, int hd, int window) {
+                               const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int T,
+                               int nh, int hd, int window) {
     const int H = nh * hd;
     flash_attention_backward(dqkv, dqkv + H, dqkv + 2 * H, 3 * H, 3 * H, dout, out, lse, qkv, 3 * H, 0, T, qkv + H,
-                             qkv + 2 * H, 3 * H, 0, T, cu_seqlens, n_docs, nh, hd, window, false);
+                             qkv + 2 * H, 3 * H, 0, T, cu_seqlens, n_docs, positions, rope, nh, hd, window, false);
 }
 __global__ void attention_merge_kernel(float* out, float* lse, const float* out_b, const float* lse_b, int T, int nh,
                                        int hd) {

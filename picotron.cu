@@ -1220,8 +1220,10 @@ struct Activations {
     int head_rows = 0;       // rows of this rank's head (head_local + zero padding)
     int decoder_rows = 0;    // rows the decoder and the loss see: head_rows · tp with --sp, else head_rows
     int* ids;                // (T)
-    int* positions;          // (T)
-    int* cu_seqlens;         // (T + 1)
+    int* positions;          // (T·cp) the whole micro-batch's tokens' positions (each < T·cp)
+    int* cu_seqlens;         // (T·cp + 1) the whole micro-batch's documents
+    float* rope_global;      // (T·cp, hd/2, 2) RoPE's cos and sin of every position, global layers' base
+    float* rope_local;       // (T·cp, hd/2, 2) the same, local layers' base
     int* masked_rows;        // (M) local row indices of this rank's masked rows
     int* targets;            // (T) labels of the decoder's rows; −100 on padding rows
     float* emb;              // (T, H)  embedding lookup of this rank's vocabulary rows (a partial sum over tp)
@@ -1280,8 +1282,13 @@ static Activations alloc_activations(const Model& model, int T) {
     auto head = [&](size_t n) { return t.last_stage ? floats(n) : nullptr; };
     auto full = [&](float* local) { return tp.sp ? floats(TH) : local; };
     a.ids = ints(T);
-    a.positions = ints(T);
-    a.cu_seqlens = ints((size_t)T * model.cp.size + 1);  // the whole micro-batch's documents
+    const int T_whole = T * model.cp.size;
+    a.positions = ints(T_whole);
+    a.cu_seqlens = ints((size_t)T_whole + 1);
+    a.rope_global = floats((size_t)T_whole * m.hd);
+    a.rope_local = floats((size_t)T_whole * m.hd);
+    ops::rope_table(a.rope_global, T_whole, m.hd, m.theta_global);
+    ops::rope_table(a.rope_local, T_whole, m.hd, m.theta_local);
     a.masked_rows = ints(a.M);
     a.targets = ints(T);
     a.emb = t.first_stage ? floats(TH) : nullptr;
@@ -1347,8 +1354,8 @@ static Activations alloc_activations(const Model& model, int T) {
 struct BatchView {
     int T = 0, n_docs = 0, n_masked = 0, n_real = 0;  // tokens, documents, masked and real tokens here
     int token_start = 0, T_whole = 0;  // this view's first token in the micro-batch, the micro-batch's tokens
-    std::vector<int> ids, positions, masked_rows, targets;  // (T), (T), (n_masked), (n_masked): this view's
-    std::vector<int> cu_seqlens;                            // (n_docs + 1) the whole micro-batch's documents
+    std::vector<int> ids, masked_rows, targets;  // (T), (n_masked), (n_masked): this view's
+    std::vector<int> positions, cu_seqlens;      // (T_whole), (n_docs + 1): the whole micro-batch's
     std::vector<double> cp_pairs;  // (cp, cp) [r·cp + o]: same-document pairs of shard r's queries with shard o's keys
     double cp_ring_work = 0, cp_ring_work_unbalanced = 0;  // the ring's critical path (see cp_ring_work), in pairs
 };
@@ -1393,10 +1400,24 @@ static void upload_batch(Activations* a, const BatchView& b, const ModelConfig& 
         decoder_targets.insert(decoder_targets.end(), tg.begin(), tg.end());
     }
     ops::copy_to_device(a->ids, b.ids.data(), sizeof(int) * b.T);
-    ops::copy_to_device(a->positions, b.positions.data(), sizeof(int) * b.T);
+    if ((int)b.positions.size() != b.T_whole) fatal("internal: %zu positions for %d tokens", b.positions.size(), b.T_whole);
+    for (int p : b.positions)  // a document fits in the micro-batch, so its positions fit the RoPE tables
+        if (p < 0 || p >= b.T_whole) fatal("internal: position %d outside the RoPE tables", p);
+    ops::copy_to_device(a->positions, b.positions.data(), sizeof(int) * b.T_whole);
     ops::copy_to_device(a->cu_seqlens, b.cu_seqlens.data(), sizeof(int) * (b.n_docs + 1));
     if (a->head_local) ops::copy_to_device(a->masked_rows, rows[mine].data(), sizeof(int) * a->head_local);
     if (a->decoder_rows) ops::copy_to_device(a->targets, decoder_targets.data(), sizeof(int) * a->decoder_rows);
+}
+
+// What the attention ops read of a micro-batch besides q, k and v (device pointers): its document
+// table, its tokens' positions (the whole micro-batch's, under cp too) and the layer's RoPE table.
+struct AttentionTables {
+    const int* cu_seqlens;
+    const int* positions;
+    const float* rope;
+};
+static AttentionTables attention_tables(const Activations& a, const ModelConfig& m, int layer) {
+    return {a.cu_seqlens, a.positions, m.is_global(layer) ? a.rope_global : a.rope_local};
 }
 
 // ---- context parallel ----
@@ -1534,15 +1555,14 @@ static BatchView cp_balance(const BatchView& b, int cp) {
     out.cp_ring_work_unbalanced = unbalanced;
     return out;
 }
-// Shard r of a (balanced) micro-batch: its Tc tokens, their positions, its masked rows (as rows of
-// the shard), and the whole document table.
+// Shard r of a (balanced) micro-batch: its Tc tokens, its masked rows (as rows of the shard), and the
+// whole document table and positions (the attention ops index them by the token's place in the whole).
 static BatchView cp_shard(const BatchView& whole, int cp, int r) {
     const int Tc = whole.T / cp, start = r * Tc;
     BatchView s = whole;
     s.T = Tc;
     s.token_start = start;
     s.ids.assign(whole.ids.begin() + start, whole.ids.begin() + start + Tc);
-    s.positions.assign(whole.positions.begin() + start, whole.positions.begin() + start + Tc);
     s.masked_rows.clear();
     s.targets.clear();
     for (int k = 0; k < whole.n_masked; k++)
@@ -1583,9 +1603,10 @@ static CommRequest ring_pass(ContextParallel& cp, const BatchView& b, int s, siz
     return req;
 }
 
-// Global-layer attention of this shard's queries over the whole micro-batch. qkv (Tc, 3·Hl) after
-// RoPE; out (Tc, Hl), lse (Tc, heads); cu_seqlens on the device (the whole table).
-static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, const float* qkv, const int* cu_seqlens,
+// Global-layer attention of this shard's queries over the whole micro-batch. qkv (Tc, 3·Hl) as the
+// GEMM wrote it (the attention ops apply RoPE to q and k, so the blocks travel unturned); out (Tc,
+// Hl), lse (Tc, heads).
+static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, const float* qkv, const AttentionTables& tables,
                                    const BatchView& b, int heads, int hd) {
     const int p = cp.size, r = cp.rank, Tc = b.T, Hl = heads * hd, S = 3 * Hl;
     const size_t n = (size_t)Tc * 2 * Hl;
@@ -1595,22 +1616,22 @@ static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, 
         CommRequest next = ring_pass(cp, b, s + 1, n, "cp ring kv send/recv");
         if (s == 0) {
             ops::attention_block_forward(out, lse, qkv, S, b.token_start, Tc, qkv + Hl, qkv + 2 * Hl, S, b.token_start, Tc,
-                                         cu_seqlens, b.n_docs, heads, hd, -1);
+                                         tables.cu_seqlens, b.n_docs, tables.positions, tables.rope, heads, hd, -1);
         } else if (cp_needs(b, p, r, owner)) {
             const float* kv = cp.kv[s % 2];
             ops::attention_block_forward(cp.out_b, cp.lse_b, qkv, S, b.token_start, Tc, kv, kv + Hl, 2 * Hl, owner * Tc,
-                                         Tc, cu_seqlens, b.n_docs, heads, hd, -1);
+                                         Tc, tables.cu_seqlens, b.n_docs, tables.positions, tables.rope, heads, hd, -1);
             ops::attention_merge(out, lse, cp.out_b, cp.lse_b, Tc, heads, hd);
         }
         comm_wait(*cp.comm, next);
     }
 }
-// Its backward: dqkv (Tc, 3·Hl) ← the gradients of this shard's q, k and v (before RoPE's backward),
+// Its backward: dqkv (Tc, 3·Hl) ← the gradients of this shard's q, k and v,
 // from dout (Tc, Hl) and the forward's final out and lse. Step s computes against block r − s and
 // sends that block's gradient to its owner, while the gradient of this shard's block arrives
 // from rank r + s (which attended to it at its step s); arrivals are added in step order.
 static void ring_attention_backward(ContextParallel& cp, float* dqkv, const float* dout, const float* out,
-                                    const float* lse, const float* qkv, const int* cu_seqlens, const BatchView& b,
+                                    const float* lse, const float* qkv, const AttentionTables& tables, const BatchView& b,
                                     int heads, int hd) {
     const int p = cp.size, r = cp.rank, Tc = b.T, Hl = heads * hd, S = 3 * Hl;
     const size_t n = (size_t)Tc * 2 * Hl;
@@ -1629,12 +1650,14 @@ static void ring_attention_backward(ContextParallel& cp, float* dqkv, const floa
         float* dkv = cp.dkv[s % 2];
         if (s == 0) {
             ops::attention_block_backward(dqkv, dqkv + Hl, dqkv + 2 * Hl, S, S, dout, out, lse, qkv, S, b.token_start, Tc,
-                                          qkv + Hl, qkv + 2 * Hl, S, b.token_start, Tc, cu_seqlens, b.n_docs, heads, hd, -1);
+                                          qkv + Hl, qkv + 2 * Hl, S, b.token_start, Tc, tables.cu_seqlens, b.n_docs,
+                                          tables.positions, tables.rope, heads, hd, -1);
         } else if (computes) {
             const float* kv = cp.kv[s % 2];
             ops::zero_floats(dkv, n);
             ops::attention_block_backward(dqkv, dkv, dkv + Hl, S, 2 * Hl, dout, out, lse, qkv, S, b.token_start, Tc, kv,
-                                          kv + Hl, 2 * Hl, owner * Tc, Tc, cu_seqlens, b.n_docs, heads, hd, -1);
+                                          kv + Hl, 2 * Hl, owner * Tc, Tc, tables.cu_seqlens, b.n_docs, tables.positions,
+                                          tables.rope, heads, hd, -1);
         }
         comm_wait(*cp.comm, next);
         if (s == 0) continue;
@@ -1703,7 +1726,7 @@ static void halo_exchange(ContextParallel& cp, const Halo& h, Pass pass, float* 
 // Local-layer attention of this shard's queries: its K/V and the halo, one block. kv_halo (left +
 // right rows, 2·Hl) keeps the halo for the backward.
 static void halo_attention_forward(ContextParallel& cp, float* out, float* lse, float* kv_halo, const float* qkv,
-                                   const int* cu_seqlens, const BatchView& b, int heads, int hd) {
+                                   const AttentionTables& tables, const BatchView& b, int heads, int hd) {
     const Halo h = halo_of(cp, b);
     const int Hl = heads * hd;
     const size_t width = 2 * (size_t)Hl;
@@ -1713,12 +1736,13 @@ static void halo_attention_forward(ContextParallel& cp, float* out, float* lse, 
     ops::copy_on_device(kv_halo + (size_t)h.left * width, cp.kv_ext + (size_t)(h.left + b.T) * width,
                         (size_t)h.right * width * sizeof(float));
     ops::attention_block_forward(out, lse, qkv, 3 * Hl, b.token_start, b.T, cp.kv_ext, cp.kv_ext + Hl, 2 * Hl,
-                                 b.token_start - h.left, h.left + b.T + h.right, cu_seqlens, b.n_docs, heads, hd, cp.window);
+                                 b.token_start - h.left, h.left + b.T + h.right, tables.cu_seqlens, b.n_docs,
+                                 tables.positions, tables.rope, heads, hd, cp.window);
 }
-// Its backward: dqkv (Tc, 3·Hl) ← q, k, v gradients (before RoPE's backward). The halo rows'
+// Its backward: dqkv (Tc, 3·Hl) ← q, k, v gradients. The halo rows'
 // gradients go back to their owners; this shard's own, then those arriving, are added in order.
 static void halo_attention_backward(ContextParallel& cp, float* dqkv, const float* dout, const float* out,
-                                    const float* lse, const float* kv_halo, const float* qkv, const int* cu_seqlens,
+                                    const float* lse, const float* kv_halo, const float* qkv, const AttentionTables& tables,
                                     const BatchView& b, int heads, int hd) {
     const Halo h = halo_of(cp, b);
     const int Hl = heads * hd, rows = h.left + b.T + h.right;
@@ -1731,7 +1755,7 @@ static void halo_attention_backward(ContextParallel& cp, float* dqkv, const floa
     ops::zero_floats(cp.dkv_ext, (size_t)rows * width);
     ops::attention_block_backward(dqkv, cp.dkv_ext, cp.dkv_ext + Hl, 3 * Hl, 2 * Hl, dout, out, lse, qkv, 3 * Hl,
                                   b.token_start, b.T, cp.kv_ext, cp.kv_ext + Hl, 2 * Hl, b.token_start - h.left, rows,
-                                  cu_seqlens, b.n_docs, heads, hd, cp.window);
+                                  tables.cu_seqlens, b.n_docs, tables.positions, tables.rope, heads, hd, cp.window);
     halo_exchange(cp, h, Pass::backward, cp.dkv_ext, Hl);
     ops::kv_unpack_add(dqkv, cp.dkv_ext + (size_t)h.left * width, 0, b.T, Hl);
     int at = 0;
@@ -1744,15 +1768,15 @@ static void halo_attention_backward(ContextParallel& cp, float* dqkv, const floa
 }
 
 // The attention of one layer under cp (model_forward and model_backward call these when cp > 1).
-static void cp_attention_forward(ContextParallel& cp, LayerActivations& la, const int* cu_seqlens, const BatchView& b,
+static void cp_attention_forward(ContextParallel& cp, LayerActivations& la, const AttentionTables& tables, const BatchView& b,
                                  bool global, int heads, int hd) {
-    if (global) ring_attention_forward(cp, la.atty, la.lse, la.qkv, cu_seqlens, b, heads, hd);
-    else halo_attention_forward(cp, la.atty, la.lse, la.kv_halo, la.qkv, cu_seqlens, b, heads, hd);
+    if (global) ring_attention_forward(cp, la.atty, la.lse, la.qkv, tables, b, heads, hd);
+    else halo_attention_forward(cp, la.atty, la.lse, la.kv_halo, la.qkv, tables, b, heads, hd);
 }
 static void cp_attention_backward(ContextParallel& cp, float* dqkv, const float* datty, const LayerActivations& la,
-                                  const int* cu_seqlens, const BatchView& b, bool global, int heads, int hd) {
-    if (global) ring_attention_backward(cp, dqkv, datty, la.atty, la.lse, la.qkv, cu_seqlens, b, heads, hd);
-    else halo_attention_backward(cp, dqkv, datty, la.atty, la.lse, la.kv_halo, la.qkv, cu_seqlens, b, heads, hd);
+                                  const AttentionTables& tables, const BatchView& b, bool global, int heads, int hd) {
+    if (global) ring_attention_backward(cp, dqkv, datty, la.atty, la.lse, la.qkv, tables, b, heads, hd);
+    else halo_attention_backward(cp, dqkv, datty, la.atty, la.lse, la.kv_halo, la.qkv, tables, b, heads, hd);
 }
 
 // ---- model forward ----
@@ -1795,15 +1819,14 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
         }
         tp_region_in(tp, Pass::forward, attn_in, la.ln_attn_full, Tl, H, "attention-in");
         TRACED(trace, "matmul", ops::matmul_forward(la.qkv, la.ln_attn_full, lw.wqkv, nullptr, T, H, 3 * Hl));
-        float theta = m.is_global(layer) ? m.theta_global : m.theta_local;
-        int window = m.is_global(layer) ? -1 : m.window();
-        TRACED(trace, "rope", ops::rope_forward(la.qkv, a.positions, T, t.heads, m.hd, theta));
+        const int window = m.is_global(layer) ? -1 : m.window();
+        const AttentionTables tables = attention_tables(a, m, layer);
         if (model.cp.size > 1)
-            TRACED(trace, "attention",
-                   cp_attention_forward(model.cp, la, a.cu_seqlens, b, m.is_global(layer), t.heads, m.hd));
+            TRACED(trace, "attention", cp_attention_forward(model.cp, la, tables, b, m.is_global(layer), t.heads, m.hd));
         else
             TRACED(trace, "attention",
-                   ops::attention_forward(la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, t.heads, m.hd, window));
+                   ops::attention_forward(la.atty, la.lse, la.qkv, tables.cu_seqlens, b.n_docs, tables.positions, tables.rope, T,
+                                          t.heads, m.hd, window));
         float* attn_out = tp_full(tp, la.resid_mid, a.partial);
         TRACED(trace, "matmul", ops::matmul_forward(attn_out, la.atty, lw.wo, nullptr, T, Hl, H));
         tp_region_out(tp, Pass::forward, la.resid_mid, attn_out, Tl, H, "attention-out");
@@ -1919,17 +1942,15 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         tp_region_out(tp, Pass::backward, a.d_resid, a.d_full, Tl, H, "attention-out");
         TRACED(trace, "matmul",
                ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_full, la.atty, lw.wo, T, Hl, H, false));
-        int window = m.is_global(layer) ? -1 : m.window();
+        const int window = m.is_global(layer) ? -1 : m.window();
+        const AttentionTables tables = attention_tables(a, m, layer);
         if (model.cp.size > 1)
             TRACED(trace, "attention",
-                   cp_attention_backward(model.cp, a.d_qkv, a.d_atty, la, a.cu_seqlens, b, m.is_global(layer), t.heads,
-                                         m.hd));
+                   cp_attention_backward(model.cp, a.d_qkv, a.d_atty, la, tables, b, m.is_global(layer), t.heads, m.hd));
         else
             TRACED(trace, "attention",
-                   ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, a.cu_seqlens, b.n_docs, T, t.heads,
-                                           m.hd, window));
-        TRACED(trace, "rope",
-               ops::rope_backward(a.d_qkv, a.positions, T, t.heads, m.hd, m.is_global(layer) ? m.theta_global : m.theta_local));
+                   ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, tables.cu_seqlens, b.n_docs,
+                                           tables.positions, tables.rope, T, t.heads, m.hd, window));
         TRACED(trace, "matmul",
                ops::matmul_backward(a.d_ln_full, lg.wqkv, nullptr, a.d_qkv, la.ln_attn_full, lw.wqkv, T, H, 3 * Hl, false));
         tp_region_in(tp, Pass::backward, a.d_ln, a.d_ln_full, Tl, H, "attention-in");
@@ -2818,7 +2839,7 @@ static void predict(Model& model, Pipeline& pipe, const WordTokenizer& tok, cons
     ids.push_back(m.special.sep);
     if ((int)ids.size() > pipe.T) fatal("--predict: sentence of %zu tokens is longer than %d", ids.size(), pipe.T);
     BatchView b;
-    b.T = (int)ids.size();
+    b.T = b.T_whole = (int)ids.size();
     b.n_docs = 1;
     b.ids = ids;
     for (int t = 0; t < b.T; t++) b.positions.push_back(t);

@@ -337,42 +337,18 @@ static void test_add_inplace(size_t n) {
 }
 
 // ---- rope ----
-// positions restart at 0 per document (as in training), or are random up to 8191 (long documents)
-static void test_rope(int T, int nh, int hd, float theta, bool long_positions, uint64_t seed) {
-    Rng rng(seed);
-    std::string tag = fmt("T=%d nh=%d hd=%d theta=%g %s", T, nh, hd, theta, long_positions ? "pos<8192" : "per-doc pos");
-    std::vector<int> pos(T);
-    for (int t = 0, p = 0; t < T; t++, p++) {
-        if (rng.below(40) == 0) p = 0;  // a new document
-        pos[t] = long_positions ? rng.below(8192) : p;
-    }
-    auto qkv = random_floats(rng, (size_t)T * 3 * nh * hd);
-    int* d_pos = upload_ints(pos);
-    float* d_qkv = upload(qkv);
-    std::vector<float> fwd = qkv;
-    ref::rope_forward(fwd.data(), pos.data(), T, nh, hd, theta);
-    cuda::rope_forward(d_qkv, d_pos, T, nh, hd, theta);
-    // cosf/sinf differ by ≤ 2 ulp between the device and glibc; the angle itself is bit-identical
-    check("rope_forward " + tag, download(d_qkv, fwd.size()), fwd, 2e-6, 1e-5);
-    std::vector<float> bwd = qkv;
-    ref::rope_backward(bwd.data(), pos.data(), T, nh, hd, theta);
-    reset(d_qkv, qkv);
-    cuda::rope_backward(d_qkv, d_pos, T, nh, hd, theta);
-    check("rope_backward " + tag, download(d_qkv, bwd.size()), bwd, 2e-6, 1e-5);
-    check_deterministic("rope_backward " + tag, {{d_qkv, &qkv}},
-                        [&] { cuda::rope_backward(d_qkv, d_pos, T, nh, hd, theta); });
-    cuda::free_buffer(d_pos);
-    cuda::free_buffer(d_qkv);
-}
-static void test_rope_inv_freq() {
-    bool ok = true;
-    for (float theta : {10000.0f, 160000.0f})
-        for (int hd : {64, 40, 128})
-            for (int i = 0; i < hd / 2; i++) ok &= cuda::rope_inv_freq(i, hd, theta) == ref::rope_inv_freq(i, hd, theta);
-    record(ok, "rope_inv_freq identical to ref", "");
+// ---- rope ----
+// The table the attention kernels read: built by ref's code on the host and uploaded, so it must be
+// bit-identical to ref's (which the CPU build's attention reads).
+static void test_rope_table(int P, int hd, float theta) {
+    std::vector<float> want((size_t)P * hd);
+    ref::rope_table(want.data(), P, hd, theta);
+    float* d = cuda::alloc_floats(want.size());
+    cuda::rope_table(d, P, hd, theta);
+    check_bitwise(fmt("rope_table P=%d hd=%d theta=%g identical to ref", P, hd, theta), download(d, want.size()), want);
+    cuda::free_buffer(d);
 }
 
-// ---- attention ----
 // attention_merge: cuda vs ref, merging the reference's result of one (query shard, key block) pair
 // of a packed batch with padding into a random running result (some rows −inf), then an empty block
 // (the keys of padding) into that: element-wise fp32 arithmetic, 1e-6 absolute, 1e-5 relative.
@@ -390,11 +366,11 @@ static void test_attention_merge(const std::vector<int>& doc_lengths, int T, int
     auto qkv = random_floats(rng, (size_t)T * S, 1.5f);
     const float *q = qkv.data() + (size_t)q0 * S, *k = qkv.data() + (size_t)k0 * S + H, *v = k + H;
     std::vector<float> out((size_t)Tq * H), lse((size_t)Tq * nh), eout(out.size()), else_(lse.size());
-    ref::attention_block_forward(out.data(), lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh,
-                                 hd, window);
+    ref::attention_block_forward(out.data(), lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs,
+                                 nullptr, nullptr, nh, hd, window);
     ref::attention_block_forward(eout.data(), else_.data(), q, S, q0, Tq, qkv.data() + (size_t)pad0 * S + H,
-                                 qkv.data() + (size_t)pad0 * S + 2 * H, S, pad0, npad, cu_seqlens.data(), n_docs, nh, hd,
-                                 window);
+                                 qkv.data() + (size_t)pad0 * S + 2 * H, S, pad0, npad, cu_seqlens.data(), n_docs, nullptr,
+                                 nullptr, nh, hd, window);
     std::vector<float> mout = random_floats(rng, out.size()), mlse = random_floats(rng, lse.size(), 2.0f, 1.0f);
     for (size_t i = 0; i < mlse.size(); i += 5) mlse[i] = -INFINITY;
     std::vector<float> want_out = mout, want_lse = mlse;
@@ -770,44 +746,82 @@ static std::vector<int> document_table(const std::vector<int>& doc_lengths) {  /
 static std::string flash_tag(const std::vector<int>& cu_seqlens, int T, int nh, int window, int q0, int Tq, int k0, int Tk) {
     return fmt("T=%d used=%d nh=%d window=%d q [%d,+%d) k [%d,+%d)", T, cu_seqlens.back(), nh, window, q0, Tq, k0, Tk);
 }
-// The tensor-core flash forward against the block reference. The kernel rounds q, k and v to bf16
-// (round to nearest even) and P to bf16 before P·V; the reference runs on the same bf16-rounded
-// inputs in fp32/double, so what is left is P's rounding: bf16 keeps 8 significant bits, so each
-// weight p_j/Σp is off by at most 2⁻⁸ relative and |Δout| ≤ 2⁻⁸·max|v| (Σ p_j |v_j| / Σ p_j),
-// plus fp32 accumulation (≪ 1e-4).
+// RoPE for the flash tests: positions restarting per document from `offset` (0 on padding; a large
+// offset reaches large angles), the table of every position, and q, k of qkv (T, 3H) turned by ref:
+// the kernels turn them with the same fp32 arithmetic as they load them, then round to bf16.
+struct FlashRope {
+    std::vector<int> positions;
+    std::vector<float> table;
+    int* d_positions = nullptr;
+    float* d_table = nullptr;
+};
+static FlashRope flash_rope(const std::vector<int>& cu_seqlens, int T, int offset) {
+    FlashRope r;
+    if (offset < 0) return r;  // no RoPE: null positions and table
+    r.positions.assign(T, 0);
+    for (size_t d = 0; d + 1 < cu_seqlens.size(); d++)
+        for (int i = cu_seqlens[d]; i < cu_seqlens[d + 1]; i++) r.positions[i] = offset + i - cu_seqlens[d];
+    r.table.resize((size_t)(T + offset) * 64);
+    ref::rope_table(r.table.data(), T + offset, 64, 10000.0f);
+    r.d_positions = upload_ints(r.positions);
+    r.d_table = upload(r.table);
+    return r;
+}
+static void turn_qk(std::vector<float>& qkv, const FlashRope& r, int T, int nh, float direction) {
+    if (r.table.empty()) return;
+    const int H = nh * 64;
+    for (int part = 0; part < 2; part++)
+        ref::rope_rotate(qkv.data() + part * H, 3 * H, T, r.positions.data(), nh, 64, r.table.data(), direction);
+}
+static std::vector<float> bf16_rounded(std::vector<float> x) {
+    for (float& e : x) e = host_bf16_float(host_bf16(e));
+    return x;
+}
+// The tensor-core flash forward against the block reference. The kernel turns q and k by RoPE (when
+// given a table) in fp32 as ref does, rounds q, k and v to bf16 (round to nearest even) and P to
+// bf16 before P·V; the reference runs without RoPE on the same turned, bf16-rounded inputs in
+// fp32/double, so what is left is P's rounding: bf16 keeps 8 significant bits, so each weight
+// p_j/Σp is off by at most 2⁻⁸ relative and |Δout| ≤ 2⁻⁸·max|v| (Σ p_j |v_j| / Σ p_j), plus fp32
+// accumulation (≪ 1e-4).
 // lse comes from fp32 sums of exact bf16 products either way: 1e-5 relative, 1e-4 absolute.
 // whole: the whole-batch op (attention_forward, q, k and v of all T rows) against ref's whole-batch
-// op, instead of the block op on [q0, q0 + Tq) × [k0, k0 + Tk).
+// op, instead of the block op on [q0, q0 + Tq) × [k0, k0 + Tk). rope_offset < 0: no RoPE.
 static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int nh, int window, int q0, int Tq, int k0,
-                               int Tk, uint64_t seed, bool whole = false) {
+                               int Tk, uint64_t seed, bool whole = false, int rope_offset = 0) {
     const int hd = 64;
     Rng rng(seed);
     const std::vector<int> cu_seqlens = document_table(doc_lengths);
     const int n_docs = (int)doc_lengths.size();
     if (whole) q0 = k0 = 0, Tq = Tk = T;
-    const std::string tag = (whole ? "whole batch " : "") + flash_tag(cu_seqlens, T, nh, window, q0, Tq, k0, Tk);
+    const std::string tag = (whole ? "whole batch " : "") + flash_tag(cu_seqlens, T, nh, window, q0, Tq, k0, Tk) +
+                            (rope_offset < 0 ? " no rope" : fmt(" rope from %d", rope_offset));
     const size_t H = (size_t)nh * hd;
     const int S = 3 * (int)H;
     const float v_max = 1.5f;
-    auto qkv = random_floats(rng, (size_t)T * S, v_max);
-    std::vector<float> rounded(qkv.size());
-    for (size_t i = 0; i < qkv.size(); i++) rounded[i] = host_bf16_float(host_bf16(qkv[i]));
+    const auto qkv = random_floats(rng, (size_t)T * S, v_max);
+    const FlashRope rope = flash_rope(cu_seqlens, T, rope_offset);
+    std::vector<float> turned = qkv;
+    turn_qk(turned, rope, T, nh, 1.0f);
+    const std::vector<float> rounded = bf16_rounded(turned);
     std::vector<float> out((size_t)Tq * H), lse((size_t)Tq * nh);
     if (whole)
-        ref::attention_forward(out.data(), lse.data(), rounded.data(), cu_seqlens.data(), n_docs, T, nh, hd, window);
+        ref::attention_forward(out.data(), lse.data(), rounded.data(), cu_seqlens.data(), n_docs, nullptr, nullptr, T, nh,
+                               hd, window);
     else
         ref::attention_block_forward(out.data(), lse.data(), rounded.data() + (size_t)q0 * S, S, q0, Tq,
                                      rounded.data() + (size_t)k0 * S + H, rounded.data() + (size_t)k0 * S + 2 * H, S, k0,
-                                     Tk, cu_seqlens.data(), n_docs, nh, hd, window);
+                                     Tk, cu_seqlens.data(), n_docs, nullptr, nullptr, nh, hd, window);
     int* d_cu = upload_ints(cu_seqlens);
     float* d_qkv = upload(qkv);
     const std::vector<float> init_out(out.size(), 7.0f), init_lse(lse.size(), 7.0f);
     float *d_out = upload(init_out), *d_lse = upload(init_lse);
     auto run = [&]() {
-        if (whole) cuda::attention_forward(d_out, d_lse, d_qkv, d_cu, n_docs, T, nh, hd, window);
+        if (whole)
+            cuda::attention_forward(d_out, d_lse, d_qkv, d_cu, n_docs, rope.d_positions, rope.d_table, T, nh, hd, window);
         else
             cuda::attention_block_forward(d_out, d_lse, d_qkv + (size_t)q0 * S, S, q0, Tq, d_qkv + (size_t)k0 * S + H,
-                                          d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, nh, hd, window);
+                                          d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, rope.d_positions,
+                                          rope.d_table, nh, hd, window);
     };
     run();
     check("flash attention forward out (bf16, tol 2^-8·max|v|) " + tag, download(d_out, out.size()), out,
@@ -815,51 +829,58 @@ static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int n
     check("flash attention forward lse " + tag, finite_or(download(d_lse, lse.size()), -1e30f), finite_or(lse, -1e30f),
           1e-4, 1e-5);
     check_deterministic("flash attention forward " + tag, {{d_out, &init_out}, {d_lse, &init_lse}}, run);
-    for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_out, (void*)d_lse}) CUDA_CHECK(cudaFree(p));
+    for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_out, (void*)d_lse, (void*)rope.d_positions, (void*)rope.d_table})
+        CUDA_CHECK(cudaFree(p));
 }
 
-// The tensor-core flash backward against the block backward, both on the same bf16-rounded q, k,
-// v and dout (out and lse from the reference forward). The kernels round P and dS to bf16 before
-// their products (everything else is exact bf16 products summed in fp32), so each output element
-// is off by at most 2⁻⁸ (bf16's unit roundoff) × its sum of |terms|: Σ_i p_ij |dO_i| for dV,
-// scale·Σ |dS| |q| for dK, scale·Σ |dS| |k| for dQ, computed below from the reference's P and dS;
-// the check allows 2⁻⁷ × that (fp32 rounding of P and of the sums, second order), plus what the fp32 sums of dP and D
-// (kernel and reference alike) can move dS by where dP − D cancels, plus 1e-6. The op adds: dq, dk
-// and dv start from random values. null_dq / null_dkv: that side is skipped and must stay as it was.
+// The tensor-core flash backward against the block backward, both on the same turned (RoPE) and
+// bf16-rounded q, k, v and bf16 dout (out and lse from the reference forward). The kernels round P
+// and dS to bf16 before their products (everything else is exact bf16 products summed in fp32), so
+// each output element is off by at most 2⁻⁸ (bf16's unit roundoff) × its sum of |terms|:
+// Σ_i p_ij |dO_i| for dV, scale·Σ |dS| |q| for dK, scale·Σ |dS| |k| for dQ, computed below from the
+// reference's P and dS; the check allows 2⁻⁷ × that (fp32 rounding of P and of the sums, second
+// order), plus what the fp32 sums of dP and D (kernel and reference alike) can move dS by where
+// dP − D cancels, plus 1e-6. With RoPE both sides turn dq and dk back by Rᵀ, which mixes each pair
+// (c, c + 32): the bound of c becomes |cos|·bound(c) + |sin|·bound(c + 32) (and the other way for
+// c + 32), plus the turn's own fp32 rounding (2⁻²³ of the value). The op adds: dq, dk and dv start
+// from random values. null_dq / null_dkv: that side is skipped and must stay as it was.
 // whole: the whole-batch op (attention_backward), which writes dqkv (padding rows: zeros) over the
-// random values, against ref's whole-batch op.
+// random values, against ref's whole-batch op. rope_offset < 0: no RoPE.
 static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int nh, int window, int q0, int Tq, int k0,
-                                int Tk, uint64_t seed, bool null_dq = false, bool null_dkv = false, bool whole = false) {
+                                int Tk, uint64_t seed, bool null_dq = false, bool null_dkv = false, bool whole = false,
+                                int rope_offset = 0) {
     const int hd = 64;
     Rng rng(seed);
     const std::vector<int> cu_seqlens = document_table(doc_lengths);
     const int n_docs = (int)doc_lengths.size();
     if (whole) q0 = k0 = 0, Tq = Tk = T;
     const std::string tag = (whole ? "whole batch " : "") + flash_tag(cu_seqlens, T, nh, window, q0, Tq, k0, Tk) +
-                            (null_dq ? " (no dq)" : "") + (null_dkv ? " (no dk, dv)" : "");
+                            (null_dq ? " (no dq)" : "") + (null_dkv ? " (no dk, dv)" : "") +
+                            (rope_offset < 0 ? " no rope" : fmt(" rope from %d", rope_offset));
     const size_t H = (size_t)nh * hd;
     const int S = 3 * (int)H;
     const float scale = 1.0f / sqrtf((float)hd);
-    auto bf16_round = [](std::vector<float> x) {
-        for (float& e : x) e = host_bf16_float(host_bf16(e));
-        return x;
-    };
-    const std::vector<float> qkv = bf16_round(random_floats(rng, (size_t)T * S, 1.5f));
-    const std::vector<float> dout = bf16_round(random_floats(rng, (size_t)Tq * H, 1.0f));
+    const std::vector<float> input = bf16_rounded(random_floats(rng, (size_t)T * S, 1.5f));
+    const std::vector<float> dout = bf16_rounded(random_floats(rng, (size_t)Tq * H, 1.0f));
     const std::vector<float> init = random_floats(rng, (size_t)T * S, 0.1f);
+    const FlashRope rope = flash_rope(cu_seqlens, T, rope_offset);
+    std::vector<float> qkv = input;  // what the kernels compute on: q, k turned, then rounded
+    turn_qk(qkv, rope, T, nh, 1.0f);
+    qkv = bf16_rounded(qkv);
     const float *q = qkv.data() + (size_t)q0 * S, *k = qkv.data() + (size_t)k0 * S + H, *v = k + H;
     std::vector<float> out((size_t)Tq * H), lse((size_t)Tq * nh);
-    ref::attention_block_forward(out.data(), lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh,
-                                 hd, window);
-    std::vector<float> want = init;
+    ref::attention_block_forward(out.data(), lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs,
+                                 nullptr, nullptr, nh, hd, window);
+    std::vector<float> grad(init.size(), 0.0f);  // the reference's gradients of the turned q, k (and of v)
     if (whole)
-        ref::attention_backward(want.data(), dout.data(), out.data(), lse.data(), qkv.data(), cu_seqlens.data(), n_docs,
-                                T, nh, hd, window);
+        ref::attention_backward(grad.data(), dout.data(), out.data(), lse.data(), qkv.data(), cu_seqlens.data(), n_docs,
+                                nullptr, nullptr, T, nh, hd, window);
     else
-        ref::attention_block_backward(null_dq ? nullptr : want.data() + (size_t)q0 * S,
-                                      null_dkv ? nullptr : want.data() + (size_t)k0 * S + H,
-                                      null_dkv ? nullptr : want.data() + (size_t)k0 * S + 2 * H, S, S, dout.data(), out.data(),
-                                      lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs, nh, hd, window);
+        ref::attention_block_backward(null_dq ? nullptr : grad.data() + (size_t)q0 * S,
+                                      null_dkv ? nullptr : grad.data() + (size_t)k0 * S + H,
+                                      null_dkv ? nullptr : grad.data() + (size_t)k0 * S + 2 * H, S, S, dout.data(),
+                                      out.data(), lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs,
+                                      nullptr, nullptr, nh, hd, window);
     std::vector<double> abs_sum(init.size(), 0.0);  // Σ |terms| of each output element
     std::vector<double> dot_err(init.size(), 0.0);  // what the fp32 sums of dP and D can move dS by, through it
     for (int h = 0; h < nh; h++)
@@ -893,27 +914,46 @@ static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int 
                 }
             }
         }
+    std::vector<double> bound(init.size());
+    for (size_t e = 0; e < bound.size(); e++) bound[e] = abs_sum[e] / 128.0 + dot_err[e];
+    if (!rope.table.empty()) {  // Rᵀ on the reference's dq, dk and on their bounds (pairs c, c + 32)
+        turn_qk(grad, rope, T, nh, -1.0f);
+        std::vector<double> turned = bound;
+        for (int t = 0; t < T; t++)
+            for (size_t col = 0; col < 2 * H; col++) {
+                const int c = (int)(col % hd), pair = c % 32;
+                const float* cs = &rope.table[((size_t)rope.positions[t] * 32 + pair) * 2];
+                const size_t at = (size_t)t * S + col, partner = c < 32 ? at + 32 : at - 32;
+                turned[at] = fabs(cs[0]) * bound[at] + fabs(cs[1]) * bound[partner] + std::ldexp(fabs(grad[at]), -23);
+            }
+        bound = turned;
+    }
+    std::vector<float> want(init.size());
+    for (size_t e = 0; e < want.size(); e++) want[e] = whole ? grad[e] : init[e] + grad[e];
     int* d_cu = upload_ints(cu_seqlens);
-    float *d_qkv = upload(qkv), *d_dout = upload(dout), *d_out = upload(out), *d_lse = upload(lse), *d_grad = upload(init);
+    float *d_qkv = upload(input), *d_dout = upload(dout), *d_out = upload(out), *d_lse = upload(lse), *d_grad = upload(init);
     auto run = [&]() {
         if (whole)
-            cuda::attention_backward(d_grad, d_dout, d_out, d_lse, d_qkv, d_cu, n_docs, T, nh, hd, window);
+            cuda::attention_backward(d_grad, d_dout, d_out, d_lse, d_qkv, d_cu, n_docs, rope.d_positions, rope.d_table, T,
+                                     nh, hd, window);
         else
             cuda::attention_block_backward(null_dq ? nullptr : d_grad + (size_t)q0 * S,
                                            null_dkv ? nullptr : d_grad + (size_t)k0 * S + H,
                                            null_dkv ? nullptr : d_grad + (size_t)k0 * S + 2 * H, S, S, d_dout, d_out, d_lse,
                                            d_qkv + (size_t)q0 * S, S, q0, Tq, d_qkv + (size_t)k0 * S + H,
-                                           d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, nh, hd, window);
+                                           d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, rope.d_positions,
+                                           rope.d_table, nh, hd, window);
     };
     run();
     const std::vector<float> got = download(d_grad, init.size());
     std::vector<float> err_over_tol(got.size()), zeros(got.size(), 0.0f);
-    for (size_t e = 0; e < got.size(); e++)
-        err_over_tol[e] = (float)(fabs((double)got[e] - want[e]) / (abs_sum[e] / 128.0 + dot_err[e] + 1e-6));
+    for (size_t e = 0; e < got.size(); e++) err_over_tol[e] = (float)(fabs((double)got[e] - want[e]) / (bound[e] + 1e-6));
     check("flash attention backward dq dk dv, |error| / (2^-7·Σ|terms| + fp32 dot error + 1e-6) " + tag, err_over_tol,
           zeros, 1.0, 0.0);
     check_deterministic("flash attention backward " + tag, {{d_grad, &init}}, run);
-    for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_dout, (void*)d_out, (void*)d_lse, (void*)d_grad}) CUDA_CHECK(cudaFree(p));
+    for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_dout, (void*)d_out, (void*)d_lse, (void*)d_grad,
+                    (void*)rope.d_positions, (void*)rope.d_table})
+        CUDA_CHECK(cudaFree(p));
 }
 static void test_tensor_core_tile(uint64_t seed) {
     Rng rng(seed);
@@ -1084,10 +1124,8 @@ int main(int argc, char** argv) {
 
     test_add_inplace(1000003);
 
-    test_rope_inv_freq();
-    test_rope(300, 3, 64, 160000.0f, false, 401);
-    test_rope(300, 3, 64, 10000.0f, true, 402);
-    test_rope(77, 2, 40, 10000.0f, false, 403);
+    test_rope_table(300, 64, 160000.0f);
+    test_rope_table(8192, 64, 10000.0f);
 
     // documents of different lengths (one > 200, one of length 1, one empty), 13 padding tokens
     const std::vector<int> docs = {37, 230, 1, 64, 0, 5};
@@ -1103,11 +1141,15 @@ int main(int argc, char** argv) {
     test_flash_forward({200}, 200, 1, 64, 30, 100, 10, 150, 523);
     test_flash_forward({37, 70, 21}, 140, 2, -1, 0, 140, 50, 60, 524);
     test_flash_forward({37, 70, 21}, 140, 1, -1, 0, 40, 128, 12, 525);  // keys: padding only
+    test_flash_forward({1, 30, 60, 7, 22}, 140, 1, 5, 13, 100, 0, 140, 526, false, -1);  // no RoPE
+    test_flash_forward({200}, 200, 2, -1, 0, 200, 0, 200, 527, false, 7000);  // positions up to 7199
     test_flash_backward({1, 30, 60, 7, 22}, 140, 2, -1, 0, 140, 0, 140, 531);
     test_flash_backward({1, 30, 60, 7, 22}, 140, 1, 5, 13, 100, 0, 140, 532);
     test_flash_backward({200}, 200, 1, 64, 30, 100, 10, 150, 533);
     test_flash_backward({37, 70, 21}, 140, 1, -1, 0, 140, 50, 60, 534, true, false);
     test_flash_backward({37, 70, 21}, 140, 1, -1, 0, 140, 50, 60, 535, false, true);
+    test_flash_backward({1, 30, 60, 7, 22}, 140, 1, 5, 13, 100, 0, 140, 536, false, false, false, -1);  // no RoPE
+    test_flash_backward({200}, 200, 1, 64, 30, 100, 10, 150, 537, false, false, false, 7000);  // positions up to 7199
     // the whole-batch ops (forward written, backward written over random values): documents of
     // different lengths, one > 200, one of length 1, one empty, padding or none, global and ±64
     test_flash_forward(docs, 350, 3, -1, 0, 0, 0, 0, 541, true);

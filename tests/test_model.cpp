@@ -202,7 +202,7 @@ int main(int argc, char** argv) {
     b.positions = ints("positions");
     b.cu_seqlens = ints("cu_seqlens");
     std::vector<int> labels = ints("labels");
-    b.T = (int)b.ids.size();
+    b.T = b.T_whole = (int)b.ids.size();
     b.n_docs = (int)b.cu_seqlens.size() - 1;
     for (int t = 0; t < b.T; t++)
         if (labels[t] != -100) { b.masked_rows.push_back(t); b.targets.push_back(labels[t]); }

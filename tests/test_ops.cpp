@@ -423,6 +423,14 @@ static void test_matmul() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// RoPE on the q and k parts of qkv (T, 3, nh, hd) as the attention ops apply it: ref::rope_rotate
+// with the table of positions < 8 (direction −1: the transpose).
+static void rope_qk(float* qkv, const int* pos, int T, int nh, int hd, float theta, float direction) {
+    vector<float> table((size_t)8 * hd);
+    ref::rope_table(table.data(), 8, hd, theta);
+    for (int part = 0; part < 2; part++)
+        ref::rope_rotate(qkv + part * nh * hd, 3 * nh * hd, T, pos, nh, hd, table.data(), direction);
+}
 // rope: qkv (T, 3, nh, hd), checked as a linear map
 static void test_rope() {
     const int T = 5, nh = 2, hd = 8, W = 3 * nh * hd;
@@ -444,7 +452,7 @@ static void test_rope() {
         q[1 + hd / 2] = -0.25f;
         k[0] = 1.0f;
         k[0 + hd / 2] = 2.0f;
-        ref::rope_forward(qkv.data(), pos, T, nh, hd, theta);
+        rope_qk(qkv.data(), pos, T, nh, hd, theta, 1.0f);
         double e1 = fabs(q[1] - 0.5515482962281378), e2 = fabs(q[1 + hd / 2] - (-0.09107401895073172));
         double e3 = fabs(k[0] - (-1.272232512720180)), e4 = fabs(k[hd / 2] - (-1.838864985141024));
         double worst = std::max(std::max(e1, e2), std::max(e3, e4));
@@ -454,8 +462,8 @@ static void test_rope() {
 
     vector<float> x = random_vec(n), y = random_vec(n);
     vector<float> Rx = x, RTy = y;
-    ref::rope_forward(Rx.data(), pos, T, nh, hd, theta);
-    ref::rope_backward(RTy.data(), pos, T, nh, hd, theta);
+    rope_qk(Rx.data(), pos, T, nh, hd, theta, 1.0f);
+    rope_qk(RTy.data(), pos, T, nh, hd, theta, -1.0f);
 
     // ⟨R x, y⟩ = ⟨x, Rᵀ y⟩
     {
@@ -470,7 +478,7 @@ static void test_rope() {
         for (size_t k = 0; k < n; k++) {
             vector<float> e(n, 0.0f);
             e[k] = 1.0f;
-            ref::rope_forward(e.data(), pos, T, nh, hd, theta);
+            rope_qk(e.data(), pos, T, nh, hd, theta, 1.0f);
             num[k] = dot(e, y);
             a[k] = RTy[k];
         }
@@ -480,7 +488,7 @@ static void test_rope() {
     // (rope has no += contract: it transforms the gradient buffer in place), so check R (Rᵀ y) = y
     {
         vector<float> z = RTy;
-        ref::rope_forward(z.data(), pos, T, nh, hd, theta);
+        rope_qk(z.data(), pos, T, nh, hd, theta, 1.0f);
         double worst = 0;
         for (size_t i = 0; i < n; i++) worst = std::max(worst, (double)fabs(z[i] - y[i]));
         check("rope forward(backward(y)) = y", worst <= 1e-6, "(max abs err %.2e, tol 1e-6)", worst);
@@ -563,16 +571,27 @@ static void test_attention() {
     vector<float> G = random_vec((size_t)T * H);  // nonzero on the padding rows too
     const int windows[2] = {-1, 2};
     const Tol tol{2e-5, 2e-4};
+    // RoPE is part of the op (wi ≥ 2): positions restart per document, padding at 0; the brute force
+    // runs on q, k turned beforehand, and the gradient check covers the backward's turn back
+    vector<int> pos(T, 0);
+    for (int d = 0; d < n_docs; d++)
+        for (int i = cu[d]; i < cu[d + 1]; i++) pos[i] = i - cu[d];
+    vector<float> table((size_t)T * hd), turned = qkv;
+    ref::rope_table(table.data(), T, hd, 10000.0f);
+    rope_qk(turned.data(), pos.data(), T, nh, hd, 10000.0f, 1.0f);
 
-    for (int wi = 0; wi < 2; wi++) {
-        const int window = windows[wi];
-        const std::string tag = std::string("attention window ") + (window < 0 ? "-1" : "2");
+    for (int wi = 0; wi < 4; wi++) {
+        const int window = windows[wi % 2];
+        const bool rope = wi >= 2;
+        const int* positions = rope ? pos.data() : nullptr;
+        const float* rope_table = rope ? table.data() : nullptr;
+        const std::string tag = std::string("attention window ") + (window < 0 ? "-1" : "2") + (rope ? " rope" : "");
         vector<float> out((size_t)T * H, 123.0f), lse((size_t)T * nh, 123.0f);
-        ref::attention_forward(out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        ref::attention_forward(out.data(), lse.data(), qkv.data(), cu, n_docs, positions, rope_table, T, nh, hd, window);
 
         // forward against the brute force
         vector<double> bo, bl;
-        attention_brute(bo, bl, qkv, cu, n_docs, T, nh, hd, window);
+        attention_brute(bo, bl, rope ? turned : qkv, cu, n_docs, T, nh, hd, window);
         double eo = 0, el = 0;
         for (size_t i = 0; i < out.size(); i++) eo = std::max(eo, fabs(out[i] - bo[i]));
         for (size_t i = 0; i < lse.size(); i++)
@@ -590,7 +609,7 @@ static void test_attention() {
 
         // analytic gradient, written over a buffer of C_FILL (an op that accumulated would be off by C_FILL)
         vector<float> dqkv(nq, C_FILL);
-        ref::attention_backward(dqkv.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd,
+        ref::attention_backward(dqkv.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, positions, rope_table, T, nh, hd,
                                 window);
         bool pad_nograd = true;
         for (int i = cu[n_docs]; i < T; i++)
@@ -601,7 +620,7 @@ static void test_attention() {
         vector<double> a = as_double(dqkv);
         auto objective = [&]() {
             vector<float> o((size_t)T * H), l((size_t)T * nh);
-            ref::attention_forward(o.data(), l.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+            ref::attention_forward(o.data(), l.data(), qkv.data(), cu, n_docs, positions, rope_table, T, nh, hd, window);
             return dot(G, o);
         };
         vector<double> n = numeric_grad(qkv, objective, H_NL, RICH);
@@ -623,7 +642,7 @@ static void test_attention() {
         // "− D_i" of ds_ij = p_ij (dout_i · v_j − D_i); the dq/dk check must reject that gradient
         if (wi == 1) {
             vector<float> zero_out((size_t)T * H, 0.0f), dbad(nq, C_FILL);
-            ref::attention_backward(dbad.data(), G.data(), zero_out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh,
+            ref::attention_backward(dbad.data(), G.data(), zero_out.data(), lse.data(), qkv.data(), cu, n_docs, positions, rope_table, T, nh,
                                     hd, window);
             vector<double> bad = as_double(dbad), bq, bk;
             for (int t = 0; t < T; t++)
@@ -639,7 +658,7 @@ static void test_attention() {
         // the band really matters for window 2 (guards against a test that cannot tell the windows apart)
         if (wi == 1) {
             vector<float> og((size_t)T * H), lg((size_t)T * nh);
-            ref::attention_forward(og.data(), lg.data(), qkv.data(), cu, n_docs, T, nh, hd, -1);
+            ref::attention_forward(og.data(), lg.data(), qkv.data(), cu, n_docs, nullptr, nullptr, T, nh, hd, -1);
             double diff = 0;
             for (size_t i = 0; i < og.size(); i++) diff = std::max(diff, (double)fabs(og[i] - out[i]));
             check(tag + " differs from global attention", diff > 1e-3, "(max diff %.3g)", diff);
@@ -655,7 +674,7 @@ static void loops_attention_forward(float* out, float* lse, const float* qkv, co
     const int H = nh * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     memset(out, 0, (size_t)T * H * sizeof(float));
-    for (int t = 0; t < T * nh; t++) lse[t] = 0.0f;
+    for (int t = 0; t < T * nh; t++) lse[t] = -INFINITY;  // padding rows see nothing
     double* scores = static_cast<double*>(malloc(sizeof(double) * (size_t)(T > 0 ? T : 1)));
     for (int d = 0; d < n_docs; d++)
         for (int i = cu_seqlens[d]; i < cu_seqlens[d + 1]; i++)
@@ -733,7 +752,7 @@ static void test_attention_blocks() {
     vector<float> qkv = random_vec(nq, -1.5f, 1.5f), G = random_vec((size_t)T * H);
     for (int window : {-1, 16, 64, 70, 200}) {
         vector<float> out((size_t)T * H), lse((size_t)T * nh), lout((size_t)T * H), llse((size_t)T * nh);
-        ref::attention_forward(out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        ref::attention_forward(out.data(), lse.data(), qkv.data(), cu, n_docs, nullptr, nullptr, T, nh, hd, window);
         loops_attention_forward(lout.data(), llse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
         double eo = 0, el = 0;
         for (size_t i = 0; i < out.size(); i++) eo = std::max(eo, (double)fabs(out[i] - lout[i]));
@@ -741,7 +760,7 @@ static void test_attention_blocks() {
         check("attention blocks window " + std::to_string(window) + ": forward equals the plain loops",
               eo <= 1e-5 && el <= 1e-5, "(max abs diff out %.2e lse %.2e, tol 1e-5)", eo, el);
         vector<float> d(nq, 0.25f), ld(nq, 0.0f);  // the blocks write over garbage, the loops add into zeros
-        ref::attention_backward(d.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        ref::attention_backward(d.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, nullptr, nullptr, T, nh, hd, window);
         loops_attention_backward(ld.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
         double ed = 0, scale = 0;
         for (size_t i = 0; i < nq; i++) {
@@ -764,6 +783,15 @@ static void test_attention_ring_blocks() {
     const size_t nq = (size_t)T * 3 * H;
     vector<float> qkv = random_vec(nq, -1.5f, 1.5f), G = random_vec((size_t)T * H);
     // merged forward over the blocks, the shards' rows written into (T, H) / (T, nh)
+    // RoPE as the ring runs it: every block op reads the whole micro-batch's positions (restarting per
+    // document) by token index, so shards and blocks that cut documents must still agree with the whole
+    vector<int> pos(T, 0);
+    for (int d = 0; d < n_docs; d++)
+        for (int i = cu[d]; i < cu[d + 1]; i++) pos[i] = i - cu[d];
+    vector<float> table((size_t)T * hd);
+    ref::rope_table(table.data(), T, hd, 160000.0f);
+    const int* positions = nullptr;
+    const float* rope_table = nullptr;
     auto ring_forward = [&](vector<float>& out, vector<float>& lse, int window) {
         out.assign((size_t)T * H, 0.0f);
         lse.assign((size_t)T * nh, -INFINITY);
@@ -774,16 +802,19 @@ static void test_attention_ring_blocks() {
                 vector<float> ob((size_t)Tq * H, 9.0f), lb((size_t)Tq * nh, 9.0f);
                 ref::attention_block_forward(ob.data(), lb.data(), qkv.data() + (size_t)q0 * 3 * H, 3 * H, q0, Tq,
                                              qkv.data() + (size_t)k0 * 3 * H + H, qkv.data() + (size_t)k0 * 3 * H + 2 * H,
-                                             3 * H, k0, Tk, cu, n_docs, nh, hd, window);
+                                             3 * H, k0, Tk, cu, n_docs, positions, rope_table, nh, hd, window);
                 ref::attention_merge(out.data() + (size_t)q0 * H, lse.data() + (size_t)q0 * nh, ob.data(), lb.data(), Tq,
                                      nh, hd);
             }
         }
     };
-    for (int window : {-1, 5}) {
-        const std::string tag = "attention ring blocks window " + std::to_string(window);
+    for (int variant = 0; variant < 3; variant++) {
+        const int window = variant == 0 ? -1 : 5;
+        positions = variant == 2 ? pos.data() : nullptr;
+        rope_table = variant == 2 ? table.data() : nullptr;
+        const std::string tag = "attention ring blocks window " + std::to_string(window) + (variant == 2 ? " rope" : "");
         vector<float> out((size_t)T * H), lse((size_t)T * nh), ro, rl;
-        ref::attention_forward(out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        ref::attention_forward(out.data(), lse.data(), qkv.data(), cu, n_docs, positions, rope_table, T, nh, hd, window);
         ring_forward(ro, rl, window);
         double eo = 0, el = 0;
         for (size_t i = 0; i < out.size(); i++) eo = std::max(eo, fabs(ro[i] - out[i]) / std::max(1.0f, fabsf(out[i])));
@@ -795,7 +826,7 @@ static void test_attention_ring_blocks() {
         {
             vector<float> ob((size_t)30 * H, 9.0f), lb((size_t)30 * nh, 9.0f);
             ref::attention_block_forward(ob.data(), lb.data(), qkv.data(), 3 * H, 0, 30, qkv.data() + (size_t)50 * 3 * H + H,
-                                         qkv.data() + (size_t)50 * 3 * H + 2 * H, 3 * H, 50, 78, cu, n_docs, nh, hd,
+                                         qkv.data() + (size_t)50 * 3 * H + 2 * H, 3 * H, 50, 78, cu, n_docs, positions, rope_table, nh, hd,
                                          window);
             bool empty = true;
             for (float x : ob) empty = empty && x == 0.0f;
@@ -816,7 +847,7 @@ static void test_attention_ring_blocks() {
 
         // backward: every (shard, block) share added into one dqkv from C_FILL, against attention_backward
         vector<float> d(nq, C_FILL), want(nq, 0.0f);
-        ref::attention_backward(want.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, T, nh, hd, window);
+        ref::attention_backward(want.data(), G.data(), out.data(), lse.data(), qkv.data(), cu, n_docs, positions, rope_table, T, nh, hd, window);
         for (int s = 0; s < 2; s++)
             for (int b = 0; b < 3; b++) {
                 const int q0 = q_cut[s], Tq = q_cut[s + 1] - q0, k0 = k_cut[b], Tk = k_cut[b + 1] - k0;
@@ -825,7 +856,7 @@ static void test_attention_ring_blocks() {
                                               ro.data() + (size_t)q0 * H, rl.data() + (size_t)q0 * nh,
                                               qkv.data() + (size_t)q0 * 3 * H, 3 * H, q0, Tq,
                                               qkv.data() + (size_t)k0 * 3 * H + H, qkv.data() + (size_t)k0 * 3 * H + 2 * H,
-                                              3 * H, k0, Tk, cu, n_docs, nh, hd, window);
+                                              3 * H, k0, Tk, cu, n_docs, positions, rope_table, nh, hd, window);
             }
         double ed = 0, big = 0;
         for (size_t i = 0; i < nq; i++) {
@@ -845,7 +876,7 @@ static void test_attention_ring_blocks() {
                                           ro.data() + (size_t)q0 * H, rl.data() + (size_t)q0 * nh,
                                           qkv.data() + (size_t)q0 * 3 * H, 3 * H, q0, Tq,
                                           qkv.data() + (size_t)k0 * 3 * H + H, qkv.data() + (size_t)k0 * 3 * H + 2 * H,
-                                          3 * H, k0, Tk, cu, n_docs, nh, hd, window);
+                                          3 * H, k0, Tk, cu, n_docs, positions, rope_table, nh, hd, window);
         }
         auto objective = [&]() {
             vector<float> o, l;
@@ -1356,20 +1387,20 @@ static void test_thread_count() {
         vector<float> emb((size_t)7 * C, C_FILL);
         ref::embedding_backward(emb.data(), G.data(), ids.data(), N, C, 0, 7, 3);
         vector<float> ao((size_t)T * H), al((size_t)T * nh), ad((size_t)T * 3 * H, C_FILL);
-        ref::attention_forward(ao.data(), al.data(), qkv.data(), cu, n_docs, T, nh, hd, 20);
-        ref::attention_backward(ad.data(), Ga.data(), ao.data(), al.data(), qkv.data(), cu, n_docs, T, nh, hd, 20);
+        ref::attention_forward(ao.data(), al.data(), qkv.data(), cu, n_docs, nullptr, nullptr, T, nh, hd, 20);
+        ref::attention_backward(ad.data(), Ga.data(), ao.data(), al.data(), qkv.data(), cu, n_docs, nullptr, nullptr, T, nh, hd, 20);
         // one query shard [100, 290) against one key block [40, 200), merged into the whole-batch result
         // (only the bits matter here), and the block backward
         vector<float> bo((size_t)190 * H), bl((size_t)190 * nh), bd((size_t)T * 3 * H, C_FILL);
         ref::attention_block_forward(bo.data(), bl.data(), qkv.data() + (size_t)100 * 3 * H, 3 * H, 100, 190,
                                      qkv.data() + (size_t)40 * 3 * H + H, qkv.data() + (size_t)40 * 3 * H + 2 * H, 3 * H,
-                                     40, 160, cu, n_docs, nh, hd, -1);
+                                     40, 160, cu, n_docs, nullptr, nullptr, nh, hd, -1);
         ref::attention_merge(bo.data(), bl.data(), ao.data() + (size_t)100 * H, al.data() + (size_t)100 * nh, 190, nh, hd);
         ref::attention_block_backward(bd.data() + (size_t)100 * 3 * H, bd.data() + (size_t)40 * 3 * H + H,
                                       bd.data() + (size_t)40 * 3 * H + 2 * H, 3 * H, 3 * H, Ga.data() + (size_t)100 * H,
                                       bo.data(), bl.data(), qkv.data() + (size_t)100 * 3 * H, 3 * H, 100, 190,
                                       qkv.data() + (size_t)40 * 3 * H + H, qkv.data() + (size_t)40 * 3 * H + 2 * H, 3 * H,
-                                      40, 160, cu, n_docs, nh, hd, -1);
+                                      40, 160, cu, n_docs, nullptr, nullptr, nh, hd, -1);
         vector<float> losses(N), lse(N), dl((size_t)N * V);
         vector<float> row_max(N), partial(2 * (size_t)N), dl_shard((size_t)N * V);
         ref::crossentropy_row_max(row_max.data(), logits.data(), targets.data(), N, V, V - 3);
