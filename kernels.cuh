@@ -1013,11 +1013,12 @@ inline double stable_adamw_rms(const float* grad, const float* v, size_t n, floa
 // Ground rules, as for the reference, plus:
 //   - deterministic: every output element is written by exactly one thread, and every sum runs in a
 //     fixed order (no float atomics), so two runs give bit-identical results;
-//   - everything runs on the default stream; the only lazily created state is the cuBLASLt handle
-//     and its workspace (see "device context"). The reductions to the host use a small static device
-//     array;
+//   - everything runs on the default stream; the only lazily created state is the cuBLASLt handle,
+//     its workspace and its GEMM plans (see "device context"). The reductions to the host use a small
+//     static device array;
 //   - no fast math: expf/logf/erff/cosf/sinf/powf are the accurate ones.
 #include <cstdint>
+#include <tuple>
 #ifndef PICOTRON_EMULATE  // (the emulator provides both)
 #include <cuda_runtime.h>
 #include <cublasLt.h>
@@ -1273,12 +1274,35 @@ __device__ inline void cp_async_wait() {
 
 // ---- device context ----
 // The one piece of lazily created state: a cuBLASLt handle and a 32 MiB device workspace, made on first
-// use. cuBLASLt uses the workspace inside its GEMMs; between GEMMs the two-pass column sums below keep
-// their partial sums there. Everything runs in order on the default stream, so the two uses never overlap.
+// use, and the GEMM plans made as GEMMs are met. cuBLASLt uses the workspace inside its GEMMs; between
+// GEMMs the two-pass column sums below keep their partial sums there. Everything runs in order on the
+// default stream, so the two uses never overlap. Nothing here is ever destroyed: the context lives until
+// the process exits, and a static destructor would run cuBLAS calls while the CUDA runtime shuts down.
+//
+// What defines a GEMM (see gemm below) apart from its pointers: the shape, the operations, the pointer
+// alignments the heuristic was told (they decide which kernels may run), whether C is read, the epilogue.
+struct GemmKey {
+    int m, n, k, lda, ldb, ldd;
+    bool trans_a, trans_b, beta_zero;
+    cublasLtEpilogue_t epilogue;
+    uint32_t align_a, align_b, align_d, align_bias;  // align_bias 0: no bias
+    auto fields() const {
+        return std::tie(m, n, k, lda, ldb, ldd, trans_a, trans_b, beta_zero, epilogue, align_a, align_b, align_d,
+                        align_bias);
+    }
+};
+// A GEMM made once and reused: its descriptor, layouts (D's serves C: C is D) and the algorithm chosen.
+struct GemmPlan {
+    GemmKey key;
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t layout_a, layout_b, layout_d;
+    cublasLtMatmulAlgo_t algo;
+};
 struct Blas {
     cublasLtHandle_t handle = nullptr;
     void* workspace = nullptr;
     size_t workspace_bytes = 0;
+    std::vector<GemmPlan> plans;  // a few dozen in training: a linear search is enough
 };
 inline Blas& blas() {
     static Blas b = [] {
@@ -1518,7 +1542,7 @@ inline void layernorm_backward(float* dinp, float* dweight, const float* dout, c
 //   forward   out (N, OC) = inp · Wᵀ      ⇔  outᵀ (OC, N)  = W'ᵀ · inp'   (W' = W seen column-major, C×OC)
 //   dinp      (N, C)     (+)= dout · W    ⇔  dinpᵀ (C, N) (+)= W' · dout'
 //   dweight   (OC, C)    += doutᵀ · inp   ⇔  dweightᵀ (C, OC) += inp' · dout'ᵀ
-// The handle and workspace are the device context above (blas()).
+// The handle, the workspace and the GEMM plans are the device context above (blas()).
 // the largest power of two (≤ 256) dividing the address: tells the heuristic which kernels may run
 inline uint32_t pointer_alignment(const void* p) {
     const uintptr_t address = (uintptr_t)p;
@@ -1526,66 +1550,86 @@ inline uint32_t pointer_alignment(const void* p) {
     while (align > 1 && address % align) align /= 2;
     return align;
 }
-// Column-major D (m, n; leading dim ldd) = op(A) · op(B) + beta · D, fp32 in and out, fp32 compute
-// (CUBLAS_COMPUTE_32F: no TF32). A is stored (m, k), or (k, m) if trans_a; B (k, n), or (n, k) if trans_b.
-inline void gemm(float* d, const float* a, const float* b, bool trans_a, bool trans_b, int m, int n, int k, int lda,
-                 int ldb, int ldd, float beta) {
+// The plan of the GEMM `key`, made on first use: descriptor, layouts, then the heuristic's algorithm.
+// cuBLASLt reads the bias pointer's alignment from the descriptor when choosing, so it is set first.
+inline const GemmPlan& gemm_plan(const GemmKey& key, const float* bias) {
     Blas& lt = blas();
-    cublasLtMatmulDesc_t desc;
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b));
-    cublasLtMatrixLayout_t layout_a, layout_b, layout_d;
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, CUDA_R_32F, trans_a ? k : m, trans_a ? m : k, lda));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, CUDA_R_32F, trans_b ? n : k, trans_b ? k : n, ldb));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_d, CUDA_R_32F, m, n, ldd));
+    for (const GemmPlan& plan : lt.plans)
+        if (plan.key.fields() == key.fields()) return plan;
+    GemmPlan p{key, nullptr, nullptr, nullptr, nullptr, {}};
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F_FAST_16BF, CUDA_R_32F));
+    const cublasOperation_t op_a = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_b = key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &key.epilogue, sizeof key.epilogue));
+    if (bias) {
+        const int32_t bias_type = CUDA_R_32F;
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                    sizeof bias_type));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    }
+    const int m = key.m, n = key.n, k = key.k;
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_a, CUDA_R_32F, key.trans_a ? k : m, key.trans_a ? m : k, key.lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_b, CUDA_R_32F, key.trans_b ? n : k, key.trans_b ? k : n, key.ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_d, CUDA_R_32F, m, n, key.ldd));
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const uint64_t workspace_bytes = lt.workspace_bytes;
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes,
                                                       sizeof workspace_bytes));
-    const uint32_t align_a = pointer_alignment(a), align_b = pointer_alignment(b), align_d = pointer_alignment(d);
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
-                                                      sizeof align_a));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
-                                                      sizeof align_b));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d,
-                                                      sizeof align_d));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d,
-                                                      sizeof align_d));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_a,
+                                                      sizeof key.align_a));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_b,
+                                                      sizeof key.align_b));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_d,
+                                                      sizeof key.align_d));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_d,
+                                                      sizeof key.align_d));
     cublasLtMatmulHeuristicResult_t heuristic;
     int n_results = 0;
-    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(lt.handle, desc, layout_a, layout_b, layout_d,
-                                                                 layout_d, pref, 1, &heuristic, &n_results);
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(lt.handle, p.desc, p.layout_a, p.layout_b, p.layout_d,
+                                                                 p.layout_d, pref, 1, &heuristic, &n_results);
     if (status != CUBLAS_STATUS_SUCCESS || n_results == 0)
-        fatal("cuBLASLt has no algorithm for m=%d n=%d k=%d trans_a=%d trans_b=%d (%s) at %s:%d", m, n, k, (int)trans_a,
-              (int)trans_b, cublasLtGetStatusString(status), __FILE__, __LINE__);
-    const float alpha = 1.0f;
-    CUBLAS_CHECK(cublasLtMatmul(lt.handle, desc, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
-                                &heuristic.algo, lt.workspace, lt.workspace_bytes, 0));
+        fatal("cuBLASLt has no algorithm for m=%d n=%d k=%d trans_a=%d trans_b=%d (%s) at %s:%d", m, n, k,
+              (int)key.trans_a, (int)key.trans_b, cublasLtGetStatusString(status), __FILE__, __LINE__);
     CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
-    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(layout_d));
-    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(layout_b));
-    CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(layout_a));
-    CUBLAS_CHECK(cublasLtMatmulDescDestroy(desc));
+    p.algo = heuristic.algo;
+    lt.plans.push_back(p);
+    return lt.plans.back();
+}
+// Column-major D (m, n; leading dim ldd) = op(A) · op(B) + beta · D [+ bias (m) on every column], fp32 in
+// memory. CUBLAS_COMPUTE_32F_FAST_16BF: cuBLAS rounds A and B to bf16 (or to TF32, which keeps more bits),
+// multiplies on the tensor cores, accumulates and writes fp32 (DESIGN.md §5). A is stored (m, k), or
+// (k, m) if trans_a; B (k, n), or (n, k) if trans_b. The bias rides in the epilogue (CUBLASLT_EPILOGUE_BIAS);
+// cuBLASLt's GELU epilogues are the tanh approximation and ModernBERT's head needs the exact erf GELU,
+// so that one stays a kernel (gelu_forward).
+inline void gemm(float* d, const float* a, const float* b, const float* bias, bool trans_a, bool trans_b, int m, int n,
+                 int k, int lda, int ldb, int ldd, float beta) {
+    const GemmKey key{m, n, k, lda, ldb, ldd, trans_a, trans_b, beta == 0.0f,
+                      bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, pointer_alignment(a),
+                      pointer_alignment(b), pointer_alignment(d), bias ? pointer_alignment(bias) : 0};
+    const GemmPlan& plan = gemm_plan(key, bias);
+    // the plan fixes only the bias pointer's alignment: this call's pointer goes in now
+    if (bias)
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    Blas& lt = blas();
+    const float alpha = 1.0f;
+    CUBLAS_CHECK(cublasLtMatmul(lt.handle, plan.desc, &alpha, a, plan.layout_a, b, plan.layout_b, &beta, d,
+                                plan.layout_d, d, plan.layout_d, &plan.algo, lt.workspace, lt.workspace_bytes, 0));
 }
 
-// out (N, OC) += bias broadcast over rows. One thread per element, grid-stride.
-__global__ void add_bias_kernel(float* out, const float* bias, int N, int OC) {
-    const size_t total = (size_t)N * OC;
-    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x)
-        out[idx] += bias[idx % OC];
-}
 inline void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int C,
                            int OC) {
     if (N <= 0 || OC <= 0) return;
     if (C > 0) {
-        gemm(out, weight, inp, true, false, OC, N, C, C, C, OC, 0.0f);
+        gemm(out, weight, inp, bias, true, false, OC, N, C, C, C, OC, 0.0f);
+    } else if (bias) {  // an empty sum plus the bias: each row (OC) is the bias (no model layer gets here)
+        for (int row = 0; row < N; row++) copy_on_device(out + (size_t)row * OC, bias, OC * sizeof(float));
     } else {
         zero_floats(out, (size_t)N * OC);  // an empty sum
     }
-    if (bias) CUDA_LAUNCH(add_bias_kernel, grid_for((size_t)N * OC), BLOCK_SIZE, out, bias, N, OC);
 }
 // dbias[o] += Σ_n dout[n, o], through column_sum_add (fixed order, two passes).
 struct BiasGrad {
@@ -1600,8 +1644,8 @@ inline void matmul_backward(float* dinp, float* dweight, float* dbias, const flo
         if (dbias && N > 0 && OC > 0) column_sum_add(dbias, N, OC, BiasGrad{dout, OC});
         return;  // every other product is empty: nothing to add
     }
-    if (dinp) gemm(dinp, weight, dout, false, false, C, N, OC, C, OC, C, accumulate ? 1.0f : 0.0f);
-    if (dweight) gemm(dweight, inp, dout, false, true, C, OC, N, C, OC, C, 1.0f);
+    if (dinp) gemm(dinp, weight, dout, nullptr, false, false, C, N, OC, C, OC, C, accumulate ? 1.0f : 0.0f);
+    if (dweight) gemm(dweight, inp, dout, nullptr, false, true, C, OC, N, C, OC, C, 1.0f);
     if (dbias) column_sum_add(dbias, N, OC, BiasGrad{dout, OC});
 }
 

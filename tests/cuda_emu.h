@@ -31,7 +31,8 @@
 //     kind matches where the pointers point and a kernel refuses a host pointer argument. Streams and
 //     events exist, and since every call completes before it returns, they are in order.
 //   - cuBLASLt: the matmul subset kernels.cuh uses, computed with plain loops from the column-major
-//     layouts it is given (transposes, leading dimensions, beta), so the layout logic is exercised.
+//     layouts it is given (transposes, leading dimensions, beta, the bias epilogue), so the layout
+//     logic is exercised; A and B are rounded to bf16 first, as CUBLAS_COMPUTE_32F_FAST_16BF allows.
 // The tensor-core and async-copy primitives (mma, ldmatrix, cp.async, bf16 packing) are emulated in
 // tests/cuda_emu_mma.h, NCCL only enough to build (the emulated trainer runs --comm mpi).
 //   - Dynamic shared memory: dynamic_shared<T>() (kernels.cuh; a kernel never writes `extern
@@ -920,7 +921,26 @@ inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_
     return cudaSuccess;
 }
 
-// ---- cuBLASLt: the fp32 matmul subset ----
+// ---- bf16 (the GEMMs round to it here; the tensor-core primitives in cuda_emu_mma.h too) ----
+namespace emu {
+inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+// round to nearest, ties to even; NaN stays NaN (quieted, sign kept); overflow rounds to ±inf
+inline uint16_t float_to_bf16_rn(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x0040u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+inline float bf16_round(float f) { return bf16_to_float(float_to_bf16_rn(f)); }
+}  // namespace emu
+
+// ---- cuBLASLt: the matmul subset (fp32 in memory, bf16 operands, fp32 accumulation, bias epilogue) ----
 enum cublasStatus_t {
     CUBLAS_STATUS_SUCCESS = 0,
     CUBLAS_STATUS_NOT_INITIALIZED = 1,
@@ -928,10 +948,17 @@ enum cublasStatus_t {
     CUBLAS_STATUS_NOT_SUPPORTED = 15,
 };
 enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
-enum cublasComputeType_t { CUBLAS_COMPUTE_32F = 68 };
+enum cublasComputeType_t { CUBLAS_COMPUTE_32F_FAST_16BF = 75 };
 enum cudaDataType_t { CUDA_R_32F = 0 };
 typedef cudaDataType_t cudaDataType;
-enum cublasLtMatmulDescAttributes_t { CUBLASLT_MATMUL_DESC_TRANSA = 3, CUBLASLT_MATMUL_DESC_TRANSB = 4 };
+enum cublasLtMatmulDescAttributes_t {
+    CUBLASLT_MATMUL_DESC_TRANSA = 3,
+    CUBLASLT_MATMUL_DESC_TRANSB = 4,
+    CUBLASLT_MATMUL_DESC_EPILOGUE = 7,
+    CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8,
+    CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = 26,
+};
+enum cublasLtEpilogue_t { CUBLASLT_EPILOGUE_DEFAULT = 1, CUBLASLT_EPILOGUE_BIAS = 4 };
 enum cublasLtMatmulPreferenceAttributes_t {
     CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1,
     CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES = 5,
@@ -942,6 +969,8 @@ enum cublasLtMatmulPreferenceAttributes_t {
 struct cublasLtContext {};
 struct cublasLtMatmulDescOpaque_t {
     cublasOperation_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_N;
+    cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    const void* bias = nullptr;  // (m), fp32: the bias data type must be D's (the default) or CUDA_R_32F
 };
 struct cublasLtMatrixLayoutOpaque_t {
     uint64_t rows, cols;
@@ -953,7 +982,7 @@ struct cublasLtMatmulPreferenceOpaque_t {
     uint32_t min_alignment[4] = {256, 256, 256, 256};
 };
 struct cublasLtMatmulAlgo_t {
-    uint32_t min_alignment[4];
+    uint32_t min_alignment[5];  // A, B, C, D, bias
 };
 struct cublasLtMatmulHeuristicResult_t {
     cublasLtMatmulAlgo_t algo;
@@ -985,18 +1014,32 @@ inline cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
 }
 inline cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* d, cublasComputeType_t compute,
                                                cudaDataType_t scale) {
-    if (compute != CUBLAS_COMPUTE_32F || scale != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (compute != CUBLAS_COMPUTE_32F_FAST_16BF || scale != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
     *d = new cublasLtMatmulDescOpaque_t{};
     return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr,
                                                      const void* buf, size_t bytes) {
-    if (attr != CUBLASLT_MATMUL_DESC_TRANSA && attr != CUBLASLT_MATMUL_DESC_TRANSB) return CUBLAS_STATUS_NOT_SUPPORTED;
-    if (bytes != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;
-    int32_t op;
-    memcpy(&op, buf, sizeof op);
-    if (op != CUBLAS_OP_N && op != CUBLAS_OP_T) return CUBLAS_STATUS_INVALID_VALUE;
-    (attr == CUBLASLT_MATMUL_DESC_TRANSA ? d->trans_a : d->trans_b) = (cublasOperation_t)op;
+    if (attr == CUBLASLT_MATMUL_DESC_BIAS_POINTER) {
+        if (bytes != sizeof(void*)) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->bias, buf, bytes);
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    if (attr != CUBLASLT_MATMUL_DESC_TRANSA && attr != CUBLASLT_MATMUL_DESC_TRANSB &&
+        attr != CUBLASLT_MATMUL_DESC_EPILOGUE && attr != CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE)
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (bytes != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;  // the others are 32-bit enums
+    int32_t value;
+    memcpy(&value, buf, sizeof value);
+    if (attr == CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE)
+        return value == CUDA_R_32F ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_SUPPORTED;
+    if (attr == CUBLASLT_MATMUL_DESC_EPILOGUE) {
+        if (value != CUBLASLT_EPILOGUE_DEFAULT && value != CUBLASLT_EPILOGUE_BIAS) return CUBLAS_STATUS_NOT_SUPPORTED;
+        d->epilogue = (cublasLtEpilogue_t)value;
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    if (value != CUBLAS_OP_N && value != CUBLAS_OP_T) return CUBLAS_STATUS_INVALID_VALUE;
+    (attr == CUBLASLT_MATMUL_DESC_TRANSA ? d->trans_a : d->trans_b) = (cublasOperation_t)value;
     return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
@@ -1067,13 +1110,18 @@ inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasL
     if (!emu::matmul_shapes(desc, a, b, c, d)) return CUBLAS_STATUS_NOT_SUPPORTED;
     results[0] = {};
     memcpy(results[0].algo.min_alignment, pref->min_alignment, sizeof pref->min_alignment);
+    // cuBLASLt reads the bias pointer's alignment off the descriptor here (cublasLt.h): the algorithm
+    // may assume it, up to 256 bytes
+    uint32_t& bias_alignment = results[0].algo.min_alignment[4];
+    for (bias_alignment = 256; bias_alignment > 1 && (uintptr_t)desc->bias % bias_alignment;) bias_alignment /= 2;
     results[0].state = CUBLAS_STATUS_SUCCESS;
     results[0].wavesCount = 1.0f;
     *returned = 1;
     return CUBLAS_STATUS_SUCCESS;
 }
-// Column-major: element (i, j) of a matrix with leading dimension ld is at [i + j·ld]. Accumulates in
-// fp32 in k order; with beta = 0, C is not read (it may hold anything, as in cuBLAS).
+// Column-major: element (i, j) of a matrix with leading dimension ld is at [i + j·ld]. Rounds A and B
+// to bf16 (round to nearest even), sums the exact products in fp32 in k order, then D = alpha·sum
+// + beta·C [+ bias[i]]; with beta = 0, C is not read (it may hold anything, as in cuBLAS).
 inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t desc, const void* alpha, const void* A,
                                      cublasLtMatrixLayout_t a, const void* B, cublasLtMatrixLayout_t b,
                                      const void* beta, const void* C, cublasLtMatrixLayout_t c, void* D,
@@ -1086,29 +1134,40 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t de
     const float *pa = static_cast<const float*>(A), *pb = static_cast<const float*>(B);
     const float* pc = static_cast<const float*>(C);
     float* pd = static_cast<float*>(D);
-    const void* pointers[4] = {A, B, C, D};
-    const char* names = "ABCD";
-    const uint64_t extents[4] = {a->cols * a->ld, b->cols * b->ld, c->cols * c->ld, d->cols * d->ld};
-    for (int p = 0; p < 4; p++) {
-        if (!emu::is_device_range(pointers[p], extents[p] * sizeof(float))) {
-            fprintf(stderr, "cuda_emu: cuBLASLt: %c (%p, %llu floats) is not inside one device allocation\n",
+    const bool with_bias = desc->epilogue == CUBLASLT_EPILOGUE_BIAS;
+    const float* bias = static_cast<const float*>(desc->bias);
+    const void* pointers[5] = {A, B, C, D, bias};
+    const char* names[5] = {"A", "B", "C", "D", "bias"};
+    const uint64_t extents[5] = {a->cols * a->ld, b->cols * b->ld, c->cols * c->ld, d->cols * d->ld, (uint64_t)m};
+    for (int p = 0; p < (with_bias ? 5 : 4); p++) {
+        if (!pointers[p] || !emu::is_device_range(pointers[p], extents[p] * sizeof(float))) {
+            fprintf(stderr, "cuda_emu: cuBLASLt: %s (%p, %llu floats) is not inside one device allocation\n",
                     names[p], pointers[p], (unsigned long long)extents[p]);
             return CUBLAS_STATUS_INVALID_VALUE;
         }
         if ((uintptr_t)pointers[p] % algo->min_alignment[p]) {
-            fprintf(stderr, "cuda_emu: cuBLASLt: %c (%p) is less aligned than the %u bytes the algorithm assumes\n",
+            fprintf(stderr, "cuda_emu: cuBLASLt: %s (%p) is less aligned than the %u bytes the algorithm assumes\n",
                     names[p], pointers[p], algo->min_alignment[p]);
             return CUBLAS_STATUS_INVALID_VALUE;
         }
     }
     if (C == D && c->ld != d->ld) return CUBLAS_STATUS_INVALID_VALUE;  // in place needs one layout
+    // bf16 copies of op(A)'s rows and op(B)'s columns, each contiguous in k: rounded once, not in the
+    // inner loop, which then reads both sequentially
+    std::vector<float> rows_a((size_t)(m * k)), cols_b((size_t)(n * k));
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t p = 0; p < k; p++) rows_a[i * k + p] = emu::bf16_round(ta ? pa[p + i * a->ld] : pa[i + p * a->ld]);
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t p = 0; p < k; p++) cols_b[j * k + p] = emu::bf16_round(tb ? pb[j + p * b->ld] : pb[p + j * b->ld]);
     const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
     for (int64_t j = 0; j < n; j++)
         for (int64_t i = 0; i < m; i++) {
+            const float *x = rows_a.data() + i * k, *y = cols_b.data() + j * k;
             float acc = 0.0f;
-            for (int64_t p = 0; p < k; p++)
-                acc += (ta ? pa[p + i * a->ld] : pa[i + p * a->ld]) * (tb ? pb[j + p * b->ld] : pb[p + j * b->ld]);
-            pd[i + j * d->ld] = be == 0.0f ? al * acc : al * acc + be * pc[i + j * c->ld];
+            for (int64_t p = 0; p < k; p++) acc += x[p] * y[p];  // bf16 · bf16 is exact in fp32
+            float v = be == 0.0f ? al * acc : al * acc + be * pc[i + j * c->ld];
+            if (with_bias) v += bias[i];
+            pd[i + j * d->ld] = v;
         }
     return CUBLAS_STATUS_SUCCESS;
 }

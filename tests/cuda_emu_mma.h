@@ -67,21 +67,7 @@ inline bool in_shared(const void* p, size_t bytes) {
     return m.base && (const char*)p >= m.base && (const char*)p + bytes <= m.base + m.bytes;
 }
 
-// ---- bf16 ----
-inline float bf16_to_float(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-// round to nearest, ties to even; NaN stays NaN (quieted, sign kept); overflow rounds to ±inf
-inline uint16_t float_to_bf16_rn(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x0040u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
+// ---- bf16 (bf16_to_float, float_to_bf16_rn: tests/cuda_emu.h) ----
 inline uint32_t pack_bf16x2(float lo, float hi) {
     return (uint32_t)float_to_bf16_rn(lo) | (uint32_t)float_to_bf16_rn(hi) << 16;
 }

@@ -1,8 +1,9 @@
 // tests/test_gpu.cu — every CUDA kernel against its reference (kernels.cuh, namespace ref).
 //
 // For each op: random inputs on the host, ref:: on the host, cuda:: on the device, compare with the
-// tolerance stated at the call (|got − want| ≤ atol + rtol·|want| for every element). Backward ops
-// start from prefilled gradient buffers (they must ADD), null gradient pointers are exercised, and
+// tolerance stated at the call (|got − want| ≤ atol + rtol·|want| for every element; the GEMMs: a bound
+// per element from the rounding done, check_within). Backward ops start from prefilled gradient
+// buffers (they must ADD), null gradient pointers are exercised, and
 // every backward op runs twice from the same state and must give bit-identical results.
 // Prints "PASS name" / "FAIL name: …" per check and ends with "N passed, M failed"; exit 1 on failure.
 //
@@ -13,6 +14,7 @@
 #include "../kernels.cuh"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -276,52 +278,162 @@ static void test_layernorm(int N, int C, uint64_t seed) {
 }
 
 // ---- matmul ----
+// cuBLASLt runs CUBLAS_COMPUTE_32F_FAST_16BF on fp32 operands: it rounds each a and b to bf16,
+// ã = a(1 + δ) with |δ| ≤ u = 2⁻⁸ (bf16 keeps 8 significant bits; round to nearest), so each product
+// ã·b̃ = a·b(1 + θ) with |θ| ≤ 2u + u², and it is exact in fp32 (8 + 8 significant bits ≤ 24). The K
+// products are summed in fp32 in an order the hardware does not specify; any order errs by at most
+// γ_K·Σ|ã||b̃| ≤ γ_K(1 + u)²·Σ|a||b|, γ_K = K·2⁻²⁴/(1 − K·2⁻²⁴). (If cuBLAS picks TF32 instead, it keeps
+// more bits: the bound still holds.) The reference sums in double from the unrounded inputs, so with
+// S = Σ_k |a_k||b_k| (double) the op is off from it by (2u + u² + γ_K(1 + u)²)·S, plus the roundings of
+// what is added after the sum: the op's + beta·C and + bias, the reference's float conversion and
+// float +=: at most 4 roundings of 2⁻²⁴ of a value < 2(S + |bias| + |C|): 2⁻²¹·(S + |bias| + |C|).
+// A layout or plan bug gives errors of the size of S, a missing bias of |bias|: far above the bound.
+template <class X, class Y>
+static std::vector<double> abs_products(int rows, int cols, int K, X x, Y y) {  // S of each (rows, cols) element
+    std::vector<double> s((size_t)rows * cols, 0.0);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++)
+            for (int k = 0; k < K; k++) s[(size_t)r * cols + c] += std::fabs((double)x(r, k) * (double)y(k, c));
+    return s;
+}
+// the bound above for one element: S over K products, added = |bias| + |C| (what the op adds to the sum)
+static double bf16_gemm_bound(int K, double S, double added) {
+    const double u = std::ldexp(1.0, -8), eps = std::ldexp(1.0, -24), gamma = K * eps / (1.0 - K * eps);
+    return (2 * u + u * u + gamma * (1 + u) * (1 + u)) * S + std::ldexp(1.0, -21) * (S + added) + FLT_MIN;
+}
+// every |got − want| ≤ bound (NaN fails); reports the worst |got − want| / bound
+static bool check_within(const std::string& name, const std::vector<float>& got, const std::vector<float>& want,
+                         const std::vector<double>& bound) {
+    record_digest(name, got.data(), got.size() * sizeof(float));
+    double worst = 0.0;
+    size_t at = 0, n_bad = 0;
+    for (size_t i = 0; i < got.size(); i++) {
+        double ratio = std::fabs((double)got[i] - (double)want[i]) / bound[i];
+        if (!(ratio <= 1.0)) n_bad++;  // also catches NaN
+        if (std::isnan(ratio)) ratio = INFINITY;
+        if (ratio > worst) worst = ratio, at = i;
+    }
+    char detail[256];
+    if (n_bad == 0)
+        snprintf(detail, sizeof detail, "(worst error/bound %.3g)", worst);
+    else
+        snprintf(detail, sizeof detail, "worst error/bound %.3g at %zu (got %.9g want %.9g bound %.3g), %zu bad of %zu",
+                 worst, at, (double)got[at], (double)want[at], bound[at], n_bad, got.size());
+    record(n_bad == 0, name, detail);
+    return n_bad == 0;
+}
+
+// One linear layer: host inputs and the gradients the backward starts from; its device copies.
+struct Linear {
+    int N, C, OC;
+    std::vector<float> inp, weight, bias, dout, dinp0, dweight0, dbias0;
+    Linear(int N_, int C_, int OC_, Rng& rng)
+        : N(N_), C(C_), OC(OC_), inp(random_floats(rng, (size_t)N * C)), weight(random_floats(rng, (size_t)OC * C)),
+          bias(random_floats(rng, OC)), dout(random_floats(rng, (size_t)N * OC)),
+          dinp0(random_floats(rng, (size_t)N * C)), dweight0(random_floats(rng, (size_t)OC * C)),
+          dbias0(random_floats(rng, OC)) {}
+};
+struct LinearDevice {
+    float *inp, *weight, *bias, *out, *dout, *dinp, *dweight, *dbias;
+};
+static void check_matmul_forward(const std::string& tag, const Linear& l, const LinearDevice& d, bool with_bias) {
+    std::vector<float> out((size_t)l.N * l.OC);
+    ref::matmul_forward(out.data(), l.inp.data(), l.weight.data(), with_bias ? l.bias.data() : nullptr, l.N, l.C, l.OC);
+    cuda::copy_to_device(d.out, std::vector<float>(out.size(), 7.0f).data(), out.size() * sizeof(float));
+    cuda::matmul_forward(d.out, d.inp, d.weight, with_bias ? d.bias : nullptr, l.N, l.C, l.OC);
+    std::vector<double> bound = abs_products(
+        l.N, l.OC, l.C, [&](int n, int c) { return l.inp[(size_t)n * l.C + c]; },
+        [&](int c, int o) { return l.weight[(size_t)o * l.C + c]; });
+    for (size_t e = 0; e < bound.size(); e++)
+        bound[e] = bf16_gemm_bound(l.C, bound[e], with_bias ? std::fabs(l.bias[e % l.OC]) : 0.0);
+    check_within("matmul_forward " + tag + (with_bias ? " bias" : " no bias"), download(d.out, out.size()), out, bound);
+}
+// the backward with dinp, dweight, dbias each on (or null); dinp += or = (accumulate)
+static void check_matmul_backward(const std::string& tag, const Linear& l, const LinearDevice& d, bool wi, bool ww,
+                                  bool wb, bool accumulate) {
+    const int N = l.N, C = l.C, OC = l.OC;
+    std::string v = tag + fmt(" (dinp %s, dweight %s, dbias %s)", wi ? (accumulate ? "+=" : "=") : "null",
+                              ww ? "on" : "null", wb ? "on" : "null");
+    std::vector<float> dinp = l.dinp0, dweight = l.dweight0, dbias = l.dbias0;
+    ref::matmul_backward(wi ? dinp.data() : nullptr, ww ? dweight.data() : nullptr, wb ? dbias.data() : nullptr,
+                         l.dout.data(), l.inp.data(), l.weight.data(), N, C, OC, accumulate);
+    reset(d.dinp, l.dinp0);
+    reset(d.dweight, l.dweight0);
+    reset(d.dbias, l.dbias0);
+    cuda::matmul_backward(wi ? d.dinp : nullptr, ww ? d.dweight : nullptr, wb ? d.dbias : nullptr, d.dout, d.inp,
+                          d.weight, N, C, OC, accumulate);
+    std::vector<double> dinp_bound = abs_products(
+        N, C, OC, [&](int n, int o) { return l.dout[(size_t)n * OC + o]; },
+        [&](int o, int c) { return l.weight[(size_t)o * C + c]; });
+    for (size_t e = 0; e < dinp_bound.size(); e++)
+        dinp_bound[e] = bf16_gemm_bound(OC, dinp_bound[e], wi && accumulate ? std::fabs(l.dinp0[e]) : 0.0);
+    std::vector<double> dweight_bound = abs_products(
+        OC, C, N, [&](int o, int n) { return l.dout[(size_t)n * OC + o]; },
+        [&](int n, int c) { return l.inp[(size_t)n * C + c]; });
+    for (size_t e = 0; e < dweight_bound.size(); e++)
+        dweight_bound[e] = bf16_gemm_bound(N, dweight_bound[e], std::fabs(l.dweight0[e]));
+    check_within("matmul_backward dinp " + v, download(d.dinp, dinp.size()), dinp, dinp_bound);
+    check_within("matmul_backward dweight " + v, download(d.dweight, dweight.size()), dweight, dweight_bound);
+    // dbias is no GEMM but a fixed-order fp32 column sum (column_sum_add): fp32's tolerance
+    check("matmul_backward dbias " + v, download(d.dbias, dbias.size()), dbias, 1e-3, 1e-4);
+}
+static LinearDevice upload_linear(const Linear& l) {
+    return {upload(l.inp),   upload(l.weight), upload(l.bias),    upload(std::vector<float>((size_t)l.N * l.OC)),
+            upload(l.dout), upload(l.dinp0),  upload(l.dweight0), upload(l.dbias0)};
+}
+static void free_linear(const LinearDevice& d) {
+    for (void* p : {d.inp, d.weight, d.bias, d.out, d.dout, d.dinp, d.dweight, d.dbias}) cuda::free_buffer(p);
+}
 static void test_matmul(int N, int C, int OC, uint64_t seed) {
     Rng rng(seed);
-    std::string tag = fmt("N=%d C=%d OC=%d", N, C, OC);
-    auto inp = random_floats(rng, (size_t)N * C);
-    auto weight = random_floats(rng, (size_t)OC * C);
-    auto bias = random_floats(rng, OC);
-    float *d_inp = upload(inp), *d_weight = upload(weight), *d_bias = upload(bias);
-    float* d_out = upload(std::vector<float>((size_t)N * OC, 7.0f));
-    // tolerance: fp32 accumulation over K ≤ 2304 terms of size ≤ 1 against a double reference: sums reach
-    // ~16, each rounding is ~1e-6 and a K-long FMA chain random-walks to ~5e-5, so atol 1e-3 (a layout bug
-    // gives O(1) errors)
-    for (int with_bias = 0; with_bias < 2; with_bias++) {
-        std::vector<float> out((size_t)N * OC);
-        ref::matmul_forward(out.data(), inp.data(), weight.data(), with_bias ? bias.data() : nullptr, N, C, OC);
-        cuda::matmul_forward(d_out, d_inp, d_weight, with_bias ? d_bias : nullptr, N, C, OC);
-        check("matmul_forward " + tag + (with_bias ? " bias" : " no bias"), download(d_out, out.size()), out, 1e-3,
-              1e-4);
-    }
-
-    auto dout = random_floats(rng, (size_t)N * OC);
-    auto dinp0 = random_floats(rng, (size_t)N * C);
-    auto dweight0 = random_floats(rng, (size_t)OC * C);
-    auto dbias0 = random_floats(rng, OC);
-    float* d_dout = upload(dout);
-    float *d_dinp = upload(dinp0), *d_dweight = upload(dweight0), *d_dbias = upload(dbias0);
+    const std::string tag = fmt("N=%d C=%d OC=%d", N, C, OC);
+    const Linear l(N, C, OC, rng);
+    const LinearDevice d = upload_linear(l);
+    for (int with_bias = 0; with_bias < 2; with_bias++) check_matmul_forward(tag, l, d, with_bias);
     for (int mask = 15; mask >= 1; mask--) {  // subsets of {dinp, dweight, dbias}; bit 8: dinp written, not added
         if (mask != 15 && mask != 7 && mask != 9 && mask != 1 && mask != 2 && mask != 4 && mask != 6) continue;
-        bool wi = mask & 1, ww = mask & 2, wb = mask & 4, accumulate = !(mask & 8);
-        std::string v = tag + fmt(" (dinp %s, dweight %s, dbias %s)", wi ? (accumulate ? "+=" : "=") : "null",
-                                  ww ? "on" : "null", wb ? "on" : "null");
-        std::vector<float> dinp = dinp0, dweight = dweight0, dbias = dbias0;
-        ref::matmul_backward(wi ? dinp.data() : nullptr, ww ? dweight.data() : nullptr, wb ? dbias.data() : nullptr,
-                             dout.data(), inp.data(), weight.data(), N, C, OC, accumulate);
-        reset(d_dinp, dinp0);
-        reset(d_dweight, dweight0);
-        reset(d_dbias, dbias0);
-        cuda::matmul_backward(wi ? d_dinp : nullptr, ww ? d_dweight : nullptr, wb ? d_dbias : nullptr, d_dout, d_inp,
-                              d_weight, N, C, OC, accumulate);
-        check("matmul_backward dinp " + v, download(d_dinp, dinp.size()), dinp, 1e-3, 1e-4);
-        check("matmul_backward dweight " + v, download(d_dweight, dweight.size()), dweight, 1e-3, 1e-4);
-        check("matmul_backward dbias " + v, download(d_dbias, dbias.size()), dbias, 1e-3, 1e-4);
+        check_matmul_backward(tag, l, d, mask & 1, mask & 2, mask & 4, !(mask & 8));
     }
-    check_deterministic("matmul_backward " + tag, {{d_dinp, &dinp0}, {d_dweight, &dweight0}, {d_dbias, &dbias0}},
-                        [&] { cuda::matmul_backward(d_dinp, d_dweight, d_dbias, d_dout, d_inp, d_weight, N, C, OC, true); });
-    for (void* p : std::initializer_list<void*>{d_inp, d_weight, d_bias, d_out, d_dout, d_dinp, d_dweight, d_dbias})
-        cuda::free_buffer(p);
+    check_deterministic("matmul_backward " + tag, {{d.dinp, &l.dinp0}, {d.dweight, &l.dweight0}, {d.dbias, &l.dbias0}},
+                        [&] { cuda::matmul_backward(d.dinp, d.dweight, d.dbias, d.dout, d.inp, d.weight, N, C, OC, true); });
+    free_linear(d);
+}
+// The GEMM plans (kernels.cuh gemm_plan) are cached by configuration: every call must run its own.
+// Shapes that differ in one dimension (so in one of m, n, k) alternate, each met again later, and one
+// shape runs with its pointers 256-byte aligned, all offset by 1 float (4-byte aligned: the heuristic may
+// pick other kernels), one kind offset at a time, and aligned again. Forward with the bias, then the
+// backward (dinp +=, dweight, dbias). Offsets in floats: inp and dinp, weight and dweight, out and dout,
+// bias and dbias; so the forward's A (weight), B (inp), D (out) and bias each change alone once, and so
+// do the backward's A, B, D.
+static void test_matmul_plans(uint64_t seed) {
+    Rng rng(seed);
+    struct Case {
+        int N, C, OC, inp, weight, out, bias;  // shape, then the offsets
+    };
+    const Case cases[] = {{40, 72, 24, 0, 0, 0, 0}, {40, 64, 24, 0, 0, 0, 0}, {40, 72, 24, 0, 0, 0, 0},
+                          {33, 72, 24, 0, 0, 0, 0}, {40, 72, 20, 0, 0, 0, 0}, {40, 64, 24, 0, 0, 0, 0},
+                          {40, 72, 24, 1, 1, 1, 1}, {40, 72, 24, 1, 1, 1, 1}, {40, 72, 24, 0, 1, 0, 0},
+                          {40, 72, 24, 1, 0, 0, 0}, {40, 72, 24, 0, 0, 1, 0}, {40, 72, 24, 0, 0, 0, 1},
+                          {40, 72, 24, 0, 0, 0, 0}, {33, 72, 24, 0, 0, 0, 0}, {40, 72, 24, 3, 2, 1, 2}};
+    const size_t room = 40 * 72 + 4;  // the largest array (40·72) and the largest offset
+    LinearDevice big;
+    for (float** p : {&big.inp, &big.weight, &big.bias, &big.out, &big.dout, &big.dinp, &big.dweight, &big.dbias})
+        *p = cuda::alloc_floats(room);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const Case& c = cases[i];
+        const Linear l(c.N, c.C, c.OC, rng);
+        const LinearDevice d{big.inp + c.inp,  big.weight + c.weight, big.bias + c.bias,       big.out + c.out,
+                             big.dout + c.out, big.dinp + c.inp,      big.dweight + c.weight, big.dbias + c.bias};
+        reset(d.inp, l.inp);
+        reset(d.weight, l.weight);
+        reset(d.bias, l.bias);
+        reset(d.dout, l.dout);
+        const std::string tag = fmt("plans #%zu N=%d C=%d OC=%d offsets inp %d weight %d out %d bias %d", i, c.N, c.C,
+                                    c.OC, c.inp, c.weight, c.out, c.bias);
+        check_matmul_forward(tag, l, d, true);
+        check_matmul_backward(tag, l, d, true, true, true, true);
+    }
+    free_linear(big);
 }
 
 // ---- residual ----
@@ -1121,6 +1233,8 @@ int main(int argc, char** argv) {
     test_matmul(5, 768, 2304, 302);
     test_matmul(128, 64, 1, 303);
     test_matmul(300, 200, 257, 304);
+    test_matmul(7, 0, 5, 305);  // an empty sum: out is the bias, dinp zero, dweight empty
+    test_matmul_plans(306);
 
     test_add_inplace(1000003);
 
