@@ -2,21 +2,24 @@
 # The GPU build of the trainer, compiled by g++ under the CUDA emulator (picotron_emu: make
 # picotron_emu; tests/cuda_emu.h), trains like the CPU build: every kernel, cuBLASLt call, stream,
 # event and pinned staging copy of picotron.cu's GPU branches runs thread by thread on the CPU.
-# Same data, seed and flags, 3 steps (the 1-rank run: 20); the GPU build computes attention (and
-# the GEMMs) in bf16 with fp32 accumulation, the CPU build in fp32, so the runs agree to bf16's
-# precision, which the tolerances (those of tests/gpu_vs_cpu.sh, on a real GPU) derive from:
-#   - bf16 keeps 8 significant bits: an operand is off by ≤ 2⁻⁸ relative, a product by ≤ 2⁻⁷, so a
-#     logit moves by ≤ 2⁻⁷ of its Σ|terms| per rounded product on its path, and the mean
-#     cross-entropy by ≤ twice the largest logit change: with logits of order 1 and Σ|terms| a few
-#     times |logit|, ≲ 1e-2 nats of a loss of ~8, so every step's loss agrees to 1e-3 relative;
-#   - Adam moves an element whose gradient is below that roundoff by up to ±lr a step whatever its
-#     size, so a tensor's max difference says little (measured on mini at 20 steps: 1.5% of max|w|
-#     on attention weights, whose gradients are ~1e-7 early on); the RMS of a tensor's difference
-#     counts how many elements do: RMS(Δ) / RMS(w) ≤ 2e-2 (compare_runs --rms; measured 2.8e-3).
+# Same data, seed and flags, 3 steps (the 1-rank run: 20); the GPU build computes attention and the
+# GEMMs in bf16 with fp32 accumulation, the CPU build in fp32, so the runs agree to bf16's
+# precision. The tolerances (those of tests/gpu_vs_cpu.sh, on a real GPU):
+#   - losses, derived: bf16 keeps 8 significant bits, an operand is off by ≤ 2⁻⁸ relative and a
+#     product by ≤ 2⁻⁷, so a logit moves by ≤ 2⁻⁷ of its Σ|terms| per rounded product on its path,
+#     and the mean cross-entropy by ≤ twice the largest logit change: with logits of order 1 and
+#     Σ|terms| a few times |logit|, ≲ 1e-2 nats of a loss of ~8, so every step agrees to 1e-3
+#     relative (measured: 5.6e-5 at 20 steps);
+#   - weights, stated from measurement: Adam moves an element whose gradient is below its roundoff
+#     by up to ±lr a step whatever its size (its first step is sign(g)), so a tensor's max difference
+#     says little; the RMS of a tensor's difference over its RMS (compare_runs --rms) measures how
+#     far the runs drift apart: 8.4e-3 at 20 steps (the MLP's Wo), 1.5e-3 to 1.5e-2 at 3 steps (the
+#     largest, head.dense under cp 4 on 128-token micro-batches: fewer masked tokens, noisier
+#     gradients), and the tolerance is 3e-2.
 # What these runs catch: a wiring or layout error (a wrong pointer, stride, shard or collective)
 # moves whole tensors. An op's rounding is the kernel tests' business (tests/test_gpu.cu checks
 # each op against its reference element by element): at init attention is near uniform, so even a
-# window one key short moves the loss by 4e-7 and the weights' RMS by 0.6% here.
+# window one key short moves the loss by 4e-7 and the weights' RMS by 0.6% (with fp32 GEMMs).
 # NCCL is not emulated, so every emulated run uses --comm mpi. Layouts: 1 rank, dp 2
 # (with and without ZeRO-1) against a 1-rank grad-accum 2 run, and tensor parallel (tp 2, tp 2
 # --sp) against a 1-rank run: tp splits every layer's GEMMs, attention heads, the vocabulary and
@@ -43,7 +46,7 @@ for f in picotron_emu picotron_cpu tests/compare_runs tests/make_model; do
 done
 compare() {  # name, cpu run, emulated run
     if v=$(./tests/compare_runs "$WORK/$2.jsonl" "$WORK/$3.jsonl" "$WORK/$2/model.safetensors" "$WORK/$3/model.safetensors" \
-           --loss-rel 1e-3 --weight-rel 2e-2 --rms); then pass "$1: $v"
+           --loss-rel 1e-3 --weight-rel 3e-2 --rms); then pass "$1: $v"
     else fail "$1" "$v"; fi
 }
 # the references: one rank, one micro-batch a step (3 and 20 steps) and two

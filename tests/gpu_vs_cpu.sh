@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # make test-gpu, second half: the GPU build trains like the CPU build. Same data, seed and flags,
 # 5 steps; the GPU computes attention and the GEMMs in bf16 with fp32 accumulation, so every step's
-# loss must agree to 1e-3 relative and each weight tensor's RMS difference to 2e-2 of its RMS (the
-# bf16 tolerances of tests/emu_trainer.sh, derived there). Then data-, context- and
+# loss must agree to 1e-3 relative and each weight tensor's RMS difference to 3e-2 of its RMS (the
+# bf16 tolerances of tests/emu_trainer.sh, explained there). Then data-, context- and
 # tensor-parallel layouts of the GPU build on one GPU (--comm mpi stages through host memory: NCCL
 # refuses two ranks on one device) against the same single-rank CPU run, grad-accum 2 (tiny's 4
 # heads of 64 and intermediate_size 384 split over tp 2; --sp cuts the 512-token micro-batch into
@@ -13,7 +13,7 @@ source "$(dirname "$0")/common.sh"
 FLAGS="--model tiny --data data/default --seq-len 128 --micro-batch-tokens 512 --steps 5 --lr 2e-3 --warmup 2"
 compare() {  # name, cpu run, gpu run
     if v=$(./tests/compare_runs "$WORK/$2.jsonl" "$WORK/$3.jsonl" "$WORK/$2/model.safetensors" "$WORK/$3/model.safetensors" \
-           --loss-rel 1e-3 --weight-rel 2e-2 --rms); then pass "$1: $v"
+           --loss-rel 1e-3 --weight-rel 3e-2 --rms); then pass "$1: $v"
     else fail "$1" "$v"; fi
 }
 $MPIRUN -np 1 ./picotron_cpu $FLAGS --grad-accum 2 --log "$WORK/cpu.jsonl" --export "$WORK/cpu" > /dev/null
