@@ -13,7 +13,7 @@
 #   - weights, stated from measurement: Adam moves an element whose gradient is below its roundoff
 #     by up to ±lr a step whatever its size (its first step is sign(g)), so a tensor's max difference
 #     says little; the RMS of a tensor's difference over its RMS (compare_runs --rms) measures how
-#     far the runs drift apart: 8.4e-3 at 20 steps (the MLP's Wo), 1.5e-3 to 1.5e-2 at 3 steps (the
+#     far the runs drift apart: 8.4e-3 at 20 steps (the MLP's Wo), 5.3e-3 to 1.5e-2 at 3 steps (the
 #     largest, head.dense under cp 4 on 128-token micro-batches: fewer masked tokens, noisier
 #     gradients), and the tolerance is 3e-2.
 # What these runs catch: a wiring or layout error (a wrong pointer, stride, shard or collective)
