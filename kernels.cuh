@@ -1770,6 +1770,30 @@ __device__ inline void flash_load_tile(uint16_t* dst, const float* src, int stri
         store_bf16x2(&dst[row * FLASH_LD + FLASH_HALF + c], pack_bf16x2(x[2], x[3]));
     }
 }
+// Double buffering: while a tile is multiplied, the next tile's two operands (K and V, or Q and dO)
+// travel by cp.async into an fp32 stage (2 × 64 × 64 floats of dynamic shared memory), one 16-byte
+// copy per 4 floats, rows [row0, row0 + rows) of a and b at col0 (16-byte aligned: the launchers
+// check); flash_load_tile then turns and rounds them from the stage into the bf16 tiles.
+constexpr size_t FLASH_STAGE_BYTES = 2 * FLASH_TILE * FLASH_HD * sizeof(float);
+__device__ inline void flash_stage(float* stage, const float* a, int a_stride, const float* b, int b_stride, int col0,
+                                   int row0, int rows, int tid, int threads) {
+    for (int e = tid; e < rows * FLASH_HD / 4; e += threads) {
+        const int row = e / (FLASH_HD / 4), c = 4 * (e % (FLASH_HD / 4));
+        cp_async_16(&stage[row * FLASH_HD + c], a + (size_t)(row0 + row) * a_stride + col0 + c);
+        cp_async_16(&stage[(FLASH_TILE + row) * FLASH_HD + c], b + (size_t)(row0 + row) * b_stride + col0 + c);
+    }
+    cp_async_commit();
+}
+inline void flash_check_aligned(const float* p, int stride) {  // cp.async reads 16-byte aligned rows
+    if ((uintptr_t)p % 16 || stride % 4) fatal("flash attention: operand %p with row stride %d is not 16-byte aligned", (const void*)p, stride);
+}
+// Launches a flash kernel with its stage; the stage and the static tiles together pass 48 KiB, which
+// CUDA wants the kernel to opt in to.
+#define FLASH_LAUNCH(kernel, grid, ...)                                                                                   \
+    do {                                                                                                                  \
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)FLASH_STAGE_BYTES)); \
+        CUDA_LAUNCH_SHARED(kernel, grid, FLASH_WARPS * WARP_SIZE, FLASH_STAGE_BYTES, __VA_ARGS__);                      \
+    } while (0)
 __global__ void flash_attention_forward_kernel(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
                                                const float* k, const float* v, int kv_stride, int k_start, int Tk,
                                                const int* cu_seqlens, int n_docs, const int* positions,
@@ -1802,12 +1826,20 @@ __global__ void flash_attention_forward_kernel(float* out, float* lse, const flo
     for (auto& tile : o)
         for (float& x : tile) x = 0.0f;
     float max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;  // this lane's share of the sums
+    float* stage = dynamic_shared<float>();  // (2, 64, 64): K | V of the tile in flight
+    if (tile_lo < tile_hi)
+        flash_stage(stage, k, kv_stride, v, kv_stride, h * FLASH_HD, tile_lo - k_start,
+                    flash_min(FLASH_TILE, tile_hi - tile_lo), tid, blockDim.x);
     for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
-        __syncthreads();  // the previous tile's readers are done with sK and sV
-        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x,
-                        rope, positions, k_start);
-        flash_load_tile(sV, v, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
-        __syncthreads();
+        const int n = flash_min(FLASH_TILE, tile_hi - kt);
+        cp_async_wait<0>();
+        __syncthreads();  // tile kt is in the stage; the previous tile's readers are done with sK and sV
+        flash_load_tile(sK, stage, FLASH_HD, 0, 0, n, tid, blockDim.x, rope, positions, kt);
+        flash_load_tile(sV, stage + FLASH_TILE * FLASH_HD, FLASH_HD, 0, 0, n, tid, blockDim.x);
+        __syncthreads();  // the stage is free: the next tile's copies overlap this tile's products
+        if (kt + FLASH_TILE < tile_hi)
+            flash_stage(stage, k, kv_stride, v, kv_stride, h * FLASH_HD, kt + FLASH_TILE - k_start,
+                        flash_min(FLASH_TILE, tile_hi - kt - FLASH_TILE), tid, blockDim.x);
         if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;  // none of this warp's rows sees this tile
         float s[FLASH_TILE / 8][4];  // scores: 8 tiles of 8 keys
         for (auto& tile : s)
@@ -1879,9 +1911,11 @@ inline void attention_block_forward(float* out, float* lse, const float* q, int 
                                     int hd, int window) {
     if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
     if (Tq <= 0 || nh <= 0) return;
-    CUDA_LAUNCH(flash_attention_forward_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
-                FLASH_WARPS * WARP_SIZE, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens,
-                n_docs, positions, rope, nh, window, 1.0f / sqrtf((float)hd));
+    flash_check_aligned(k, kv_stride);
+    flash_check_aligned(v, kv_stride);
+    FLASH_LAUNCH(flash_attention_forward_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh), out, lse, q,
+                 q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, positions, rope, nh, window,
+                 1.0f / sqrtf((float)hd));
 }
 // The whole micro-batch: its queries against its own keys, q | k | v the column blocks of qkv (T, 3H).
 inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs,
@@ -1996,12 +2030,20 @@ __global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, con
     flash_fragments(gf, sdO, warp, mat, mrow);
     float acc[8][4];
     flash_zero(acc);
+    float* stage = dynamic_shared<float>();  // (2, 64, 64): K | V of the tile in flight, as in the forward
+    if (tile_lo < tile_hi)
+        flash_stage(stage, k, kv_stride, v, kv_stride, h * FLASH_HD, tile_lo - k_start,
+                    flash_min(FLASH_TILE, tile_hi - tile_lo), tid, blockDim.x);
     for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
+        const int n = flash_min(FLASH_TILE, tile_hi - kt);
+        cp_async_wait<0>();
         __syncthreads();
-        flash_load_tile(sK, k, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x,
-                        rope, positions, k_start);
-        flash_load_tile(sV, v, kv_stride, h * FLASH_HD, kt - k_start, flash_min(FLASH_TILE, tile_hi - kt), tid, blockDim.x);
+        flash_load_tile(sK, stage, FLASH_HD, 0, 0, n, tid, blockDim.x, rope, positions, kt);
+        flash_load_tile(sV, stage + FLASH_TILE * FLASH_HD, FLASH_HD, 0, 0, n, tid, blockDim.x);
         __syncthreads();
+        if (kt + FLASH_TILE < tile_hi)
+            flash_stage(stage, k, kv_stride, v, kv_stride, h * FLASH_HD, kt + FLASH_TILE - k_start,
+                        flash_min(FLASH_TILE, tile_hi - kt - FLASH_TILE), tid, blockDim.x);
         if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;
         float s[8][4], dp[8][4];
         flash_zero(s);
@@ -2057,15 +2099,23 @@ __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dk
     float acc_k[8][4], acc_v[8][4];
     flash_zero(acc_k);
     flash_zero(acc_v);
+    float* stage = dynamic_shared<float>();  // (2, 64, 64): Q | dO of the query tile in flight
+    if (tile_lo < tile_hi)
+        flash_stage(stage, q, q_stride, dout, H, h * FLASH_HD, tile_lo - q_start, flash_min(FLASH_TILE, tile_hi - tile_lo),
+                    tid, blockDim.x);
     for (int qt = tile_lo; qt < tile_hi; qt += FLASH_TILE) {  // qt in q_start's numbering
-        __syncthreads();
         const int first = qt - q_start, rows = flash_min(FLASH_TILE, tile_hi - qt);
+        cp_async_wait<0>();
+        __syncthreads();
         if (tid < FLASH_TILE)
             flash_query_row(&q_lo[tid], &q_hi[tid], &q_D[tid], &q_lse[tid], tid < rows, first + tid, dout, out, lse,
                             q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
-        flash_load_tile(sQ, q, q_stride, h * FLASH_HD, first, rows, tid, blockDim.x, rope, positions, q_start);
-        flash_load_tile(sdO, dout, H, h * FLASH_HD, first, rows, tid, blockDim.x);
+        flash_load_tile(sQ, stage, FLASH_HD, 0, 0, rows, tid, blockDim.x, rope, positions, qt);
+        flash_load_tile(sdO, stage + FLASH_TILE * FLASH_HD, FLASH_HD, 0, 0, rows, tid, blockDim.x);
         __syncthreads();
+        if (qt + FLASH_TILE < tile_hi)
+            flash_stage(stage, q, q_stride, dout, H, h * FLASH_HD, first + FLASH_TILE,
+                        flash_min(FLASH_TILE, tile_hi - qt - FLASH_TILE), tid, blockDim.x);
         if (qt >= warp_hi || qt + FLASH_TILE <= warp_lo) continue;
         float s[8][4], dp[8][4];
         flash_zero(s);
@@ -2100,14 +2150,16 @@ inline void flash_attention_backward(float* dq, float* dk, float* dv, int dq_str
     if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
     if (Tq <= 0 || Tk <= 0 || nh <= 0) return;
     const float scale = 1.0f / sqrtf((float)hd);
+    for (auto [p, stride] : {std::pair{q, q_stride}, {k, kv_stride}, {v, kv_stride}, {dout, nh * hd}})
+        flash_check_aligned(p, stride);
     if (dq)
-        CUDA_LAUNCH(flash_attention_backward_dq_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
-                    FLASH_WARPS * WARP_SIZE, dq, dq_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride,
-                    k_start, Tk, cu_seqlens, n_docs, positions, rope, nh, window, scale, add);
+        FLASH_LAUNCH(flash_attention_backward_dq_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh), dq,
+                     dq_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs,
+                     positions, rope, nh, window, scale, add);
     if (dk || dv)
-        CUDA_LAUNCH(flash_attention_backward_dkv_kernel, dim3((unsigned)div_round_up(Tk, FLASH_TILE), (unsigned)nh),
-                    FLASH_WARPS * WARP_SIZE, dk, dv, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v,
-                    kv_stride, k_start, Tk, cu_seqlens, n_docs, positions, rope, nh, window, scale, add);
+        FLASH_LAUNCH(flash_attention_backward_dkv_kernel, dim3((unsigned)div_round_up(Tk, FLASH_TILE), (unsigned)nh), dk,
+                     dv, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens,
+                     n_docs, positions, rope, nh, window, scale, add);
 }
 inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
                                      const float* out, const float* lse, const float* q, int q_stride, int q_start,

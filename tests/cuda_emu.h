@@ -830,6 +830,15 @@ inline cudaError_t cudaFree(void* p) {
     free(p);
     return cudaSuccess;
 }
+// The opt-in to more than 48 KiB of shared memory a block: checked for its range only (the emulator
+// knows no kernel's static shared memory, so it cannot tell whether a launch needed it).
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <typename Kernel>
+inline cudaError_t cudaFuncSetAttribute(Kernel*, cudaFuncAttribute attr, int value) {
+    if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || (size_t)value > emu::MAX_DYNAMIC_SHARED_BYTES)
+        return emu::result(cudaErrorInvalidValue);
+    return cudaSuccess;
+}
 inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
     *total_bytes = (size_t)16 << 30;
     const size_t used = emu::memory().bytes_in_use;

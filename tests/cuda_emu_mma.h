@@ -62,9 +62,12 @@ inline int exchange_begin(const char* what, Site arrive, const uint64_t* mine, i
 inline void exchange_done(Site leave) { syncwarp(leave, 0xffffffffu); }
 inline const std::array<uint64_t, 8>& slot(int first, int lane) { return mma_slots().word[first + lane]; }
 
+// inside the __shared__ arrays, or inside the running launch's dynamic shared memory
 inline bool in_shared(const void* p, size_t bytes) {
     const SharedMemory& m = shared_memory();
-    return m.base && (const char*)p >= m.base && (const char*)p + bytes <= m.base + m.bytes;
+    const char *c = (const char*)p, *dyn = (const char*)run.dynamic_shared;
+    return (m.base && c >= m.base && c + bytes <= m.base + m.bytes) ||
+           (dyn && c >= dyn && c + bytes <= dyn + run.dynamic_shared_bytes);
 }
 
 // ---- bf16 (bf16_to_float, float_to_bf16_rn: tests/cuda_emu.h) ----

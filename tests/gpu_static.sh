@@ -4,7 +4,8 @@
 #   - cuobjdump lists every __global__ kernel of kernels.cuh in the sm_90 code;
 #   - a table per kernel: registers, static shared memory, local memory (bytes), spilled bytes and
 #     tensor-core instructions (HMMA, HGMMA, IMMA in the SASS);
-#   - the tensor-core kernels (flash attention forward and backward) have HMMA instructions in their SASS.
+#   - the tensor-core kernels (flash attention forward and backward) have HMMA instructions in their SASS,
+#     and LDGSTS (cp.async: their double-buffered tile loads).
 # cuobjdump comes from PyPI (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm; scripts/install_deps.sh
 # installs them when nvcc exists) since this toolkit lacks it. Ends with "N passed, M failed".
 source "$(dirname "$0")/common.sh"
@@ -60,6 +61,15 @@ for k in flash_attention_forward_kernel flash_attention_backward_dq_kernel flash
 done
 if [ -z "$tc_missing" ]; then pass "tensor-core instructions (HMMA) in the SASS of the flash attention kernels (forward, backward dq, backward dk/dv)"
 else fail "tensor cores" "no HMMA in:$tc_missing"; fi
+
+# ... and double-buffer their loads: cp.async compiles to LDGSTS (global → shared, no registers)
+async_missing=""
+for k in flash_attention_forward_kernel flash_attention_backward_dq_kernel flash_attention_backward_dkv_kernel; do
+    n=$(awk -v k="$k" '/Function :/ {f = $NF} index(f, k) && /LDGSTS/ {n++} END {print n + 0}' "$WORK/sass")
+    [ "$n" -gt 0 ] || async_missing+=" $k"
+done
+if [ -z "$async_missing" ]; then pass "cp.async (LDGSTS) in the SASS of the flash attention kernels: the next tile loads while one is computed"
+else fail "cp.async" "no LDGSTS in:$async_missing"; fi
 
 # The table, by demangled name (markdown rows, so that run_tests.sh shows them)
 printf '| %-50s | %4s | %6s | %5s | %6s | %6s |\n' kernel regs shared local spills tensor
