@@ -83,22 +83,32 @@ inline bool print_error_line(const char* fmt, va_list args) {
         if (mpi_status_ != MPI_SUCCESS) fatal("MPI error %d at %s:%d", mpi_status_, __FILE__, __LINE__); \
     } while (0)
 
+// ---- types the ops share ----
+// One stretch of a tensor that adamw_update_pieces updates; the table is built once and lives where the ops run.
+struct AdamwPiece {
+    size_t param;         // the tensor's index: its learning rate is lr[param]
+    size_t offset, n;     // in the flat parameter buffer
+    size_t state_offset;  // in the Adam moments
+    size_t start;         // Σ n of the pieces before it: where it starts in their concatenation
+    const float* grad;    // (n) its summed gradient (the flat gradient buffer, or a ZeRO-1 shard)
+    bool decay;           // weight decay applies (not on 1-D tensors)
+};
+
 // ---- reference ops ----
 // One function per op, plain loops, accumulation in double where a sum runs long so that the
 // reference is the most accurate thing in the project (finite-difference checks lean on it).
 namespace ref {
 
 // -- memory: the CPU build's "device" is the host --
-inline float* alloc_floats(size_t n) {
-    float* p = static_cast<float*>(calloc(n ? n : 1, sizeof(float)));
-    if (!p) fatal("out of host memory allocating %zu floats", n);
+// (n) zeroed elements of T; `what` names them in the error
+template <typename T>
+inline T* alloc_array(size_t n, const char* what) {
+    T* p = static_cast<T*>(calloc(n ? n : 1, sizeof(T)));
+    if (!p) fatal("out of host memory allocating %zu %s", n, what);
     return p;
 }
-inline int* alloc_ints(size_t n) {
-    int* p = static_cast<int*>(calloc(n ? n : 1, sizeof(int)));
-    if (!p) fatal("out of host memory allocating %zu ints", n);
-    return p;
-}
+inline float* alloc_floats(size_t n) { return alloc_array<float>(n, "floats"); }
+inline int* alloc_ints(size_t n) { return alloc_array<int>(n, "ints"); }
 inline void free_buffer(void* p) { free(p); }
 inline void zero_floats(float* p, size_t n) { memset(p, 0, n * sizeof(float)); }
 inline void copy_to_device(void* dst, const void* src, size_t bytes) { memcpy(dst, src, bytes); }
@@ -367,6 +377,13 @@ inline void matmul_backward(float* dinp, float* dweight, float* dbias, const flo
 inline void add_inplace(float* x, const float* y, size_t n) {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+// resid (N, C) += add (N, C), then out (N, C), mean, rstd (N) = layernorm_forward(resid): one op on the GPU;
+// here the two, so that the CPU build's float operations are those of the unfused pair.
+inline void add_layernorm_forward(float* out, float* mean, float* rstd, float* resid, const float* add,
+                                  const float* weight, int N, int C, float eps) {
+    add_inplace(resid, add, (size_t)N * C);
+    layernorm_forward(out, mean, rstd, resid, weight, N, C, eps);
 }
 
 // -- rotary position embedding, rotate-half style: the attention ops turn q and k as they read them --
@@ -975,24 +992,32 @@ inline double sum_squares(const float* x, size_t n) {
 // grad is the raw gradient sum; grad_scale (1 / masked tokens · clip factor) normalises it on the fly.
 // p ← p·(1 − lr·wd); m ← β1 m + (1−β1) g; v ← β2 v + (1−β2) g²;
 // p ← p − (lr / (1−β1^t)) · m / (√v / √(1−β2^t) + ε)
-inline void adamw_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
-                         float beta2, float eps, float weight_decay, int t, float grad_scale) {
+// Over every piece of the table pieces (n_pieces; total = Σ n, the size of the CUDA grid): the
+// piece's param, m and v at its offsets, lr[piece.param] (one per tensor), weight_decay if piece.decay.
+inline void adamw_update_pieces(float* param, float* m, float* v, const AdamwPiece* pieces, int n_pieces,
+                                [[maybe_unused]] size_t total, const float* lr, float beta1, float beta2, float eps,
+                                float weight_decay, int t, float grad_scale) {
     float bias_correction1 = 1.0f - powf(beta1, (float)t);
     float bias_correction2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
-    float step_size = lr / bias_correction1;
+    for (int k = 0; k < n_pieces; k++) {
+        const AdamwPiece& piece = pieces[k];
+        const float rate = lr[piece.param], wd = piece.decay ? weight_decay : 0.0f;
+        float step_size = rate / bias_correction1;
+        float *p = param + piece.offset, *pm = m + piece.state_offset, *pv = v + piece.state_offset;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float g = grad[i] * grad_scale;
-        param[i] *= 1.0f - lr * weight_decay;
-        m[i] = beta1 * m[i] + (1.0f - beta1) * g;
-        v[i] = beta2 * v[i] + (1.0f - beta2) * g * g;
-        float denom = sqrtf(v[i]) / bias_correction2_sqrt + eps;
-        param[i] -= step_size * m[i] / denom;
+        for (size_t i = 0; i < piece.n; i++) {
+            float g = piece.grad[i] * grad_scale;
+            p[i] *= 1.0f - rate * wd;
+            pm[i] = beta1 * pm[i] + (1.0f - beta1) * g;
+            pv[i] = beta2 * pv[i] + (1.0f - beta2) * g * g;
+            float denom = sqrtf(pv[i]) / bias_correction2_sqrt + eps;
+            p[i] -= step_size * pm[i] / denom;
+        }
     }
 }
 // StableAdamW's per-tensor update clipping (ModernBERT's optimizer): the learning rate of a tensor
 // is divided by max(1, RMS(g / √max(v̂, ε²))) with v̂ the bias-corrected second moment after this
-// step. This returns that RMS without touching the state; adamw_update then runs with the lower lr.
+// step. This returns that RMS without touching the state; adamw_update_pieces then runs with the lower lr.
 inline double stable_adamw_rms(const float* grad, const float* v, size_t n, float beta2, float eps, int t,
                                float grad_scale) {
     double bias_correction2 = 1.0 - pow((double)beta2, t);
@@ -1373,19 +1398,15 @@ inline void column_sum_add(float* out, int N, int C, Term term) {
 }
 
 // ---- memory ----
-inline float* alloc_floats(size_t n) {
-    float* p = nullptr;
-    if (cudaMalloc(&p, (n ? n : 1) * sizeof(float)) != cudaSuccess)
-        fatal("out of device memory allocating %zu floats", n);
-    CUDA_CHECK(cudaMemset(p, 0, (n ? n : 1) * sizeof(float)));
+template <typename T>
+inline T* alloc_array(size_t n, const char* what) {
+    T* p = nullptr;
+    if (cudaMalloc(&p, (n ? n : 1) * sizeof(T)) != cudaSuccess) fatal("out of device memory allocating %zu %s", n, what);
+    CUDA_CHECK(cudaMemset(p, 0, (n ? n : 1) * sizeof(T)));
     return p;
 }
-inline int* alloc_ints(size_t n) {
-    int* p = nullptr;
-    if (cudaMalloc(&p, (n ? n : 1) * sizeof(int)) != cudaSuccess) fatal("out of device memory allocating %zu ints", n);
-    CUDA_CHECK(cudaMemset(p, 0, (n ? n : 1) * sizeof(int)));
-    return p;
-}
+inline float* alloc_floats(size_t n) { return alloc_array<float>(n, "floats"); }
+inline int* alloc_ints(size_t n) { return alloc_array<int>(n, "ints"); }
 inline void free_buffer(void* p) { CUDA_CHECK(cudaFree(p)); }
 inline void zero_floats(float* p, size_t n) {
     if (n) CUDA_CHECK(cudaMemset(p, 0, n * sizeof(float)));
@@ -1658,6 +1679,43 @@ __global__ void add_inplace_kernel(float* x, const float* y, size_t n) {
 inline void add_inplace(float* x, const float* y, size_t n) {
     if (!n) return;
     CUDA_LAUNCH(add_inplace_kernel, grid_for(n), BLOCK_SIZE, x, y, n);
+}
+// resid (N, C) += add, then out = LayerNorm(resid) as layernorm_forward_kernel computes it (a warp per
+// row, the same sums in the same order), but the row stays in the lanes' registers between the passes
+// (x[k] is column lane + 32k; the fixed-count loops unroll, so x needs no memory): resid and add are
+// read once, resid written once. Rows wider than that (C > 1024) take the two kernels.
+constexpr int LN_COLS_PER_LANE = 32;
+__global__ void add_layernorm_forward_kernel(float* out, float* mean, float* rstd, float* resid, const float* add,
+                                             const float* weight, int N, int C, float eps) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const size_t n = (size_t)blockIdx.x * LN_WARPS + threadIdx.x / WARP_SIZE;
+    if (n >= (size_t)N) return;  // the whole warp leaves together
+    float* r = resid + n * C;
+    const float* y = add + n * C;
+    float x[LN_COLS_PER_LANE];
+    float acc = 0.0f;
+    for (int k = 0, c = lane; k < LN_COLS_PER_LANE; k++, c += WARP_SIZE)
+        if (c < C) acc += (r[c] = x[k] = r[c] + y[c]);  // resid += add, kept in x[k] and summed
+    const float m = warp_sum(acc) / C;
+    acc = 0.0f;
+    for (int k = 0, c = lane; k < LN_COLS_PER_LANE; k++, c += WARP_SIZE)
+        if (c < C) acc += (x[k] - m) * (x[k] - m);
+    const float var = warp_sum(acc) / C;
+    const float s = 1.0f / sqrtf(var + eps);
+    for (int k = 0, c = lane; k < LN_COLS_PER_LANE; k++, c += WARP_SIZE)
+        if (c < C) out[n * C + c] = ((x[k] - m) * s) * weight[c];
+    if (lane == 0) mean[n] = m, rstd[n] = s;
+}
+inline void add_layernorm_forward(float* out, float* mean, float* rstd, float* resid, const float* add,
+                                  const float* weight, int N, int C, float eps) {
+    if (N <= 0 || C <= 0) return;
+    if (C > LN_COLS_PER_LANE * WARP_SIZE) {
+        add_inplace(resid, add, (size_t)N * C);
+        layernorm_forward(out, mean, rstd, resid, weight, N, C, eps);
+        return;
+    }
+    CUDA_LAUNCH(add_layernorm_forward_kernel, grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE, out, mean, rstd, resid,
+                add, weight, N, C, eps);
 }
 
 // ---- rope ----
@@ -2449,32 +2507,47 @@ inline double sum(const float* x, size_t n) { return reduce_to_host(n, SumTerm{x
 inline double sum_squares(const float* x, size_t n) { return reduce_to_host(n, SumSquaresTerm{x}); }
 
 // ---- AdamW ----
-// One thread per parameter, grid-stride. The scalar factors are computed on the host exactly as ref
-// computes them, and the update uses _rn intrinsics (no FMA contraction), so it matches ref bit for bit.
-__global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, size_t n, float beta1, float beta2,
-                             float one_minus_beta1, float one_minus_beta2, float eps, float decay, float step_size,
-                             float bias_correction2_sqrt, float grad_scale) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float g = __fmul_rn(grad[i], grad_scale);
-        float p = __fmul_rn(param[i], decay);
-        const float m_i = __fadd_rn(__fmul_rn(beta1, m[i]), __fmul_rn(one_minus_beta1, g));
-        const float v_i = __fadd_rn(__fmul_rn(beta2, v[i]), __fmul_rn(__fmul_rn(one_minus_beta2, g), g));
+// One launch for every piece: one thread per element of the pieces' concatenation, grid-stride; each
+// finds its piece by a binary search over the table's starts (a small table, read by a warp's threads
+// along the same path: it stays in cache). The scalar factors are computed as ref computes them, on the
+// host or with _rn intrinsics (no FMA contraction), so the update matches ref bit for bit.
+__device__ inline const AdamwPiece& piece_of(const AdamwPiece* pieces, int n_pieces, size_t i) {
+    int lo = 0, hi = n_pieces - 1;  // the last piece with start ≤ i (an empty piece shares the next one's start)
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (pieces[mid].start <= i) lo = mid;
+        else hi = mid - 1;
+    }
+    return pieces[lo];
+}
+__global__ void adamw_kernel(float* param, float* m, float* v, const AdamwPiece* pieces, int n_pieces, size_t total,
+                             const float* lr, float beta1, float beta2, float one_minus_beta1, float one_minus_beta2,
+                             float eps, float weight_decay, float bias_correction1, float bias_correction2_sqrt,
+                             float grad_scale) {
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        const AdamwPiece& piece = piece_of(pieces, n_pieces, e);
+        const size_t i = e - piece.start, p_i = piece.offset + i, s_i = piece.state_offset + i;
+        const float rate = lr[piece.param], step_size = __fdiv_rn(rate, bias_correction1);
+        const float decay = __fsub_rn(1.0f, __fmul_rn(rate, piece.decay ? weight_decay : 0.0f));
+        const float g = __fmul_rn(piece.grad[i], grad_scale);
+        float p = __fmul_rn(param[p_i], decay);
+        const float m_i = __fadd_rn(__fmul_rn(beta1, m[s_i]), __fmul_rn(one_minus_beta1, g));
+        const float v_i = __fadd_rn(__fmul_rn(beta2, v[s_i]), __fmul_rn(__fmul_rn(one_minus_beta2, g), g));
         const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v_i), bias_correction2_sqrt), eps);
         p = __fsub_rn(p, __fdiv_rn(__fmul_rn(step_size, m_i), denom));
-        m[i] = m_i;
-        v[i] = v_i;
-        param[i] = p;
+        m[s_i] = m_i;
+        v[s_i] = v_i;
+        param[p_i] = p;
     }
 }
-inline void adamw_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
-                         float beta2, float eps, float weight_decay, int t, float grad_scale) {
-    if (!n) return;
+inline void adamw_update_pieces(float* param, float* m, float* v, const AdamwPiece* pieces, int n_pieces, size_t total,
+                                const float* lr, float beta1, float beta2, float eps, float weight_decay, int t,
+                                float grad_scale) {
+    if (!total) return;
     const float bias_correction1 = 1.0f - powf(beta1, (float)t);
     const float bias_correction2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
-    const float step_size = lr / bias_correction1;
-    const float decay = 1.0f - lr * weight_decay;
-    CUDA_LAUNCH(adamw_kernel, grid_for(n), BLOCK_SIZE, param, grad, m, v, n, beta1, beta2, 1.0f - beta1, 1.0f - beta2,
-                eps, decay, step_size, bias_correction2_sqrt, grad_scale);
+    CUDA_LAUNCH(adamw_kernel, grid_for(total), BLOCK_SIZE, param, m, v, pieces, n_pieces, total, lr, beta1, beta2,
+                1.0f - beta1, 1.0f - beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt, grad_scale);
 }
 // StableAdamW's RMS(g / √max(v̂, ε²)), v̂ the bias-corrected second moment after this step: the same
 // fixed-order double reduction as sum(), each term computed in double exactly as ref does.

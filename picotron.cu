@@ -1142,7 +1142,20 @@ struct Model {
     float* adam_v = nullptr;  // (total)
     ModelWeights w, g;        // views of params and grads
     int adam_step = 0;        // optimizer steps taken (Adam's t)
+    std::vector<AdamwPiece> pieces;       // what this rank updates: whole tensors, or (make_grad_sync) its ZeRO-1 share
+    AdamwPiece* device_pieces = nullptr;  // the same table, on the compute device
+    float* tensor_lr = nullptr;           // (table.params) each tensor's learning rate this step
 };
+
+// The optimizer's table, its starts filled in, to the compute device (once per layout).
+static void set_pieces(Model* model, std::vector<AdamwPiece> pieces) {
+    size_t start = 0;
+    for (AdamwPiece& p : pieces) p.start = start, start += p.n;
+    ops::free_buffer(model->device_pieces);
+    model->device_pieces = ops::alloc_array<AdamwPiece>(pieces.size(), "optimizer pieces");
+    ops::copy_to_device(model->device_pieces, pieces.data(), pieces.size() * sizeof(AdamwPiece));
+    model->pieces = std::move(pieces);
+}
 
 // host_params: this rank's shards (table.total floats, the layout of make_param_table for model->tp).
 static void model_allocate(Model* model, const std::vector<float>& host_params) {
@@ -1156,6 +1169,13 @@ static void model_allocate(Model* model, const std::vector<float>& host_params) 
     ops::copy_to_device(model->params, host_params.data(), n * sizeof(float));
     model->w = view_weights(model->table, model->params);
     model->g = view_weights(model->table, model->grads);
+    model->tensor_lr = ops::alloc_floats(model->table.params.size());
+    std::vector<AdamwPiece> whole;  // gradient and state at the tensor's offset
+    for (size_t i = 0; i < model->table.params.size(); i++) {
+        const ParamInfo& p = model->table.params[i];
+        whole.push_back({i, p.offset, p.numel, p.offset, 0, model->grads + p.offset, p.decay()});
+    }
+    set_pieces(model, std::move(whole));
 }
 
 static std::vector<float> device_to_vector(const float* p, size_t n) {
@@ -1810,13 +1830,12 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
         const LayerWeights& lw = w.layers[l];
         LayerActivations& la = a.layers[l];
         float* h = a.residual[l];
-        // attention block: Wqkv column-parallel (this rank's heads), Wo row-parallel
-        float* attn_in = h;
-        if (lw.attn_norm) {
+        // attention block: Wqkv column-parallel (this rank's heads), Wo row-parallel. Past the stage's first
+        // layer the attention norm (every layer but the model's first has one) ran with the residual add.
+        if (lw.attn_norm && l == 0)
             TRACED(trace, "layernorm",
                    ops::layernorm_forward(la.ln_attn, la.ln_attn_mean, la.ln_attn_rstd, h, lw.attn_norm, Tl, H, m.norm_eps));
-            attn_in = la.ln_attn;
-        }
+        float* attn_in = lw.attn_norm ? la.ln_attn : h;
         tp_region_in(tp, Pass::forward, attn_in, la.ln_attn_full, Tl, H, "attention-in");
         TRACED(trace, "matmul", ops::matmul_forward(la.qkv, la.ln_attn_full, lw.wqkv, nullptr, T, H, 3 * Hl));
         const int window = m.is_global(layer) ? -1 : m.window();
@@ -1830,24 +1849,35 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
         float* attn_out = tp_full(tp, la.resid_mid, a.partial);
         TRACED(trace, "matmul", ops::matmul_forward(attn_out, la.atty, lw.wo, nullptr, T, Hl, H));
         tp_region_out(tp, Pass::forward, la.resid_mid, attn_out, Tl, H, "attention-out");
-        TRACED(trace, "residual", ops::add_inplace(la.resid_mid, h, (size_t)Tl * H));
-        // MLP block: Wi column-parallel (this rank's units of both halves), Wo row-parallel
-        TRACED(trace, "layernorm",
-               ops::layernorm_forward(la.ln_mlp, la.ln_mlp_mean, la.ln_mlp_rstd, la.resid_mid, lw.mlp_norm, Tl, H, m.norm_eps));
+        // MLP block (its norm fused with the residual add): Wi column-parallel (this rank's units of both
+        // halves), Wo row-parallel
+        TRACED(trace, "residual+layernorm",
+               ops::add_layernorm_forward(la.ln_mlp, la.ln_mlp_mean, la.ln_mlp_rstd, la.resid_mid, h, lw.mlp_norm, Tl, H,
+                                          m.norm_eps));
         tp_region_in(tp, Pass::forward, la.ln_mlp, la.ln_mlp_full, Tl, H, "mlp-in");
         TRACED(trace, "matmul", ops::matmul_forward(la.mlp_in, la.ln_mlp_full, lw.wi, nullptr, T, H, 2 * Il));
         TRACED(trace, "gelu/geglu", ops::geglu_forward(la.mlp_act, la.mlp_in, T, Il));
         float* mlp_out = tp_full(tp, a.residual[l + 1], a.partial);
         TRACED(trace, "matmul", ops::matmul_forward(mlp_out, la.mlp_act, lw.mlp_wo, nullptr, T, Il, H));
         tp_region_out(tp, Pass::forward, a.residual[l + 1], mlp_out, Tl, H, "mlp-out");
-        TRACED(trace, "residual", ops::add_inplace(a.residual[l + 1], la.resid_mid, (size_t)Tl * H));
+        // the residual add, fused with the norm that reads the sum next on this stage: the next layer's
+        // attention norm, or the final norm; at a stage boundary the next stage's first layer norms it
+        float* next = a.residual[l + 1];
+        if (l + 1 < n_layers) {
+            LayerActivations& nla = a.layers[l + 1];
+            TRACED(trace, "residual+layernorm",
+                   ops::add_layernorm_forward(nla.ln_attn, nla.ln_attn_mean, nla.ln_attn_rstd, next, la.resid_mid,
+                                              w.layers[l + 1].attn_norm, Tl, H, m.norm_eps));
+        } else if (t.last_stage) {
+            TRACED(trace, "residual+layernorm",
+                   ops::add_layernorm_forward(a.final_out, a.final_mean, a.final_rstd, next, la.resid_mid, w.final_norm,
+                                              Tl, H, m.norm_eps));
+        } else {
+            TRACED(trace, "residual", ops::add_inplace(next, la.resid_mid, (size_t)Tl * H));
+        }
         trace_compute(trace, "layer " + std::to_string(layer) + " forward", t_layer);
     }
-    if (!t.last_stage) return 0.0;
-    TRACED(trace, "layernorm",
-           ops::layernorm_forward(a.final_out, a.final_mean, a.final_rstd, a.residual[n_layers], w.final_norm, Tl, H,
-                                  m.norm_eps));
-    if (b.n_masked == 0) return 0.0;
+    if (!t.last_stage || b.n_masked == 0) return 0.0;
     double t_head = trace ? now_us() : 0;
 
     // sparse prediction: only masked rows go through the head (replicated weights) and the decoder
@@ -2134,15 +2164,6 @@ struct Bucket {
     CommRequest request;
 };
 
-// One contiguous stretch of a tensor that this rank updates, with where its gradient and its Adam
-// state live (the whole tensor without ZeRO; the owned part of a bucket share with it).
-struct OptimizerPiece {
-    size_t param;         // index in the table
-    size_t offset, n;     // in the flat parameter buffer
-    size_t state_offset;  // in adam_m / adam_v
-    float* grad;          // (n) the summed gradient
-};
-
 struct GradSync {
     Comm* comm = nullptr;
     Group* group = nullptr;         // dp×cp: the ranks that hold the same weights
@@ -2160,7 +2181,6 @@ struct GradSync {
     float* shard_grad = nullptr;    // ZeRO-1: (Σ chunk) this rank's summed gradient share
     float* shard_param = nullptr;   // ZeRO-1: (Σ chunk) this rank's updated weights, to be gathered
     size_t shard_total = 0;
-    std::vector<OptimizerPiece> pieces;
 };
 
 // This rank's share of a bucket under ZeRO-1: [begin, begin + n) of the flat buffer (n may be 0).
@@ -2168,16 +2188,6 @@ static void owned_range(const Bucket& b, int rank, size_t* begin, size_t* n) {
     size_t start = (size_t)rank * b.chunk;
     *begin = b.offset + std::min(start, b.numel);
     *n = start >= b.numel ? 0 : std::min(b.chunk, b.numel - start);
-}
-
-// Pieces for the plain optimizer: every tensor whole, gradient and state at the tensor's offset.
-static std::vector<OptimizerPiece> whole_tensor_pieces(const Model& model) {
-    std::vector<OptimizerPiece> pieces;
-    for (size_t i = 0; i < model.table.params.size(); i++) {
-        const ParamInfo& p = model.table.params[i];
-        pieces.push_back({i, p.offset, p.numel, p.offset, model.grads + p.offset});
-    }
-    return pieces;
 }
 
 static GradSync* make_grad_sync(Comm* comm, Group* group, Model& model, bool zero, float bucket_mb) {
@@ -2205,12 +2215,10 @@ static GradSync* make_grad_sync(Comm* comm, Group* group, Model& model, bool zer
         s->buckets.push_back(b);
         end = first;
     }
-    if (!zero) {
-        s->pieces = whole_tensor_pieces(model);
-        return s;
-    }
+    if (!zero) return s;
     int n = group->size;
     size_t staging_total = 0;
+    std::vector<AdamwPiece> pieces;
     for (Bucket& b : s->buckets) {
         b.chunk = (b.numel + n - 1) / n;
         b.shard_offset = s->shard_total;
@@ -2224,13 +2232,14 @@ static GradSync* make_grad_sync(Comm* comm, Group* group, Model& model, bool zer
             size_t lo = std::max(p.offset, own_begin), hi = std::min(p.offset + p.numel, own_begin + own_n);
             if (lo >= hi) continue;
             size_t state = b.shard_offset + (lo - own_begin);
-            s->pieces.push_back({i, lo, hi - lo, state, nullptr});
+            pieces.push_back({i, lo, hi - lo, state, 0, nullptr, p.decay()});
         }
     }
     s->staging = ops::alloc_floats(staging_total);
     s->shard_grad = ops::alloc_floats(s->shard_total);
     s->shard_param = ops::alloc_floats(s->shard_total);
-    for (OptimizerPiece& piece : s->pieces) piece.grad = s->shard_grad + piece.state_offset;
+    for (AdamwPiece& piece : pieces) piece.grad = s->shard_grad + piece.state_offset;
+    set_pieces(&model, std::move(pieces));
     // the Adam state shrinks to this rank's share
     ops::free_buffer(model.adam_m);
     ops::free_buffer(model.adam_v);
@@ -2348,19 +2357,17 @@ static float learning_rate(const TrainConfig& c, int step) {  // step counts fro
 // Returns the global gradient norm of the normalised gradient (before clipping). Without a sync
 // (one rank) the whole model is this rank's to update.
 static double optimizer_step(Model& model, const TrainConfig& c, float lr, long masked_tokens, GradSync* sync = nullptr) {
-    std::vector<OptimizerPiece> local;
-    if (!sync) local = whole_tensor_pieces(model);
-    const std::vector<OptimizerPiece>& pieces = sync ? sync->pieces : local;
+    const std::vector<AdamwPiece>& pieces = model.pieces;
     bool sharded = sync && sync->zero;
     double inv_count = masked_tokens > 0 ? 1.0 / (double)masked_tokens : 0.0;
     TensorParallel& tp = model.tp;
     PipelineParallel& pp = model.pp;
     // a tensor's share of this rank's sums: all of it, but a replicated one only on tp rank 0; the
     // global norm also counts the tied embedding once (the first stage's copy)
-    auto counted = [&](const OptimizerPiece& p) { return tp.rank == 0 || model.table.params[p.param].split != Split::replicated; };
-    auto counted_once = [&](const OptimizerPiece& p) { return counted(p) && (model.table.first_stage || model.table.params[p.param].id != 0); };
+    auto counted = [&](const AdamwPiece& p) { return tp.rank == 0 || model.table.params[p.param].split != Split::replicated; };
+    auto counted_once = [&](const AdamwPiece& p) { return counted(p) && (model.table.first_stage || model.table.params[p.param].id != 0); };
     double sum_sq = 0.0;
-    for (const OptimizerPiece& p : pieces)
+    for (const AdamwPiece& p : pieces)
         if (counted_once(p)) sum_sq += ops::sum_squares(p.grad, p.n);
     if (sharded) comm_all_reduce_host(*sync->comm, *sync->group, &sum_sq, 1, MPI_SUM, "grad norm all-reduce");
     if (tp.size > 1) comm_all_reduce_host(*tp.comm, *tp.group, &sum_sq, 1, MPI_SUM, "grad norm tp all-reduce");
@@ -2372,10 +2379,10 @@ static double optimizer_step(Model& model, const TrainConfig& c, float lr, long 
     double clip_factor = (c.clip > 0.f && norm > c.clip) ? c.clip / norm : 1.0;
     float grad_scale = (float)(inv_count * clip_factor);
     model.adam_step++;
-    std::vector<double> tensor_lr(model.table.params.size(), lr);
+    std::vector<float> tensor_lr(model.table.params.size(), lr);
     if (c.optimizer == "stable-adamw") {  // RMS over each whole tensor, whichever ranks hold its pieces
         std::vector<double> sums(model.table.params.size(), 0.0);
-        for (const OptimizerPiece& p : pieces) {
+        for (const AdamwPiece& p : pieces) {
             double rms = ops::stable_adamw_rms(p.grad, model.adam_v + p.state_offset, p.n, c.beta2, c.eps,
                                                model.adam_step, grad_scale);
             if (counted(p)) sums[p.param] += rms * rms * (double)p.n;
@@ -2386,14 +2393,12 @@ static double optimizer_step(Model& model, const TrainConfig& c, float lr, long 
         if (tp.size > 1)
             comm_all_reduce_host(*tp.comm, *tp.group, sums.data(), (int)sums.size(), MPI_SUM, "stable-adamw rms tp all-reduce");
         for (size_t i = 0; i < sums.size(); i++)  // vocabulary padding adds zeros: divide by the real count
-            tensor_lr[i] = lr / std::max(1.0, sqrt(sums[i] / (double)model.table.params[i].full_numel));
+            tensor_lr[i] = (float)(lr / std::max(1.0, sqrt(sums[i] / (double)model.table.params[i].full_numel)));
     }
-    for (const OptimizerPiece& p : pieces) {
-        const ParamInfo& info = model.table.params[p.param];
-        ops::adamw_update(model.params + p.offset, p.grad, model.adam_m + p.state_offset, model.adam_v + p.state_offset,
-                          p.n, (float)tensor_lr[p.param], c.beta1, c.beta2, c.eps, info.decay() ? c.weight_decay : 0.f,
-                          model.adam_step, grad_scale);
-    }
+    ops::copy_to_device(model.tensor_lr, tensor_lr.data(), tensor_lr.size() * sizeof(float));
+    const size_t total = pieces.empty() ? 0 : pieces.back().start + pieces.back().n;
+    ops::adamw_update_pieces(model.params, model.adam_m, model.adam_v, model.device_pieces, (int)pieces.size(), total,
+                             model.tensor_lr, c.beta1, c.beta2, c.eps, c.weight_decay, model.adam_step, grad_scale);
     if (sharded) gather_params(sync, model.params);
     return norm;
 }

@@ -183,12 +183,12 @@ int main(int argc, char** argv) {
             std::vector<float> got = device_to_vector(model.grads, P);
             for (size_t i = 0; i < P; i++) ok &= got[i] == (float)(want_sum * (i % 13));
         } else {
-            for (const OptimizerPiece& p : sync->pieces) {
+            for (const AdamwPiece& p : model.pieces) {
                 std::vector<float> got = device_to_vector(p.grad, p.n);
                 for (size_t j = 0; j < p.n; j++) ok &= got[j] == (float)(want_sum * ((p.offset + j) % 13));
             }
             size_t owned = 0;  // the shares of all ranks tile the buffer exactly once
-            for (const OptimizerPiece& p : sync->pieces) owned += p.n;
+            for (const AdamwPiece& p : model.pieces) owned += p.n;
             double total_owned = (double)owned;
             comm_all_reduce_host(comm, g, &total_owned, 1, MPI_SUM, "test owned");
             check(total_owned == (double)P, "ZeRO-1: the shards cover every parameter once");
@@ -199,7 +199,7 @@ int main(int argc, char** argv) {
         check(sent == formula, tag + ": bytes sent match the formula",
               std::to_string((long)sent) + " vs " + std::to_string((long)formula));
         if (zero) {  // every rank changes its share of the weights; the gather brings all shares to all
-            for (const OptimizerPiece& p : sync->pieces) {
+            for (const AdamwPiece& p : model.pieces) {
                 std::vector<float> mine(p.n);
                 for (size_t j = 0; j < p.n; j++) mine[j] = (float)((p.offset + j) % 29);
                 ops::copy_to_device(model.params + p.offset, mine.data(), p.n * sizeof(float));

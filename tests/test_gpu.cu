@@ -448,6 +448,42 @@ static void test_add_inplace(size_t n) {
     cuda::free_buffer(d_y);
 }
 
+// The residual add fused with the next LayerNorm. resid: exact (the add is one rounding on both sides);
+// out, mean, rstd: test_layernorm's tolerances, for the same reason (fp32 sums of ≤ C/32 terms a lane
+// plus 5 butterfly levels, ~40 roundings ≈ 2.4e-6 relative on |out| ≲ 6, against ref's double); and bit
+// for bit the unfused kernels' result (the same float operations in the same order). C > 1024 takes the
+// two kernels.
+static void test_add_layernorm(int N, int C, uint64_t seed) {
+    Rng rng(seed);
+    std::string tag = fmt("N=%d C=%d", N, C);
+    const float eps = 1e-5f;
+    const auto resid0 = random_floats(rng, (size_t)N * C, 1.5f, 0.5f), add = random_floats(rng, (size_t)N * C);
+    const auto weight = random_floats(rng, C, 0.5f, 1.0f);
+    const std::vector<float> out0((size_t)N * C, 7.0f), stats0(N, 7.0f);
+    std::vector<float> resid = resid0, out((size_t)N * C), mean(N), rstd(N);
+    ref::add_layernorm_forward(out.data(), mean.data(), rstd.data(), resid.data(), add.data(), weight.data(), N, C, eps);
+    float *d_resid = upload(resid0), *d_add = upload(add), *d_weight = upload(weight), *d_out = upload(out0);
+    float *d_mean = upload(stats0), *d_rstd = upload(stats0);
+    auto fused = [&] { cuda::add_layernorm_forward(d_out, d_mean, d_rstd, d_resid, d_add, d_weight, N, C, eps); };
+    fused();
+    const std::vector<float> got_resid = download(d_resid, resid.size()), got_out = download(d_out, out.size()),
+                             got_mean = download(d_mean, N), got_rstd = download(d_rstd, N);
+    check("add_layernorm_forward resid " + tag, got_resid, resid, 0, 0);
+    check("add_layernorm_forward out " + tag, got_out, out, 1e-5, 1e-5);
+    check("add_layernorm_forward mean " + tag, got_mean, mean, 1e-6, 1e-5);
+    check("add_layernorm_forward rstd " + tag, got_rstd, rstd, 1e-6, 1e-5);
+    reset(d_resid, resid0);
+    cuda::add_inplace(d_resid, d_add, resid.size());
+    cuda::layernorm_forward(d_out, d_mean, d_rstd, d_resid, d_weight, N, C, eps);
+    check_bitwise("add_layernorm_forward out = add_inplace + layernorm_forward " + tag, got_out,
+                  download(d_out, out.size()));
+    check_bitwise("add_layernorm_forward mean = unfused " + tag, got_mean, download(d_mean, N));
+    check_bitwise("add_layernorm_forward rstd = unfused " + tag, got_rstd, download(d_rstd, N));
+    check_deterministic("add_layernorm_forward " + tag,
+                        {{d_resid, &resid0}, {d_out, &out0}, {d_mean, &stats0}, {d_rstd, &stats0}}, fused);
+    for (void* p : std::initializer_list<void*>{d_resid, d_add, d_weight, d_out, d_mean, d_rstd}) cuda::free_buffer(p);
+}
+
 // ---- rope ----
 // ---- rope ----
 // The table the attention kernels read: built by ref's code on the host and uploaded, so it must be
@@ -735,31 +771,75 @@ static void test_reductions(size_t n) {
 }
 
 // ---- AdamW ----
-static void test_adamw(size_t n) {
+static void test_stable_adamw_rms(size_t n) {
     Rng rng(23);
-    const float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.98f, eps = 1e-6f, wd = 0.01f, grad_scale = 1.0f / 37.0f;
+    const float beta2 = 0.98f, eps = 1e-6f, grad_scale = 1.0f / 37.0f;
     const int t = 3;
-    auto param0 = random_floats(rng, n), grad = random_floats(rng, n, 10.0f);
-    auto m0 = random_floats(rng, n, 0.1f);
+    auto grad = random_floats(rng, n, 10.0f);
     std::vector<float> v0(n);
     for (auto& v : v0) v = 0.01f * rng.uniform();
     v0[0] = 0.0f;
     grad[0] = 0.0f;  // g = 0, v = 0: the ε² floor in the RMS
-    float *d_param = upload(param0), *d_grad = upload(grad), *d_m = upload(m0), *d_v = upload(v0);
-
+    float *d_grad = upload(grad), *d_v = upload(v0);
     double rms_ref = ref::stable_adamw_rms(grad.data(), v0.data(), n, beta2, eps, t, grad_scale);
     double rms = cuda::stable_adamw_rms(d_grad, d_v, n, beta2, eps, t, grad_scale);
     check_scalar(fmt("stable_adamw_rms n=%zu", n), rms, rms_ref, 1e-10 * rms_ref);
     record(cuda::stable_adamw_rms(d_grad, d_v, n, beta2, eps, t, grad_scale) == rms, "determinism stable_adamw_rms", "");
+    cuda::free_buffer(d_grad);
+    cuda::free_buffer(d_v);
+}
+
+// One update over a table of pieces of the given sizes, laid out as ZeRO-1 leaves them: tensors cut into
+// several pieces (each tensor its own lr and decay flag), gaps in the parameter buffer that no piece
+// covers (other ranks' shares: they must stay as they were), the state in another order than the
+// pieces', and gradients in two buffers (the flat one at the parameter offset, a shard at the state
+// offset). The kernel mirrors ref's float operations one by one: expect agreement to the last bit or so
+// (test_adamw's tolerances; a wrong lr, decay or offset moves a weight by ~1e-4 or more).
+static void test_adamw_pieces(const std::vector<size_t>& sizes, uint64_t seed) {
+    Rng rng(seed);
+    std::string tag = fmt("%zu pieces", sizes.size());
+    const float beta1 = 0.9f, beta2 = 0.98f, eps = 1e-6f, wd = 0.1f, grad_scale = 1.0f / 37.0f;
+    const int t = 3;
+    size_t P = 0, S = 0;
+    for (size_t n : sizes) S += n;
+    std::vector<AdamwPiece> pieces;
+    std::vector<float> lr;
+    for (size_t k = 0, state_end = S; k < sizes.size(); k++) {
+        if (lr.empty() || rng.below(3) == 0) lr.push_back(1e-3f * (1.0f + rng.uniform()));  // the next tensor
+        P += rng.below(4);  // a gap
+        state_end -= sizes[k];
+        pieces.push_back({lr.size() - 1, P, sizes[k], state_end, S - state_end - sizes[k], nullptr, lr.size() % 2 == 1});
+        P += sizes[k];
+    }
+    const auto param0 = random_floats(rng, P), m0 = random_floats(rng, S, 0.1f);
+    const auto grad_flat = random_floats(rng, P, 10.0f), grad_shard = random_floats(rng, S, 10.0f);
+    std::vector<float> v0(S);
+    for (auto& v : v0) v = 0.01f * rng.uniform();
+    float *d_param = upload(param0), *d_m = upload(m0), *d_v = upload(v0), *d_lr = upload(lr);
+    float *d_grad_flat = upload(grad_flat), *d_grad_shard = upload(grad_shard);
+    std::vector<AdamwPiece> device_table = pieces;
+    for (size_t k = 0; k < pieces.size(); k++) {
+        const bool flat = k % 2 == 0;
+        pieces[k].grad = flat ? grad_flat.data() + pieces[k].offset : grad_shard.data() + pieces[k].state_offset;
+        device_table[k].grad = flat ? d_grad_flat + pieces[k].offset : d_grad_shard + pieces[k].state_offset;
+    }
+    AdamwPiece* d_pieces = cuda::alloc_array<AdamwPiece>(pieces.size(), "pieces");
+    cuda::copy_to_device(d_pieces, device_table.data(), pieces.size() * sizeof(AdamwPiece));
 
     std::vector<float> param = param0, m = m0, v = v0;
-    ref::adamw_update(param.data(), grad.data(), m.data(), v.data(), n, lr, beta1, beta2, eps, wd, t, grad_scale);
-    cuda::adamw_update(d_param, d_grad, d_m, d_v, n, lr, beta1, beta2, eps, wd, t, grad_scale);
-    // the kernel mirrors ref's float operations one by one: expect agreement to the last bit or so
-    check(fmt("adamw_update param n=%zu", n), download(d_param, n), param, 1e-7, 1e-6);
-    check(fmt("adamw_update m n=%zu", n), download(d_m, n), m, 1e-9, 1e-6);
-    check(fmt("adamw_update v n=%zu", n), download(d_v, n), v, 1e-12, 1e-6);
-    for (void* p : std::initializer_list<void*>{d_param, d_grad, d_m, d_v}) cuda::free_buffer(p);
+    ref::adamw_update_pieces(param.data(), m.data(), v.data(), pieces.data(), (int)pieces.size(), S, lr.data(), beta1,
+                             beta2, eps, wd, t, grad_scale);
+    auto update = [&] {
+        cuda::adamw_update_pieces(d_param, d_m, d_v, d_pieces, (int)pieces.size(), S, d_lr, beta1, beta2, eps, wd, t,
+                                  grad_scale);
+    };
+    update();
+    check("adamw_update_pieces param " + tag, download(d_param, P), param, 1e-7, 1e-6);
+    check("adamw_update_pieces m " + tag, download(d_m, S), m, 1e-9, 1e-6);
+    check("adamw_update_pieces v " + tag, download(d_v, S), v, 1e-12, 1e-6);
+    check_deterministic("adamw_update_pieces " + tag, {{d_param, &param0}, {d_m, &m0}, {d_v, &v0}}, update);
+    for (void* p : std::initializer_list<void*>{d_param, d_m, d_v, d_lr, d_grad_flat, d_grad_shard, d_pieces})
+        cuda::free_buffer(p);
 }
 
 // ---- tensor-core primitives ----
@@ -1237,6 +1317,13 @@ int main(int argc, char** argv) {
     test_matmul_plans(306);
 
     test_add_inplace(1000003);
+    // a row narrower than a warp and fewer rows than a block's warps; C not a multiple of 32; the widest
+    // fused row; a row wider (the two kernels)
+    test_add_layernorm(1, 7, 211);
+    test_add_layernorm(37, 300, 212);
+    test_add_layernorm(130, 768, 213);
+    test_add_layernorm(6, 1024, 214);
+    test_add_layernorm(3, 1100, 215);
 
     test_rope_table(300, 64, 160000.0f);
     test_rope_table(8192, 64, 10000.0f);
@@ -1294,7 +1381,16 @@ int main(int argc, char** argv) {
     test_reductions(1000003);
     test_reductions(5000000);
 
-    test_adamw(10007);
+    test_stable_adamw_rms(10007);
+    // one large piece; empty pieces first, inside and last, one-element pieces, sizes around the block
+    // size; many pieces; none at all (no launch)
+    test_adamw_pieces({10007}, 801);
+    test_adamw_pieces({0, 1, 300, 0, 1, 255, 256, 257, 31, 5000, 0}, 802);
+    std::vector<size_t> many(300);
+    Rng sizes(803);
+    for (size_t& n : many) n = sizes.below(5) == 0 ? sizes.below(3) : sizes.below(700);
+    test_adamw_pieces(many, 804);
+    test_adamw_pieces({}, 805);
 
     test_pack_bf16x2();
     test_cp_async();

@@ -1273,7 +1273,7 @@ static void test_crossentropy() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// adamw_update against torch.optim.AdamW (single-tensor path) transcribed in double, 3 steps
+// adamw_update_pieces (one piece) against torch.optim.AdamW (single-tensor path) transcribed in double, 3 steps
 static void test_adamw() {
     const size_t n = 8;
     const float lr = 1e-2f, beta1 = 0.9f, beta2 = 0.98f, eps = 1e-6f, wd = 0.1f, grad_scale = 0.5f;
@@ -1284,7 +1284,8 @@ static void test_adamw() {
         vector<float> g = random_vec(n, -2.0f, 2.0f);
         g[0] = 0.0f;   // a zero gradient (decay only, eps matters)
         g[1] = 1e-7f;  // a tiny one
-        ref::adamw_update(p.data(), g.data(), m.data(), v.data(), n, lr, beta1, beta2, eps, wd, t, grad_scale);
+        const AdamwPiece whole = {0, 0, n, 0, 0, g.data(), true};
+        ref::adamw_update_pieces(p.data(), m.data(), v.data(), &whole, 1, n, &lr, beta1, beta2, eps, wd, t, grad_scale);
         // torch.optim.adamw._single_tensor_adamw:
         //   param.mul_(1 - lr * weight_decay)
         //   exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -1310,9 +1311,61 @@ static void test_adamw() {
         }
     }
     // the per-step update is ~lr = 1e-2; 2e-6 absolute is 2e-4 of it (fp32 state allows ~1e-7)
-    check("adamw_update vs torch.optim.AdamW in double, 3 steps, wd 0.1", worst_p <= 2e-6 && worst_m <= 1e-5 &&
+    check("adamw_update_pieces vs torch.optim.AdamW in double, 3 steps, wd 0.1", worst_p <= 2e-6 && worst_m <= 1e-5 &&
           worst_v <= 1e-5, "(param max abs err %.2e tol 2e-6; m, v max rel err %.2e, %.2e tol 1e-5)", worst_p,
           worst_m, worst_v);
+}
+
+// Many pieces in one call = each piece on its own (its own copies of the buffers, its tensor's lr, weight
+// decay or none), bit for bit; elements outside every piece untouched. Pieces: an empty one, one element, a tensor
+// cut in two, the state in reverse order, two gradient buffers (as ZeRO-1 lays them out).
+static void test_adamw_pieces() {
+    const float beta1 = 0.9f, beta2 = 0.98f, eps = 1e-6f, wd = 0.1f, grad_scale = 0.5f;
+    const int t = 2;
+    const vector<float> lr = {1e-2f, 3e-3f, 2e-2f};
+    vector<float> p0 = random_vec(40), m0 = random_vec(30, 0.0f, 0.1f), v0 = random_vec(30, 0.0f, 0.1f);
+    vector<float> g_flat = random_vec(40, -2.0f, 2.0f), g_shard = random_vec(30, -2.0f, 2.0f);
+    //                      tensor offset n  state  start grad                      decay
+    const vector<AdamwPiece> pieces = {{0, 2, 9, 21, 0, g_flat.data() + 2, true},
+                                       {1, 12, 0, 21, 9, g_flat.data() + 12, false},
+                                       {1, 12, 1, 20, 9, g_shard.data() + 20, false},
+                                       {2, 15, 12, 8, 10, g_shard.data() + 8, true},
+                                       {2, 30, 8, 0, 22, g_flat.data() + 30, true}};
+    vector<float> p = p0, m = m0, v = v0;
+    ref::adamw_update_pieces(p.data(), m.data(), v.data(), pieces.data(), (int)pieces.size(), 30, lr.data(), beta1,
+                             beta2, eps, wd, t, grad_scale);
+    vector<float> want_p = p0, want_m = m0, want_v = v0;
+    for (const AdamwPiece& piece : pieces) {
+        vector<float> pp(p0.begin() + piece.offset, p0.begin() + piece.offset + piece.n);
+        vector<float> pm(m0.begin() + piece.state_offset, m0.begin() + piece.state_offset + piece.n);
+        vector<float> pv(v0.begin() + piece.state_offset, v0.begin() + piece.state_offset + piece.n);
+        const AdamwPiece alone = {0, 0, piece.n, 0, 0, piece.grad, true};  // the decay flag as the weight decay
+        ref::adamw_update_pieces(pp.data(), pm.data(), pv.data(), &alone, 1, piece.n, &lr[piece.param], beta1, beta2,
+                                 eps, piece.decay ? wd : 0.0f, t, grad_scale);
+        std::copy(pp.begin(), pp.end(), want_p.begin() + piece.offset);
+        std::copy(pm.begin(), pm.end(), want_m.begin() + piece.state_offset);
+        std::copy(pv.begin(), pv.end(), want_v.begin() + piece.state_offset);
+    }
+    check("adamw_update_pieces over 5 pieces = each piece alone, bit for bit (gaps untouched)",
+          p == want_p && m == want_m && v == want_v, "");
+}
+
+// add_layernorm_forward = add_inplace, then layernorm_forward, bit for bit (one row, and rows not a
+// multiple of anything)
+static void test_add_layernorm() {
+    for (int N : {1, 5}) {
+        const int C = 13;
+        const vector<float> resid0 = random_vec((size_t)N * C, -2.0f, 2.0f), add = random_vec((size_t)N * C);
+        const vector<float> w = random_vec(C, 0.5f, 1.5f);
+        vector<float> resid = resid0, out((size_t)N * C), mean(N), rstd(N);
+        ref::add_layernorm_forward(out.data(), mean.data(), rstd.data(), resid.data(), add.data(), w.data(), N, C, 1e-5f);
+        vector<float> want_resid = resid0, want_out((size_t)N * C), want_mean(N), want_rstd(N);
+        ref::add_inplace(want_resid.data(), add.data(), want_resid.size());
+        ref::layernorm_forward(want_out.data(), want_mean.data(), want_rstd.data(), want_resid.data(), w.data(), N, C,
+                               1e-5f);
+        check("add_layernorm_forward = add_inplace + layernorm_forward, bit for bit, N " + std::to_string(N),
+              resid == want_resid && out == want_out && mean == want_mean && rstd == want_rstd, "");
+    }
 }
 
 // stable_adamw_rms: RMS over the tensor of g / sqrt(max(v̂, ε²)), v̂ = (β2 v + (1−β2) g²) / (1 − β2^t)
@@ -1413,7 +1466,10 @@ static void test_thread_count() {
         ref::geglu_backward(gdi.data(), geo.data(), gg.data(), N, I);
         vector<float> p = big, m(big.size(), 0.01f), v(big.size(), 0.02f);
         double rms = ref::stable_adamw_rms(big.data(), v.data(), big.size(), 0.98f, 1e-6f, 3, 0.5f);
-        ref::adamw_update(p.data(), big.data(), m.data(), v.data(), big.size(), 1e-3f, 0.9f, 0.98f, 1e-6f, 0.1f, 3, 0.5f);
+        const AdamwPiece whole = {0, 0, big.size(), 0, 0, big.data(), true};
+        const float lr = 1e-3f;
+        ref::adamw_update_pieces(p.data(), m.data(), v.data(), &whole, 1, big.size(), &lr, 0.9f, 0.98f, 1e-6f, 0.1f, 3,
+                                 0.5f);
         vector<double> sums = {ref::sum(big.data(), big.size()), ref::sum_squares(big.data(), big.size()), rms};
         vector<vector<float>> all = {out, mean, rstd, dinp, dw, mo, mdi, mdw, mdb, emb, ao, al, ad, bo, bl, bd, row_max, partial,
                                      losses, lse, dl, dl_shard, geo, gdi, p, m, v};
@@ -1453,6 +1509,8 @@ int main(int argc, char** argv) {
     test_kv_blocks();
     test_crossentropy();
     test_adamw();
+    test_adamw_pieces();
+    test_add_layernorm();
     test_stable_adamw_rms();
     test_exp_vec();
     test_thread_count();
