@@ -1800,6 +1800,15 @@ __device__ inline void flash_union(const int* lo_of, const int* hi_of, int begin
     for (int i = begin; i < end; i++)
         if (hi_of[i] > lo_of[i]) *lo = lo_of[i] < *lo ? lo_of[i] : *lo, *hi = hi_of[i] > *hi ? hi_of[i] : *hi;
 }
+// Once the CTA's 64 rows have their ranges in shared memory (and its first tiles are loaded): the
+// union over all of them into *tile_lo, *tile_hi (shared), and over this warp's 16 into *warp_lo, *warp_hi.
+__device__ inline void flash_unions(const int* lo_of, const int* hi_of, int none_lo, int none_hi, int warp, int* tile_lo,
+                                    int* tile_hi, int* warp_lo, int* warp_hi) {
+    __syncthreads();
+    if (threadIdx.x == 0) flash_union(lo_of, hi_of, 0, FLASH_TILE, none_lo, none_hi, tile_lo, tile_hi);
+    __syncthreads();
+    flash_union(lo_of, hi_of, 16 * warp, 16 * warp + 16, none_lo, none_hi, warp_lo, warp_hi);
+}
 constexpr int FLASH_LD = FLASH_HD + 8;  // shared row stride in bf16: 144 bytes, 16-byte aligned rows whose
                                         // 8 ldmatrix addresses fall in distinct bank groups
 // Rows [row0, row0 + rows) of src's head at col0 → bf16, zeros past them. With a rope table, each row
@@ -1842,6 +1851,26 @@ __device__ inline void flash_stage(float* stage, const float* a, int a_stride, c
     }
     cp_async_commit();
 }
+// One step of a tile walk over rows [lo, hi) of a and b (a tile's rows from t, in a's numbering
+// from `base`): the first call starts tile lo's copies; each waits for tile t to land in the stage,
+// runs between() (what must follow the previous tile's products), turns a's rows by RoPE and rounds
+// both into the bf16 tiles x and y, then starts the next tile's copies, which overlap t's products.
+template <typename Between>
+__device__ inline void flash_walk_step(uint16_t* x, uint16_t* y, float* stage, const float* a, int a_stride,
+                                       const float* b, int b_stride, int col0, int base, int lo, int hi, int t,
+                                       const float* rope, const int* positions, int tid, Between between) {
+    const int threads = FLASH_WARPS * WARP_SIZE, rows = flash_min(FLASH_TILE, hi - t);
+    if (t == lo) flash_stage(stage, a, a_stride, b, b_stride, col0, t - base, rows, tid, threads);
+    cp_async_wait<0>();
+    __syncthreads();  // tile t is in the stage; the previous tile's readers are done with x and y
+    between();
+    flash_load_tile(x, stage, FLASH_HD, 0, 0, rows, tid, threads, rope, positions, t);
+    flash_load_tile(y, stage + FLASH_TILE * FLASH_HD, FLASH_HD, 0, 0, rows, tid, threads);
+    __syncthreads();  // the stage is free
+    if (t + FLASH_TILE < hi)
+        flash_stage(stage, a, a_stride, b, b_stride, col0, t + FLASH_TILE - base,
+                    flash_min(FLASH_TILE, hi - t - FLASH_TILE), tid, threads);
+}
 inline void flash_check_aligned(const float* p, int stride) {  // cp.async reads 16-byte aligned rows
     if ((uintptr_t)p % 16 || stride % 4) fatal("flash attention: operand %p with row stride %d is not 16-byte aligned", (const void*)p, stride);
 }
@@ -1869,12 +1898,8 @@ __global__ void flash_attention_forward_kernel(float* out, float* lse, const flo
         row_hi[tid] = hi;
     }
     flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, Tq - q0, tid, blockDim.x, rope, positions, q_start);  // zeros past Tq
-    __syncthreads();
-    if (tid == 0) flash_union(row_lo, row_hi, 0, FLASH_TILE, k_start + Tk, k_start, &tile_lo, &tile_hi);
-    __syncthreads();
-    // this warp's rows and keys; this lane's two rows (g and g + 8 of the warp's 16)
     int warp_lo, warp_hi;  // the union over this warp's 16 rows
-    flash_union(row_lo, row_hi, 16 * warp, 16 * warp + 16, k_start + Tk, k_start, &warp_lo, &warp_hi);
+    flash_unions(row_lo, row_hi, k_start + Tk, k_start, warp, &tile_lo, &tile_hi, &warp_lo, &warp_hi);
     const int ra = 16 * warp + g, rb = ra + 8;
     const int lo_a = row_lo[ra], hi_a = row_hi[ra], lo_b = row_lo[rb], hi_b = row_hi[rb];
     uint32_t qf[FLASH_HD / 16][4];  // A fragments of the warp's 16 rows, one per 16 dims
@@ -1885,19 +1910,9 @@ __global__ void flash_attention_forward_kernel(float* out, float* lse, const flo
         for (float& x : tile) x = 0.0f;
     float max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;  // this lane's share of the sums
     float* stage = dynamic_shared<float>();  // (2, 64, 64): K | V of the tile in flight
-    if (tile_lo < tile_hi)
-        flash_stage(stage, k, kv_stride, v, kv_stride, h * FLASH_HD, tile_lo - k_start,
-                    flash_min(FLASH_TILE, tile_hi - tile_lo), tid, blockDim.x);
     for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
-        const int n = flash_min(FLASH_TILE, tile_hi - kt);
-        cp_async_wait<0>();
-        __syncthreads();  // tile kt is in the stage; the previous tile's readers are done with sK and sV
-        flash_load_tile(sK, stage, FLASH_HD, 0, 0, n, tid, blockDim.x, rope, positions, kt);
-        flash_load_tile(sV, stage + FLASH_TILE * FLASH_HD, FLASH_HD, 0, 0, n, tid, blockDim.x);
-        __syncthreads();  // the stage is free: the next tile's copies overlap this tile's products
-        if (kt + FLASH_TILE < tile_hi)
-            flash_stage(stage, k, kv_stride, v, kv_stride, h * FLASH_HD, kt + FLASH_TILE - k_start,
-                        flash_min(FLASH_TILE, tile_hi - kt - FLASH_TILE), tid, blockDim.x);
+        flash_walk_step(sK, sV, stage, k, kv_stride, v, kv_stride, h * FLASH_HD, k_start, tile_lo, tile_hi, kt, rope,
+                        positions, tid, [] {});
         if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;  // none of this warp's rows sees this tile
         float s[FLASH_TILE / 8][4];  // scores: 8 tiles of 8 keys
         for (auto& tile : s)
@@ -2077,11 +2092,8 @@ __global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, con
                         q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
     flash_load_tile(sQ, q, q_stride, h * FLASH_HD, q0, rows, tid, blockDim.x, rope, positions, q_start);
     flash_load_tile(sdO, dout, H, h * FLASH_HD, q0, rows, tid, blockDim.x);
-    __syncthreads();
-    if (tid == 0) flash_union(row_lo, row_hi, 0, FLASH_TILE, k_start + Tk, k_start, &tile_lo, &tile_hi);
-    __syncthreads();
     int warp_lo, warp_hi;  // the union over this warp's 16 rows
-    flash_union(row_lo, row_hi, 16 * warp, 16 * warp + 16, k_start + Tk, k_start, &warp_lo, &warp_hi);
+    flash_unions(row_lo, row_hi, k_start + Tk, k_start, warp, &tile_lo, &tile_hi, &warp_lo, &warp_hi);
     const int ra = 16 * warp + g, rb = ra + 8;
     uint32_t qf[4][4], gf[4][4];  // A fragments of the warp's Q and dO rows
     flash_fragments(qf, sQ, warp, mat, mrow);
@@ -2089,19 +2101,9 @@ __global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, con
     float acc[8][4];
     flash_zero(acc);
     float* stage = dynamic_shared<float>();  // (2, 64, 64): K | V of the tile in flight, as in the forward
-    if (tile_lo < tile_hi)
-        flash_stage(stage, k, kv_stride, v, kv_stride, h * FLASH_HD, tile_lo - k_start,
-                    flash_min(FLASH_TILE, tile_hi - tile_lo), tid, blockDim.x);
     for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
-        const int n = flash_min(FLASH_TILE, tile_hi - kt);
-        cp_async_wait<0>();
-        __syncthreads();
-        flash_load_tile(sK, stage, FLASH_HD, 0, 0, n, tid, blockDim.x, rope, positions, kt);
-        flash_load_tile(sV, stage + FLASH_TILE * FLASH_HD, FLASH_HD, 0, 0, n, tid, blockDim.x);
-        __syncthreads();
-        if (kt + FLASH_TILE < tile_hi)
-            flash_stage(stage, k, kv_stride, v, kv_stride, h * FLASH_HD, kt + FLASH_TILE - k_start,
-                        flash_min(FLASH_TILE, tile_hi - kt - FLASH_TILE), tid, blockDim.x);
+        flash_walk_step(sK, sV, stage, k, kv_stride, v, kv_stride, h * FLASH_HD, k_start, tile_lo, tile_hi, kt, rope,
+                        positions, tid, [] {});
         if (kt >= warp_hi || kt + FLASH_TILE <= warp_lo) continue;
         float s[8][4], dp[8][4];
         flash_zero(s);
@@ -2145,11 +2147,8 @@ __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dk
     }
     flash_load_tile(sK, k, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x, rope, positions, k_start);
     flash_load_tile(sV, v, kv_stride, h * FLASH_HD, k0, keys, tid, blockDim.x);
-    __syncthreads();
-    if (tid == 0) flash_union(key_lo, key_hi, 0, FLASH_TILE, q_start + Tq, q_start, &tile_lo, &tile_hi);
-    __syncthreads();
     int warp_lo, warp_hi;  // the union over this warp's 16 rows
-    flash_union(key_lo, key_hi, 16 * warp, 16 * warp + 16, q_start + Tq, q_start, &warp_lo, &warp_hi);
+    flash_unions(key_lo, key_hi, q_start + Tq, q_start, warp, &tile_lo, &tile_hi, &warp_lo, &warp_hi);
     const int ja = k_start + k0 + 16 * warp + g, jb = ja + 8;  // this lane's two keys
     uint32_t kf[4][4], vf[4][4];
     flash_fragments(kf, sK, warp, mat, mrow);
@@ -2158,22 +2157,14 @@ __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dk
     flash_zero(acc_k);
     flash_zero(acc_v);
     float* stage = dynamic_shared<float>();  // (2, 64, 64): Q | dO of the query tile in flight
-    if (tile_lo < tile_hi)
-        flash_stage(stage, q, q_stride, dout, H, h * FLASH_HD, tile_lo - q_start, flash_min(FLASH_TILE, tile_hi - tile_lo),
-                    tid, blockDim.x);
     for (int qt = tile_lo; qt < tile_hi; qt += FLASH_TILE) {  // qt in q_start's numbering
         const int first = qt - q_start, rows = flash_min(FLASH_TILE, tile_hi - qt);
-        cp_async_wait<0>();
-        __syncthreads();
-        if (tid < FLASH_TILE)
-            flash_query_row(&q_lo[tid], &q_hi[tid], &q_D[tid], &q_lse[tid], tid < rows, first + tid, dout, out, lse,
-                            q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
-        flash_load_tile(sQ, stage, FLASH_HD, 0, 0, rows, tid, blockDim.x, rope, positions, qt);
-        flash_load_tile(sdO, stage + FLASH_TILE * FLASH_HD, FLASH_HD, 0, 0, rows, tid, blockDim.x);
-        __syncthreads();
-        if (qt + FLASH_TILE < tile_hi)
-            flash_stage(stage, q, q_stride, dout, H, h * FLASH_HD, first + FLASH_TILE,
-                        flash_min(FLASH_TILE, tile_hi - qt - FLASH_TILE), tid, blockDim.x);
+        flash_walk_step(sQ, sdO, stage, q, q_stride, dout, H, h * FLASH_HD, q_start, tile_lo, tile_hi, qt, rope, positions,
+                        tid, [&] {  // the query tile's rows, once the previous tile's products no longer read them
+                            if (tid < FLASH_TILE)
+                                flash_query_row(&q_lo[tid], &q_hi[tid], &q_D[tid], &q_lse[tid], tid < rows, first + tid,
+                                                dout, out, lse, q_start, k_start, Tk, cu_seqlens, n_docs, nh, h, window);
+                        });
         if (qt >= warp_hi || qt + FLASH_TILE <= warp_lo) continue;
         float s[8][4], dp[8][4];
         flash_zero(s);
