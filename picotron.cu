@@ -1265,9 +1265,9 @@ struct Activations {
     float* head_out_full;    // (T, H)  what the decoder reads: head_out gathered over tp with --sp
     float* head_mean;        // (M)
     float* head_rstd;        // (M)
-    float* logits;           // (T, V/tp) the decoder rows' logits over this rank's vocabulary; reused for their gradient
-    float* row_max;          // (T)     each logits row's max over the whole vocabulary
-    float* ce_partial;       // (2T)    Σ exp(logit − max) over this rank's vocabulary | the target's logit if here
+    float* logits;           // (R, V/tp) one tile of decoder rows' logits over this rank's vocabulary; then their gradient
+    float* row_max;          // (R)     each logits row's max over the whole vocabulary
+    float* ce_partial;       // (2R)    Σ exp(logit − max) over this rank's vocabulary | the target's logit if here
     float* lse;              // (T)     log-sum-exp of each row of logits
     float* losses;           // (T)
     // backward scratch
@@ -1284,6 +1284,12 @@ struct Activations {
     float* d_head_b;         // (M, H)
     float* d_head_full;      // (T, H)  the decoder's partial input gradient (--sp), else d_head_a
 };
+
+// R, the decoder's rows per tile: the head's logits exist for one tile at a time, never for all masked
+// rows (8192 tokens' worth of base's would be 1.6 GB a set). 256 rows keep each tile's GEMM
+// (256, H)·(H, V/tp) big enough to fill a GPU, and the decoder weight is re-read once a tile: ~10
+// times a base micro-batch, little next to the GEMMs' arithmetic.
+constexpr int HEAD_TILE_ROWS = 256;
 
 // One set of activations for this rank's stage: the embedding's buffers on the first stage only,
 // the head's and the logits on the last only.
@@ -1348,9 +1354,10 @@ static Activations alloc_activations(const Model& model, int T) {
     a.head_out_full = t.last_stage ? full(a.head_out) : nullptr;
     a.head_mean = head(a.M);
     a.head_rstd = head(a.M);
-    a.logits = head((size_t)T * t.V);
-    a.row_max = head(T);
-    a.ce_partial = head(2 * (size_t)T);
+    const int R = std::min(T, HEAD_TILE_ROWS);  // a tile never has more rows than the micro-batch
+    a.logits = head((size_t)R * t.V);
+    a.row_max = head(R);
+    a.ce_partial = head(2 * (size_t)R);
     a.lse = head(T);
     a.losses = head(T);
     a.d_resid = floats(TlH);
@@ -1808,6 +1815,14 @@ static void cp_attention_backward(ContextParallel& cp, float* dqkv, const float*
 // the first embeds, another starts from residual[0] as the previous stage sent it; the last ends
 // with the loss, another leaves its output in residual[n] for the next (0 is returned).
 
+// The tied decoder on decoder rows [r0, r0 + n) of head_out_full (n ≤ R): their logits, (n, V/tp),
+// into the logits tile.
+static void decoder_tile(const Model& model, Activations& a, int r0, int n, Tracer* trace) {
+    const int H = model.cfg.H;
+    TRACED(trace, "matmul", ops::matmul_forward(a.logits, a.head_out_full + (size_t)r0 * H, model.w.tok_embeddings,
+                                                model.w.decoder_bias, n, H, model.table.V));
+}
+
 static double model_forward(Model& model, Activations& a, const BatchView& b, Tracer* trace = nullptr) {
     const ModelConfig& m = model.cfg;
     const ModelWeights& w = model.w;
@@ -1890,10 +1905,15 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
     TRACED(trace, "layernorm",
            ops::layernorm_forward(a.head_out, a.head_mean, a.head_rstd, a.head_act, w.head_norm, M, H, m.norm_eps));
     tp_region_in(tp, Pass::forward, a.head_out, a.head_out_full, M, H, "decoder-in");
-    TRACED(trace, "matmul", ops::matmul_forward(a.logits, a.head_out_full, w.tok_embeddings, w.decoder_bias, N, H, t.V));
-    TRACED(trace, "cross-entropy",
-           vocab_parallel_cross_entropy(tp, a.losses, a.lse, a.row_max, a.ce_partial, a.logits, a.targets, N, t.V,
-                                        t.V_valid, t.vocab_start));
+    // the decoder and the loss a tile of R rows at a time: a tile's logits are dead once its rows'
+    // losses (N) and lse (N) are written, which is all the backward keeps of them
+    for (int r0 = 0; r0 < N; r0 += HEAD_TILE_ROWS) {
+        const int n = std::min(HEAD_TILE_ROWS, N - r0);
+        decoder_tile(model, a, r0, n, trace);  // (n, V/tp)
+        TRACED(trace, "cross-entropy",
+               vocab_parallel_cross_entropy(tp, a.losses + r0, a.lse + r0, a.row_max, a.ce_partial, a.logits,
+                                            a.targets + r0, n, t.V, t.V_valid, t.vocab_start));
+    }
     double loss_sum = ops::sum(a.losses, N);
     trace_compute(trace, "head forward", t_head);
     return loss_sum;
@@ -1926,12 +1946,21 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         // d_resid already holds ∂loss/∂(this stage's output)
     } else if (b.n_masked > 0) {
         const int M = a.head_rows, N = a.decoder_rows;
-        // logits' gradient overwrites the logits: they are not needed afterwards
-        TRACED(trace, "cross-entropy",
-               ops::crossentropy_backward(a.logits, a.logits, a.lse, a.targets, 1.0f, N, t.V, t.V_valid, t.vocab_start));
-        TRACED(trace, "matmul",
-               ops::matmul_backward(a.d_head_full, g.tok_embeddings, g.decoder_bias, a.logits, a.head_out_full,
-                                    w.tok_embeddings, N, H, t.V, false));
+        // tile by tile as in the forward, whose logits tiles are gone: each is recomputed (one more decoder
+        // GEMM, ~4% of a base step) rather than its gradient made in the forward, so that the forward
+        // stays free of gradients (evaluation, --predict, the tests' finite differences) and the backward
+        // alone adds them. The gradient overwrites the tile's logits; dW and db add up over the tiles.
+        for (int r0 = 0; r0 < N; r0 += HEAD_TILE_ROWS) {
+            const int n = std::min(HEAD_TILE_ROWS, N - r0);
+            const float* rows_in = a.head_out_full + (size_t)r0 * H;  // (n, H)
+            decoder_tile(model, a, r0, n, trace);                      // (n, V/tp)
+            TRACED(trace, "cross-entropy",
+                   ops::crossentropy_backward(a.logits, a.logits, a.lse + r0, a.targets + r0, 1.0f, n, t.V, t.V_valid,
+                                              t.vocab_start));
+            TRACED(trace, "matmul",
+                   ops::matmul_backward(a.d_head_full + (size_t)r0 * H, g.tok_embeddings, g.decoder_bias, a.logits,
+                                        rows_in, w.tok_embeddings, n, H, t.V, false));
+        }
         tp_region_in(tp, Pass::backward, a.d_head_a, a.d_head_full, M, H, "decoder-in");
         TRACED(trace, "layernorm",
                ops::layernorm_backward(a.d_head_b, g.head_norm, a.d_head_a, a.head_act, w.head_norm, a.head_mean,
@@ -2856,11 +2885,16 @@ static void predict(Model& model, Pipeline& pipe, const WordTokenizer& tok, cons
         }
     b.n_masked = (int)b.masked_rows.size();
     if (b.n_masked == 0) fatal("--predict: \"%s\" has no [MASK]", text.c_str());
-    run_pipeline(model, pipe, {b}, "forward", nullptr, nullptr);  // the stages in turn; the last has the logits
+    run_pipeline(model, pipe, {b}, "forward", nullptr, nullptr);  // the stages in turn; the last has the head's rows
     const ParamTable& t = model.table;
     if (!t.last_stage) return;
-    const Activations& a = pipe.pool[0];
-    std::vector<float> shard = device_to_vector(a.logits, (size_t)b.n_masked * t.V), shards((size_t)t.tp_size * shard.size());
+    Activations& a = pipe.pool[0];
+    std::vector<float> shard((size_t)b.n_masked * t.V), shards((size_t)t.tp_size * shard.size());  // (n_masked, V/tp)
+    for (int r0 = 0; r0 < b.n_masked; r0 += HEAD_TILE_ROWS) {  // the forward kept only its last tile's logits
+        const int n = std::min(HEAD_TILE_ROWS, b.n_masked - r0);
+        decoder_tile(model, a, r0, n, nullptr);
+        ops::copy_to_host(shard.data() + (size_t)r0 * t.V, a.logits, (size_t)n * t.V * sizeof(float));
+    }
     if (model.tp.size > 1) comm_gather_host(*model.tp.comm, *model.tp.group, shard.data(), shard.size(), shards.data(), "predict tp gather");
     else shards = shard;
     if (model.tp.rank != 0) return;
@@ -2931,7 +2965,7 @@ static ModelConfig resolve_model_config(const TrainConfig& c) {
 static void check_memory(const ModelConfig& m, int tokens, int tp) {
     double P = make_param_table(m, tp).total, T = tokens, I = m.I / tp, V = (m.V + tp - 1) / tp;
     double per_layer = T * m.H * 7 + T * I * 3 + T * (2.0 + m.nh);
-    double activations = m.L * per_layer + T * m.H * 16 + T * V + T * I * 3 + T * 12;
+    double activations = m.L * per_layer + T * m.H * 16 + std::min(T, (double)HEAD_TILE_ROWS) * V + T * I * 3 + T * 12;
     double need = 4.0 * (4.0 * P + activations);
 #ifdef __CUDACC__
     size_t free_bytes = 0, total_bytes = 0;
