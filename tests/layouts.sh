@@ -7,9 +7,12 @@
 # --grad-accum = dp × grad-accum; it is computed once per distinct set of flags.
 #
 # Layouts:
-#   data parallel: dp 2, dp 3/4/8 with ZeRO-1, with grad-accum, with StableAdamW and clipping;
+#   data parallel: dp 2, dp 3/4/8 with ZeRO-1, with grad-accum, with StableAdamW and clipping
+#   (dp 4 and dp 8 on S4, below: the 4- and 8-rank lines cost most on tiny's vocabulary);
 #   tensor parallel: tp 2 and 4, with and without sequence parallel (--sp), dp 2 × tp 2 (with
-#   ZeRO-1 and --sp, and with ZeRO-1 and grad-accum 2), tp 2 with grad-accum 2 and --sp;
+#   ZeRO-1 and --sp, and with ZeRO-1 and grad-accum 2), tp 2 with grad-accum 2 and --sp (dp 2 ×
+#   tp 2 and dp 2 × tp 2 with ZeRO-1 and grad-accum 2 on S4; tp 4 with and without --sp on the
+#   odd-vocabulary model below, which has 4 heads);
 #   an odd vocabulary (V 4097: a model made by tests/make_model for --init-from, trained on
 #   data/mini), which tp 2 and tp 4 pad to 4098 and 4100 rows;
 #   pipeline parallel (--pp, --pp-schedule): pp 2, 3 and 4, both schedules, grad-accum below, equal
@@ -77,17 +80,16 @@ LAYOUTS=(
   "2 | --dp 2 --grad-accum 2"
   "2 | --dp 2 --zero 1"
   "3 | --dp 3 --zero 1"
-  "4 | --dp 4 --zero 1 --grad-accum 2"
-  "8 | --dp 8 --zero 1"
+  "4 | --dp 4 --zero 1 --grad-accum 2 $S4_FLAGS"
+  "8 | --dp 8 --zero 1 $S4_FLAGS"
   "2 | --dp 2 --zero 1 --optimizer stable-adamw --clip 0.5"
   "2 | --tp 2 --lr 2e-4"
-  "4 | --tp 4 --lr 2e-4"
+  "4 | --tp 4 --lr 2e-4 $ODD_FLAGS"
   "2 | --tp 2 --sp --lr 2e-4"
-  "4 | --tp 4 --sp --lr 2e-4"
-  "4 | --dp 2 --tp 2 --lr 2e-4"
+  "4 | --dp 2 --tp 2 $S4_FLAGS"
   "4 | --dp 2 --tp 2 --zero 1 --sp --lr 2e-4"
   "2 | --tp 2 --grad-accum 2 --sp --lr 2e-4"
-  "4 | --dp 2 --tp 2 --zero 1 --grad-accum 2 --lr 2e-4"
+  "4 | --dp 2 --tp 2 --zero 1 --grad-accum 2 $S4_FLAGS"
   "2 | --tp 2 --lr 2e-4 $ODD_FLAGS"
   "4 | --tp 4 --sp --lr 2e-4 $ODD_FLAGS"
   "8 | --dp 2 --tp 2 --pp 2 --grad-accum 2 --sp --zero 1 $S4_FLAGS"
