@@ -99,6 +99,10 @@ struct AdamwPiece {
 // reference is the most accurate thing in the project (finite-difference checks lean on it).
 namespace ref {
 
+// The type the activations that GEMMs and attention read are stored in: fp32 here, the oracle; the CUDA
+// build's is bf16 (DESIGN.md §5). Buffers of it are marked act in the signatures below.
+using act = float;
+
 // -- memory: the CPU build's "device" is the host --
 // (n) zeroed elements of T; `what` names them in the error
 template <typename T>
@@ -111,6 +115,12 @@ inline float* alloc_floats(size_t n) { return alloc_array<float>(n, "floats"); }
 inline int* alloc_ints(size_t n) { return alloc_array<int>(n, "ints"); }
 inline void free_buffer(void* p) { free(p); }
 inline void zero_floats(float* p, size_t n) { memset(p, 0, n * sizeof(float)); }
+inline act* alloc_acts(size_t n) { return alloc_array<act>(n, "activations"); }
+inline void zero_acts(act* p, size_t n) { memset(p, 0, n * sizeof(act)); }
+// dst (n) = src rounded to act: here a copy, and nothing when dst is src (the CPU build keeps one buffer)
+inline void to_act(act* dst, const float* src, size_t n) {
+    if (dst != src) memcpy(dst, src, n * sizeof(float));
+}
 inline void copy_to_device(void* dst, const void* src, size_t bytes) { memcpy(dst, src, bytes); }
 inline void copy_to_host(void* dst, const void* src, size_t bytes) { memcpy(dst, src, bytes); }
 inline void copy_on_device(void* dst, const void* src, size_t bytes) { memcpy(dst, src, bytes); }
@@ -329,7 +339,7 @@ inline void gemm_threaded(bool trans_a, bool trans_b, int M, int N, int K, float
 // -- linear layer: out (N, OC) = inp (N, C) · weight (OC, C)ᵀ [+ bias (OC)] --
 // The GEMM is the one op the reference hands to a library (OpenBLAS): loops here would make the
 // CPU build too slow to train anything; the finite-difference tests still check it.
-inline void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int C,
+inline void matmul_forward(float* out, const act* inp, const act* weight, const float* bias, int N, int C,
                            int OC) {
 #ifdef __CUDACC__
     for (int n = 0; n < N; n++)  // the GPU build's reference (used only by its tests): plain loops
@@ -348,8 +358,8 @@ inline void matmul_forward(float* out, const float* inp, const float* weight, co
 #endif
 }
 // dinp (N, C) = dout · weight (+= with accumulate); dweight (OC, C) += doutᵀ · inp; dbias (OC) += Σ_n dout.
-inline void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                            const float* weight, int N, int C, int OC, bool accumulate) {
+inline void matmul_backward(float* dinp, float* dweight, float* dbias, const act* dout, const act* inp,
+                            const act* weight, int N, int C, int OC, bool accumulate) {
 #ifdef __CUDACC__
     if (dinp)
         for (int n = 0; n < N; n++)
@@ -380,7 +390,7 @@ inline void add_inplace(float* x, const float* y, size_t n) {
 }
 // resid (N, C) += add (N, C), then out (N, C), mean, rstd (N) = layernorm_forward(resid): one op on the GPU;
 // here the two, so that the CPU build's float operations are those of the unfused pair.
-inline void add_layernorm_forward(float* out, float* mean, float* rstd, float* resid, const float* add,
+inline void add_layernorm_forward(act* out, float* mean, float* rstd, float* resid, const float* add,
                                   const float* weight, int N, int C, float eps) {
     add_inplace(resid, add, (size_t)N * C);
     layernorm_forward(out, mean, rstd, resid, weight, N, C, eps);
@@ -520,7 +530,7 @@ inline float* attention_scratch(int T) {
     return p;
 }
 
-inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs,
+inline void attention_forward(act* out, float* lse, const act* qkv, const int* cu_seqlens, int n_docs,
                               const int* positions, const float* rope, int T, int nh, int hd, int window) {
     const int H = nh * hd, used = cu_seqlens[n_docs];
     std::vector<float> turned;
@@ -563,7 +573,7 @@ inline void attention_forward(float* out, float* lse, const float* qkv, const in
 // the forward's lse (cheaper than keeping it), and every sum above is one GEMM. A query block sees
 // all its keys at once, so its dq is written by one GEMM; dk and dv collect over the query blocks of
 // the document, so the threads share (document, head) pairs, each of which owns its dk, dv rows.
-inline void attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
+inline void attention_backward(act* dqkv, const act* dout, const act* out, const float* lse, const act* qkv,
                                const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int T,
                                int nh, int hd, int window) {
     const int H = nh * hd, used = cu_seqlens[n_docs];
@@ -649,8 +659,8 @@ inline void attention_visible(int i, const int* cu_seqlens, int n_docs, int wind
 }
 // out (Tq, nh·hd): softmax(q·kᵀ·scale)·v over this block's visible keys only (scale = 1/√hd); lse (Tq, nh):
 // log Σ exp(scaled scores) over them, −INFINITY (and an all-zero out row) when the block holds no visible key.
-inline void attention_block_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
-                                    const float* k, const float* v, int kv_stride, int k_start, int Tk,
+inline void attention_block_forward(float* out, float* lse, const act* q, int q_stride, int q_start, int Tq,
+                                    const act* k, const act* v, int kv_stride, int k_start, int Tk,
                                     const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int nh,
                                     int hd, int window) {
     const int H = nh * hd;
@@ -726,9 +736,9 @@ inline void attention_merge(float* out, float* lse, const float* out_b, const fl
 // dv_j += Σ_i p_ij dout_i (dk, dv (Tk, dkv_stride)); they ADD (a ring adds every block's share).
 // Null dq, or null dk and dv, skip that side. The dq loop runs over (query, head), the dk/dv loop over
 // (key, head): each element has one writer.
-inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
-                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
-                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
+inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const act* dout,
+                                     const act* out, const float* lse, const act* q, int q_stride, int q_start,
+                                     int Tq, const act* k, const act* v, int kv_stride, int k_start, int Tk,
                                      const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int nh,
                                      int hd, int window) {
     const size_t H = (size_t)nh * hd;
@@ -834,7 +844,7 @@ inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_str
 // kv (n, 2·Hl) ← the key and value columns [Hl, 3·Hl) of rows [row0, row0 + n) of qkv (T, 3·Hl): a ring
 // block or a halo as it travels. kv_unpack_add is its adjoint: dqkv's rows [row0, row0 + n), columns
 // [Hl, 3·Hl) += dkv (n, 2·Hl), the gradients a block's users send back to its owner.
-inline void kv_pack(float* kv, const float* qkv, int row0, int n, int Hl) {
+inline void kv_pack(act* kv, const act* qkv, int row0, int n, int Hl) {
     for (int r = 0; r < n; r++)
         for (int c = 0; c < 2 * Hl; c++) kv[(size_t)r * 2 * Hl + c] = qkv[(size_t)(row0 + r) * 3 * Hl + Hl + c];
 }
@@ -853,13 +863,13 @@ inline void gelu_forward(float* out, const float* inp, size_t n) {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) out[i] = gelu(inp[i]);
 }
-inline void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n) {
+inline void gelu_backward(act* dinp, const float* dout, const float* inp, size_t n) {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) dinp[i] = gelu_grad(inp[i]) * dout[i];
 }
 
 // -- GeGLU: inp (N, 2I) = [x | g] (the activation is on the first half); out (N, I) = gelu(x) ⊙ g --
-inline void geglu_forward(float* out, const float* inp, int N, int I) {
+inline void geglu_forward(act* out, const act* inp, int N, int I) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int i = 0; i < I; i++) {
@@ -869,7 +879,7 @@ inline void geglu_forward(float* out, const float* inp, int N, int I) {
 }
 // dinp (N, 2I) = [gelu'(x) ⊙ g ⊙ dout | gelu(x) ⊙ dout]; gelu and gelu' share one erf (same bits
 // as gelu() and gelu_grad()).
-inline void geglu_backward(float* dinp, const float* dout, const float* inp, int N, int I) {
+inline void geglu_backward(act* dinp, const act* dout, const act* inp, int N, int I) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int i = 0; i < I; i++) {
@@ -885,7 +895,7 @@ inline void geglu_backward(float* dinp, const float* dout, const float* inp, int
 // -- sparse prediction: only the masked rows go through the head --
 // out (n_rows, C) = inp[rows]; its backward scatters: dinp[rows[r]] += dout[r]. The rows are distinct
 // (masked positions), which lets the GPU scatter without atomics.
-inline void gather_rows(float* out, const float* inp, const int* rows, int n_rows, int C) {
+inline void gather_rows(act* out, const act* inp, const int* rows, int n_rows, int C) {
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < n_rows; r++) memcpy(out + (size_t)r * C, inp + (size_t)rows[r] * C, sizeof(float) * C);
 }
@@ -910,7 +920,7 @@ inline void check_crossentropy_shape(int V, int V_valid) {
     if (V <= 0 || V_valid < 0 || V_valid > V) fatal("crossentropy: shard of %d columns, %d valid", V, V_valid);
 }
 // row_max (N) = max over the shard's valid columns; −∞ for ignored rows and when V_valid = 0.
-inline void crossentropy_row_max(float* row_max, const float* logits, const int* targets, int N, int V, int V_valid) {
+inline void crossentropy_row_max(float* row_max, const act* logits, const int* targets, int N, int V, int V_valid) {
     check_crossentropy_shape(V, V_valid);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -926,7 +936,7 @@ inline void crossentropy_row_max(float* row_max, const float* logits, const int*
 // partial (2N): partial[n] = Σ_{valid v} exp(logits_n[v] − row_max[n]) with row_max the global max (after
 // the max over tp); partial[N + n] = logits_n[target_n − vocab_start] when the target is in this shard's
 // valid columns, else 0 (the sum over tp then holds the target's logit). Ignored rows: both 0.
-inline void crossentropy_sum_exp(float* partial, const float* logits, const float* row_max, const int* targets, int N,
+inline void crossentropy_sum_exp(float* partial, const act* logits, const float* row_max, const int* targets, int N,
                                  int V, int V_valid, int vocab_start) {
     check_crossentropy_shape(V, V_valid);
 #pragma omp parallel for schedule(static)
@@ -958,7 +968,7 @@ inline void crossentropy_finish(float* losses, float* lse, const float* row_max,
 }
 // dlogits (N, V) = dloss · (exp(logits − lse) − onehot(target − vocab_start)) on the valid columns; 0 on
 // the padding columns and on ignored rows. Overwrites; may alias logits.
-inline void crossentropy_backward(float* dlogits, const float* logits, const float* lse, const int* targets,
+inline void crossentropy_backward(act* dlogits, const act* logits, const float* lse, const int* targets,
                                   float dloss, int N, int V, int V_valid, int vocab_start) {
     check_crossentropy_shape(V, V_valid);
 #pragma omp parallel for schedule(static)
