@@ -14,6 +14,7 @@
 #include <map>
 #include <sched.h>
 #include <string>
+#include <type_traits>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <vector>
@@ -693,9 +694,20 @@ static CommRequest comm_reduce_scatter_start([[maybe_unused]] Comm& comm, Group&
     }
     return r;
 }
+// The two collectives that only copy also carry activations of the GPU build's act type (bf16),
+// as the 4-byte words they are made of: n values of T are words_of<T>(n) floats on the wire.
+template <typename T>
+static size_t words_of(size_t n) {
+    if (n * sizeof(T) % sizeof(float)) fatal("internal: %zu values of %zu bytes are not whole words", n, sizeof(T));
+    return n * sizeof(T) / sizeof(float);
+}
 // recv (n·size) ← the send (n) blocks of every group rank, in group-rank order.
-static CommRequest comm_all_gather_start([[maybe_unused]] Comm& comm, Group& g, const float* send, float* recv, size_t n,
-                                         const std::string& what) {
+template <typename T>
+static CommRequest comm_all_gather_start([[maybe_unused]] Comm& comm, Group& g, const T* send_values, T* recv_values,
+                                         size_t count, const std::string& what) {
+    const float* send = reinterpret_cast<const float*>(send_values);
+    float* recv = reinterpret_cast<float*>(recv_values);
+    const size_t n = words_of<T>(count);
     if (g.size <= 1) {
         ops::copy_on_device(recv, send, n * sizeof(float));
         return CommRequest{};
@@ -733,8 +745,12 @@ static CommRequest comm_broadcast_start([[maybe_unused]] Comm& comm, Group& g, f
 // Paired exchange with group neighbours: send (n) to group-rank dst while recv (n) arrives from
 // group-rank src; either side may be absent (< 0). Pipeline stages pass activations and their
 // gradients this way, ring attention its K/V blocks, the halos their rows.
-static CommRequest comm_sendrecv_start([[maybe_unused]] Comm& comm, Group& g, float* send, int dst, float* recv, int src, size_t n,
-                                       const char* what) {
+template <typename T>
+static CommRequest comm_sendrecv_start([[maybe_unused]] Comm& comm, Group& g, T* send_values, int dst, T* recv_values,
+                                       int src, size_t count, const char* what) {
+    float* send = reinterpret_cast<float*>(send_values);
+    float* recv = reinterpret_cast<float*>(recv_values);
+    const size_t n = words_of<T>(count);
     if (dst < 0 && src < 0) return CommRequest{};
     CommRequest r = begin_request(g, what, dst >= 0 ? (double)n * sizeof(float) : 0.0);
 #ifdef __CUDACC__
@@ -764,7 +780,8 @@ static void comm_reduce_scatter(Comm& comm, Group& g, float* send, float* recv, 
     CommRequest r = comm_reduce_scatter_start(comm, g, send, recv, n, what);
     comm_wait(comm, r);
 }
-static void comm_all_gather(Comm& comm, Group& g, const float* send, float* recv, size_t n, const std::string& what) {
+template <typename T>
+static void comm_all_gather(Comm& comm, Group& g, const T* send, T* recv, size_t n, const std::string& what) {
     CommRequest r = comm_all_gather_start(comm, g, send, recv, n, what);
     comm_wait(comm, r);
 }
@@ -838,17 +855,20 @@ static void tp_sum(TensorParallel& tp, float* local, float* full, size_t n, cons
     if (tp.sp) comm_reduce_scatter(*tp.comm, *tp.group, full, local, n, name + "reduce-scatter");
     else comm_all_reduce(*tp.comm, *tp.group, full, n, Reduce::sum, name + "all-reduce");
 }
-static void tp_gather(TensorParallel& tp, float* local, float* full, size_t n, const std::string& name) {
+template <typename T>
+static void tp_gather(TensorParallel& tp, T* local, T* full, size_t n, const std::string& name) {
     if (tp.sp) comm_all_gather(*tp.comm, *tp.group, local, full, n, name + "all-gather");
 }
 // Entering a tp region (the input of a column-parallel GEMM): forward the rows are handed on,
-// backward the GEMM's partial input gradients (full) are summed into local.
-static void tp_region_in(TensorParallel& tp, Pass pass, float* local, float* full, size_t rows, int width,
-                         const char* region) {
+// backward the GEMM's partial input gradients (full) are summed into local. The forward's rows are
+// activations (act), the backward's sums fp32.
+template <typename T>
+static void tp_region_in(TensorParallel& tp, Pass pass, T* local, T* full, size_t rows, int width, const char* region) {
     if (tp.size == 1) return;
     const std::string name = std::string("tp ") + region + (pass == Pass::forward ? " " : " grad ");
     if (pass == Pass::forward) tp_gather(tp, local, full, rows * width, name);
-    else tp_sum(tp, local, full, rows * width, name);
+    else if constexpr (std::is_same_v<T, float>) tp_sum(tp, local, full, rows * width, name);
+    else fatal("internal: tp %s: gradients are summed in fp32", region);
 }
 // Leaving a tp region (the output of a row-parallel GEMM): forward its partial outputs (full) are
 // summed into local, backward the output gradient's rows (local) are handed on.
@@ -864,7 +884,7 @@ static void tp_region_out(TensorParallel& tp, Pass pass, float* local, float* fu
 // then Σ exp(logit − max) and the target logits (each row's target lives on one rank) are
 // all-reduced (sum), so every rank gets every row's loss (N) and lse (N), the backward's input.
 static void vocab_parallel_cross_entropy(TensorParallel& tp, float* losses, float* lse, float* row_max, float* partial,
-                                         const float* logits, const int* targets, int N, int V, int V_valid,
+                                         const ops::act* logits, const int* targets, int N, int V, int V_valid,
                                          int vocab_start) {
     ops::crossentropy_row_max(row_max, logits, targets, N, V, V_valid);
     if (tp.size > 1) comm_all_reduce(*tp.comm, *tp.group, row_max, N, Reduce::max, "tp cross-entropy max all-reduce");
@@ -1118,12 +1138,14 @@ struct ContextParallel {
     Group* group = nullptr;  // the cp group: shard r is group-rank r
     int size = 1, rank = 0;
     int window = 0;          // the local layers' window w (keys at most w tokens away)
-    float* kv[2] = {};       // (Tc, 2·H/tp) ring blocks: the one attended to, the one arriving
+    ops::act* kv[2] = {};    // (Tc, 2·H/tp) ring blocks: the one attended to, the one arriving
+    float* out = nullptr;    // (Tc, H/tp)     the attention output, merged over the blocks in fp32
+    float* dqkv = nullptr;   // (Tc, 3·H/tp)   the q, k, v gradients, summed over the blocks in fp32
     float* out_b = nullptr;  // (Tc, H/tp)     one block's partial attention output, before its merge
     float* lse_b = nullptr;  // (Tc, heads/tp) and its log-sum-exp
     float* dkv[2] = {};      // (Tc, 2·H/tp) a block's gradient from this shard's queries, going to its owner
     float* dkv_in = nullptr; // (max(Tc, 2w), 2·H/tp) gradients arriving for this shard's own keys and values
-    float* kv_ext = nullptr; // (Tc + 2w, 2·H/tp) local layers: left halo | this shard's K/V | right halo
+    ops::act* kv_ext = nullptr; // (Tc + 2w, 2·H/tp) local layers: left halo | this shard's K/V | right halo
     float* dkv_ext = nullptr;// (Tc + 2w, 2·H/tp) and its gradient
     double ring_bytes = 0, halo_bytes = 0;  // sent this step by the ring and by the halos
 };
@@ -1145,7 +1167,12 @@ struct Model {
     std::vector<AdamwPiece> pieces;       // what this rank updates: whole tensors, or (make_grad_sync) its ZeRO-1 share
     AdamwPiece* device_pieces = nullptr;  // the same table, on the compute device
     float* tensor_lr = nullptr;           // (table.params) each tensor's learning rate this step
+    // the weights as the GEMMs read them (bf16 operands on the GPU build): params rounded to act,
+    // refreshed by weights_changed whenever params change; on the CPU build params itself
+    ops::act* params_act = nullptr;  // (total)
+    const ops::act* operand(const float* weight) const { return params_act + (weight - params); }
 };
+static void weights_changed(Model& model) { ops::to_act(model.params_act, model.params, model.table.total); }
 
 // The optimizer's table, its starts filled in, to the compute device (once per layout).
 static void set_pieces(Model* model, std::vector<AdamwPiece> pieces) {
@@ -1167,6 +1194,8 @@ static void model_allocate(Model* model, const std::vector<float>& host_params) 
     model->adam_m = ops::alloc_floats(n);
     model->adam_v = ops::alloc_floats(n);
     ops::copy_to_device(model->params, host_params.data(), n * sizeof(float));
+    model->params_act = std::is_same_v<ops::act, float> ? reinterpret_cast<ops::act*>(model->params) : ops::alloc_acts(n);
+    weights_changed(*model);
     model->w = view_weights(model->table, model->params);
     model->g = view_weights(model->table, model->grads);
     model->tensor_lr = ops::alloc_floats(model->table.params.size());
@@ -1176,6 +1205,15 @@ static void model_allocate(Model* model, const std::vector<float>& host_params) 
         whole.push_back({i, p.offset, p.numel, p.offset, 0, model->grads + p.offset, p.decay()});
     }
     set_pieces(model, std::move(whole));
+}
+
+// An act value on the host as the fp32 it widens to: act is fp32 itself, or bf16, an fp32's high half.
+static float widen(ops::act x) {
+    uint32_t bits = 0;
+    memcpy(reinterpret_cast<char*>(&bits) + sizeof bits - sizeof x, &x, sizeof x);  // little-endian
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
 static std::vector<float> device_to_vector(const float* p, size_t n) {
@@ -1213,22 +1251,24 @@ static std::vector<float> gather_full(const Model& model, const std::vector<floa
 // table's local counts) and its vocabulary rows (V/tp); with --sp the residual stream and the
 // LayerNorms hold this rank's slice of Tl = T/tp token rows (without sp Tl = T), and each "full"
 // buffer is that slice gathered over tp (without sp it is the same buffer as its local one).
+// What a GEMM or the attention reads is stored as ops::act (DESIGN.md §5: bf16 on the GPU build, fp32
+// on the CPU build); the residual stream, the statistics and what is summed stay fp32.
 struct LayerActivations {
-    float* ln_attn;          // (Tl, H) attn_norm output (layer 0 uses the residual directly)
-    float* ln_attn_full;     // (T, H)  what Wqkv reads: ln_attn (layer 0: the residual) gathered
+    ops::act* ln_attn;       // (Tl, H) attn_norm output (layer 0: the residual as act; on the CPU build the residual itself)
+    ops::act* ln_attn_full;  // (T, H)  what Wqkv reads: ln_attn gathered
     float* ln_attn_mean;     // (Tl)
     float* ln_attn_rstd;     // (Tl)
-    float* qkv;              // (T, 3·H/tp) this rank's heads: q | k | v, after RoPE
+    ops::act* qkv;           // (T, 3·H/tp) this rank's heads: q | k | v, before RoPE (the attention ops turn q and k)
     float* lse;              // (T, heads/tp) attention log-sum-exp
-    float* kv_halo;          // cp, local layers: (≤ 2w, 2·H/tp) the K/V rows of the neighbours' shards this one sees
-    float* atty;             // (T, H/tp) attention output before Wo
+    ops::act* kv_halo;       // cp, local layers: (≤ 2w, 2·H/tp) the K/V rows of the neighbours' shards this one sees
+    ops::act* atty;          // (T, H/tp) attention output before Wo
     float* resid_mid;        // (Tl, H) residual after the attention block
-    float* ln_mlp;           // (Tl, H)
-    float* ln_mlp_full;      // (T, H)  what Wi reads
+    ops::act* ln_mlp;        // (Tl, H)
+    ops::act* ln_mlp_full;   // (T, H)  what Wi reads
     float* ln_mlp_mean;      // (Tl)
     float* ln_mlp_rstd;      // (Tl)
-    float* mlp_in;           // (T, 2·I/tp) Wi output [x | gate]
-    float* mlp_act;          // (T, I/tp) GELU(x) ⊙ gate
+    ops::act* mlp_in;        // (T, 2·I/tp) Wi output [x | gate]
+    ops::act* mlp_act;       // (T, I/tp) GELU(x) ⊙ gate
 };
 struct Activations {
     int T = 0, M = 0;        // token capacity, masked-row capacity of this rank's head (Tl)
@@ -1255,17 +1295,17 @@ struct Activations {
     std::vector<float*> residual;  // n + 1 of (Tl, H): residual[l+1] = layer l output
     std::vector<LayerActivations> layers;
     float* partial;          // (T, H)  --sp: a row-parallel GEMM's partial output before its reduce-scatter
-    float* final_out;        // (Tl, H) final_norm output
+    ops::act* final_out;     // (Tl, H) final_norm output
     float* final_mean;       // (Tl)
     float* final_rstd;       // (Tl)
-    float* head_in;          // (M, H)  masked rows of final_out
+    ops::act* head_in;       // (M, H)  masked rows of final_out
     float* head_pre;         // (M, H)  dense output
     float* head_act;         // (M, H)  GELU
-    float* head_out;         // (M, H)  head norm output
-    float* head_out_full;    // (T, H)  what the decoder reads: head_out gathered over tp with --sp
+    ops::act* head_out;      // (M, H)  head norm output
+    ops::act* head_out_full; // (T, H)  what the decoder reads: head_out gathered over tp with --sp
     float* head_mean;        // (M)
     float* head_rstd;        // (M)
-    float* logits;           // (R, V/tp) one tile of decoder rows' logits over this rank's vocabulary; then their gradient
+    ops::act* logits;        // (R, V/tp) one tile of decoder rows' logits over this rank's vocabulary; then their gradient
     float* row_max;          // (R)     each logits row's max over the whole vocabulary
     float* ce_partial;       // (2R)    Σ exp(logit − max) over this rank's vocabulary | the target's logit if here
     float* lse;              // (T)     log-sum-exp of each row of logits
@@ -1274,14 +1314,16 @@ struct Activations {
     float* d_resid;          // (Tl, H) gradient flowing down the residual stream
     float* d_ln;             // (Tl, H)
     float* d_full;           // (T, H)  d_resid gathered (--sp), else d_resid
+    ops::act* d_full_act;    // (T, H)  d_full as the row-parallel GEMMs' backward reads it (the CPU build: d_full)
     float* d_ln_full;        // (T, H)  a column-parallel GEMM's partial input gradient (--sp), else d_ln
     // a layer's MLP gradients are dead before its attention's are made: they share memory
-    float* d_mlp_act;        // (T, I/tp)
-    float* d_atty;           // (T, H/tp)  in d_mlp_act's buffer
-    float* d_mlp_in;         // (T, 2·I/tp)
-    float* d_qkv;            // (T, 3·H/tp) in d_mlp_in's buffer
+    ops::act* d_mlp_act;     // (T, I/tp)
+    ops::act* d_atty;        // (T, H/tp)  in d_mlp_act's buffer
+    ops::act* d_mlp_in;      // (T, 2·I/tp)
+    ops::act* d_qkv;         // (T, 3·H/tp) in d_mlp_in's buffer
     float* d_head_a;         // (M, H)
     float* d_head_b;         // (M, H)
+    ops::act* d_head_act;    // (M, H)  the head dense output's gradient
     float* d_head_full;      // (T, H)  the decoder's partial input gradient (--sp), else d_head_a
 };
 
@@ -1305,8 +1347,18 @@ static Activations alloc_activations(const Model& model, int T) {
     const int Hl = t.heads * m.hd;  // this rank's share of the hidden size
     auto floats = [&](size_t n) { a.bytes += 4.0 * n; return ops::alloc_floats(n); };
     auto ints = [&](size_t n) { a.bytes += 4.0 * n; return ops::alloc_ints(n); };
+    auto acts = [&](size_t n) { a.bytes += (double)sizeof(ops::act) * n; return ops::alloc_acts(n); };
     auto head = [&](size_t n) { return t.last_stage ? floats(n) : nullptr; };
-    auto full = [&](float* local) { return tp.sp ? floats(TH) : local; };
+    auto head_acts = [&](size_t n) { return t.last_stage ? acts(n) : nullptr; };
+    auto full = [&](auto* local) -> decltype(local) {  // a gathered buffer of local's type with --sp
+        if (!tp.sp) return local;
+        if constexpr (std::is_same_v<decltype(local), float*>) return floats(TH);
+        else return acts(TH);
+    };
+    // an act copy of an fp32 buffer: the buffer itself on the CPU build, where act is fp32
+    auto as_act = [&](float* f, size_t n) {
+        return std::is_same_v<ops::act, float> ? reinterpret_cast<ops::act*>(f) : acts(n);
+    };
     a.ids = ints(T);
     const int T_whole = T * model.cp.size;
     a.positions = ints(T_whole);
@@ -1325,37 +1377,37 @@ static Activations alloc_activations(const Model& model, int T) {
     for (int l = 0; l < n_layers; l++) {
         LayerActivations la;
         const bool has_norm = t.layer_begin + l > 0;  // global layer 0 has no attn_norm
-        la.ln_attn = has_norm ? floats(TlH) : nullptr;
-        la.ln_attn_full = full(has_norm ? la.ln_attn : a.residual[0]);
+        la.ln_attn = has_norm ? acts(TlH) : as_act(a.residual[0], TlH);
+        la.ln_attn_full = full(la.ln_attn);
         la.ln_attn_mean = floats(Tl);
         la.ln_attn_rstd = floats(Tl);
-        la.qkv = floats((size_t)T * 3 * Hl);
+        la.qkv = acts((size_t)T * 3 * Hl);
         la.lse = floats((size_t)T * t.heads);
         const bool halo = model.cp.size > 1 && !m.is_global(t.layer_begin + l);
-        la.kv_halo = halo ? floats((size_t)2 * model.cp.window * 2 * Hl) : nullptr;
-        la.atty = floats((size_t)T * Hl);
+        la.kv_halo = halo ? acts((size_t)2 * model.cp.window * 2 * Hl) : nullptr;
+        la.atty = acts((size_t)T * Hl);
         la.resid_mid = floats(TlH);
-        la.ln_mlp = floats(TlH);
+        la.ln_mlp = acts(TlH);
         la.ln_mlp_full = full(la.ln_mlp);
         la.ln_mlp_mean = floats(Tl);
         la.ln_mlp_rstd = floats(Tl);
-        la.mlp_in = floats((size_t)T * 2 * t.I);
-        la.mlp_act = floats((size_t)T * t.I);
+        la.mlp_in = acts((size_t)T * 2 * t.I);
+        la.mlp_act = acts((size_t)T * t.I);
         a.layers.push_back(la);
     }
     a.partial = tp.sp ? floats(TH) : nullptr;
-    a.final_out = head(TlH);
+    a.final_out = head_acts(TlH);
     a.final_mean = head(Tl);
     a.final_rstd = head(Tl);
-    a.head_in = head(MH);
+    a.head_in = head_acts(MH);
     a.head_pre = head(MH);
     a.head_act = head(MH);
-    a.head_out = head(MH);
+    a.head_out = head_acts(MH);
     a.head_out_full = t.last_stage ? full(a.head_out) : nullptr;
     a.head_mean = head(a.M);
     a.head_rstd = head(a.M);
     const int R = std::min(T, HEAD_TILE_ROWS);  // a tile never has more rows than the micro-batch
-    a.logits = head((size_t)R * t.V);
+    a.logits = head_acts((size_t)R * t.V);
     a.row_max = head(R);
     a.ce_partial = head(2 * (size_t)R);
     a.lse = head(T);
@@ -1363,13 +1415,15 @@ static Activations alloc_activations(const Model& model, int T) {
     a.d_resid = floats(TlH);
     a.d_ln = floats(TlH);
     a.d_full = full(a.d_resid);
+    a.d_full_act = as_act(a.d_full, TH);
     a.d_ln_full = full(a.d_ln);
-    a.d_mlp_act = floats((size_t)T * std::max(t.I, Hl));
+    a.d_mlp_act = acts((size_t)T * std::max(t.I, Hl));
     a.d_atty = a.d_mlp_act;
-    a.d_mlp_in = floats((size_t)T * std::max(2 * t.I, 3 * Hl));
+    a.d_mlp_in = acts((size_t)T * std::max(2 * t.I, 3 * Hl));
     a.d_qkv = a.d_mlp_in;
     a.d_head_a = head(MH);
     a.d_head_b = head(MH);
+    a.d_head_act = t.last_stage ? as_act(a.d_head_a, MH) : nullptr;
     a.d_head_full = t.last_stage ? full(a.d_head_a) : nullptr;
     return a;
 }
@@ -1605,13 +1659,15 @@ static BatchView cp_shard(const BatchView& whole, int cp, int r) {
 static void cp_allocate(ContextParallel* cp, int Tc, int Hl, int heads) {
     const size_t width = 2 * (size_t)Hl, w = cp->window;
     for (int i = 0; i < 2; i++) {
-        cp->kv[i] = ops::alloc_floats((size_t)Tc * width);
+        cp->kv[i] = ops::alloc_acts((size_t)Tc * width);
         cp->dkv[i] = ops::alloc_floats((size_t)Tc * width);
     }
+    cp->out = ops::alloc_floats((size_t)Tc * Hl);
+    cp->dqkv = ops::alloc_floats((size_t)Tc * 3 * Hl);
     cp->out_b = ops::alloc_floats((size_t)Tc * Hl);
     cp->lse_b = ops::alloc_floats((size_t)Tc * heads);
     cp->dkv_in = ops::alloc_floats(std::max((size_t)Tc, 2 * w) * width);
-    cp->kv_ext = ops::alloc_floats((Tc + 2 * w) * width);
+    cp->kv_ext = ops::alloc_acts((Tc + 2 * w) * width);
     cp->dkv_ext = ops::alloc_floats((Tc + 2 * w) * width);
 }
 
@@ -1633,7 +1689,7 @@ static CommRequest ring_pass(ContextParallel& cp, const BatchView& b, int s, siz
 // Global-layer attention of this shard's queries over the whole micro-batch. qkv (Tc, 3·Hl) as the
 // GEMM wrote it (the attention ops apply RoPE to q and k, so the blocks travel unturned); out (Tc,
 // Hl), lse (Tc, heads).
-static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, const float* qkv, const AttentionTables& tables,
+static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, const ops::act* qkv, const AttentionTables& tables,
                                    const BatchView& b, int heads, int hd) {
     const int p = cp.size, r = cp.rank, Tc = b.T, Hl = heads * hd, S = 3 * Hl;
     const size_t n = (size_t)Tc * 2 * Hl;
@@ -1645,7 +1701,7 @@ static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, 
             ops::attention_block_forward(out, lse, qkv, S, b.token_start, Tc, qkv + Hl, qkv + 2 * Hl, S, b.token_start, Tc,
                                          tables.cu_seqlens, b.n_docs, tables.positions, tables.rope, heads, hd, -1);
         } else if (cp_needs(b, p, r, owner)) {
-            const float* kv = cp.kv[s % 2];
+            const ops::act* kv = cp.kv[s % 2];
             ops::attention_block_forward(cp.out_b, cp.lse_b, qkv, S, b.token_start, Tc, kv, kv + Hl, 2 * Hl, owner * Tc,
                                          Tc, tables.cu_seqlens, b.n_docs, tables.positions, tables.rope, heads, hd, -1);
             ops::attention_merge(out, lse, cp.out_b, cp.lse_b, Tc, heads, hd);
@@ -1657,8 +1713,8 @@ static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, 
 // from dout (Tc, Hl) and the forward's final out and lse. Step s computes against block r − s and
 // sends that block's gradient to its owner, while the gradient of this shard's block arrives
 // from rank r + s (which attended to it at its step s); arrivals are added in step order.
-static void ring_attention_backward(ContextParallel& cp, float* dqkv, const float* dout, const float* out,
-                                    const float* lse, const float* qkv, const AttentionTables& tables, const BatchView& b,
+static void ring_attention_backward(ContextParallel& cp, float* dqkv, const ops::act* dout, const ops::act* out,
+                                    const float* lse, const ops::act* qkv, const AttentionTables& tables, const BatchView& b,
                                     int heads, int hd) {
     const int p = cp.size, r = cp.rank, Tc = b.T, Hl = heads * hd, S = 3 * Hl;
     const size_t n = (size_t)Tc * 2 * Hl;
@@ -1680,7 +1736,7 @@ static void ring_attention_backward(ContextParallel& cp, float* dqkv, const floa
                                           qkv + Hl, qkv + 2 * Hl, S, b.token_start, Tc, tables.cu_seqlens, b.n_docs,
                                           tables.positions, tables.rope, heads, hd, -1);
         } else if (computes) {
-            const float* kv = cp.kv[s % 2];
+            const ops::act* kv = cp.kv[s % 2];
             ops::zero_floats(dkv, n);
             ops::attention_block_backward(dqkv, dkv, dkv + Hl, S, 2 * Hl, dout, out, lse, qkv, S, b.token_start, Tc, kv,
                                           kv + Hl, 2 * Hl, owner * Tc, Tc, tables.cu_seqlens, b.n_docs, tables.positions,
@@ -1719,9 +1775,10 @@ static Halo halo_of(const ContextParallel& cp, const BatchView& b) {
 }
 // For d = 1 … reach, both directions at once: forward, this shard's edge rows (kv_ext's middle) go
 // to ranks r ± d and theirs land in kv_ext's ends; backward, dkv_ext's ends go back to their
-// owners and the gradients of this shard's edge rows arrive in dkv_in (from rank r + d at row
-// Σ_{d' < d} rows(d'), from rank r − d at w plus that).
-static void halo_exchange(ContextParallel& cp, const Halo& h, Pass pass, float* ext, int Hl) {
+// owners and the gradients of this shard's edge rows arrive in `in` (dkv_in: from rank r + d at row
+// Σ_{d' < d} rows(d'), from rank r − d at w plus that). K/V travel as act, gradients as fp32.
+template <typename T>
+static void halo_exchange(ContextParallel& cp, const Halo& h, Pass pass, T* ext, T* in, int Hl) {
     const int p = cp.size, r = cp.rank;
     const size_t width = 2 * (size_t)Hl;
     std::vector<CommRequest> reqs;
@@ -1730,17 +1787,17 @@ static void halo_exchange(ContextParallel& cp, const Halo& h, Pass pass, float* 
         const int n = h.rows(d), left = r - d >= 0 ? r - d : -1, right = r + d < p ? r + d : -1;
         const size_t floats = (size_t)n * width;
         if (pass == Pass::forward) {
-            float* mine = ext + (size_t)h.left * width;  // this shard's rows in kv_ext
+            T* mine = ext + (size_t)h.left * width;  // this shard's rows in kv_ext
             reqs.push_back(comm_sendrecv_start(*cp.comm, *cp.group, mine + (size_t)(h.Tc - n) * width, right,
                                                ext + (size_t)h.from_left_at(d) * width, left, floats, "cp halo kv send/recv"));
             reqs.push_back(comm_sendrecv_start(*cp.comm, *cp.group, mine, left, ext + (size_t)h.from_right_at(d) * width,
                                                right, floats, "cp halo kv send/recv"));
         } else {
             reqs.push_back(comm_sendrecv_start(*cp.comm, *cp.group, ext + (size_t)h.from_left_at(d) * width, left,
-                                               cp.dkv_in + (size_t)at * width, right, floats,
+                                               in + (size_t)at * width, right, floats,
                                                "cp halo grad dkv send/recv"));
             reqs.push_back(comm_sendrecv_start(*cp.comm, *cp.group, ext + (size_t)h.from_right_at(d) * width, right,
-                                               cp.dkv_in + (size_t)(h.w + at) * width, left, floats,
+                                               in + (size_t)(h.w + at) * width, left, floats,
                                                "cp halo grad dkv send/recv"));
             at += n;
         }
@@ -1752,38 +1809,38 @@ static void halo_exchange(ContextParallel& cp, const Halo& h, Pass pass, float* 
 }
 // Local-layer attention of this shard's queries: its K/V and the halo, one block. kv_halo (left +
 // right rows, 2·Hl) keeps the halo for the backward.
-static void halo_attention_forward(ContextParallel& cp, float* out, float* lse, float* kv_halo, const float* qkv,
+static void halo_attention_forward(ContextParallel& cp, float* out, float* lse, ops::act* kv_halo, const ops::act* qkv,
                                    const AttentionTables& tables, const BatchView& b, int heads, int hd) {
     const Halo h = halo_of(cp, b);
     const int Hl = heads * hd;
     const size_t width = 2 * (size_t)Hl;
     ops::kv_pack(cp.kv_ext + (size_t)h.left * width, qkv, 0, b.T, Hl);
-    halo_exchange(cp, h, Pass::forward, cp.kv_ext, Hl);
-    ops::copy_on_device(kv_halo, cp.kv_ext, (size_t)h.left * width * sizeof(float));
+    halo_exchange(cp, h, Pass::forward, cp.kv_ext, (ops::act*)nullptr, Hl);
+    ops::copy_on_device(kv_halo, cp.kv_ext, (size_t)h.left * width * sizeof(ops::act));
     ops::copy_on_device(kv_halo + (size_t)h.left * width, cp.kv_ext + (size_t)(h.left + b.T) * width,
-                        (size_t)h.right * width * sizeof(float));
+                        (size_t)h.right * width * sizeof(ops::act));
     ops::attention_block_forward(out, lse, qkv, 3 * Hl, b.token_start, b.T, cp.kv_ext, cp.kv_ext + Hl, 2 * Hl,
                                  b.token_start - h.left, h.left + b.T + h.right, tables.cu_seqlens, b.n_docs,
                                  tables.positions, tables.rope, heads, hd, cp.window);
 }
 // Its backward: dqkv (Tc, 3·Hl) ← q, k, v gradients. The halo rows'
 // gradients go back to their owners; this shard's own, then those arriving, are added in order.
-static void halo_attention_backward(ContextParallel& cp, float* dqkv, const float* dout, const float* out,
-                                    const float* lse, const float* kv_halo, const float* qkv, const AttentionTables& tables,
+static void halo_attention_backward(ContextParallel& cp, float* dqkv, const ops::act* dout, const ops::act* out,
+                                    const float* lse, const ops::act* kv_halo, const ops::act* qkv, const AttentionTables& tables,
                                     const BatchView& b, int heads, int hd) {
     const Halo h = halo_of(cp, b);
     const int Hl = heads * hd, rows = h.left + b.T + h.right;
     const size_t width = 2 * (size_t)Hl;
-    ops::copy_on_device(cp.kv_ext, kv_halo, (size_t)h.left * width * sizeof(float));
+    ops::copy_on_device(cp.kv_ext, kv_halo, (size_t)h.left * width * sizeof(ops::act));
     ops::kv_pack(cp.kv_ext + (size_t)h.left * width, qkv, 0, b.T, Hl);
     ops::copy_on_device(cp.kv_ext + (size_t)(h.left + b.T) * width, kv_halo + (size_t)h.left * width,
-                        (size_t)h.right * width * sizeof(float));
+                        (size_t)h.right * width * sizeof(ops::act));
     ops::zero_floats(dqkv, (size_t)b.T * 3 * Hl);
     ops::zero_floats(cp.dkv_ext, (size_t)rows * width);
     ops::attention_block_backward(dqkv, cp.dkv_ext, cp.dkv_ext + Hl, 3 * Hl, 2 * Hl, dout, out, lse, qkv, 3 * Hl,
                                   b.token_start, b.T, cp.kv_ext, cp.kv_ext + Hl, 2 * Hl, b.token_start - h.left, rows,
                                   tables.cu_seqlens, b.n_docs, tables.positions, tables.rope, heads, hd, cp.window);
-    halo_exchange(cp, h, Pass::backward, cp.dkv_ext, Hl);
+    halo_exchange(cp, h, Pass::backward, cp.dkv_ext, cp.dkv_in, Hl);
     ops::kv_unpack_add(dqkv, cp.dkv_ext + (size_t)h.left * width, 0, b.T, Hl);
     int at = 0;
     for (int d = 1; d <= h.reach; d++) {
@@ -1794,16 +1851,19 @@ static void halo_attention_backward(ContextParallel& cp, float* dqkv, const floa
     }
 }
 
-// The attention of one layer under cp (model_forward and model_backward call these when cp > 1).
+// The attention of one layer under cp (model_forward and model_backward call these when cp > 1). The
+// blocks' results are summed in fp32 (cp.out, cp.dqkv), then stored as act.
 static void cp_attention_forward(ContextParallel& cp, LayerActivations& la, const AttentionTables& tables, const BatchView& b,
                                  bool global, int heads, int hd) {
-    if (global) ring_attention_forward(cp, la.atty, la.lse, la.qkv, tables, b, heads, hd);
-    else halo_attention_forward(cp, la.atty, la.lse, la.kv_halo, la.qkv, tables, b, heads, hd);
+    if (global) ring_attention_forward(cp, cp.out, la.lse, la.qkv, tables, b, heads, hd);
+    else halo_attention_forward(cp, cp.out, la.lse, la.kv_halo, la.qkv, tables, b, heads, hd);
+    ops::to_act(la.atty, cp.out, (size_t)b.T * heads * hd);
 }
-static void cp_attention_backward(ContextParallel& cp, float* dqkv, const float* datty, const LayerActivations& la,
+static void cp_attention_backward(ContextParallel& cp, ops::act* dqkv, const ops::act* datty, const LayerActivations& la,
                                   const AttentionTables& tables, const BatchView& b, bool global, int heads, int hd) {
-    if (global) ring_attention_backward(cp, dqkv, datty, la.atty, la.lse, la.qkv, tables, b, heads, hd);
-    else halo_attention_backward(cp, dqkv, datty, la.atty, la.lse, la.kv_halo, la.qkv, tables, b, heads, hd);
+    if (global) ring_attention_backward(cp, cp.dqkv, datty, la.atty, la.lse, la.qkv, tables, b, heads, hd);
+    else halo_attention_backward(cp, cp.dqkv, datty, la.atty, la.lse, la.kv_halo, la.qkv, tables, b, heads, hd);
+    ops::to_act(dqkv, cp.dqkv, (size_t)b.T * 3 * heads * hd);
 }
 
 // ---- model forward ----
@@ -1819,8 +1879,8 @@ static void cp_attention_backward(ContextParallel& cp, float* dqkv, const float*
 // into the logits tile.
 static void decoder_tile(const Model& model, Activations& a, int r0, int n, Tracer* trace) {
     const int H = model.cfg.H;
-    TRACED(trace, "matmul", ops::matmul_forward(a.logits, a.head_out_full + (size_t)r0 * H, model.w.tok_embeddings,
-                                                model.w.decoder_bias, n, H, model.table.V));
+    TRACED(trace, "matmul", ops::matmul_forward(a.logits, a.head_out_full + (size_t)r0 * H, model.operand(model.w.tok_embeddings),
+                                                model.operand(model.w.decoder_bias), n, H, model.table.V));
 }
 
 static double model_forward(Model& model, Activations& a, const BatchView& b, Tracer* trace = nullptr) {
@@ -1846,13 +1906,14 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
         LayerActivations& la = a.layers[l];
         float* h = a.residual[l];
         // attention block: Wqkv column-parallel (this rank's heads), Wo row-parallel. Past the stage's first
-        // layer the attention norm (every layer but the model's first has one) ran with the residual add.
+        // layer the attention norm (every layer but the model's first has one) ran with the residual add;
+        // the model's first layer reads the residual itself, as act.
         if (lw.attn_norm && l == 0)
             TRACED(trace, "layernorm",
                    ops::layernorm_forward(la.ln_attn, la.ln_attn_mean, la.ln_attn_rstd, h, lw.attn_norm, Tl, H, m.norm_eps));
-        float* attn_in = lw.attn_norm ? la.ln_attn : h;
-        tp_region_in(tp, Pass::forward, attn_in, la.ln_attn_full, Tl, H, "attention-in");
-        TRACED(trace, "matmul", ops::matmul_forward(la.qkv, la.ln_attn_full, lw.wqkv, nullptr, T, H, 3 * Hl));
+        if (!lw.attn_norm) TRACED(trace, "residual", ops::to_act(la.ln_attn, h, (size_t)Tl * H));
+        tp_region_in(tp, Pass::forward, la.ln_attn, la.ln_attn_full, Tl, H, "attention-in");
+        TRACED(trace, "matmul", ops::matmul_forward(la.qkv, la.ln_attn_full, model.operand(lw.wqkv), (ops::act*)nullptr, T, H, 3 * Hl));
         const int window = m.is_global(layer) ? -1 : m.window();
         const AttentionTables tables = attention_tables(a, m, layer);
         if (model.cp.size > 1)
@@ -1862,7 +1923,7 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
                    ops::attention_forward(la.atty, la.lse, la.qkv, tables.cu_seqlens, b.n_docs, tables.positions, tables.rope, T,
                                           t.heads, m.hd, window));
         float* attn_out = tp_full(tp, la.resid_mid, a.partial);
-        TRACED(trace, "matmul", ops::matmul_forward(attn_out, la.atty, lw.wo, nullptr, T, Hl, H));
+        TRACED(trace, "matmul", ops::matmul_forward(attn_out, la.atty, model.operand(lw.wo), (float*)nullptr, T, Hl, H));
         tp_region_out(tp, Pass::forward, la.resid_mid, attn_out, Tl, H, "attention-out");
         // MLP block (its norm fused with the residual add): Wi column-parallel (this rank's units of both
         // halves), Wo row-parallel
@@ -1870,10 +1931,10 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
                ops::add_layernorm_forward(la.ln_mlp, la.ln_mlp_mean, la.ln_mlp_rstd, la.resid_mid, h, lw.mlp_norm, Tl, H,
                                           m.norm_eps));
         tp_region_in(tp, Pass::forward, la.ln_mlp, la.ln_mlp_full, Tl, H, "mlp-in");
-        TRACED(trace, "matmul", ops::matmul_forward(la.mlp_in, la.ln_mlp_full, lw.wi, nullptr, T, H, 2 * Il));
+        TRACED(trace, "matmul", ops::matmul_forward(la.mlp_in, la.ln_mlp_full, model.operand(lw.wi), (ops::act*)nullptr, T, H, 2 * Il));
         TRACED(trace, "gelu/geglu", ops::geglu_forward(la.mlp_act, la.mlp_in, T, Il));
         float* mlp_out = tp_full(tp, a.residual[l + 1], a.partial);
-        TRACED(trace, "matmul", ops::matmul_forward(mlp_out, la.mlp_act, lw.mlp_wo, nullptr, T, Il, H));
+        TRACED(trace, "matmul", ops::matmul_forward(mlp_out, la.mlp_act, model.operand(lw.mlp_wo), (float*)nullptr, T, Il, H));
         tp_region_out(tp, Pass::forward, a.residual[l + 1], mlp_out, Tl, H, "mlp-out");
         // the residual add, fused with the norm that reads the sum next on this stage: the next layer's
         // attention norm, or the final norm; at a stage boundary the next stage's first layer norms it
@@ -1898,9 +1959,9 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
     // sparse prediction: only masked rows go through the head (replicated weights) and the decoder
     // (column-parallel over the vocabulary); padding rows (--sp) are zero rows that stay zero
     const int M = a.head_rows, N = a.decoder_rows;
-    if (a.head_local < M) TRACED(trace, "memset", ops::zero_floats(a.head_in, (size_t)M * H));
+    if (a.head_local < M) TRACED(trace, "memset", ops::zero_acts(a.head_in, (size_t)M * H));
     TRACED(trace, "gather/scatter", ops::gather_rows(a.head_in, a.final_out, a.masked_rows, a.head_local, H));
-    TRACED(trace, "matmul", ops::matmul_forward(a.head_pre, a.head_in, w.head_dense, nullptr, M, H, H));
+    TRACED(trace, "matmul", ops::matmul_forward(a.head_pre, a.head_in, model.operand(w.head_dense), (float*)nullptr, M, H, H));
     TRACED(trace, "gelu/geglu", ops::gelu_forward(a.head_act, a.head_pre, (size_t)M * H));
     TRACED(trace, "layernorm",
            ops::layernorm_forward(a.head_out, a.head_mean, a.head_rstd, a.head_act, w.head_norm, M, H, m.norm_eps));
@@ -1952,22 +2013,23 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         // alone adds them. The gradient overwrites the tile's logits; dW and db add up over the tiles.
         for (int r0 = 0; r0 < N; r0 += HEAD_TILE_ROWS) {
             const int n = std::min(HEAD_TILE_ROWS, N - r0);
-            const float* rows_in = a.head_out_full + (size_t)r0 * H;  // (n, H)
+            const ops::act* rows_in = a.head_out_full + (size_t)r0 * H;  // (n, H)
             decoder_tile(model, a, r0, n, trace);                      // (n, V/tp)
             TRACED(trace, "cross-entropy",
                    ops::crossentropy_backward(a.logits, a.logits, a.lse + r0, a.targets + r0, 1.0f, n, t.V, t.V_valid,
                                               t.vocab_start));
             TRACED(trace, "matmul",
                    ops::matmul_backward(a.d_head_full + (size_t)r0 * H, g.tok_embeddings, g.decoder_bias, a.logits,
-                                        rows_in, w.tok_embeddings, n, H, t.V, false));
+                                        rows_in, model.operand(w.tok_embeddings), n, H, t.V, false));
         }
         tp_region_in(tp, Pass::backward, a.d_head_a, a.d_head_full, M, H, "decoder-in");
         TRACED(trace, "layernorm",
                ops::layernorm_backward(a.d_head_b, g.head_norm, a.d_head_a, a.head_act, w.head_norm, a.head_mean,
                                        a.head_rstd, M, H, false));
-        TRACED(trace, "gelu/geglu", ops::gelu_backward(a.d_head_a, a.d_head_b, a.head_pre, (size_t)M * H));
+        TRACED(trace, "gelu/geglu", ops::gelu_backward(a.d_head_act, a.d_head_b, a.head_pre, (size_t)M * H));
         TRACED(trace, "matmul",
-               ops::matmul_backward(a.d_head_b, g.head_dense, nullptr, a.d_head_a, a.head_in, w.head_dense, M, H, H, false));
+               ops::matmul_backward(a.d_head_b, g.head_dense, nullptr, a.d_head_act, a.head_in, model.operand(w.head_dense),
+                                    M, H, H, false));
         TRACED(trace, "memset", ops::zero_floats(a.d_ln, TlH));  // the scatter fills only the masked rows
         TRACED(trace, "gather/scatter", ops::scatter_rows_backward(a.d_ln, a.d_head_b, a.masked_rows, a.head_local, H));
         TRACED(trace, "layernorm",
@@ -1988,19 +2050,23 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
         LayerActivations& la = a.layers[l];
         // d_resid holds ∂loss/∂residual[l+1]; the MLP branch adds its share of ∂/∂resid_mid
         tp_region_out(tp, Pass::backward, a.d_resid, a.d_full, Tl, H, "mlp-out");
+        TRACED(trace, "residual", ops::to_act(a.d_full_act, a.d_full, (size_t)T * H));
         TRACED(trace, "matmul",
-               ops::matmul_backward(a.d_mlp_act, lg.mlp_wo, nullptr, a.d_full, la.mlp_act, lw.mlp_wo, T, Il, H, false));
+               ops::matmul_backward(a.d_mlp_act, lg.mlp_wo, nullptr, a.d_full_act, la.mlp_act, model.operand(lw.mlp_wo), T,
+                                    Il, H, false));
         TRACED(trace, "gelu/geglu", ops::geglu_backward(a.d_mlp_in, a.d_mlp_act, la.mlp_in, T, Il));
         TRACED(trace, "matmul",
-               ops::matmul_backward(a.d_ln_full, lg.wi, nullptr, a.d_mlp_in, la.ln_mlp_full, lw.wi, T, H, 2 * Il, false));
+               ops::matmul_backward(a.d_ln_full, lg.wi, nullptr, a.d_mlp_in, la.ln_mlp_full, model.operand(lw.wi), T, H,
+                                    2 * Il, false));
         tp_region_in(tp, Pass::backward, a.d_ln, a.d_ln_full, Tl, H, "mlp-in");
         TRACED(trace, "layernorm",
                ops::layernorm_backward(a.d_resid, lg.mlp_norm, a.d_ln, la.resid_mid, lw.mlp_norm, la.ln_mlp_mean,
                                        la.ln_mlp_rstd, Tl, H, true));
         // now ∂/∂resid_mid; the attention branch adds its share of ∂/∂residual[l]
         tp_region_out(tp, Pass::backward, a.d_resid, a.d_full, Tl, H, "attention-out");
+        TRACED(trace, "residual", ops::to_act(a.d_full_act, a.d_full, (size_t)T * H));
         TRACED(trace, "matmul",
-               ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_full, la.atty, lw.wo, T, Hl, H, false));
+               ops::matmul_backward(a.d_atty, lg.wo, nullptr, a.d_full_act, la.atty, model.operand(lw.wo), T, Hl, H, false));
         const int window = m.is_global(layer) ? -1 : m.window();
         const AttentionTables tables = attention_tables(a, m, layer);
         if (model.cp.size > 1)
@@ -2011,7 +2077,8 @@ static void model_backward(Model& model, Activations& a, const BatchView& b, Gra
                    ops::attention_backward(a.d_qkv, a.d_atty, la.atty, la.lse, la.qkv, tables.cu_seqlens, b.n_docs,
                                            tables.positions, tables.rope, T, t.heads, m.hd, window));
         TRACED(trace, "matmul",
-               ops::matmul_backward(a.d_ln_full, lg.wqkv, nullptr, a.d_qkv, la.ln_attn_full, lw.wqkv, T, H, 3 * Hl, false));
+               ops::matmul_backward(a.d_ln_full, lg.wqkv, nullptr, a.d_qkv, la.ln_attn_full, model.operand(lw.wqkv), T, H,
+                                    3 * Hl, false));
         tp_region_in(tp, Pass::backward, a.d_ln, a.d_ln_full, Tl, H, "attention-in");
         if (lw.attn_norm) {
             TRACED(trace, "layernorm",
@@ -2429,6 +2496,7 @@ static double optimizer_step(Model& model, const TrainConfig& c, float lr, long 
     ops::adamw_update_pieces(model.params, model.adam_m, model.adam_v, model.device_pieces, (int)pieces.size(), total,
                              model.tensor_lr, c.beta1, c.beta2, c.eps, c.weight_decay, model.adam_step, grad_scale);
     if (sharded) gather_params(sync, model.params);
+    weights_changed(model);
     return norm;
 }
 
@@ -2811,6 +2879,7 @@ static int load_checkpoint(const std::string& dir, Model* model, GradSync* sync)
     v = shards_of(model->table, v);
     size_t n = model->table.total;
     ops::copy_to_device(model->params, params.data(), n * sizeof(float));
+    weights_changed(*model);
     if (sync && sync->zero) {
         scatter_state(sync, m, model->adam_m);
         scatter_state(sync, v, model->adam_v);
@@ -2890,10 +2959,12 @@ static void predict(Model& model, Pipeline& pipe, const WordTokenizer& tok, cons
     if (!t.last_stage) return;
     Activations& a = pipe.pool[0];
     std::vector<float> shard((size_t)b.n_masked * t.V), shards((size_t)t.tp_size * shard.size());  // (n_masked, V/tp)
+    std::vector<ops::act> tile((size_t)HEAD_TILE_ROWS * t.V);
     for (int r0 = 0; r0 < b.n_masked; r0 += HEAD_TILE_ROWS) {  // the forward kept only its last tile's logits
         const int n = std::min(HEAD_TILE_ROWS, b.n_masked - r0);
         decoder_tile(model, a, r0, n, nullptr);
-        ops::copy_to_host(shard.data() + (size_t)r0 * t.V, a.logits, (size_t)n * t.V * sizeof(float));
+        ops::copy_to_host(tile.data(), a.logits, (size_t)n * t.V * sizeof(ops::act));
+        std::transform(tile.begin(), tile.begin() + (size_t)n * t.V, shard.begin() + (size_t)r0 * t.V, widen);
     }
     if (model.tp.size > 1) comm_gather_host(*model.tp.comm, *model.tp.group, shard.data(), shard.size(), shards.data(), "predict tp gather");
     else shards = shard;
@@ -3417,6 +3488,7 @@ int main(int argc, char** argv) {
     if (!c.resume_dir.empty()) start_step = load_checkpoint(c.resume_dir, &model, sync);  // every rank reads the same files
     else  // replicas start identical whatever each rank computed: rank 0's weights win
         comm_broadcast(comm, grad_group, model.params, model.table.total, 0, "initial weights broadcast");
+    weights_changed(model);
     if (!c.dump_dir.empty() && start_step > 0)
         fatal("--dump writes step 1's batch, but this run resumes after step %d", start_step);
 
