@@ -3037,7 +3037,9 @@ static void check_memory(const ModelConfig& m, int tokens, int tp) {
     double P = make_param_table(m, tp).total, T = tokens, I = m.I / tp, V = (m.V + tp - 1) / tp;
     double per_layer = T * m.H * 7 + T * I * 3 + T * (2.0 + m.nh);
     double activations = m.L * per_layer + T * m.H * 16 + std::min(T, (double)HEAD_TILE_ROWS) * V + T * I * 3 + T * 12;
-    double need = 4.0 * (4.0 * P + activations);
+    // fp32 weights, gradients, Adam moments and (an upper bound: some are bf16 on the GPU) activations,
+    // plus the GEMMs' copy of the weights where act is not fp32
+    double need = 4.0 * (4.0 * P + activations) + (std::is_same_v<ops::act, float> ? 0.0 : sizeof(ops::act) * P);
 #ifdef __CUDACC__
     size_t free_bytes = 0, total_bytes = 0;
     CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
