@@ -1194,7 +1194,8 @@ static void model_allocate(Model* model, const std::vector<float>& host_params) 
     model->adam_m = ops::alloc_floats(n);
     model->adam_v = ops::alloc_floats(n);
     ops::copy_to_device(model->params, host_params.data(), n * sizeof(float));
-    model->params_act = std::is_same_v<ops::act, float> ? reinterpret_cast<ops::act*>(model->params) : ops::alloc_acts(n);
+    model->params_act =
+        std::is_same_v<ops::act, float> ? reinterpret_cast<ops::act*>(model->params) : ops::alloc_acts(n);
     weights_changed(*model);
     model->w = view_weights(model->table, model->params);
     model->g = view_weights(model->table, model->grads);
@@ -1254,7 +1255,7 @@ static std::vector<float> gather_full(const Model& model, const std::vector<floa
 // What a GEMM or the attention reads is stored as ops::act (DESIGN.md §5: bf16 on the GPU build, fp32
 // on the CPU build); the residual stream, the statistics and what is summed stay fp32.
 struct LayerActivations {
-    ops::act* ln_attn;       // (Tl, H) attn_norm output (layer 0: the residual as act; on the CPU build the residual itself)
+    ops::act* ln_attn;       // (Tl, H) attn_norm output (layer 0: the residual as act; the CPU build: the residual)
     ops::act* ln_attn_full;  // (T, H)  what Wqkv reads: ln_attn gathered
     float* ln_attn_mean;     // (Tl)
     float* ln_attn_rstd;     // (Tl)
@@ -1305,7 +1306,7 @@ struct Activations {
     ops::act* head_out_full; // (T, H)  what the decoder reads: head_out gathered over tp with --sp
     float* head_mean;        // (M)
     float* head_rstd;        // (M)
-    ops::act* logits;        // (R, V/tp) one tile of decoder rows' logits over this rank's vocabulary; then their gradient
+    ops::act* logits;        // (R, V/tp) a tile of decoder rows' logits over this rank's vocabulary; then their gradient
     float* row_max;          // (R)     each logits row's max over the whole vocabulary
     float* ce_partial;       // (2R)    Σ exp(logit − max) over this rank's vocabulary | the target's logit if here
     float* lse;              // (T)     log-sum-exp of each row of logits
@@ -1689,8 +1690,8 @@ static CommRequest ring_pass(ContextParallel& cp, const BatchView& b, int s, siz
 // Global-layer attention of this shard's queries over the whole micro-batch. qkv (Tc, 3·Hl) as the
 // GEMM wrote it (the attention ops apply RoPE to q and k, so the blocks travel unturned); out (Tc,
 // Hl), lse (Tc, heads).
-static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, const ops::act* qkv, const AttentionTables& tables,
-                                   const BatchView& b, int heads, int hd) {
+static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, const ops::act* qkv,
+                                   const AttentionTables& tables, const BatchView& b, int heads, int hd) {
     const int p = cp.size, r = cp.rank, Tc = b.T, Hl = heads * hd, S = 3 * Hl;
     const size_t n = (size_t)Tc * 2 * Hl;
     ops::kv_pack(cp.kv[0], qkv, 0, Tc, Hl);
@@ -1714,8 +1715,8 @@ static void ring_attention_forward(ContextParallel& cp, float* out, float* lse, 
 // sends that block's gradient to its owner, while the gradient of this shard's block arrives
 // from rank r + s (which attended to it at its step s); arrivals are added in step order.
 static void ring_attention_backward(ContextParallel& cp, float* dqkv, const ops::act* dout, const ops::act* out,
-                                    const float* lse, const ops::act* qkv, const AttentionTables& tables, const BatchView& b,
-                                    int heads, int hd) {
+                                    const float* lse, const ops::act* qkv, const AttentionTables& tables,
+                                    const BatchView& b, int heads, int hd) {
     const int p = cp.size, r = cp.rank, Tc = b.T, Hl = heads * hd, S = 3 * Hl;
     const size_t n = (size_t)Tc * 2 * Hl;
     ops::zero_floats(dqkv, (size_t)Tc * S);
@@ -1826,8 +1827,8 @@ static void halo_attention_forward(ContextParallel& cp, float* out, float* lse, 
 // Its backward: dqkv (Tc, 3·Hl) ← q, k, v gradients. The halo rows'
 // gradients go back to their owners; this shard's own, then those arriving, are added in order.
 static void halo_attention_backward(ContextParallel& cp, float* dqkv, const ops::act* dout, const ops::act* out,
-                                    const float* lse, const ops::act* kv_halo, const ops::act* qkv, const AttentionTables& tables,
-                                    const BatchView& b, int heads, int hd) {
+                                    const float* lse, const ops::act* kv_halo, const ops::act* qkv,
+                                    const AttentionTables& tables, const BatchView& b, int heads, int hd) {
     const Halo h = halo_of(cp, b);
     const int Hl = heads * hd, rows = h.left + b.T + h.right;
     const size_t width = 2 * (size_t)Hl;
@@ -1879,8 +1880,9 @@ static void cp_attention_backward(ContextParallel& cp, ops::act* dqkv, const ops
 // into the logits tile.
 static void decoder_tile(const Model& model, Activations& a, int r0, int n, Tracer* trace) {
     const int H = model.cfg.H;
-    TRACED(trace, "matmul", ops::matmul_forward(a.logits, a.head_out_full + (size_t)r0 * H, model.operand(model.w.tok_embeddings),
-                                                model.operand(model.w.decoder_bias), n, H, model.table.V));
+    TRACED(trace, "matmul",
+           ops::matmul_forward(a.logits, a.head_out_full + (size_t)r0 * H, model.operand(model.w.tok_embeddings),
+                               model.operand(model.w.decoder_bias), n, H, model.table.V));
 }
 
 static double model_forward(Model& model, Activations& a, const BatchView& b, Tracer* trace = nullptr) {
@@ -1913,7 +1915,7 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
                    ops::layernorm_forward(la.ln_attn, la.ln_attn_mean, la.ln_attn_rstd, h, lw.attn_norm, Tl, H, m.norm_eps));
         if (!lw.attn_norm) TRACED(trace, "residual", ops::to_act(la.ln_attn, h, (size_t)Tl * H));
         tp_region_in(tp, Pass::forward, la.ln_attn, la.ln_attn_full, Tl, H, "attention-in");
-        TRACED(trace, "matmul", ops::matmul_forward(la.qkv, la.ln_attn_full, model.operand(lw.wqkv), (ops::act*)nullptr, T, H, 3 * Hl));
+        TRACED(trace, "matmul", ops::matmul_forward(la.qkv, la.ln_attn_full, model.operand(lw.wqkv), nullptr, T, H, 3 * Hl));
         const int window = m.is_global(layer) ? -1 : m.window();
         const AttentionTables tables = attention_tables(a, m, layer);
         if (model.cp.size > 1)
@@ -1923,7 +1925,7 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
                    ops::attention_forward(la.atty, la.lse, la.qkv, tables.cu_seqlens, b.n_docs, tables.positions, tables.rope, T,
                                           t.heads, m.hd, window));
         float* attn_out = tp_full(tp, la.resid_mid, a.partial);
-        TRACED(trace, "matmul", ops::matmul_forward(attn_out, la.atty, model.operand(lw.wo), (float*)nullptr, T, Hl, H));
+        TRACED(trace, "matmul", ops::matmul_forward(attn_out, la.atty, model.operand(lw.wo), nullptr, T, Hl, H));
         tp_region_out(tp, Pass::forward, la.resid_mid, attn_out, Tl, H, "attention-out");
         // MLP block (its norm fused with the residual add): Wi column-parallel (this rank's units of both
         // halves), Wo row-parallel
@@ -1931,10 +1933,10 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
                ops::add_layernorm_forward(la.ln_mlp, la.ln_mlp_mean, la.ln_mlp_rstd, la.resid_mid, h, lw.mlp_norm, Tl, H,
                                           m.norm_eps));
         tp_region_in(tp, Pass::forward, la.ln_mlp, la.ln_mlp_full, Tl, H, "mlp-in");
-        TRACED(trace, "matmul", ops::matmul_forward(la.mlp_in, la.ln_mlp_full, model.operand(lw.wi), (ops::act*)nullptr, T, H, 2 * Il));
+        TRACED(trace, "matmul", ops::matmul_forward(la.mlp_in, la.ln_mlp_full, model.operand(lw.wi), nullptr, T, H, 2 * Il));
         TRACED(trace, "gelu/geglu", ops::geglu_forward(la.mlp_act, la.mlp_in, T, Il));
         float* mlp_out = tp_full(tp, a.residual[l + 1], a.partial);
-        TRACED(trace, "matmul", ops::matmul_forward(mlp_out, la.mlp_act, model.operand(lw.mlp_wo), (float*)nullptr, T, Il, H));
+        TRACED(trace, "matmul", ops::matmul_forward(mlp_out, la.mlp_act, model.operand(lw.mlp_wo), nullptr, T, Il, H));
         tp_region_out(tp, Pass::forward, a.residual[l + 1], mlp_out, Tl, H, "mlp-out");
         // the residual add, fused with the norm that reads the sum next on this stage: the next layer's
         // attention norm, or the final norm; at a stage boundary the next stage's first layer norms it
@@ -1961,7 +1963,7 @@ static double model_forward(Model& model, Activations& a, const BatchView& b, Tr
     const int M = a.head_rows, N = a.decoder_rows;
     if (a.head_local < M) TRACED(trace, "memset", ops::zero_acts(a.head_in, (size_t)M * H));
     TRACED(trace, "gather/scatter", ops::gather_rows(a.head_in, a.final_out, a.masked_rows, a.head_local, H));
-    TRACED(trace, "matmul", ops::matmul_forward(a.head_pre, a.head_in, model.operand(w.head_dense), (float*)nullptr, M, H, H));
+    TRACED(trace, "matmul", ops::matmul_forward(a.head_pre, a.head_in, model.operand(w.head_dense), nullptr, M, H, H));
     TRACED(trace, "gelu/geglu", ops::gelu_forward(a.head_act, a.head_pre, (size_t)M * H));
     TRACED(trace, "layernorm",
            ops::layernorm_forward(a.head_out, a.head_mean, a.head_rstd, a.head_act, w.head_norm, M, H, m.norm_eps));
