@@ -464,15 +464,27 @@ static bool check_within(const std::string& name, const std::vector<float>& got,
 }
 
 // One linear layer: host inputs (inp, weight, dout: bf16 values; the bias fp32, and rounded to bf16 for a
-// bf16 D) and the gradients the backward starts from; its device copies.
+// bf16 D), the gradients the backward starts from, and the S of each product (computed once: every
+// check of the layer shares them); its device copies.
 struct Linear {
     int N, C, OC;
     std::vector<float> inp, weight, bias, bias_act, dout, dinp0, dweight0, dbias0;
+    std::vector<double> s_out, s_dinp, s_dweight;  // S of out (N, OC), dinp (N, C), dweight (OC, C)
     Linear(int N_, int C_, int OC_, Rng& rng)
         : N(N_), C(C_), OC(OC_), inp(random_acts(rng, (size_t)N * C)), weight(random_acts(rng, (size_t)OC * C)),
           bias(random_floats(rng, OC)), bias_act(bf16_rounded(bias)), dout(random_acts(rng, (size_t)N * OC)),
           dinp0(random_floats(rng, (size_t)N * C)), dweight0(random_floats(rng, (size_t)OC * C)),
-          dbias0(random_floats(rng, OC)) {}
+          dbias0(random_floats(rng, OC)) {
+        s_out = abs_products(
+            N, OC, C, [&](int n, int c) { return inp[(size_t)n * C + c]; },
+            [&](int c, int o) { return weight[(size_t)o * C + c]; });
+        s_dinp = abs_products(
+            N, C, OC, [&](int n, int o) { return dout[(size_t)n * OC + o]; },
+            [&](int o, int c) { return weight[(size_t)o * C + c]; });
+        s_dweight = abs_products(
+            OC, C, N, [&](int o, int n) { return dout[(size_t)n * OC + o]; },
+            [&](int n, int c) { return inp[(size_t)n * C + c]; });
+    }
 };
 struct LinearDevice {
     cuda::act *inp, *weight, *dout, *bias_act, *out_act, *dinp_act;
@@ -494,11 +506,9 @@ static void check_matmul_forward(const std::string& tag, const Linear& l, const 
         cuda::matmul_forward(d.out, d.inp, d.weight, with_bias ? d.bias : nullptr, l.N, l.C, l.OC);
         got = download(d.out, out.size());
     }
-    std::vector<double> bound = abs_products(
-        l.N, l.OC, l.C, [&](int n, int c) { return l.inp[(size_t)n * l.C + c]; },
-        [&](int c, int o) { return l.weight[(size_t)o * l.C + c]; });
+    std::vector<double> bound(out.size());
     for (size_t e = 0; e < bound.size(); e++)
-        bound[e] = gemm_bound(l.C, bound[e], with_bias ? std::fabs(bias[e % l.OC]) : 0.0, bf16_out, out[e]);
+        bound[e] = gemm_bound(l.C, l.s_out[e], with_bias ? std::fabs(bias[e % l.OC]) : 0.0, bf16_out, out[e]);
     check_within("matmul_forward " + tag + (with_bias ? " bias" : " no bias") + (bf16_out ? " -> bf16" : " -> fp32"),
                  got, out, bound);
 }
@@ -522,16 +532,11 @@ static void check_matmul_backward(const std::string& tag, const Linear& l, const
     else
         cuda::matmul_backward(wi ? d.dinp : nullptr, ww ? d.dweight : nullptr, wb ? d.dbias : nullptr, d.dout, d.inp,
                               d.weight, N, C, OC, accumulate);
-    std::vector<double> dinp_bound = abs_products(
-        N, C, OC, [&](int n, int o) { return l.dout[(size_t)n * OC + o]; },
-        [&](int o, int c) { return l.weight[(size_t)o * C + c]; });
+    std::vector<double> dinp_bound(dinp.size()), dweight_bound(dweight.size());
     for (size_t e = 0; e < dinp_bound.size(); e++)
-        dinp_bound[e] = gemm_bound(OC, dinp_bound[e], wi && accumulate ? std::fabs(l.dinp0[e]) : 0.0, bf16_dinp, dinp[e]);
-    std::vector<double> dweight_bound = abs_products(
-        OC, C, N, [&](int o, int n) { return l.dout[(size_t)n * OC + o]; },
-        [&](int n, int c) { return l.inp[(size_t)n * C + c]; });
+        dinp_bound[e] = gemm_bound(OC, l.s_dinp[e], wi && accumulate ? std::fabs(l.dinp0[e]) : 0.0, bf16_dinp, dinp[e]);
     for (size_t e = 0; e < dweight_bound.size(); e++)
-        dweight_bound[e] = gemm_bound(N, dweight_bound[e], std::fabs(l.dweight0[e]));
+        dweight_bound[e] = gemm_bound(N, l.s_dweight[e], std::fabs(l.dweight0[e]));
     if (bf16_dinp) {  // untouched when null: the bf16 of dinp0 (exact compare against the same rounding)
         check_within("matmul_backward dinp " + v, download_acts(d.dinp_act, dinp.size()),
                      wi ? dinp : bf16_rounded(dinp), dinp_bound);
