@@ -1683,14 +1683,11 @@ inline void gemm(Out* d, const act* a, const act* b, const Out* bias, bool trans
                                 plan.layout_d, d, plan.layout_d, &plan.algo, lt.workspace, lt.workspace_bytes, 0));
 }
 
-// Out (float or act) is deduced from out alone, so that a null bias may be spelled nullptr.
-template <typename T>
-struct same_type {
-    using type = T;
-};
+// Out (float or act) is deduced from out alone (remove_cv_t<Out> is Out, but not deduced from), so that a
+// null bias may be spelled nullptr.
 template <typename Out>
-inline void matmul_forward(Out* out, const act* inp, const act* weight, const typename same_type<Out>::type* bias,
-                           int N, int C, int OC) {
+inline void matmul_forward(Out* out, const act* inp, const act* weight, const std::remove_cv_t<Out>* bias, int N, int C,
+                           int OC) {
     if (N <= 0 || OC <= 0) return;
     if (C > 0) {
         gemm(out, weight, inp, bias, true, false, OC, N, C, C, C, OC, 0.0f);
