@@ -148,11 +148,18 @@ inline cudaError_t result(cudaError_t e) {
 }
 
 constexpr uint32_t POISON_WORD = 0xFFF5A5A5u;
+// Whole words copied from a poisoned pattern a chunk at a time (every block start poisons all kernels'
+// __shared__ arrays, a few hundred KiB: memcpy runs ~7× faster than a loop of 4-byte stores), then 0xFF
+// bytes for a tail shorter than a word.
 inline void poison(void* p, size_t bytes) {
+    static const std::vector<uint32_t> pattern(4096, POISON_WORD);
+    const size_t chunk = pattern.size() * sizeof(uint32_t);
     unsigned char* b = static_cast<unsigned char*>(p);
     size_t i = 0;
-    for (; i + 4 <= bytes; i += 4) memcpy(b + i, &POISON_WORD, 4);
-    for (; i < bytes; i++) b[i] = 0xFF;
+    for (; i + chunk <= bytes; i += chunk) memcpy(b + i, pattern.data(), chunk);
+    const size_t words = (bytes - i) / sizeof(uint32_t) * sizeof(uint32_t);
+    memcpy(b + i, pattern.data(), words);
+    for (i += words; i < bytes; i++) b[i] = 0xFF;
 }
 
 // A call site (barriers and collectives are told apart by where they are written).
