@@ -7,7 +7,8 @@
 // `namespace ops` names the set this build runs; picotron.cu only ever calls ops::.
 //
 // Conventions shared by every op:
-//   - row-major fp32 buffers; pointers live where the build computes (host for CPU, device for GPU);
+//   - row-major buffers, fp32 except the GPU build's activations (act: bf16); pointers live where the
+//     build computes (host for CPU, device for GPU);
 //   - shape comments use T tokens, N rows, C/H columns, I intermediate, V vocabulary, nh heads,
 //     hd head dim (64);
 //   - a *_forward writes its outputs. A *_backward ADDS into weight gradients (+=), so micro-batches
@@ -1044,7 +1045,9 @@ inline double stable_adamw_rms(const float* grad, const float* v, size_t n, floa
 #ifdef __CUDACC__
 // ---- CUDA kernels ----
 // The twin of every op in namespace ref: same names, same order, same signatures, device pointers.
-// Written for clarity first; speed (bf16, tensor cores, fused attention) comes later.
+// The activations that GEMMs and attention read (act) are bf16 here, rounded to nearest even as a
+// kernel or a GEMM's epilogue writes them; every sum accumulates in fp32, and the rest (residual
+// stream, statistics, weights, gradients, optimizer state) stays fp32 (DESIGN.md §5).
 // Ground rules, as for the reference, plus:
 //   - deterministic: every output element is written by exactly one thread, and every sum runs in a
 //     fixed order (no float atomics), so two runs give bit-identical results;
@@ -1211,6 +1214,16 @@ __host__ __device__ inline float bits_to_float(uint32_t bits) {
 __host__ __device__ inline float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
 __host__ __device__ inline float bf16x2_lo(uint32_t r) { return bits_to_float(r << 16); }
 __host__ __device__ inline float bf16x2_hi(uint32_t r) { return bits_to_float(r & 0xffff0000u); }
+// The activations' storage type: a bf16 as its 16 bits, the high half of the fp32 of the same value (our
+// own type: the emulator has no __nv_bfloat16). to_float widens exactly; store rounds to nearest even.
+struct bf16 {
+    uint16_t bits;
+};
+using act = bf16;
+__host__ __device__ inline float to_float(float x) { return x; }
+__host__ __device__ inline float to_float(bf16 x) { return bf16_to_float(x.bits); }
+__device__ inline void store(float* dst, float x) { *dst = x; }
+__device__ inline void store(bf16* dst, float x) { dst->bits = (uint16_t)(pack_bf16x2(x, 0.0f) & 0xffffu); }
 
 __device__ inline void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
 #ifdef PICOTRON_EMULATE
@@ -1315,15 +1328,17 @@ __device__ inline void cp_async_wait() {
 // the process exits, and a static destructor would run cuBLAS calls while the CUDA runtime shuts down.
 //
 // What defines a GEMM (see gemm below) apart from its pointers: the shape, the operations, the pointer
-// alignments the heuristic was told (they decide which kernels may run), whether C is read, the epilogue.
+// alignments the heuristic was told (they decide which kernels may run), whether C is read, the epilogue,
+// D's type (A and B are always bf16).
 struct GemmKey {
     int m, n, k, lda, ldb, ldd;
     bool trans_a, trans_b, beta_zero;
     cublasLtEpilogue_t epilogue;
     uint32_t align_a, align_b, align_d, align_bias;  // align_bias 0: no bias
+    cudaDataType_t d_type;
     auto fields() const {
         return std::tie(m, n, k, lda, ldb, ldd, trans_a, trans_b, beta_zero, epilogue, align_a, align_b, align_d,
-                        align_bias);
+                        align_bias, d_type);
     }
 };
 // A GEMM made once and reused: its descriptor, layouts (D's serves C: C is D) and the algorithm chosen.
@@ -1418,8 +1433,20 @@ inline T* alloc_array(size_t n, const char* what) {
 inline float* alloc_floats(size_t n) { return alloc_array<float>(n, "floats"); }
 inline int* alloc_ints(size_t n) { return alloc_array<int>(n, "ints"); }
 inline void free_buffer(void* p) { CUDA_CHECK(cudaFree(p)); }
-inline void zero_floats(float* p, size_t n) {
-    if (n) CUDA_CHECK(cudaMemset(p, 0, n * sizeof(float)));
+template <typename T>
+inline void zero_array(T* p, size_t n) {  // all-zero bits: 0.0 in fp32 and in bf16
+    if (n) CUDA_CHECK(cudaMemset(p, 0, n * sizeof(T)));
+}
+inline void zero_floats(float* p, size_t n) { zero_array(p, n); }
+inline act* alloc_acts(size_t n) { return alloc_array<act>(n, "activations"); }
+inline void zero_acts(act* p, size_t n) { zero_array(p, n); }
+// dst (n) = src rounded to bf16 (nearest even). One thread per element, grid-stride.
+__global__ void to_act_kernel(act* dst, const float* src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        store(&dst[i], src[i]);
+}
+inline void to_act(act* dst, const float* src, size_t n) {
+    if (n) CUDA_LAUNCH(to_act_kernel, grid_for(n), BLOCK_SIZE, dst, src, n);
 }
 inline void copy_to_device(void* dst, const void* src, size_t bytes) {
     if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
@@ -1497,7 +1524,8 @@ inline void embedding_backward(float* dwte, const float* dout, const int* ids, i
 // out (N, C) = (inp - mean) * rstd * weight, mean and rstd (N) saved. One warp per row: lanes stride
 // over the columns; two passes (mean, then the variance of x - mean) with warp butterfly sums.
 constexpr int LN_WARPS = 4;  // rows per block
-__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+template <typename Out>
+__global__ void layernorm_forward_kernel(Out* out, float* mean, float* rstd, const float* inp, const float* weight,
                                          int N, int C, float eps) {
     const int lane = threadIdx.x % WARP_SIZE;
     const size_t n = (size_t)blockIdx.x * LN_WARPS + threadIdx.x / WARP_SIZE;
@@ -1510,16 +1538,17 @@ __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, c
     for (int c = lane; c < C; c += WARP_SIZE) acc += (x[c] - m) * (x[c] - m);
     const float var = warp_sum(acc) / C;
     const float s = 1.0f / sqrtf(var + eps);
-    for (int c = lane; c < C; c += WARP_SIZE) out[n * C + c] = ((x[c] - m) * s) * weight[c];
+    for (int c = lane; c < C; c += WARP_SIZE) store(&out[n * C + c], ((x[c] - m) * s) * weight[c]);
     if (lane == 0) {
         mean[n] = m;
         rstd[n] = s;
     }
 }
-inline void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, int N,
-                              int C, float eps) {
+template <typename Out>  // float or act
+inline void layernorm_forward(Out* out, float* mean, float* rstd, const float* inp, const float* weight, int N, int C,
+                              float eps) {
     if (N <= 0 || C <= 0) return;
-    CUDA_LAUNCH(layernorm_forward_kernel, grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE, out, mean, rstd, inp,
+    CUDA_LAUNCH(layernorm_forward_kernel<Out>, grid_for_warps(N, LN_WARPS), LN_WARPS * WARP_SIZE, out, mean, rstd, inp,
                 weight, N, C, eps);
 }
 
@@ -1583,28 +1612,28 @@ inline uint32_t pointer_alignment(const void* p) {
 }
 // The plan of the GEMM `key`, made on first use: descriptor, layouts, then the heuristic's algorithm.
 // cuBLASLt reads the bias pointer's alignment from the descriptor when choosing, so it is set first.
-inline const GemmPlan& gemm_plan(const GemmKey& key, const float* bias) {
+inline const GemmPlan& gemm_plan(const GemmKey& key, const void* bias) {
     Blas& lt = blas();
     for (const GemmPlan& plan : lt.plans)
         if (plan.key.fields() == key.fields()) return plan;
     GemmPlan p{key, nullptr, nullptr, nullptr, nullptr, {}};
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F_FAST_16BF, CUDA_R_32F));
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t op_a = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t op_b = key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b));
     CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &key.epilogue, sizeof key.epilogue));
-    if (bias) {
-        const int32_t bias_type = CUDA_R_32F;
+    if (bias) {  // the bias is D's type (cublasLt.h, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE)
+        const int32_t bias_type = key.d_type;
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
                                                     sizeof bias_type));
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
     }
     const int m = key.m, n = key.n, k = key.k;
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_a, CUDA_R_32F, key.trans_a ? k : m, key.trans_a ? m : k, key.lda));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_b, CUDA_R_32F, key.trans_b ? n : k, key.trans_b ? k : n, key.ldb));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_d, CUDA_R_32F, m, n, key.ldd));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_a, CUDA_R_16BF, key.trans_a ? k : m, key.trans_a ? m : k, key.lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_b, CUDA_R_16BF, key.trans_b ? n : k, key.trans_b ? k : n, key.ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_d, key.d_type, m, n, key.ldd));
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const uint64_t workspace_bytes = lt.workspace_bytes;
@@ -1630,17 +1659,20 @@ inline const GemmPlan& gemm_plan(const GemmKey& key, const float* bias) {
     lt.plans.push_back(p);
     return lt.plans.back();
 }
-// Column-major D (m, n; leading dim ldd) = op(A) · op(B) + beta · D [+ bias (m) on every column], fp32 in
-// memory. CUBLAS_COMPUTE_32F_FAST_16BF: cuBLAS rounds A and B to bf16 (or to TF32, which keeps more bits),
-// multiplies on the tensor cores, accumulates and writes fp32 (DESIGN.md §5). A is stored (m, k), or
-// (k, m) if trans_a; B (k, n), or (n, k) if trans_b. The bias rides in the epilogue (CUBLASLT_EPILOGUE_BIAS);
-// cuBLASLt's GELU epilogues are the tanh approximation and ModernBERT's head needs the exact erf GELU,
-// so that one stays a kernel (gelu_forward).
-inline void gemm(float* d, const float* a, const float* b, const float* bias, bool trans_a, bool trans_b, int m, int n,
-                 int k, int lda, int ldb, int ldd, float beta) {
+// Column-major D (m, n; leading dim ldd) = op(A) · op(B) + beta · D [+ bias (m) on every column]. A and B
+// are bf16 activations; CUBLAS_COMPUTE_32F multiplies them on the tensor cores and accumulates in fp32;
+// D (and C, which is D, and the bias) is fp32 or bf16 (Out), rounded to nearest even by the epilogue
+// (DESIGN.md §5). A is stored (m, k), or (k, m) if trans_a; B (k, n), or (n, k) if trans_b. The bias rides in
+// the epilogue (CUBLASLT_EPILOGUE_BIAS); cuBLASLt's GELU epilogues are the tanh approximation and
+// ModernBERT's head needs the exact erf GELU, so that one stays a kernel (gelu_forward).
+inline cudaDataType_t data_type(const float*) { return CUDA_R_32F; }
+inline cudaDataType_t data_type(const act*) { return CUDA_R_16BF; }
+template <typename Out>
+inline void gemm(Out* d, const act* a, const act* b, const Out* bias, bool trans_a, bool trans_b, int m, int n, int k,
+                 int lda, int ldb, int ldd, float beta) {
     const GemmKey key{m, n, k, lda, ldb, ldd, trans_a, trans_b, beta == 0.0f,
                       bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, pointer_alignment(a),
-                      pointer_alignment(b), pointer_alignment(d), bias ? pointer_alignment(bias) : 0};
+                      pointer_alignment(b), pointer_alignment(d), bias ? pointer_alignment(bias) : 0, data_type(d)};
     const GemmPlan& plan = gemm_plan(key, bias);
     // the plan fixes only the bias pointer's alignment: this call's pointer goes in now
     if (bias)
@@ -1651,33 +1683,43 @@ inline void gemm(float* d, const float* a, const float* b, const float* bias, bo
                                 plan.layout_d, d, plan.layout_d, &plan.algo, lt.workspace, lt.workspace_bytes, 0));
 }
 
-inline void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int C,
+// Out (float or act) is deduced from out alone (remove_cv_t<Out> is Out, but not deduced from), so that a
+// null bias may be spelled nullptr.
+template <typename Out>
+inline void matmul_forward(Out* out, const act* inp, const act* weight, const std::remove_cv_t<Out>* bias, int N, int C,
                            int OC) {
     if (N <= 0 || OC <= 0) return;
     if (C > 0) {
         gemm(out, weight, inp, bias, true, false, OC, N, C, C, C, OC, 0.0f);
     } else if (bias) {  // an empty sum plus the bias: each row (OC) is the bias (no model layer gets here)
-        for (int row = 0; row < N; row++) copy_on_device(out + (size_t)row * OC, bias, OC * sizeof(float));
+        for (int row = 0; row < N; row++) copy_on_device(out + (size_t)row * OC, bias, OC * sizeof(Out));
     } else {
-        zero_floats(out, (size_t)N * OC);  // an empty sum
+        zero_array(out, (size_t)N * OC);  // an empty sum
     }
 }
 // dbias[o] += Σ_n dout[n, o], through column_sum_add (fixed order, two passes).
 struct BiasGrad {
-    const float* dout;
+    const act* dout;
     int OC;
-    __device__ float operator()(int n, int o) const { return dout[(size_t)n * OC + o]; }
+    __device__ float operator()(int n, int o) const { return to_float(dout[(size_t)n * OC + o]); }
 };
-inline void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                            const float* weight, int N, int C, int OC, bool accumulate) {
-    if (dinp && !accumulate && N > 0 && C > 0 && OC <= 0) zero_floats(dinp, (size_t)N * C);  // an empty sum
+// dinp float or act; act only written: C += into bf16 would round the running sum at every micro-batch.
+template <typename Out>
+inline void matmul_backward(Out* dinp, float* dweight, float* dbias, const act* dout, const act* inp,
+                            const act* weight, int N, int C, int OC, bool accumulate) {
+    if (dinp && accumulate && data_type(dinp) != CUDA_R_32F) fatal("matmul_backward: dinp += needs fp32 dinp, not bf16");
+    if (dinp && !accumulate && N > 0 && C > 0 && OC <= 0) zero_array(dinp, (size_t)N * C);  // an empty sum
     if (N <= 0 || C <= 0 || OC <= 0) {
         if (dbias && N > 0 && OC > 0) column_sum_add(dbias, N, OC, BiasGrad{dout, OC});
         return;  // every other product is empty: nothing to add
     }
-    if (dinp) gemm(dinp, weight, dout, nullptr, false, false, C, N, OC, C, OC, C, accumulate ? 1.0f : 0.0f);
-    if (dweight) gemm(dweight, inp, dout, nullptr, false, true, C, OC, N, C, OC, C, 1.0f);
+    if (dinp) gemm(dinp, weight, dout, (const Out*)nullptr, false, false, C, N, OC, C, OC, C, accumulate ? 1.0f : 0.0f);
+    if (dweight) gemm(dweight, inp, dout, (const float*)nullptr, false, true, C, OC, N, C, OC, C, 1.0f);
     if (dbias) column_sum_add(dbias, N, OC, BiasGrad{dout, OC});
+}
+inline void matmul_backward(std::nullptr_t, float* dweight, float* dbias, const act* dout, const act* inp,
+                            const act* weight, int N, int C, int OC, bool accumulate) {  // no dinp, spelled nullptr
+    matmul_backward((float*)nullptr, dweight, dbias, dout, inp, weight, N, C, OC, accumulate);
 }
 
 // ---- residual ----
@@ -1695,7 +1737,7 @@ inline void add_inplace(float* x, const float* y, size_t n) {
 // (x[k] is column lane + 32k; the fixed-count loops unroll, so x needs no memory): resid and add are
 // read once, resid written once. Rows wider than that (C > 1024) take the two kernels.
 constexpr int LN_COLS_PER_LANE = 32;
-__global__ void add_layernorm_forward_kernel(float* out, float* mean, float* rstd, float* resid, const float* add,
+__global__ void add_layernorm_forward_kernel(act* out, float* mean, float* rstd, float* resid, const float* add,
                                              const float* weight, int N, int C, float eps) {
     const int lane = threadIdx.x % WARP_SIZE;
     const size_t n = (size_t)blockIdx.x * LN_WARPS + threadIdx.x / WARP_SIZE;
@@ -1713,10 +1755,10 @@ __global__ void add_layernorm_forward_kernel(float* out, float* mean, float* rst
     const float var = warp_sum(acc) / C;
     const float s = 1.0f / sqrtf(var + eps);
     for (int k = 0, c = lane; k < LN_COLS_PER_LANE; k++, c += WARP_SIZE)
-        if (c < C) out[n * C + c] = ((x[k] - m) * s) * weight[c];
+        if (c < C) store(&out[n * C + c], ((x[k] - m) * s) * weight[c]);
     if (lane == 0) mean[n] = m, rstd[n] = s;
 }
-inline void add_layernorm_forward(float* out, float* mean, float* rstd, float* resid, const float* add,
+inline void add_layernorm_forward(act* out, float* mean, float* rstd, float* resid, const float* add,
                                   const float* weight, int N, int C, float eps) {
     if (N <= 0 || C <= 0) return;
     if (C > LN_COLS_PER_LANE * WARP_SIZE) {
@@ -1740,8 +1782,9 @@ inline void rope_table(float* table, int P, int hd, float theta) {
 
 // ---- attention ----
 // The contract of ref's attention ops, on the tensor cores: flash attention, forward and backward,
-// for head dim 64 (ModernBERT's, every size; the run set-up refuses others on the GPU build), RoPE
-// applied to Q and K tiles as they are loaded and undone on dQ and dK as they are stored. One
+// for head dim 64 (ModernBERT's, every size; the run set-up refuses others on the GPU build), on the
+// bf16 activations q, k, v, dO and O, RoPE applied to Q and K tiles as they are loaded and undone on
+// dQ and dK as they are stored. One
 // pair of kernels serves every call: the whole micro-batch (attention_forward/backward: q, k and v
 // from one qkv) and a query shard against one key/value block (the ring and the halo of context
 // parallelism); the merge of block results and the K/V block packing are simple element-wise kernels.
@@ -1789,13 +1832,13 @@ __device__ inline void attention_visible(int i, const int* cu_seqlens, int n_doc
 // packed micro-batch, global or windowed, out and lse), computed in bf16 on the tensor cores with
 // fp32 accumulation and softmax. A CTA takes 64 query rows of one head, four warps 16 rows each;
 // it visits only the 64-key tiles that its rows' documents (and window) reach, and a warp skips a
-// tile none of its rows sees. Per key tile: K and V rounded to bf16 into shared memory,
+// tile none of its rows sees. Per key tile: K (turned) and V into bf16 tiles in shared memory,
 // S = Q·Kᵀ (mma m16n8k16, fragments by ldmatrix), masked and scaled, an online softmax (running
 // max and sum per row, the four lanes of a row reduced by shuffles), then O += bf16(P)·V (P's
 // fragments are S's accumulator layout, repacked; V's come by ldmatrix.trans). Out = O / Σ, lse =
 // max + log Σ; a row that sees nothing gets zeros and −inf, as the reference. Every output element
-// has one writer: deterministic. (Inputs are the fp32 activations the trainer keeps today, rounded
-// to bf16 as they are loaded.)
+// has one writer: deterministic. Inputs are bf16 activations; out is bf16 (the whole batch) or fp32
+// (a block, for attention_merge).
 constexpr int FLASH_TILE = 64, FLASH_HD = 64, FLASH_WARPS = 4;
 __device__ inline int flash_min(int a, int b) { return a < b ? a : b; }
 __device__ inline void store_bf16x2(uint16_t* dst, uint32_t pair) {  // dst[0] = low half, dst[1] = high
@@ -1821,19 +1864,21 @@ __device__ inline void flash_unions(const int* lo_of, const int* hi_of, int none
 }
 constexpr int FLASH_LD = FLASH_HD + 8;  // shared row stride in bf16: 144 bytes, 16-byte aligned rows whose
                                         // 8 ldmatrix addresses fall in distinct bank groups
-// Rows [row0, row0 + rows) of src's head at col0 → bf16, zeros past them. With a rope table, each row
-// is first turned by its position, positions[first + row0 + row] (first: src row 0's token index):
-// a thread takes dims c, c + 1 and their partners c + 32, c + 33, with ref's arithmetic (_rn: no FMA).
+// Rows [row0, row0 + rows) of src's head at col0 → the bf16 tile, zeros past them. With a rope table,
+// each row is first widened and turned by its position, positions[first + row0 + row] (first: src row
+// 0's token index), then rounded to bf16 again: a thread takes dims c, c + 1 and their partners c + 32,
+// c + 33, with ref's arithmetic (_rn: no FMA). Without one the values pass through exactly.
 constexpr int FLASH_HALF = FLASH_HD / 2;
-__device__ inline void flash_load_tile(uint16_t* dst, const float* src, int stride, int col0, int row0, int rows,
+__device__ inline void flash_load_tile(uint16_t* dst, const act* src, int stride, int col0, int row0, int rows,
                                        int tid, int threads, const float* rope = nullptr, const int* positions = nullptr,
                                        int first = 0) {
     for (int e = tid; e < FLASH_TILE * FLASH_HALF / 2; e += threads) {
         const int row = e / (FLASH_HALF / 2), c = 2 * (e % (FLASH_HALF / 2));
         float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // dims c, c + 1, c + 32, c + 33
         if (row < rows) {
-            const float* at = src + (size_t)(row0 + row) * stride + col0 + c;
-            x[0] = at[0], x[1] = at[1], x[2] = at[FLASH_HALF], x[3] = at[FLASH_HALF + 1];
+            const act* at = src + (size_t)(row0 + row) * stride + col0 + c;
+            x[0] = to_float(at[0]), x[1] = to_float(at[1]);
+            x[2] = to_float(at[FLASH_HALF]), x[3] = to_float(at[FLASH_HALF + 1]);
             if (rope) {
                 const float* cs = rope + ((size_t)positions[first + row0 + row] * FLASH_HALF + c) * 2;
                 for (int i = 0; i < 2; i++) {
@@ -1848,14 +1893,15 @@ __device__ inline void flash_load_tile(uint16_t* dst, const float* src, int stri
     }
 }
 // Double buffering: while a tile is multiplied, the next tile's two operands (K and V, or Q and dO)
-// travel by cp.async into an fp32 stage (2 × 64 × 64 floats of dynamic shared memory), one 16-byte
-// copy per 4 floats, rows [row0, row0 + rows) of a and b at col0 (16-byte aligned: the launchers
-// check); flash_load_tile then turns and rounds them from the stage into the bf16 tiles.
-constexpr size_t FLASH_STAGE_BYTES = 2 * FLASH_TILE * FLASH_HD * sizeof(float);
-__device__ inline void flash_stage(float* stage, const float* a, int a_stride, const float* b, int b_stride, int col0,
+// travel by cp.async into a bf16 stage (2 × 64 × 64 of dynamic shared memory), one 16-byte copy per
+// 8 elements, rows [row0, row0 + rows) of a and b at col0 (16-byte aligned: the launchers check);
+// flash_load_tile then turns them from the stage into the padded bf16 tiles that ldmatrix reads.
+constexpr int FLASH_COPY = 16 / (int)sizeof(act);  // the elements of one 16-byte cp.async
+constexpr size_t FLASH_STAGE_BYTES = 2 * FLASH_TILE * FLASH_HD * sizeof(act);
+__device__ inline void flash_stage(act* stage, const act* a, int a_stride, const act* b, int b_stride, int col0,
                                    int row0, int rows, int tid, int threads) {
-    for (int e = tid; e < rows * FLASH_HD / 4; e += threads) {
-        const int row = e / (FLASH_HD / 4), c = 4 * (e % (FLASH_HD / 4));
+    for (int e = tid; e < rows * FLASH_HD / FLASH_COPY; e += threads) {
+        const int row = e / (FLASH_HD / FLASH_COPY), c = FLASH_COPY * (e % (FLASH_HD / FLASH_COPY));
         cp_async_16(&stage[row * FLASH_HD + c], a + (size_t)(row0 + row) * a_stride + col0 + c);
         cp_async_16(&stage[(FLASH_TILE + row) * FLASH_HD + c], b + (size_t)(row0 + row) * b_stride + col0 + c);
     }
@@ -1863,11 +1909,11 @@ __device__ inline void flash_stage(float* stage, const float* a, int a_stride, c
 }
 // One step of a tile walk over rows [lo, hi) of a and b (a tile's rows from t, in a's numbering
 // from `base`): the first call starts tile lo's copies; each waits for tile t to land in the stage,
-// runs between() (what must follow the previous tile's products), turns a's rows by RoPE and rounds
+// runs between() (what must follow the previous tile's products), turns a's rows by RoPE and moves
 // both into the bf16 tiles x and y, then starts the next tile's copies, which overlap t's products.
 template <typename Between>
-__device__ inline void flash_walk_step(uint16_t* x, uint16_t* y, float* stage, const float* a, int a_stride,
-                                       const float* b, int b_stride, int col0, int base, int lo, int hi, int t,
+__device__ inline void flash_walk_step(uint16_t* x, uint16_t* y, act* stage, const act* a, int a_stride,
+                                       const act* b, int b_stride, int col0, int base, int lo, int hi, int t,
                                        const float* rope, const int* positions, int tid, Between between) {
     const int threads = FLASH_WARPS * WARP_SIZE, rows = flash_min(FLASH_TILE, hi - t);
     if (t == lo) flash_stage(stage, a, a_stride, b, b_stride, col0, t - base, rows, tid, threads);
@@ -1881,18 +1927,19 @@ __device__ inline void flash_walk_step(uint16_t* x, uint16_t* y, float* stage, c
         flash_stage(stage, a, a_stride, b, b_stride, col0, t + FLASH_TILE - base,
                     flash_min(FLASH_TILE, hi - t - FLASH_TILE), tid, threads);
 }
-inline void flash_check_aligned(const float* p, int stride) {  // cp.async reads 16-byte aligned rows
-    if ((uintptr_t)p % 16 || stride % 4) fatal("flash attention: operand %p with row stride %d is not 16-byte aligned", (const void*)p, stride);
+inline void flash_check_aligned(const act* p, int stride) {  // cp.async reads 16-byte aligned rows
+    if ((uintptr_t)p % 16 || stride % FLASH_COPY) fatal("flash attention: operand %p with row stride %d is not 16-byte aligned", (const void*)p, stride);
 }
-// Launches a flash kernel with its stage; the stage and the static tiles together pass 48 KiB, which
-// CUDA wants the kernel to opt in to.
+// Launches a flash kernel with its stage; in the backward kernels the stage and the static tiles
+// together pass 48 KiB, which CUDA wants the kernel to opt in to.
 #define FLASH_LAUNCH(kernel, grid, ...)                                                                                   \
     do {                                                                                                                  \
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)FLASH_STAGE_BYTES)); \
         CUDA_LAUNCH_SHARED(kernel, grid, FLASH_WARPS * WARP_SIZE, FLASH_STAGE_BYTES, __VA_ARGS__);                      \
     } while (0)
-__global__ void flash_attention_forward_kernel(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
-                                               const float* k, const float* v, int kv_stride, int k_start, int Tk,
+template <typename Out>  // fp32 (a block's partial result) or act (the whole batch's)
+__global__ void flash_attention_forward_kernel(Out* out, float* lse, const act* q, int q_stride, int q_start, int Tq,
+                                               const act* k, const act* v, int kv_stride, int k_start, int Tk,
                                                const int* cu_seqlens, int n_docs, const int* positions,
                                                const float* rope, int nh, int window, float scale) {
     alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
@@ -1919,7 +1966,7 @@ __global__ void flash_attention_forward_kernel(float* out, float* lse, const flo
     for (auto& tile : o)
         for (float& x : tile) x = 0.0f;
     float max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;  // this lane's share of the sums
-    float* stage = dynamic_shared<float>();  // (2, 64, 64): K | V of the tile in flight
+    act* stage = dynamic_shared<act>();  // (2, 64, 64): K | V of the tile in flight
     for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
         flash_walk_step(sK, sV, stage, k, kv_stride, v, kv_stride, h * FLASH_HD, k_start, tile_lo, tile_hi, kt, rope,
                         positions, tid, [] {});
@@ -1982,35 +2029,43 @@ __global__ void flash_attention_forward_kernel(float* out, float* lse, const flo
         const int row = q0 + (half ? rb : ra);
         const float sum = half ? sum_b : sum_a, mx = half ? max_b : max_a;
         if (row >= Tq) continue;
-        float* dst = out + (size_t)row * H + (size_t)h * FLASH_HD;
+        Out* dst = out + (size_t)row * H + (size_t)h * FLASH_HD;
         for (int n = 0; n < FLASH_HD / 8; n++)
-            for (int i = 0; i < 2; i++) dst[8 * n + 2 * t + i] = sum > 0.0f ? o[n][2 * half + i] / sum : 0.0f;
+            for (int i = 0; i < 2; i++) store(&dst[8 * n + 2 * t + i], sum > 0.0f ? o[n][2 * half + i] / sum : 0.0f);
         if (t == 0) lse[(size_t)row * nh + h] = sum > 0.0f ? mx + logf(sum) : -INFINITY;
     }
 }
-inline void attention_block_forward(float* out, float* lse, const float* q, int q_stride, int q_start, int Tq,
-                                    const float* k, const float* v, int kv_stride, int k_start, int Tk,
+template <typename Out>
+inline void flash_attention_forward(Out* out, float* lse, const act* q, int q_stride, int q_start, int Tq,
+                                    const act* k, const act* v, int kv_stride, int k_start, int Tk,
                                     const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int nh,
                                     int hd, int window) {
     if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
     if (Tq <= 0 || nh <= 0) return;
     flash_check_aligned(k, kv_stride);
     flash_check_aligned(v, kv_stride);
-    FLASH_LAUNCH(flash_attention_forward_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh), out, lse, q,
-                 q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, positions, rope, nh, window,
-                 1.0f / sqrtf((float)hd));
+    FLASH_LAUNCH(flash_attention_forward_kernel<Out>, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh), out,
+                 lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs, positions, rope, nh,
+                 window, 1.0f / sqrtf((float)hd));
+}
+inline void attention_block_forward(float* out, float* lse, const act* q, int q_stride, int q_start, int Tq,
+                                    const act* k, const act* v, int kv_stride, int k_start, int Tk,
+                                    const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int nh,
+                                    int hd, int window) {
+    flash_attention_forward(out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs,
+                            positions, rope, nh, hd, window);
 }
 // The whole micro-batch: its queries against its own keys, q | k | v the column blocks of qkv (T, 3H).
-inline void attention_forward(float* out, float* lse, const float* qkv, const int* cu_seqlens, int n_docs,
+inline void attention_forward(act* out, float* lse, const act* qkv, const int* cu_seqlens, int n_docs,
                               const int* positions, const float* rope, int T, int nh, int hd, int window) {
     const int H = nh * hd;
-    attention_block_forward(out, lse, qkv, 3 * H, 0, T, qkv + H, qkv + 2 * H, 3 * H, 0, T, cu_seqlens, n_docs,
+    flash_attention_forward(out, lse, qkv, 3 * H, 0, T, qkv + H, qkv + 2 * H, 3 * H, 0, T, cu_seqlens, n_docs,
                             positions, rope, nh, hd, window);
 }
 
 // -- flash attention backward on tensor cores: the fast form of attention_block_backward --
-// Same contract (adds into dq, dk, dv, or with add false writes them, every row: the whole-batch
-// backward needs no zeroing pass; a null dq, or null dk and dv, skips that side), in bf16 on
+// Same contract (the block op adds into its fp32 dq, dk, dv; the whole-batch op writes its bf16 dqkv,
+// every row, so it needs no zeroing pass; a null dq, or null dk and dv, skips that side), in bf16 on
 // the tensor cores with fp32 accumulation. P is recomputed tile by tile from the saved lse, and
 // D_i = dO_i · O_i once per query tile in fp32. Two kernels, so that every output element has one
 // writer and no atomics are needed (deterministic): the dq kernel takes 64 queries and walks the
@@ -2050,15 +2105,15 @@ __device__ inline void flash_fragments(uint32_t a[4][4], const uint16_t* x, int 
 }
 // Query row i (of the shard from q_start) of head h: the keys it sees [*lo, *hi), D = dO_i · O_i and
 // its lse; a row past the shard (!real) sees nothing.
-__device__ inline void flash_query_row(int* lo, int* hi, float* D, float* l, bool real, int i, const float* dout,
-                                       const float* out, const float* lse, int q_start, int k_start, int Tk,
+__device__ inline void flash_query_row(int* lo, int* hi, float* D, float* l, bool real, int i, const act* dout,
+                                       const act* out, const float* lse, int q_start, int k_start, int Tk,
                                        const int* cu_seqlens, int n_docs, int nh, int h, int window) {
     *lo = *hi = k_start;
     *D = *l = 0.0f;
     if (!real) return;
     attention_visible(q_start + i, cu_seqlens, n_docs, window, k_start, k_start + Tk, lo, hi);
     const size_t at = (size_t)i * nh * FLASH_HD + (size_t)h * FLASH_HD;
-    for (int c = 0; c < FLASH_HD; c++) *D += dout[at + c] * out[at + c];
+    for (int c = 0; c < FLASH_HD; c++) *D += to_float(dout[at + c]) * to_float(out[at + c]);
     *l = lse[(size_t)i * nh + h];
 }
 __device__ inline void flash_zero(float x[8][4]) {
@@ -2066,11 +2121,13 @@ __device__ inline void flash_zero(float x[8][4]) {
         for (int i = 0; i < 4; i++) x[n][i] = 0.0f;
 }
 // One row of a lane's 16 × 64 accumulator (its dims 8n + 2t + {0, 1}; half 0: row g, 1: row g + 8)
-// times scale, into dst's 64 dims (added, or written over). With the row's RoPE cos and sin (cs), the
-// gradient is turned back first (Rᵀ: that of the unturned q or k): the lane holds both dims of each
-// pair, c and c + 32 (tiles n and n + 4).
-__device__ inline void flash_store_row(float* dst, const float acc[8][4], int half, int t, float scale, const float* cs,
-                                       bool add) {
+// times scale, into dst's 64 dims: added into fp32, written over bf16. With the row's RoPE cos and sin
+// (cs), the gradient is turned back first (Rᵀ: that of the unturned q or k): the lane holds both dims
+// of each pair, c and c + 32 (tiles n and n + 4).
+__device__ inline void add_or_write(float* dst, float g) { *dst += g; }
+__device__ inline void add_or_write(bf16* dst, float g) { store(dst, g); }
+template <typename Out>
+__device__ inline void flash_store_row(Out* dst, const float acc[8][4], int half, int t, float scale, const float* cs) {
     for (int n = 0; n < 4; n++)
         for (int i = 0; i < 2; i++) {
             const int c = 8 * n + 2 * t + i;
@@ -2080,15 +2137,16 @@ __device__ inline void flash_store_row(float* dst, const float acc[8][4], int ha
                 g1 = __fadd_rn(__fmul_rn(g1, co), __fmul_rn(g2, si));
                 g2 = __fsub_rn(__fmul_rn(g2, co), __fmul_rn(g, si));
             }
-            dst[c] = (add ? dst[c] : 0.0f) + g1;
-            dst[c + FLASH_HALF] = (add ? dst[c + FLASH_HALF] : 0.0f) + g2;
+            add_or_write(&dst[c], g1);
+            add_or_write(&dst[c + FLASH_HALF], g2);
         }
 }
-__global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, const float* dout, const float* out,
-                                                   const float* lse, const float* q, int q_stride, int q_start, int Tq,
-                                                   const float* k, const float* v, int kv_stride, int k_start, int Tk,
+template <typename Out>  // fp32 (added into) or act (written)
+__global__ void flash_attention_backward_dq_kernel(Out* dq, int dq_stride, const act* dout, const act* out,
+                                                   const float* lse, const act* q, int q_stride, int q_start, int Tq,
+                                                   const act* k, const act* v, int kv_stride, int k_start, int Tk,
                                                    const int* cu_seqlens, int n_docs, const int* positions,
-                                                   const float* rope, int nh, int window, float scale, bool add) {
+                                                   const float* rope, int nh, int window, float scale) {
     alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sdO[FLASH_TILE * FLASH_LD];
     alignas(16) __shared__ uint16_t sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
     __shared__ int row_lo[FLASH_TILE], row_hi[FLASH_TILE];
@@ -2110,7 +2168,7 @@ __global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, con
     flash_fragments(gf, sdO, warp, mat, mrow);
     float acc[8][4];
     flash_zero(acc);
-    float* stage = dynamic_shared<float>();  // (2, 64, 64): K | V of the tile in flight, as in the forward
+    act* stage = dynamic_shared<act>();  // (2, 64, 64): K | V of the tile in flight, as in the forward
     for (int kt = tile_lo; kt < tile_hi; kt += FLASH_TILE) {
         flash_walk_step(sK, sV, stage, k, kv_stride, v, kv_stride, h * FLASH_HD, k_start, tile_lo, tile_hi, kt, rope,
                         positions, tid, [] {});
@@ -2132,15 +2190,15 @@ __global__ void flash_attention_backward_dq_kernel(float* dq, int dq_stride, con
         const int row = (half ? rb : ra);
         if (row >= rows) continue;
         const float* cs = rope ? rope + (size_t)positions[q_start + q0 + row] * FLASH_HD : nullptr;
-        flash_store_row(dq + (size_t)(q0 + row) * dq_stride + (size_t)h * FLASH_HD, acc, half, t, scale, cs, add);
+        flash_store_row(dq + (size_t)(q0 + row) * dq_stride + (size_t)h * FLASH_HD, acc, half, t, scale, cs);
     }
 }
-__global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dkv_stride, const float* dout,
-                                                    const float* out, const float* lse, const float* q, int q_stride,
-                                                    int q_start, int Tq, const float* k, const float* v, int kv_stride,
-                                                    int k_start, int Tk, const int* cu_seqlens, int n_docs,
-                                                    const int* positions, const float* rope, int nh, int window,
-                                                    float scale, bool add) {
+template <typename Out>
+__global__ void flash_attention_backward_dkv_kernel(Out* dk, Out* dv, int dkv_stride, const act* dout, const act* out,
+                                                    const float* lse, const act* q, int q_stride, int q_start, int Tq,
+                                                    const act* k, const act* v, int kv_stride, int k_start, int Tk,
+                                                    const int* cu_seqlens, int n_docs, const int* positions,
+                                                    const float* rope, int nh, int window, float scale) {
     alignas(16) __shared__ uint16_t sK[FLASH_TILE * FLASH_LD], sV[FLASH_TILE * FLASH_LD];
     alignas(16) __shared__ uint16_t sQ[FLASH_TILE * FLASH_LD], sdO[FLASH_TILE * FLASH_LD];
     __shared__ int key_lo[FLASH_TILE], key_hi[FLASH_TILE];  // each key's queries [lo, hi), in q_start's numbering
@@ -2166,7 +2224,7 @@ __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dk
     float acc_k[8][4], acc_v[8][4];
     flash_zero(acc_k);
     flash_zero(acc_v);
-    float* stage = dynamic_shared<float>();  // (2, 64, 64): Q | dO of the query tile in flight
+    act* stage = dynamic_shared<act>();  // (2, 64, 64): Q | dO of the query tile in flight
     for (int qt = tile_lo; qt < tile_hi; qt += FLASH_TILE) {  // qt in q_start's numbering
         const int first = qt - q_start, rows = flash_min(FLASH_TILE, tile_hi - qt);
         flash_walk_step(sQ, sdO, stage, q, q_stride, dout, H, h * FLASH_HD, q_start, tile_lo, tile_hi, qt, rope, positions,
@@ -2197,44 +2255,45 @@ __global__ void flash_attention_backward_dkv_kernel(float* dk, float* dv, int dk
         if (row >= keys) continue;
         const size_t at = (size_t)(k0 + row) * dkv_stride + (size_t)h * FLASH_HD;
         const float* cs = rope ? rope + (size_t)positions[k_start + k0 + row] * FLASH_HD : nullptr;
-        if (dk) flash_store_row(dk + at, acc_k, half, t, scale, cs, add);
-        if (dv) flash_store_row(dv + at, acc_v, half, t, 1.0f, nullptr, add);
+        if (dk) flash_store_row(dk + at, acc_k, half, t, scale, cs);
+        if (dv) flash_store_row(dv + at, acc_v, half, t, 1.0f, nullptr);
     }
 }
-inline void flash_attention_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
-                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
-                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
+template <typename Out>
+inline void flash_attention_backward(Out* dq, Out* dk, Out* dv, int dq_stride, int dkv_stride, const act* dout,
+                                     const act* out, const float* lse, const act* q, int q_stride, int q_start,
+                                     int Tq, const act* k, const act* v, int kv_stride, int k_start, int Tk,
                                      const int* cu_seqlens, int n_docs, const int* positions, const float* rope,
-                                     int nh, int hd, int window, bool add) {
+                                     int nh, int hd, int window) {
     if (hd != FLASH_HD) fatal("flash attention: head dim %d, the kernel is built for %d", hd, FLASH_HD);
     if (Tq <= 0 || Tk <= 0 || nh <= 0) return;
     const float scale = 1.0f / sqrtf((float)hd);
     for (auto [p, stride] : {std::pair{q, q_stride}, {k, kv_stride}, {v, kv_stride}, {dout, nh * hd}})
         flash_check_aligned(p, stride);
     if (dq)
-        FLASH_LAUNCH(flash_attention_backward_dq_kernel, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh), dq,
-                     dq_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens, n_docs,
-                     positions, rope, nh, window, scale, add);
+        FLASH_LAUNCH(flash_attention_backward_dq_kernel<Out>, dim3((unsigned)div_round_up(Tq, FLASH_TILE), (unsigned)nh),
+                     dq, dq_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens,
+                     n_docs, positions, rope, nh, window, scale);
     if (dk || dv)
-        FLASH_LAUNCH(flash_attention_backward_dkv_kernel, dim3((unsigned)div_round_up(Tk, FLASH_TILE), (unsigned)nh), dk,
-                     dv, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk, cu_seqlens,
-                     n_docs, positions, rope, nh, window, scale, add);
+        FLASH_LAUNCH(flash_attention_backward_dkv_kernel<Out>, dim3((unsigned)div_round_up(Tk, FLASH_TILE), (unsigned)nh),
+                     dk, dv, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v, kv_stride, k_start, Tk,
+                     cu_seqlens, n_docs, positions, rope, nh, window, scale);
 }
-inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const float* dout,
-                                     const float* out, const float* lse, const float* q, int q_stride, int q_start,
-                                     int Tq, const float* k, const float* v, int kv_stride, int k_start, int Tk,
+inline void attention_block_backward(float* dq, float* dk, float* dv, int dq_stride, int dkv_stride, const act* dout,
+                                     const act* out, const float* lse, const act* q, int q_stride, int q_start,
+                                     int Tq, const act* k, const act* v, int kv_stride, int k_start, int Tk,
                                      const int* cu_seqlens, int n_docs, const int* positions, const float* rope,
                                      int nh, int hd, int window) {
     flash_attention_backward(dq, dk, dv, dq_stride, dkv_stride, dout, out, lse, q, q_stride, q_start, Tq, k, v,
-                             kv_stride, k_start, Tk, cu_seqlens, n_docs, positions, rope, nh, hd, window, true);
+                             kv_stride, k_start, Tk, cu_seqlens, n_docs, positions, rope, nh, hd, window);
 }
-// dqkv (T, 3H) written: the gradients of the whole micro-batch's q | k | v.
-inline void attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv,
+// dqkv (T, 3H) written in bf16: the gradients of the whole micro-batch's q | k | v.
+inline void attention_backward(act* dqkv, const act* dout, const act* out, const float* lse, const act* qkv,
                                const int* cu_seqlens, int n_docs, const int* positions, const float* rope, int T,
                                int nh, int hd, int window) {
     const int H = nh * hd;
     flash_attention_backward(dqkv, dqkv + H, dqkv + 2 * H, 3 * H, 3 * H, dout, out, lse, qkv, 3 * H, 0, T, qkv + H,
-                             qkv + 2 * H, 3 * H, 0, T, cu_seqlens, n_docs, positions, rope, nh, hd, window, false);
+                             qkv + 2 * H, 3 * H, 0, T, cu_seqlens, n_docs, positions, rope, nh, hd, window);
 }
 __global__ void attention_merge_kernel(float* out, float* lse, const float* out_b, const float* lse_b, int T, int nh,
                                        int hd) {
@@ -2261,7 +2320,7 @@ inline void attention_merge(float* out, float* lse, const float* out_b, const fl
     CUDA_LAUNCH(attention_merge_kernel, grid_for((size_t)T * nh), BLOCK_SIZE, out, lse, out_b, lse_b, T, nh, hd);
 }
 // Same contract as ref::kv_pack / kv_unpack_add: one thread per element.
-__global__ void kv_pack_kernel(float* kv, const float* qkv, int row0, int n, int Hl) {
+__global__ void kv_pack_kernel(act* kv, const act* qkv, int row0, int n, int Hl) {
     const size_t total = (size_t)n * 2 * Hl;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / (2 * Hl), c = i % (2 * Hl);
@@ -2275,7 +2334,7 @@ __global__ void kv_unpack_add_kernel(float* dqkv, const float* dkv, int row0, in
         dqkv[(row0 + r) * 3 * Hl + Hl + c] += dkv[i];
     }
 }
-inline void kv_pack(float* kv, const float* qkv, int row0, int n, int Hl) {
+inline void kv_pack(act* kv, const act* qkv, int row0, int n, int Hl) {
     if (n <= 0) return;
     CUDA_LAUNCH(kv_pack_kernel, grid_for((size_t)n * 2 * Hl), BLOCK_SIZE, kv, qkv, row0, n, Hl);
 }
@@ -2295,15 +2354,15 @@ __global__ void gelu_forward_kernel(float* out, const float* inp, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = gelu(inp[i]);
 }
-__global__ void gelu_backward_kernel(float* dinp, const float* dout, const float* inp, size_t n) {
+__global__ void gelu_backward_kernel(act* dinp, const float* dout, const float* inp, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        dinp[i] = gelu_grad(inp[i]) * dout[i];
+        store(&dinp[i], gelu_grad(inp[i]) * dout[i]);
 }
 inline void gelu_forward(float* out, const float* inp, size_t n) {
     if (!n) return;
     CUDA_LAUNCH(gelu_forward_kernel, grid_for(n), BLOCK_SIZE, out, inp, n);
 }
-inline void gelu_backward(float* dinp, const float* dout, const float* inp, size_t n) {
+inline void gelu_backward(act* dinp, const float* dout, const float* inp, size_t n) {
     if (!n || !dinp) return;
     CUDA_LAUNCH(gelu_backward_kernel, grid_for(n), BLOCK_SIZE, dinp, dout, inp, n);
 }
@@ -2311,29 +2370,28 @@ inline void gelu_backward(float* dinp, const float* dout, const float* inp, size
 // ---- geglu ----
 // out (N, I) = gelu(x) ⊙ g with inp rows [x | g]; dinp (N, 2I) = [gelu'(x) g dout | gelu(x) dout].
 // One thread per (n, i), grid-stride; the backward thread writes both halves of its pair.
-__global__ void geglu_forward_kernel(float* out, const float* inp, int N, int I) {
+__global__ void geglu_forward_kernel(act* out, const act* inp, int N, int I) {
     const size_t total = (size_t)N * I;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
         const size_t n = idx / I, i = idx % I;
-        const float* row = inp + n * 2 * I;
-        out[idx] = gelu(row[i]) * row[I + i];
+        const act* row = inp + n * 2 * I;
+        store(&out[idx], gelu(to_float(row[i])) * to_float(row[I + i]));
     }
 }
-__global__ void geglu_backward_kernel(float* dinp, const float* dout, const float* inp, int N, int I) {
+__global__ void geglu_backward_kernel(act* dinp, const act* dout, const act* inp, int N, int I) {
     const size_t total = (size_t)N * I;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
         const size_t n = idx / I, i = idx % I;
-        const float* row = inp + n * 2 * I;
-        const float dy = dout[idx];
-        dinp[n * 2 * I + i] = gelu_grad(row[i]) * row[I + i] * dy;
-        dinp[n * 2 * I + I + i] = gelu(row[i]) * dy;
+        const float x = to_float(inp[n * 2 * I + i]), g = to_float(inp[n * 2 * I + I + i]), dy = to_float(dout[idx]);
+        store(&dinp[n * 2 * I + i], gelu_grad(x) * g * dy);
+        store(&dinp[n * 2 * I + I + i], gelu(x) * dy);
     }
 }
-inline void geglu_forward(float* out, const float* inp, int N, int I) {
+inline void geglu_forward(act* out, const act* inp, int N, int I) {
     if (N <= 0 || I <= 0) return;
     CUDA_LAUNCH(geglu_forward_kernel, grid_for((size_t)N * I), BLOCK_SIZE, out, inp, N, I);
 }
-inline void geglu_backward(float* dinp, const float* dout, const float* inp, int N, int I) {
+inline void geglu_backward(act* dinp, const act* dout, const act* inp, int N, int I) {
     if (!dinp || N <= 0 || I <= 0) return;
     CUDA_LAUNCH(geglu_backward_kernel, grid_for((size_t)N * I), BLOCK_SIZE, dinp, dout, inp, N, I);
 }
@@ -2342,7 +2400,7 @@ inline void geglu_backward(float* dinp, const float* dout, const float* inp, int
 // out (n_rows, C) = inp[rows]; dinp[rows[r]] += dout[r]. One thread per (r, c), grid-stride.
 // The scatter assumes the rows are distinct (they are: the masked positions of the batch); with a
 // repeated row two threads would race on the same element.
-__global__ void gather_rows_kernel(float* out, const float* inp, const int* rows, int n_rows, int C) {
+__global__ void gather_rows_kernel(act* out, const act* inp, const int* rows, int n_rows, int C) {
     const size_t total = (size_t)n_rows * C;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
         const size_t r = idx / C, c = idx % C;
@@ -2356,7 +2414,7 @@ __global__ void scatter_rows_backward_kernel(float* dinp, const float* dout, con
         dinp[(size_t)rows[r] * C + c] += dout[idx];
     }
 }
-inline void gather_rows(float* out, const float* inp, const int* rows, int n_rows, int C) {
+inline void gather_rows(act* out, const act* inp, const int* rows, int n_rows, int C) {
     if (n_rows <= 0 || C <= 0) return;
     CUDA_LAUNCH(gather_rows_kernel, grid_for((size_t)n_rows * C), BLOCK_SIZE, out, inp, rows, n_rows, C);
 }
@@ -2376,27 +2434,27 @@ inline void check_crossentropy_shape(int V, int V_valid) {
     if (V <= 0 || V_valid < 0 || V_valid > V) fatal("crossentropy: shard of %d columns, %d valid", V, V_valid);
 }
 // row_max (N) = max over the valid columns; −∞ for ignored rows and when V_valid = 0.
-__global__ void crossentropy_row_max_kernel(float* row_max, const float* logits, const int* targets, int V,
+__global__ void crossentropy_row_max_kernel(float* row_max, const act* logits, const int* targets, int V,
                                             int V_valid) {
     const size_t n = blockIdx.x;
     if (targets[n] < 0 || V_valid == 0) {  // uniform over the block: nobody reaches a barrier
         if (threadIdx.x == 0) row_max[n] = -INFINITY;
         return;
     }
-    const float* x = logits + n * V;
+    const act* x = logits + n * V;
     float m = -INFINITY;
-    for (int v = threadIdx.x; v < V_valid; v += blockDim.x) m = fmaxf(m, x[v]);
+    for (int v = threadIdx.x; v < V_valid; v += blockDim.x) m = fmaxf(m, to_float(x[v]));
     m = block_max(m);
     if (threadIdx.x == 0) row_max[n] = m;
 }
-inline void crossentropy_row_max(float* row_max, const float* logits, const int* targets, int N, int V, int V_valid) {
+inline void crossentropy_row_max(float* row_max, const act* logits, const int* targets, int N, int V, int V_valid) {
     check_crossentropy_shape(V, V_valid);
     if (N <= 0) return;
     CUDA_LAUNCH(crossentropy_row_max_kernel, (unsigned)N, CE_THREADS, row_max, logits, targets, V, V_valid);
 }
 // partial (2N): partial[n] = Σ_{valid v} exp(x[v] − row_max[n]) (row_max the global max);
 // partial[N + n] = x[target − vocab_start] when that is a valid column of the shard, else 0.
-__global__ void crossentropy_sum_exp_kernel(float* partial, const float* logits, const float* row_max,
+__global__ void crossentropy_sum_exp_kernel(float* partial, const act* logits, const float* row_max,
                                             const int* targets, int N, int V, int V_valid, int vocab_start) {
     const size_t n = blockIdx.x;
     const int target = targets[n];
@@ -2404,18 +2462,18 @@ __global__ void crossentropy_sum_exp_kernel(float* partial, const float* logits,
         if (threadIdx.x == 0) partial[n] = partial[N + n] = 0.0f;
         return;
     }
-    const float* x = logits + n * V;
+    const act* x = logits + n * V;
     const float m = row_max[n];
     float s = 0.0f;
-    for (int v = threadIdx.x; v < V_valid; v += blockDim.x) s += expf(x[v] - m);
+    for (int v = threadIdx.x; v < V_valid; v += blockDim.x) s += expf(to_float(x[v]) - m);
     s = block_sum(s);
     if (threadIdx.x == 0) {
         const int local = target - vocab_start;
         partial[n] = s;
-        partial[N + n] = local >= 0 && local < V_valid ? x[local] : 0.0f;
+        partial[N + n] = local >= 0 && local < V_valid ? to_float(x[local]) : 0.0f;
     }
 }
-inline void crossentropy_sum_exp(float* partial, const float* logits, const float* row_max, const int* targets, int N,
+inline void crossentropy_sum_exp(float* partial, const act* logits, const float* row_max, const int* targets, int N,
                                  int V, int V_valid, int vocab_start) {
     check_crossentropy_shape(V, V_valid);
     if (N <= 0) return;
@@ -2444,18 +2502,17 @@ inline void crossentropy_finish(float* losses, float* lse, const float* row_max,
 // dlogits (N, V) = dloss · (exp(x − lse) − onehot(target − vocab_start)) on the valid columns, overwriting;
 // padding columns and ignored rows get zeros. One thread per element, grid-stride; each reads x[v] just
 // before writing dx[v] at the same index, so dlogits may alias logits.
-__global__ void crossentropy_backward_kernel(float* dlogits, const float* logits, const float* lse, const int* targets,
+__global__ void crossentropy_backward_kernel(act* dlogits, const act* logits, const float* lse, const int* targets,
                                              float dloss, int N, int V, int V_valid, int vocab_start) {
     const size_t total = (size_t)N * V;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
         const size_t n = idx / V;
         const int v = (int)(idx % V), target = targets[n];
-        dlogits[idx] = target < 0 || v >= V_valid
-                           ? 0.0f
-                           : dloss * (expf(logits[idx] - lse[n]) - (v == target - vocab_start ? 1.0f : 0.0f));
+        store(&dlogits[idx], target < 0 || v >= V_valid ? 0.0f
+                             : dloss * (expf(to_float(logits[idx]) - lse[n]) - (v == target - vocab_start ? 1.0f : 0.0f)));
     }
 }
-inline void crossentropy_backward(float* dlogits, const float* logits, const float* lse, const int* targets,
+inline void crossentropy_backward(act* dlogits, const act* logits, const float* lse, const int* targets,
                                   float dloss, int N, int V, int V_valid, int vocab_start) {
     check_crossentropy_shape(V, V_valid);
     if (N <= 0) return;

@@ -6,7 +6,8 @@
 //
 // base's attention shape: 12 heads of 64, T = 1024, 2048, 4096, 8192 tokens packed as ONE document,
 // global (window −1) and ModernBERT's local band (window 64: |i − j| ≤ 64), through the ops the
-// training step calls, cuda::attention_forward / _backward (the bf16 tensor-core flash kernels).
+// training step calls, cuda::attention_forward / _backward (the bf16 tensor-core flash kernels, on bf16
+// q, k, v, out and dout as the trainer stores them, RoPE applied as they load).
 // FLOPs FlashAttention style: forward 4·hd·(visible query-key pairs) per head (QKᵀ and PV, 2 FLOPs a
 // multiply-add each), backward 2.5× the forward (five products of that size instead of two). The pairs
 // are counted exactly from the band, so a windowed run is credited only with the work it must do.
@@ -23,16 +24,19 @@ namespace {
 constexpr int kHeads = 12, kHeadDim = 64, kWindow = 64;
 
 // The one place that knows the kernels' argument lists: qkv (T, 3, nh, hd) holds q, k, v at columns
-// 0, H, 2H of each row.
+// 0, H, 2H of each row; positions (T) 0 … T − 1 into the RoPE table (ModernBERT's global θ).
+constexpr float kRopeTheta = 160000.0f;
 struct Buffers {
-    float *qkv, *out, *lse, *dout, *dqkv;
-    int* cu_seqlens;
+    cuda::act *qkv, *out, *dout, *dqkv;
+    float *lse, *rope;
+    int *cu_seqlens, *positions;
 };
 void run_forward(const Buffers& b, int T, int window) {
-    cuda::attention_forward(b.out, b.lse, b.qkv, b.cu_seqlens, 1, T, kHeads, kHeadDim, window);
+    cuda::attention_forward(b.out, b.lse, b.qkv, b.cu_seqlens, 1, b.positions, b.rope, T, kHeads, kHeadDim, window);
 }
 void run_backward(const Buffers& b, int T, int window) {  // writes dqkv
-    cuda::attention_backward(b.dqkv, b.dout, b.out, b.lse, b.qkv, b.cu_seqlens, 1, T, kHeads, kHeadDim, window);
+    cuda::attention_backward(b.dqkv, b.dout, b.out, b.lse, b.qkv, b.cu_seqlens, 1, b.positions, b.rope, T, kHeads,
+                             kHeadDim, window);
 }
 
 // Query-key pairs with |i − j| ≤ window inside one document of T tokens (window < 0: all T²).
@@ -74,10 +78,12 @@ std::vector<float> random_values(size_t n, uint64_t seed) {  // uniform in [−1
     return v;
 }
 
-float* device_copy(const std::vector<float>& host) {
-    float* d;
-    CUDA_CHECK(cudaMalloc(&d, host.size() * sizeof(float)));
-    CUDA_CHECK(cudaMemcpy(d, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+cuda::act* device_acts(const std::vector<float>& host) {  // uploaded in fp32, rounded to bf16 on the device
+    float* staging = cuda::alloc_floats(host.size());
+    cuda::copy_to_device(staging, host.data(), host.size() * sizeof(float));
+    cuda::act* d = cuda::alloc_acts(host.size());
+    cuda::to_act(d, staging, host.size());
+    cuda::free_buffer(staging);
     return d;
 }
 
@@ -98,12 +104,18 @@ int main(int argc, char** argv) {
 
     const int H = kHeads * kHeadDim, T_max = 8192;
     Buffers b;
-    b.qkv = device_copy(random_values((size_t)T_max * 3 * H, 1));
-    b.dout = device_copy(random_values((size_t)T_max * H, 2));
-    CUDA_CHECK(cudaMalloc(&b.out, (size_t)T_max * H * sizeof(float)));
-    CUDA_CHECK(cudaMalloc(&b.lse, (size_t)T_max * kHeads * sizeof(float)));
-    CUDA_CHECK(cudaMalloc(&b.dqkv, (size_t)T_max * 3 * H * sizeof(float)));
-    CUDA_CHECK(cudaMalloc(&b.cu_seqlens, 2 * sizeof(int)));
+    b.qkv = device_acts(random_values((size_t)T_max * 3 * H, 1));
+    b.dout = device_acts(random_values((size_t)T_max * H, 2));
+    b.out = cuda::alloc_acts((size_t)T_max * H);
+    b.dqkv = cuda::alloc_acts((size_t)T_max * 3 * H);
+    b.lse = cuda::alloc_floats((size_t)T_max * kHeads);
+    b.rope = cuda::alloc_floats((size_t)T_max * kHeadDim);
+    cuda::rope_table(b.rope, T_max, kHeadDim, kRopeTheta);
+    std::vector<int> positions(T_max);
+    for (int t = 0; t < T_max; t++) positions[t] = t;
+    b.positions = cuda::alloc_ints(T_max);
+    cuda::copy_to_device(b.positions, positions.data(), T_max * sizeof(int));
+    b.cu_seqlens = cuda::alloc_ints(2);
 
     for (int T : {1024, 2048, 4096, 8192})
         for (int window : {-1, kWindow}) {

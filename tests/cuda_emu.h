@@ -32,7 +32,12 @@
 //     events exist, and since every call completes before it returns, they are in order.
 //   - cuBLASLt: the matmul subset kernels.cuh uses, computed with plain loops from the column-major
 //     layouts it is given (transposes, leading dimensions, beta, the bias epilogue), so the layout
-//     logic is exercised; A and B are rounded to bf16 first, as CUBLAS_COMPUTE_32F_FAST_16BF allows.
+//     logic is exercised: CUBLAS_COMPUTE_32F on bf16 A and B (CUDA_R_16BF), D (= C) and the bias in
+//     bf16 or fp32, D rounded to nearest even when bf16 (and, as before, CUBLAS_COMPUTE_32F_FAST_16BF
+//     on fp32 A and B, rounded to bf16 first). Type combinations real cuBLASLt refuses and that a
+//     caller could pass by mistake are refused too: A and B of different types, bf16 A and B under
+//     CUBLAS_COMPUTE_32F_FAST_16BF (a mode for fp32 operands), C not of D's type, a bias type other
+//     than D's.
 // The tensor-core and async-copy primitives (mma, ldmatrix, cp.async, bf16 packing) are emulated in
 // tests/cuda_emu_mma.h, NCCL only enough to build (the emulated trainer runs --comm mpi).
 //   - Dynamic shared memory: dynamic_shared<T>() (kernels.cuh; a kernel never writes `extern
@@ -143,11 +148,18 @@ inline cudaError_t result(cudaError_t e) {
 }
 
 constexpr uint32_t POISON_WORD = 0xFFF5A5A5u;
+// Whole words copied from a poisoned pattern a chunk at a time (every block start poisons all kernels'
+// __shared__ arrays, a few hundred KiB: memcpy runs ~7× faster than a loop of 4-byte stores), then 0xFF
+// bytes for a tail shorter than a word.
 inline void poison(void* p, size_t bytes) {
+    static const std::vector<uint32_t> pattern(4096, POISON_WORD);
+    const size_t chunk = pattern.size() * sizeof(uint32_t);
     unsigned char* b = static_cast<unsigned char*>(p);
     size_t i = 0;
-    for (; i + 4 <= bytes; i += 4) memcpy(b + i, &POISON_WORD, 4);
-    for (; i < bytes; i++) b[i] = 0xFF;
+    for (; i + chunk <= bytes; i += chunk) memcpy(b + i, pattern.data(), chunk);
+    const size_t words = (bytes - i) / sizeof(uint32_t) * sizeof(uint32_t);
+    memcpy(b + i, pattern.data(), words);
+    for (i += words; i < bytes; i++) b[i] = 0xFF;
 }
 
 // A call site (barriers and collectives are told apart by where they are written).
@@ -957,8 +969,8 @@ enum cublasStatus_t {
     CUBLAS_STATUS_NOT_SUPPORTED = 15,
 };
 enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
-enum cublasComputeType_t { CUBLAS_COMPUTE_32F_FAST_16BF = 75 };
-enum cudaDataType_t { CUDA_R_32F = 0 };
+enum cublasComputeType_t { CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32F_FAST_16BF = 75 };
+enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_16BF = 14 };
 typedef cudaDataType_t cudaDataType;
 enum cublasLtMatmulDescAttributes_t {
     CUBLASLT_MATMUL_DESC_TRANSA = 3,
@@ -977,11 +989,14 @@ enum cublasLtMatmulPreferenceAttributes_t {
 };
 struct cublasLtContext {};
 struct cublasLtMatmulDescOpaque_t {
+    cublasComputeType_t compute;
     cublasOperation_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_N;
     cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-    const void* bias = nullptr;  // (m), fp32: the bias data type must be D's (the default) or CUDA_R_32F
+    const void* bias = nullptr;  // (m), of bias_type
+    int32_t bias_type = -1;      // −1 (the default): D's type; any other must be D's type too
 };
 struct cublasLtMatrixLayoutOpaque_t {
+    cudaDataType_t type;
     uint64_t rows, cols;
     int64_t ld;
 };
@@ -1023,8 +1038,10 @@ inline cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
 }
 inline cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* d, cublasComputeType_t compute,
                                                cudaDataType_t scale) {
-    if (compute != CUBLAS_COMPUTE_32F_FAST_16BF || scale != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if ((compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_FAST_16BF) || scale != CUDA_R_32F)
+        return CUBLAS_STATUS_NOT_SUPPORTED;
     *d = new cublasLtMatmulDescOpaque_t{};
+    (*d)->compute = compute;
     return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr,
@@ -1040,8 +1057,11 @@ inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cub
     if (bytes != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;  // the others are 32-bit enums
     int32_t value;
     memcpy(&value, buf, sizeof value);
-    if (attr == CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE)
-        return value == CUDA_R_32F ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_SUPPORTED;
+    if (attr == CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE) {  // checked against D's type when the matmul is planned
+        if (value != -1 && value != CUDA_R_32F && value != CUDA_R_16BF) return CUBLAS_STATUS_NOT_SUPPORTED;
+        d->bias_type = value;
+        return CUBLAS_STATUS_SUCCESS;
+    }
     if (attr == CUBLASLT_MATMUL_DESC_EPILOGUE) {
         if (value != CUBLASLT_EPILOGUE_DEFAULT && value != CUBLASLT_EPILOGUE_BIAS) return CUBLAS_STATUS_NOT_SUPPORTED;
         d->epilogue = (cublasLtEpilogue_t)value;
@@ -1057,9 +1077,9 @@ inline cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
 }
 inline cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* l, cudaDataType_t type, uint64_t rows,
                                                  uint64_t cols, int64_t ld) {
-    if (type != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (type != CUDA_R_32F && type != CUDA_R_16BF) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (ld < (int64_t)(rows ? rows : 1)) return CUBLAS_STATUS_INVALID_VALUE;  // column-major: ld ≥ rows
-    *l = new cublasLtMatrixLayoutOpaque_t{rows, cols, ld};
+    *l = new cublasLtMatrixLayoutOpaque_t{type, rows, cols, ld};
     return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
@@ -1090,6 +1110,24 @@ inline cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t
 }
 
 namespace emu {
+inline const char* type_name(int32_t t) { return t == CUDA_R_32F ? "CUDA_R_32F" : t == CUDA_R_16BF ? "CUDA_R_16BF" : "?"; }
+// The types: A and B alike, fp32 under CUBLAS_COMPUTE_32F_FAST_16BF (the fast modes round fp32
+// operands; cuBLASLt has no such mode for bf16 ones), C of D's type, the bias of D's type (cublasLt.h:
+// "Bias vector elements are the same type as the elements of output matrix (Dtype)"). Prints why not.
+inline bool matmul_types(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                         cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d) {
+    const bool fast = desc->compute == CUBLAS_COMPUTE_32F_FAST_16BF;
+    const char* why = a->type != b->type                                    ? "A and B differ in type"
+                      : fast && a->type != CUDA_R_32F                       ? "a FAST_16BF compute type on bf16 A and B"
+                      : c->type != d->type                                  ? "C is not of D's type"
+                      : desc->bias_type != -1 && desc->bias_type != d->type ? "the bias is not of D's type"
+                                                                            : nullptr;
+    if (why)
+        fprintf(stderr, "cuda_emu: cuBLASLt: %s (compute %s, A %s, B %s, C %s, D %s, bias %s)\n", why,
+                desc->compute == CUBLAS_COMPUTE_32F ? "32F" : "32F_FAST_16BF", type_name(a->type), type_name(b->type),
+                type_name(c->type), type_name(d->type), desc->bias_type == -1 ? "D's" : type_name(desc->bias_type));
+    return !why;
+}
 // D (m, n) = op(A) (m, k) · op(B) (k, n) [+ C]: the layouts must agree; prints why not
 inline bool matmul_shapes(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
                           cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d) {
@@ -1116,7 +1154,7 @@ inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasL
     *returned = 0;
     if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
-    if (!emu::matmul_shapes(desc, a, b, c, d)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!emu::matmul_shapes(desc, a, b, c, d) || !emu::matmul_types(desc, a, b, c, d)) return CUBLAS_STATUS_NOT_SUPPORTED;
     results[0] = {};
     memcpy(results[0].algo.min_alignment, pref->min_alignment, sizeof pref->min_alignment);
     // cuBLASLt reads the bias pointer's alignment off the descriptor here (cublasLt.h): the algorithm
@@ -1128,30 +1166,35 @@ inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasL
     *returned = 1;
     return CUBLAS_STATUS_SUCCESS;
 }
-// Column-major: element (i, j) of a matrix with leading dimension ld is at [i + j·ld]. Rounds A and B
-// to bf16 (round to nearest even), sums the exact products in fp32 in k order, then D = alpha·sum
-// + beta·C [+ bias[i]]; with beta = 0, C is not read (it may hold anything, as in cuBLAS).
+// Column-major: element (i, j) of a matrix with leading dimension ld is at [i + j·ld]. A and B as they
+// are (bf16 widened exactly, or fp32), or rounded to bf16 (nearest even) under
+// CUBLAS_COMPUTE_32F_FAST_16BF; sums the products in fp32 in k order (bf16 · bf16 is exact in fp32),
+// then D = alpha·sum + beta·C [+ bias[i]] in fp32, rounded to nearest even once when D is bf16; with
+// beta = 0, C is not read (it may hold anything, as in cuBLAS).
 inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t desc, const void* alpha, const void* A,
                                      cublasLtMatrixLayout_t a, const void* B, cublasLtMatrixLayout_t b,
                                      const void* beta, const void* C, cublasLtMatrixLayout_t c, void* D,
                                      cublasLtMatrixLayout_t d, const cublasLtMatmulAlgo_t* algo, void* /*workspace*/,
                                      size_t /*workspace_bytes*/, cudaStream_t /*stream*/) {
     if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (!emu::matmul_shapes(desc, a, b, c, d)) return CUBLAS_STATUS_INVALID_VALUE;
+    if (!emu::matmul_shapes(desc, a, b, c, d) || !emu::matmul_types(desc, a, b, c, d)) return CUBLAS_STATUS_INVALID_VALUE;
     const bool ta = desc->trans_a == CUBLAS_OP_T, tb = desc->trans_b == CUBLAS_OP_T;
     const int64_t m = d->rows, n = d->cols, k = ta ? a->rows : a->cols;
-    const float *pa = static_cast<const float*>(A), *pb = static_cast<const float*>(B);
-    const float* pc = static_cast<const float*>(C);
-    float* pd = static_cast<float*>(D);
+    // element e of a matrix (or the bias) of type t, widened to fp32 (exact); D's elements rounded once
+    auto get = [](const void* p, cudaDataType_t t, int64_t e) {
+        return t == CUDA_R_16BF ? emu::bf16_to_float(static_cast<const uint16_t*>(p)[e]) : static_cast<const float*>(p)[e];
+    };
     const bool with_bias = desc->epilogue == CUBLASLT_EPILOGUE_BIAS;
-    const float* bias = static_cast<const float*>(desc->bias);
+    const void* bias = desc->bias;
     const void* pointers[5] = {A, B, C, D, bias};
     const char* names[5] = {"A", "B", "C", "D", "bias"};
     const uint64_t extents[5] = {a->cols * a->ld, b->cols * b->ld, c->cols * c->ld, d->cols * d->ld, (uint64_t)m};
+    const cudaDataType_t types[5] = {a->type, b->type, c->type, d->type, d->type};
     for (int p = 0; p < (with_bias ? 5 : 4); p++) {
-        if (!pointers[p] || !emu::is_device_range(pointers[p], extents[p] * sizeof(float))) {
-            fprintf(stderr, "cuda_emu: cuBLASLt: %s (%p, %llu floats) is not inside one device allocation\n",
-                    names[p], pointers[p], (unsigned long long)extents[p]);
+        const size_t element = types[p] == CUDA_R_16BF ? 2 : 4;
+        if (!pointers[p] || !emu::is_device_range(pointers[p], extents[p] * element)) {
+            fprintf(stderr, "cuda_emu: cuBLASLt: %s (%p, %llu elements of %s) is not inside one device allocation\n",
+                    names[p], pointers[p], (unsigned long long)extents[p], emu::type_name(types[p]));
             return CUBLAS_STATUS_INVALID_VALUE;
         }
         if ((uintptr_t)pointers[p] % algo->min_alignment[p]) {
@@ -1161,22 +1204,26 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t de
         }
     }
     if (C == D && c->ld != d->ld) return CUBLAS_STATUS_INVALID_VALUE;  // in place needs one layout
-    // bf16 copies of op(A)'s rows and op(B)'s columns, each contiguous in k: rounded once, not in the
-    // inner loop, which then reads both sequentially
+    // fp32 copies of op(A)'s rows and op(B)'s columns, each contiguous in k: widened (and rounded) once,
+    // not in the inner loop, which then reads both sequentially
+    const bool fast = desc->compute == CUBLAS_COMPUTE_32F_FAST_16BF;
+    auto operand = [&](const void* p, cudaDataType_t t, int64_t e) { return fast ? emu::bf16_round(get(p, t, e)) : get(p, t, e); };
     std::vector<float> rows_a((size_t)(m * k)), cols_b((size_t)(n * k));
     for (int64_t i = 0; i < m; i++)
-        for (int64_t p = 0; p < k; p++) rows_a[i * k + p] = emu::bf16_round(ta ? pa[p + i * a->ld] : pa[i + p * a->ld]);
+        for (int64_t p = 0; p < k; p++) rows_a[i * k + p] = operand(A, a->type, ta ? p + i * a->ld : i + p * a->ld);
     for (int64_t j = 0; j < n; j++)
-        for (int64_t p = 0; p < k; p++) cols_b[j * k + p] = emu::bf16_round(tb ? pb[j + p * b->ld] : pb[p + j * b->ld]);
+        for (int64_t p = 0; p < k; p++) cols_b[j * k + p] = operand(B, b->type, tb ? j + p * b->ld : p + j * b->ld);
     const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
     for (int64_t j = 0; j < n; j++)
         for (int64_t i = 0; i < m; i++) {
             const float *x = rows_a.data() + i * k, *y = cols_b.data() + j * k;
             float acc = 0.0f;
-            for (int64_t p = 0; p < k; p++) acc += x[p] * y[p];  // bf16 · bf16 is exact in fp32
-            float v = be == 0.0f ? al * acc : al * acc + be * pc[i + j * c->ld];
-            if (with_bias) v += bias[i];
-            pd[i + j * d->ld] = v;
+            for (int64_t p = 0; p < k; p++) acc += x[p] * y[p];
+            float v = be == 0.0f ? al * acc : al * acc + be * get(C, c->type, i + j * c->ld);
+            if (with_bias) v += get(bias, d->type, i);
+            const int64_t at = i + j * d->ld;
+            if (d->type == CUDA_R_16BF) static_cast<uint16_t*>(D)[at] = emu::float_to_bf16_rn(v);
+            else static_cast<float*>(D)[at] = v;
         }
     return CUBLAS_STATUS_SUCCESS;
 }

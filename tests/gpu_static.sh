@@ -23,10 +23,12 @@ if ! command -v cuobjdump >/dev/null; then
     exit
 fi
 
-# Device code only (no host compile): the same flags as the Makefile's GPU build.
-cubin="$WORK/picotron.cubin"
-if ! nvcc -std=c++17 -O2 -arch=sm_90 --cubin -DOMPI_SKIP_MPICXX $(mpicxx --showme:compile) -Xptxas -v picotron.cu \
-     -o "$cubin" 2> "$WORK/ptxas.log"; then
+# Device code only (no host compile): the same flags as the Makefile's GPU build, on tests/test_gpu.cu,
+# which calls every op of kernels.cuh in every type it offers (fp32 and bf16 outputs), so every kernel
+# the trainer can instantiate is compiled (picotron.cu itself has no kernels).
+cubin="$WORK/test_gpu.cubin"
+if ! nvcc -std=c++17 -O2 -arch=sm_90 --cubin -DOMPI_SKIP_MPICXX $(mpicxx --showme:compile) -Xptxas -v -I. \
+     -x cu tests/test_gpu.cu -o "$cubin" 2> "$WORK/ptxas.log"; then
     fail "static GPU checks" "nvcc --cubin failed: $(tail -3 "$WORK/ptxas.log")"
     summary
     exit

@@ -4,7 +4,9 @@
 // reduction with its barriers is right, shuffles, votes and atomics give CUDA's values, the _rn
 // intrinsics are not fused, fresh memory is poison, the runtime refuses bad copies and launches,
 // dynamic shared memory carries a block reduction, is poison at block start and has its limit, and
-// the half conversions round to nearest even (hand-picked bit patterns, all halves, _Float16).
+// the half conversions round to nearest even (hand-picked bit patterns, all halves, _Float16), and
+// cuBLASLt on bf16 operands rounds a bf16 D once, to nearest even, and refuses the type combinations
+// real cuBLASLt refuses.
 // Negative checks run this program again as a child (`test_emu --case NAME`) with a chosen order and
 // look at its exit status and stderr: a reduction missing a barrier is wrong in some order, and a
 // divergent barrier, a missed barrier, a shuffle naming an exited lane, a deadlock, divergent
@@ -16,6 +18,7 @@
 //   g++ -std=c++17 -O2 -ffp-contract=off -DPICOTRON_EMULATE -I. tests/test_emu.cpp -o tests/test_emu
 #include "tests/cuda_emu.h"
 
+#include <fcntl.h>
 #include <sys/wait.h>
 
 #include <cstdio>
@@ -470,6 +473,84 @@ int main(int argc, char** argv) {
         snprintf(buf, sizeof buf, "%d differ, the first 0x%08x", differ, first);
         record(!differ, "__float2half_rn agrees with the compiler's _Float16 on every 997th float", differ ? buf : "");
 #endif
+    }
+
+    // cuBLASLt, CUBLAS_COMPUTE_32F: A (1×2) = [1, 1] and B (2×2) with columns [1, 1.5·2⁻⁷], [1, 1.25·2⁻⁷],
+    // all bf16. D = 1 + 1.5·2⁻⁷ (a tie: to even, 0x3f82; truncation would give 0x3f81) and 1 + 1.25·2⁻⁷
+    // (0x3f81) in bf16; in fp32 exactly; with a bf16 bias of 2⁻⁷ (one element: read as fp32 it would run
+    // past its allocation) 1 + 2.5·2⁻⁷ and 1 + 2.25·2⁻⁷, both 0x3f82. Refused: A and B of different types,
+    // FAST_16BF on bf16 operands, C not of D's type, a bias type other than D's.
+    {
+        cublasLtHandle_t h;
+        cublasLtCreate(&h);
+        const uint16_t a_bits[2] = {0x3f80, 0x3f80}, b_bits[4] = {0x3f80, 0x3c40, 0x3f80, 0x3c20}, bias_bits = 0x3c00;
+        uint16_t *A = device_array<uint16_t>(2), *B = device_array<uint16_t>(4), *bias = device_array<uint16_t>(1);
+        uint16_t* D16 = device_array<uint16_t>(2);
+        float* D32 = device_array<float>(2);
+        cudaMemcpy(A, a_bits, sizeof a_bits, cudaMemcpyHostToDevice);
+        cudaMemcpy(B, b_bits, sizeof b_bits, cudaMemcpyHostToDevice);
+        cudaMemcpy(bias, &bias_bits, 2, cudaMemcpyHostToDevice);
+        // plans D = A·B (+ bias) with these types; runs it into d when the heuristic accepts
+        auto matmul = [&](cublasComputeType_t compute, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc,
+                          cudaDataType_t td, int32_t bias_type, void* d) {
+            cublasLtMatmulDesc_t desc = nullptr;
+            cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F);
+            if (bias_type != -2) {  // −2: no bias
+                const int32_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+                cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue);
+                cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type);
+                cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+            }
+            cublasLtMatrixLayout_t la, lb, lc, ld;
+            cublasLtMatrixLayoutCreate(&la, ta, 1, 2, 1);
+            cublasLtMatrixLayoutCreate(&lb, tb, 2, 2, 2);
+            cublasLtMatrixLayoutCreate(&lc, tc, 1, 2, 1);
+            cublasLtMatrixLayoutCreate(&ld, td, 1, 2, 1);
+            cublasLtMatmulPreference_t pref;
+            cublasLtMatmulPreferenceCreate(&pref);
+            cublasLtMatmulHeuristicResult_t result;
+            int n = 0;
+            const bool ok = cublasLtMatmulAlgoGetHeuristic(h, desc, la, lb, lc, ld, pref, 1, &result, &n) ==
+                                CUBLAS_STATUS_SUCCESS && n == 1;
+            const float alpha = 1.0f, beta = 0.0f;
+            if (ok)
+                cublasLtMatmul(h, desc, &alpha, A, la, B, lb, &beta, d, lc, d, ld, &result.algo, nullptr, 0, 0);
+            for (auto l : {la, lb, lc, ld}) cublasLtMatrixLayoutDestroy(l);
+            cublasLtMatmulPreferenceDestroy(pref);
+            cublasLtMatmulDescDestroy(desc);
+            return ok;
+        };
+        uint16_t d16[2] = {0, 0}, d16_bias[2] = {0, 0};
+        float d32[2] = {0, 0};
+        const bool ran = matmul(CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, -2, D16);
+        cudaMemcpy(d16, D16, sizeof d16, cudaMemcpyDeviceToHost);
+        const bool ran32 = matmul(CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_32F, CUDA_R_32F, -2, D32);
+        cudaMemcpy(d32, D32, sizeof d32, cudaMemcpyDeviceToHost);
+        const bool ran_bias = matmul(CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, D16);
+        cudaMemcpy(d16_bias, D16, sizeof d16_bias, cudaMemcpyDeviceToHost);
+        char detail[160];
+        snprintf(detail, sizeof detail, "D bf16 0x%04x 0x%04x, fp32 %.9g %.9g, bf16 + bias 0x%04x 0x%04x", d16[0], d16[1],
+                 d32[0], d32[1], d16_bias[0], d16_bias[1]);
+        record(ran && ran32 && ran_bias && d16[0] == 0x3f82 && d16[1] == 0x3f81 && d32[0] == 1.01171875f &&
+                   d32[1] == 1.009765625f && d16_bias[0] == 0x3f82 && d16_bias[1] == 0x3f82,
+               "cuBLASLt on bf16 A, B: D in bf16 rounded to nearest even once, in fp32 exact, the bias of D's type",
+               ran && d16[0] == 0x3f82 ? "" : detail);
+        // each refusal prints why on stderr: not here, where it is expected (emu_tests.sh shows cuda_emu lines)
+        fflush(stderr);
+        const int saved_stderr = dup(2), devnull = open("/dev/null", O_WRONLY);
+        dup2(devnull, 2);
+        const bool refused =
+            !matmul(CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF, -2, D16) &&
+            !matmul(CUBLAS_COMPUTE_32F_FAST_16BF, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_32F, CUDA_R_32F, -2, D32) &&
+            !matmul(CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_32F, CUDA_R_16BF, -2, D16) &&
+            !matmul(CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_16BF, CUDA_R_32F, D16);
+        fflush(stderr);
+        dup2(saved_stderr, 2);
+        close(devnull);
+        close(saved_stderr);
+        record(refused, "cuBLASLt refuses A and B of different types, FAST_16BF on bf16, C not D's type, a bias not D's");
+        for (void* p : {(void*)A, (void*)B, (void*)bias, (void*)D16, (void*)D32}) cudaFree(p);
+        cublasLtDestroy(h);
     }
 
     // a missing barrier gives a wrong sum in at least one order

@@ -2,7 +2,10 @@
 //
 // For each op: random inputs on the host, ref:: on the host, cuda:: on the device, compare with the
 // tolerance stated at the call (|got − want| ≤ atol + rtol·|want| for every element; the GEMMs: a bound
-// per element from the rounding done, check_within). Backward ops start from prefilled gradient
+// per element from the rounding done, check_within). The activations the CUDA build keeps in bf16 (act)
+// are random values rounded to bf16 first: ref reads their exact fp32 widening, cuda their bits, so both
+// start from the same numbers and only the rounding the op itself does is left (a bf16 output: see
+// check_act). Backward ops start from prefilled gradient
 // buffers (they must ADD), null gradient pointers are exercised, and
 // every backward op runs twice from the same state and must give bit-identical results.
 // Prints "PASS name" / "FAIL name: …" per check and ends with "N passed, M failed"; exit 1 on failure.
@@ -38,7 +41,6 @@ static void record(bool ok, const std::string& name, const char* detail) {
     fflush(stdout);
 }
 
-// every element within atol + rtol·|want|; NaN anywhere fails
 // With $PICOTRON_DIGEST set (tests/emu_tests.sh does, for each thread order of the emulated run),
 // every checked device output is hashed (FNV-1a of its bytes) into that file, one line per check:
 // the files of different orders must be equal, or some kernel's result depends on thread order.
@@ -50,6 +52,8 @@ static void record_digest(const std::string& name, const void* data, size_t byte
     fprintf(digest, "%016llx %s\n", (unsigned long long)h, name.c_str());
     fflush(digest);
 }
+// every element within atol + rtol·|want|; NaN anywhere fails. Reports the largest error and the
+// largest error / tolerance (an exact check, tolerance 0, reports only the error).
 static bool check(const std::string& name, const std::vector<float>& got, const std::vector<float>& want, double atol,
                   double rtol) {
     record_digest(name, got.data(), got.size() * sizeof(float));
@@ -59,13 +63,15 @@ static bool check(const std::string& name, const std::vector<float>& got, const 
         record(false, name, detail);
         return false;
     }
-    double max_err = 0.0;
+    double max_err = 0.0, max_ratio = 0.0;
     size_t worst = 0, n_bad = 0;
     for (size_t i = 0; i < got.size(); i++) {
         double err = std::fabs((double)got[i] - (double)want[i]);
-        bool bad = !(err <= atol + rtol * std::fabs((double)want[i]));  // also catches NaN
+        const double tol = atol + rtol * std::fabs((double)want[i]);
+        bool bad = !(err <= tol);  // also catches NaN
         if (std::isnan(err)) err = INFINITY;
         if (bad) n_bad++;
+        if (tol > 0 && err / tol > max_ratio) max_ratio = err / tol;
         if (err > max_err) {
             max_err = err;
             worst = i;
@@ -73,12 +79,22 @@ static bool check(const std::string& name, const std::vector<float>& got, const 
     }
     bool ok = n_bad == 0;
     if (ok)
-        snprintf(detail, sizeof detail, "(max err %.3g)", max_err);
+        snprintf(detail, sizeof detail, "(max err %.3g, worst err/tol %.3g)", max_err, max_ratio);
     else
         snprintf(detail, sizeof detail, "max err %.3g at %zu (got %.9g want %.9g), %zu bad of %zu", max_err, worst,
                  (double)got[worst], (double)want[worst], n_bad, got.size());
     record(ok, name, detail);
     return ok;
+}
+// bf16 (8 significant bits, round to nearest even): unit roundoff u = 2⁻⁸, |rn(y) − y| ≤ u·|y| for |y| in
+// the normal range, ≤ 2⁻¹³⁴ (half the smallest subnormal spacing, 2⁻¹³³) below it.
+const double BF16_U = std::ldexp(1.0, -8), BF16_TINY = std::ldexp(1.0, -134);
+// An op whose fp32 result y is within atol + rtol·|want| of the reference and then stored in bf16:
+// |rn(y) − want| ≤ u·|y| + |y − want| ≤ u·(|want| + atol + rtol·|want|) + atol + rtol·|want|
+//                = atol·(1 + u) + (rtol·(1 + u) + u)·|want|   (+ 2⁻¹³⁴ for subnormal y).
+static bool check_act(const std::string& name, const std::vector<float>& got, const std::vector<float>& want,
+                      double atol, double rtol) {
+    return check(name, got, want, atol * (1 + BF16_U) + BF16_TINY, rtol * (1 + BF16_U) + BF16_U);
 }
 static bool check_scalar(const std::string& name, double got, double want, double tol) {
     record_digest(name, &got, sizeof got);
@@ -120,6 +136,28 @@ static std::vector<float> random_floats(Rng& rng, size_t n, float scale = 1.0f, 
     return x;
 }
 
+// the host's own round-to-nearest-even float → bf16 (NaN quieted), independent of kernels.cuh's
+static uint16_t host_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40);
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1)) >> 16);
+}
+static float host_bf16_float(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+static std::vector<float> bf16_rounded(std::vector<float> x) {
+    for (float& e : x) e = host_bf16_float(host_bf16(e));
+    return x;
+}
+// random activations: bf16 values (what the CUDA build stores), as floats for ref
+static std::vector<float> random_acts(Rng& rng, size_t n, float scale = 1.0f, float offset = 0.0f) {
+    return bf16_rounded(random_floats(rng, n, scale, offset));
+}
+
 // device buffers through the helpers under test
 static float* upload(const std::vector<float>& h) {
     float* d = cuda::alloc_floats(h.size());
@@ -137,24 +175,51 @@ static std::vector<float> download(const float* d, size_t n) {
     cuda::copy_to_host(h.data(), d, n * sizeof(float));
     return h;
 }
+// act buffers: h rounded to bf16 (exact for random_acts), uploaded as bits; downloaded widened (exact)
+static void reset_acts(cuda::act* d, const std::vector<float>& h) {
+    std::vector<cuda::act> bits(h.size());
+    for (size_t i = 0; i < h.size(); i++) bits[i].bits = host_bf16(h[i]);
+    cuda::copy_to_device(d, bits.data(), bits.size() * sizeof(cuda::act));
+}
+static cuda::act* upload_acts(const std::vector<float>& h) {
+    cuda::act* d = cuda::alloc_acts(h.size());
+    reset_acts(d, h);
+    return d;
+}
+static std::vector<float> download_acts(const cuda::act* d, size_t n) {
+    std::vector<cuda::act> bits(n);
+    cuda::copy_to_host(bits.data(), d, n * sizeof(cuda::act));
+    std::vector<float> h(n);
+    for (size_t i = 0; i < n; i++) h[i] = host_bf16_float(bits[i].bits);
+    return h;
+}
 
 // Run a device op twice from the same starting contents of its output buffers; the outputs must be
-// bit-identical. outputs: (device buffer, initial contents).
+// bit-identical. outputs: (device buffer, initial contents, whether it is an act buffer).
 struct Output {
-    float* d;
+    void* d;
     const std::vector<float>* init;
+    bool is_act = false;
 };
+static void reset_output(const Output& o) {
+    if (o.is_act) reset_acts(static_cast<cuda::act*>(o.d), *o.init);
+    else reset(static_cast<float*>(o.d), *o.init);
+}
+static std::vector<float> download_output(const Output& o) {
+    return o.is_act ? download_acts(static_cast<cuda::act*>(o.d), o.init->size())
+                    : download(static_cast<float*>(o.d), o.init->size());
+}
 static void check_deterministic(const std::string& name, const std::vector<Output>& outputs,
                                 const std::function<void()>& run) {
     std::vector<std::vector<float>> first;
-    for (const auto& o : outputs) reset(o.d, *o.init);
+    for (const auto& o : outputs) reset_output(o);
     run();
-    for (const auto& o : outputs) first.push_back(download(o.d, o.init->size()));
-    for (const auto& o : outputs) reset(o.d, *o.init);
+    for (const auto& o : outputs) first.push_back(download_output(o));
+    for (const auto& o : outputs) reset_output(o);
     run();
     std::vector<float> a, b;
     for (size_t k = 0; k < outputs.size(); k++) {
-        auto second = download(outputs[k].d, outputs[k].init->size());
+        auto second = download_output(outputs[k]);
         a.insert(a.end(), first[k].begin(), first[k].end());
         b.insert(b.end(), second.begin(), second.end());
     }
@@ -193,11 +258,72 @@ static void test_memory() {
     check("zero_floats", download(b, n), want, 0, 0);
     float* empty = cuda::alloc_floats(0);
     record(empty != nullptr, "alloc_floats(0) non-null", "");
+    cuda::act* acts = cuda::alloc_acts(n);
+    check("alloc_acts zeroed", download_acts(acts, n), std::vector<float>(n, 0.0f), 0, 0);
+    const auto y = random_acts(rng, n);
+    reset_acts(acts, y);
+    cuda::zero_acts(acts + 100, 500);
+    std::vector<float> want_acts = y;
+    std::fill(want_acts.begin() + 100, want_acts.begin() + 600, 0.0f);
+    check("zero_acts", download_acts(acts, n), want_acts, 0, 0);
     cuda::synchronize();
-    cuda::free_buffer(empty);
-    cuda::free_buffer(a);
-    cuda::free_buffer(b);
-    cuda::free_buffer(ids);
+    for (void* p : std::initializer_list<void*>{empty, a, b, ids, acts}) cuda::free_buffer(p);
+}
+
+// to_act: fp32 → bf16, round to nearest even, bit for bit: hand-written cases (ties both ways, just
+// off a tie, rounding up across a binade, overflow to inf, ±inf, ±0, subnormal ties, NaN of either
+// kind staying NaN), then random values over many binades against the host's rounding; n past one
+// block of threads, so the grid-stride loop runs.
+static void test_to_act() {
+    auto f = [](uint32_t bits) {
+        float x;
+        memcpy(&x, &bits, 4);
+        return x;
+    };
+    // (input bits, expected bf16 bits); 0xFFFF = expect some NaN
+    const std::vector<std::pair<uint32_t, uint16_t>> cases = {
+        {0x3f800000u, 0x3f80}, {0xc0000000u, 0xc000},  // 1, -2: exact
+        {0x3f808000u, 0x3f80}, {0x3f818000u, 0x3f82},  // ties: to even, down then up
+        {0xbf808000u, 0xbf80}, {0xbf818000u, 0xbf82},  // negative ties
+        {0x3f808001u, 0x3f81}, {0x3f807fffu, 0x3f80},  // just above / below a tie
+        {0x3fffffffu, 0x4000}, {0x3fff8000u, 0x4000},  // up across a binade: 2 − 2⁻²³ → 2; a tie onto 2
+        {0xbfffc000u, 0xc000}, {0x3f7f8000u, 0x3f80},  // −(2 − 2⁻⁹) → −2; a tie below 1 → 1
+        {0x7f7fffffu, 0x7f80}, {0x7f7f7fffu, 0x7f7f},  // FLT_MAX → inf; below the top tie stays finite
+        {0x7f800000u, 0x7f80}, {0xff800000u, 0xff80},  // ±inf
+        {0x00000000u, 0x0000}, {0x80000000u, 0x8000},  // ±0
+        {0x00008000u, 0x0000}, {0x00018000u, 0x0002},  // subnormal ties
+        {0x007fffffu, 0x0080}, {0x7fc00000u, 0xffff},  // the largest subnormal up to FLT_MIN; a quiet NaN
+        {0x7f800001u, 0xffff}, {0xff800001u, 0xffff},  // signalling NaNs (only the lowest payload bit set)
+        {0xffc00001u, 0xffff}, {0x7fffffffu, 0xffff},
+    };
+    std::vector<float> in;
+    for (auto& c : cases) in.push_back(f(c.first));
+    Rng rng(31);
+    const size_t n_random = 3000;
+    for (size_t i = 0; i < n_random; i++) in.push_back(std::ldexp(rng.symmetric(), rng.below(80) - 40));
+    float* d_in = upload(in);
+    cuda::act* d_out = upload_acts(std::vector<float>(in.size(), 7.0f));
+    cuda::to_act(d_out, d_in, in.size());
+    std::vector<cuda::act> out(in.size());
+    cuda::copy_to_host(out.data(), d_out, out.size() * sizeof(cuda::act));
+    record_digest("to_act", out.data(), out.size() * sizeof(cuda::act));
+    int bad = 0;
+    char detail[200] = "";
+    for (size_t i = 0; i < in.size(); i++) {
+        const uint16_t got = out[i].bits, want = i < cases.size() ? cases[i].second : host_bf16(in[i]);
+        const bool nan = (got & 0x7f80) == 0x7f80 && (got & 0x7f);
+        const bool ok = want == 0xffff ? nan : got == want;
+        if (!ok && !bad++) {
+            uint32_t bits;
+            memcpy(&bits, &in[i], 4);
+            snprintf(detail, sizeof detail, "0x%08x -> 0x%04x, want 0x%04x", bits, got, want);
+        }
+    }
+    record(bad == 0, fmt("to_act: round to nearest even, bit for bit (%zu hand-written cases, %zu random)", cases.size(),
+                         n_random),
+           detail);
+    cuda::free_buffer(d_in);
+    cuda::free_buffer(d_out);
 }
 
 // ---- embedding ----
@@ -244,9 +370,19 @@ static void test_layernorm(int N, int C, uint64_t seed) {
     float* d_out = upload(std::vector<float>(out.size(), 7.0f));
     float *d_mean = cuda::alloc_floats(N), *d_rstd = cuda::alloc_floats(N);
     cuda::layernorm_forward(d_out, d_mean, d_rstd, d_inp, d_weight, N, C, eps);
-    check("layernorm_forward out " + tag, download(d_out, out.size()), out, 1e-5, 1e-5);
+    const std::vector<float> got_out = download(d_out, out.size());
+    check("layernorm_forward out " + tag, got_out, out, 1e-5, 1e-5);
     check("layernorm_forward mean " + tag, download(d_mean, N), mean, 1e-6, 1e-5);
     check("layernorm_forward rstd " + tag, download(d_rstd, N), rstd, 1e-6, 1e-5);
+    // into bf16 (the norms before a GEMM): the same arithmetic, then rounded; so the fp32 tolerance
+    // widened for the rounding (check_act), and bit for bit the fp32 output rounded
+    cuda::act* d_out_act = upload_acts(std::vector<float>(out.size(), 7.0f));
+    cuda::layernorm_forward(d_out_act, d_mean, d_rstd, d_inp, d_weight, N, C, eps);
+    const std::vector<float> got_act = download_acts(d_out_act, out.size());
+    check_act("layernorm_forward<act> out " + tag, got_act, out, 1e-5, 1e-5);
+    check_bitwise("layernorm_forward<act> out = bf16(layernorm_forward<float> out) " + tag, got_act,
+                  bf16_rounded(got_out));
+    cuda::free_buffer(d_out_act);
 
     // backward from the reference's mean/rstd, into prefilled buffers, then with each pointer null
     float *d_mean_ref = upload(mean), *d_rstd_ref = upload(rstd);
@@ -278,16 +414,18 @@ static void test_layernorm(int N, int C, uint64_t seed) {
 }
 
 // ---- matmul ----
-// cuBLASLt runs CUBLAS_COMPUTE_32F_FAST_16BF on fp32 operands: it rounds each a and b to bf16,
-// ã = a(1 + δ) with |δ| ≤ u = 2⁻⁸ (bf16 keeps 8 significant bits; round to nearest), so each product
-// ã·b̃ = a·b(1 + θ) with |θ| ≤ 2u + u², and it is exact in fp32 (8 + 8 significant bits ≤ 24). The K
-// products are summed in fp32 in an order the hardware does not specify; any order errs by at most
-// γ_K·Σ|ã||b̃| ≤ γ_K(1 + u)²·Σ|a||b|, γ_K = K·2⁻²⁴/(1 − K·2⁻²⁴). (If cuBLAS picks TF32 instead, it keeps
-// more bits: the bound still holds.) The reference sums in double from the unrounded inputs, so with
-// S = Σ_k |a_k||b_k| (double) the op is off from it by (2u + u² + γ_K(1 + u)²)·S, plus the roundings of
-// what is added after the sum: the op's + beta·C and + bias, the reference's float conversion and
-// float +=: at most 4 roundings of 2⁻²⁴ of a value < 2(S + |bias| + |C|): 2⁻²¹·(S + |bias| + |C|).
-// A layout or plan bug gives errors of the size of S, a missing bias of |bias|: far above the bound.
+// The GEMMs multiply bf16 A and B (activations, and the bf16 copies of the weights) on the tensor cores
+// with fp32 accumulation. The inputs here are bf16 values, so op and reference multiply the same
+// numbers, and each product is exact in fp32 (8 + 8 significant bits ≤ 24). The K products are summed
+// in fp32 in an order the hardware does not specify; allowing each addition an error of one fp32 unit in
+// the last place (2⁻²³ relative: tensor cores may truncate rather than round as they align and add),
+// any order errs by at most γ_K·Σ|a||b|, γ_K = K·2⁻²³/(1 − K·2⁻²³). The reference sums in double, so
+// with S = Σ_k |a_k||b_k| (double) the op is off from it by γ_K·S, plus the roundings of what is added
+// after the sum: the op's + beta·C and + bias, the reference's float conversion and float +=: at most 4
+// roundings of 2⁻²⁴ of a value < 2(S + |bias| + |C|): 2⁻²¹·(S + |bias| + |C|). A bf16 D is rounded once
+// more by the epilogue: that bound b becomes b·(1 + u) + u·|want| (check_act's argument, u = 2⁻⁸).
+// A layout or plan bug gives errors of the size of S, a missing bias of |bias|, a D of the wrong type
+// garbage (or a range error under the emulator): far above the bound.
 template <class X, class Y>
 static std::vector<double> abs_products(int rows, int cols, int K, X x, Y y) {  // S of each (rows, cols) element
     std::vector<double> s((size_t)rows * cols, 0.0);
@@ -296,10 +434,12 @@ static std::vector<double> abs_products(int rows, int cols, int K, X x, Y y) {  
             for (int k = 0; k < K; k++) s[(size_t)r * cols + c] += std::fabs((double)x(r, k) * (double)y(k, c));
     return s;
 }
-// the bound above for one element: S over K products, added = |bias| + |C| (what the op adds to the sum)
-static double bf16_gemm_bound(int K, double S, double added) {
-    const double u = std::ldexp(1.0, -8), eps = std::ldexp(1.0, -24), gamma = K * eps / (1.0 - K * eps);
-    return (2 * u + u * u + gamma * (1 + u) * (1 + u)) * S + std::ldexp(1.0, -21) * (S + added) + FLT_MIN;
+// the bound above for one element: S over K products, added = |bias| + |C| (what the op adds to the sum);
+// want: the reference's value, for a bf16 D
+static double gemm_bound(int K, double S, double added, bool bf16_d = false, double want = 0.0) {
+    const double ulp = std::ldexp(1.0, -23), gamma = K * ulp / (1.0 - K * ulp);
+    const double b = gamma * S + std::ldexp(1.0, -21) * (S + added) + FLT_MIN;
+    return bf16_d ? b * (1 + BF16_U) + BF16_U * std::fabs(want) + BF16_TINY : b;
 }
 // every |got − want| ≤ bound (NaN fails); reports the worst |got − want| / bound
 static bool check_within(const std::string& name, const std::vector<float>& got, const std::vector<float>& want,
@@ -323,88 +463,130 @@ static bool check_within(const std::string& name, const std::vector<float>& got,
     return n_bad == 0;
 }
 
-// One linear layer: host inputs and the gradients the backward starts from; its device copies.
+// One linear layer: host inputs (inp, weight, dout: bf16 values; the bias fp32, and rounded to bf16 for a
+// bf16 D), the gradients the backward starts from, and the S of each product (computed once: every
+// check of the layer shares them); its device copies.
 struct Linear {
     int N, C, OC;
-    std::vector<float> inp, weight, bias, dout, dinp0, dweight0, dbias0;
+    std::vector<float> inp, weight, bias, bias_act, dout, dinp0, dweight0, dbias0;
+    std::vector<double> s_out, s_dinp, s_dweight;  // S of out (N, OC), dinp (N, C), dweight (OC, C)
     Linear(int N_, int C_, int OC_, Rng& rng)
-        : N(N_), C(C_), OC(OC_), inp(random_floats(rng, (size_t)N * C)), weight(random_floats(rng, (size_t)OC * C)),
-          bias(random_floats(rng, OC)), dout(random_floats(rng, (size_t)N * OC)),
+        : N(N_), C(C_), OC(OC_), inp(random_acts(rng, (size_t)N * C)), weight(random_acts(rng, (size_t)OC * C)),
+          bias(random_floats(rng, OC)), bias_act(bf16_rounded(bias)), dout(random_acts(rng, (size_t)N * OC)),
           dinp0(random_floats(rng, (size_t)N * C)), dweight0(random_floats(rng, (size_t)OC * C)),
-          dbias0(random_floats(rng, OC)) {}
+          dbias0(random_floats(rng, OC)) {
+        s_out = abs_products(
+            N, OC, C, [&](int n, int c) { return inp[(size_t)n * C + c]; },
+            [&](int c, int o) { return weight[(size_t)o * C + c]; });
+        s_dinp = abs_products(
+            N, C, OC, [&](int n, int o) { return dout[(size_t)n * OC + o]; },
+            [&](int o, int c) { return weight[(size_t)o * C + c]; });
+        s_dweight = abs_products(
+            OC, C, N, [&](int o, int n) { return dout[(size_t)n * OC + o]; },
+            [&](int n, int c) { return inp[(size_t)n * C + c]; });
+    }
 };
 struct LinearDevice {
-    float *inp, *weight, *bias, *out, *dout, *dinp, *dweight, *dbias;
+    cuda::act *inp, *weight, *dout, *bias_act, *out_act, *dinp_act;
+    float *bias, *out, *dinp, *dweight, *dbias;
 };
-static void check_matmul_forward(const std::string& tag, const Linear& l, const LinearDevice& d, bool with_bias) {
-    std::vector<float> out((size_t)l.N * l.OC);
-    ref::matmul_forward(out.data(), l.inp.data(), l.weight.data(), with_bias ? l.bias.data() : nullptr, l.N, l.C, l.OC);
-    cuda::copy_to_device(d.out, std::vector<float>(out.size(), 7.0f).data(), out.size() * sizeof(float));
-    cuda::matmul_forward(d.out, d.inp, d.weight, with_bias ? d.bias : nullptr, l.N, l.C, l.OC);
-    std::vector<double> bound = abs_products(
-        l.N, l.OC, l.C, [&](int n, int c) { return l.inp[(size_t)n * l.C + c]; },
-        [&](int c, int o) { return l.weight[(size_t)o * l.C + c]; });
+// the forward into fp32 (bias fp32) or bf16 (bias bf16)
+static void check_matmul_forward(const std::string& tag, const Linear& l, const LinearDevice& d, bool with_bias,
+                                 bool bf16_out) {
+    const std::vector<float>& bias = bf16_out ? l.bias_act : l.bias;
+    std::vector<float> out((size_t)l.N * l.OC), got;
+    ref::matmul_forward(out.data(), l.inp.data(), l.weight.data(), with_bias ? bias.data() : nullptr, l.N, l.C, l.OC);
+    const std::vector<float> garbage(out.size(), 7.0f);
+    if (bf16_out) {
+        reset_acts(d.out_act, garbage);
+        cuda::matmul_forward(d.out_act, d.inp, d.weight, with_bias ? d.bias_act : nullptr, l.N, l.C, l.OC);
+        got = download_acts(d.out_act, out.size());
+    } else {
+        reset(d.out, garbage);
+        cuda::matmul_forward(d.out, d.inp, d.weight, with_bias ? d.bias : nullptr, l.N, l.C, l.OC);
+        got = download(d.out, out.size());
+    }
+    std::vector<double> bound(out.size());
     for (size_t e = 0; e < bound.size(); e++)
-        bound[e] = bf16_gemm_bound(l.C, bound[e], with_bias ? std::fabs(l.bias[e % l.OC]) : 0.0);
-    check_within("matmul_forward " + tag + (with_bias ? " bias" : " no bias"), download(d.out, out.size()), out, bound);
+        bound[e] = gemm_bound(l.C, l.s_out[e], with_bias ? std::fabs(bias[e % l.OC]) : 0.0, bf16_out, out[e]);
+    check_within("matmul_forward " + tag + (with_bias ? " bias" : " no bias") + (bf16_out ? " -> bf16" : " -> fp32"),
+                 got, out, bound);
 }
-// the backward with dinp, dweight, dbias each on (or null); dinp += or = (accumulate)
+// the backward with dinp, dweight, dbias each on (or null); dinp fp32 += or =, or bf16 = (bf16_dinp)
 static void check_matmul_backward(const std::string& tag, const Linear& l, const LinearDevice& d, bool wi, bool ww,
-                                  bool wb, bool accumulate) {
+                                  bool wb, bool accumulate, bool bf16_dinp = false) {
     const int N = l.N, C = l.C, OC = l.OC;
-    std::string v = tag + fmt(" (dinp %s, dweight %s, dbias %s)", wi ? (accumulate ? "+=" : "=") : "null",
-                              ww ? "on" : "null", wb ? "on" : "null");
+    std::string v = tag + fmt(" (dinp %s, dweight %s, dbias %s)",
+                              wi ? (bf16_dinp ? "= bf16" : accumulate ? "+=" : "=") : "null", ww ? "on" : "null",
+                              wb ? "on" : "null");
     std::vector<float> dinp = l.dinp0, dweight = l.dweight0, dbias = l.dbias0;
     ref::matmul_backward(wi ? dinp.data() : nullptr, ww ? dweight.data() : nullptr, wb ? dbias.data() : nullptr,
                          l.dout.data(), l.inp.data(), l.weight.data(), N, C, OC, accumulate);
     reset(d.dinp, l.dinp0);
+    reset_acts(d.dinp_act, l.dinp0);
     reset(d.dweight, l.dweight0);
     reset(d.dbias, l.dbias0);
-    cuda::matmul_backward(wi ? d.dinp : nullptr, ww ? d.dweight : nullptr, wb ? d.dbias : nullptr, d.dout, d.inp,
-                          d.weight, N, C, OC, accumulate);
-    std::vector<double> dinp_bound = abs_products(
-        N, C, OC, [&](int n, int o) { return l.dout[(size_t)n * OC + o]; },
-        [&](int o, int c) { return l.weight[(size_t)o * C + c]; });
+    if (bf16_dinp)
+        cuda::matmul_backward(wi ? d.dinp_act : nullptr, ww ? d.dweight : nullptr, wb ? d.dbias : nullptr, d.dout, d.inp,
+                              d.weight, N, C, OC, accumulate);
+    else
+        cuda::matmul_backward(wi ? d.dinp : nullptr, ww ? d.dweight : nullptr, wb ? d.dbias : nullptr, d.dout, d.inp,
+                              d.weight, N, C, OC, accumulate);
+    std::vector<double> dinp_bound(dinp.size()), dweight_bound(dweight.size());
     for (size_t e = 0; e < dinp_bound.size(); e++)
-        dinp_bound[e] = bf16_gemm_bound(OC, dinp_bound[e], wi && accumulate ? std::fabs(l.dinp0[e]) : 0.0);
-    std::vector<double> dweight_bound = abs_products(
-        OC, C, N, [&](int o, int n) { return l.dout[(size_t)n * OC + o]; },
-        [&](int n, int c) { return l.inp[(size_t)n * C + c]; });
+        dinp_bound[e] = gemm_bound(OC, l.s_dinp[e], wi && accumulate ? std::fabs(l.dinp0[e]) : 0.0, bf16_dinp, dinp[e]);
     for (size_t e = 0; e < dweight_bound.size(); e++)
-        dweight_bound[e] = bf16_gemm_bound(N, dweight_bound[e], std::fabs(l.dweight0[e]));
-    check_within("matmul_backward dinp " + v, download(d.dinp, dinp.size()), dinp, dinp_bound);
+        dweight_bound[e] = gemm_bound(N, l.s_dweight[e], std::fabs(l.dweight0[e]));
+    if (bf16_dinp) {  // untouched when null: the bf16 of dinp0 (exact compare against the same rounding)
+        check_within("matmul_backward dinp " + v, download_acts(d.dinp_act, dinp.size()),
+                     wi ? dinp : bf16_rounded(dinp), dinp_bound);
+    } else {
+        check_within("matmul_backward dinp " + v, download(d.dinp, dinp.size()), dinp, dinp_bound);
+    }
     check_within("matmul_backward dweight " + v, download(d.dweight, dweight.size()), dweight, dweight_bound);
-    // dbias is no GEMM but a fixed-order fp32 column sum (column_sum_add): fp32's tolerance
+    // dbias is no GEMM but a fixed-order fp32 column sum (column_sum_add) of the same bf16 values: fp32's tolerance
     check("matmul_backward dbias " + v, download(d.dbias, dbias.size()), dbias, 1e-3, 1e-4);
 }
 static LinearDevice upload_linear(const Linear& l) {
-    return {upload(l.inp),   upload(l.weight), upload(l.bias),    upload(std::vector<float>((size_t)l.N * l.OC)),
-            upload(l.dout), upload(l.dinp0),  upload(l.dweight0), upload(l.dbias0)};
+    const size_t n_out = (size_t)l.N * l.OC;
+    return {upload_acts(l.inp),    upload_acts(l.weight), upload_acts(l.dout),
+            upload_acts(l.bias_act), cuda::alloc_acts(n_out), upload_acts(l.dinp0),
+            upload(l.bias),        cuda::alloc_floats(n_out), upload(l.dinp0),
+            upload(l.dweight0),    upload(l.dbias0)};
 }
 static void free_linear(const LinearDevice& d) {
-    for (void* p : {d.inp, d.weight, d.bias, d.out, d.dout, d.dinp, d.dweight, d.dbias}) cuda::free_buffer(p);
+    for (void* p : std::initializer_list<void*>{d.inp, d.weight, d.dout, d.bias_act, d.out_act, d.dinp_act, d.bias,
+                                                d.out, d.dinp, d.dweight, d.dbias})
+        cuda::free_buffer(p);
 }
 static void test_matmul(int N, int C, int OC, uint64_t seed) {
     Rng rng(seed);
     const std::string tag = fmt("N=%d C=%d OC=%d", N, C, OC);
     const Linear l(N, C, OC, rng);
     const LinearDevice d = upload_linear(l);
-    for (int with_bias = 0; with_bias < 2; with_bias++) check_matmul_forward(tag, l, d, with_bias);
+    for (int bf16_out = 0; bf16_out < 2; bf16_out++)
+        for (int with_bias = 0; with_bias < 2; with_bias++) check_matmul_forward(tag, l, d, with_bias, bf16_out);
     for (int mask = 15; mask >= 1; mask--) {  // subsets of {dinp, dweight, dbias}; bit 8: dinp written, not added
         if (mask != 15 && mask != 7 && mask != 9 && mask != 1 && mask != 2 && mask != 4 && mask != 6) continue;
         check_matmul_backward(tag, l, d, mask & 1, mask & 2, mask & 4, !(mask & 8));
     }
+    check_matmul_backward(tag, l, d, true, true, true, false, true);  // dinp written in bf16
+    check_matmul_backward(tag, l, d, false, true, false, false, true);
     check_deterministic("matmul_backward " + tag, {{d.dinp, &l.dinp0}, {d.dweight, &l.dweight0}, {d.dbias, &l.dbias0}},
                         [&] { cuda::matmul_backward(d.dinp, d.dweight, d.dbias, d.dout, d.inp, d.weight, N, C, OC, true); });
+    check_deterministic("matmul_backward bf16 dinp " + tag, {{d.dinp_act, &l.dinp0, true}, {d.dweight, &l.dweight0}},
+                        [&] { cuda::matmul_backward(d.dinp_act, d.dweight, nullptr, d.dout, d.inp, d.weight, N, C, OC,
+                                                    false); });
     free_linear(d);
 }
 // The GEMM plans (kernels.cuh gemm_plan) are cached by configuration: every call must run its own.
 // Shapes that differ in one dimension (so in one of m, n, k) alternate, each met again later, and one
-// shape runs with its pointers 256-byte aligned, all offset by 1 float (4-byte aligned: the heuristic may
-// pick other kernels), one kind offset at a time, and aligned again. Forward with the bias, then the
-// backward (dinp +=, dweight, dbias). Offsets in floats: inp and dinp, weight and dweight, out and dout,
-// bias and dbias; so the forward's A (weight), B (inp), D (out) and bias each change alone once, and so
-// do the backward's A, B, D.
+// shape runs with its pointers 256-byte aligned, all offset by 1 element (2-byte aligned bf16, 4-byte
+// aligned fp32: the heuristic may pick other kernels), one kind offset at a time, and aligned again.
+// Forward with the bias into fp32 and into bf16 (the same shape and alignments: only D's type tells the
+// plans apart), then the backward (dinp +=, dweight, dbias) and with a bf16 dinp. Offsets in elements:
+// inp and dinp, weight and dweight, out and dout, bias and dbias; so the forward's A (weight), B (inp),
+// D (out) and bias each change alone once, and so do the backward's A, B, D.
 static void test_matmul_plans(uint64_t seed) {
     Rng rng(seed);
     struct Case {
@@ -417,21 +599,26 @@ static void test_matmul_plans(uint64_t seed) {
                           {40, 72, 24, 0, 0, 0, 0}, {33, 72, 24, 0, 0, 0, 0}, {40, 72, 24, 3, 2, 1, 2}};
     const size_t room = 40 * 72 + 4;  // the largest array (40·72) and the largest offset
     LinearDevice big;
-    for (float** p : {&big.inp, &big.weight, &big.bias, &big.out, &big.dout, &big.dinp, &big.dweight, &big.dbias})
-        *p = cuda::alloc_floats(room);
+    for (cuda::act** p : {&big.inp, &big.weight, &big.dout, &big.bias_act, &big.out_act, &big.dinp_act})
+        *p = cuda::alloc_acts(room);
+    for (float** p : {&big.bias, &big.out, &big.dinp, &big.dweight, &big.dbias}) *p = cuda::alloc_floats(room);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         const Case& c = cases[i];
         const Linear l(c.N, c.C, c.OC, rng);
-        const LinearDevice d{big.inp + c.inp,  big.weight + c.weight, big.bias + c.bias,       big.out + c.out,
-                             big.dout + c.out, big.dinp + c.inp,      big.dweight + c.weight, big.dbias + c.bias};
-        reset(d.inp, l.inp);
-        reset(d.weight, l.weight);
+        const LinearDevice d{big.inp + c.inp,      big.weight + c.weight, big.dout + c.out,   big.bias_act + c.bias,
+                             big.out_act + c.out,  big.dinp_act + c.inp,  big.bias + c.bias,  big.out + c.out,
+                             big.dinp + c.inp,     big.dweight + c.weight, big.dbias + c.bias};
+        reset_acts(d.inp, l.inp);
+        reset_acts(d.weight, l.weight);
+        reset_acts(d.dout, l.dout);
         reset(d.bias, l.bias);
-        reset(d.dout, l.dout);
+        reset_acts(d.bias_act, l.bias_act);
         const std::string tag = fmt("plans #%zu N=%d C=%d OC=%d offsets inp %d weight %d out %d bias %d", i, c.N, c.C,
                                     c.OC, c.inp, c.weight, c.out, c.bias);
-        check_matmul_forward(tag, l, d, true);
+        check_matmul_forward(tag, l, d, true, false);
+        check_matmul_forward(tag, l, d, true, true);
         check_matmul_backward(tag, l, d, true, true, true, true);
+        check_matmul_backward(tag, l, d, true, true, true, false, true);
     }
     free_linear(big);
 }
@@ -449,10 +636,10 @@ static void test_add_inplace(size_t n) {
 }
 
 // The residual add fused with the next LayerNorm. resid: exact (the add is one rounding on both sides);
-// out, mean, rstd: test_layernorm's tolerances, for the same reason (fp32 sums of ≤ C/32 terms a lane
-// plus 5 butterfly levels, ~40 roundings ≈ 2.4e-6 relative on |out| ≲ 6, against ref's double); and bit
-// for bit the unfused kernels' result (the same float operations in the same order). C > 1024 takes the
-// two kernels.
+// mean, rstd: test_layernorm's tolerances, for the same reason (fp32 sums of ≤ C/32 terms a lane plus 5
+// butterfly levels, ~40 roundings ≈ 2.4e-6 relative on |out| ≲ 6, against ref's double); out, stored in
+// bf16: that tolerance widened by the rounding (check_act); and bit for bit the unfused kernels' result
+// (the same float operations in the same order, then the same rounding). C > 1024 takes the two kernels.
 static void test_add_layernorm(int N, int C, uint64_t seed) {
     Rng rng(seed);
     std::string tag = fmt("N=%d C=%d", N, C);
@@ -462,25 +649,26 @@ static void test_add_layernorm(int N, int C, uint64_t seed) {
     const std::vector<float> out0((size_t)N * C, 7.0f), stats0(N, 7.0f);
     std::vector<float> resid = resid0, out((size_t)N * C), mean(N), rstd(N);
     ref::add_layernorm_forward(out.data(), mean.data(), rstd.data(), resid.data(), add.data(), weight.data(), N, C, eps);
-    float *d_resid = upload(resid0), *d_add = upload(add), *d_weight = upload(weight), *d_out = upload(out0);
+    float *d_resid = upload(resid0), *d_add = upload(add), *d_weight = upload(weight);
+    cuda::act* d_out = upload_acts(out0);
     float *d_mean = upload(stats0), *d_rstd = upload(stats0);
     auto fused = [&] { cuda::add_layernorm_forward(d_out, d_mean, d_rstd, d_resid, d_add, d_weight, N, C, eps); };
     fused();
-    const std::vector<float> got_resid = download(d_resid, resid.size()), got_out = download(d_out, out.size()),
+    const std::vector<float> got_resid = download(d_resid, resid.size()), got_out = download_acts(d_out, out.size()),
                              got_mean = download(d_mean, N), got_rstd = download(d_rstd, N);
     check("add_layernorm_forward resid " + tag, got_resid, resid, 0, 0);
-    check("add_layernorm_forward out " + tag, got_out, out, 1e-5, 1e-5);
+    check_act("add_layernorm_forward out (bf16) " + tag, got_out, out, 1e-5, 1e-5);
     check("add_layernorm_forward mean " + tag, got_mean, mean, 1e-6, 1e-5);
     check("add_layernorm_forward rstd " + tag, got_rstd, rstd, 1e-6, 1e-5);
     reset(d_resid, resid0);
     cuda::add_inplace(d_resid, d_add, resid.size());
     cuda::layernorm_forward(d_out, d_mean, d_rstd, d_resid, d_weight, N, C, eps);
     check_bitwise("add_layernorm_forward out = add_inplace + layernorm_forward " + tag, got_out,
-                  download(d_out, out.size()));
+                  download_acts(d_out, out.size()));
     check_bitwise("add_layernorm_forward mean = unfused " + tag, got_mean, download(d_mean, N));
     check_bitwise("add_layernorm_forward rstd = unfused " + tag, got_rstd, download(d_rstd, N));
     check_deterministic("add_layernorm_forward " + tag,
-                        {{d_resid, &resid0}, {d_out, &out0}, {d_mean, &stats0}, {d_rstd, &stats0}}, fused);
+                        {{d_resid, &resid0}, {d_out, &out0, true}, {d_mean, &stats0}, {d_rstd, &stats0}}, fused);
     for (void* p : std::initializer_list<void*>{d_resid, d_add, d_weight, d_out, d_mean, d_rstd}) cuda::free_buffer(p);
 }
 
@@ -552,30 +740,31 @@ static void test_gelu(size_t n) {
     auto dinp0 = random_floats(rng, n);
     std::vector<float> dinp = dinp0;
     ref::gelu_backward(dinp.data(), dout.data(), inp.data(), n);
-    float *d_dout = upload(dout), *d_dinp = upload(dinp0);
+    float* d_dout = upload(dout);
+    cuda::act* d_dinp = upload_acts(dinp0);  // written in bf16 (the input of the head's dense backward)
     cuda::gelu_backward(d_dinp, d_dout, d_inp, n);
-    check(fmt("gelu_backward n=%zu", n), download(d_dinp, n), dinp, 1e-6, 1e-5);
-    check_deterministic("gelu_backward", {{d_dinp, &dinp0}}, [&] { cuda::gelu_backward(d_dinp, d_dout, d_inp, n); });
+    check_act(fmt("gelu_backward n=%zu (bf16)", n), download_acts(d_dinp, n), dinp, 1e-6, 1e-5);
+    check_deterministic("gelu_backward", {{d_dinp, &dinp0, true}}, [&] { cuda::gelu_backward(d_dinp, d_dout, d_inp, n); });
     for (void* p : std::initializer_list<void*>{d_inp, d_out, d_dout, d_dinp}) cuda::free_buffer(p);
 }
 static void test_geglu(int N, int I) {
     Rng rng(13);
     std::string tag = fmt("N=%d I=%d", N, I);
-    auto inp = random_floats(rng, (size_t)N * 2 * I, 4.0f);
+    auto inp = random_acts(rng, (size_t)N * 2 * I, 4.0f);
     std::vector<float> out((size_t)N * I);
     ref::geglu_forward(out.data(), inp.data(), N, I);
-    float* d_inp = upload(inp);
-    float* d_out = upload(std::vector<float>(out.size(), 7.0f));
+    cuda::act* d_inp = upload_acts(inp);
+    cuda::act* d_out = upload_acts(std::vector<float>(out.size(), 7.0f));
     cuda::geglu_forward(d_out, d_inp, N, I);
-    check("geglu_forward " + tag, download(d_out, out.size()), out, 1e-6, 1e-5);
-    auto dout = random_floats(rng, (size_t)N * I);
+    check_act("geglu_forward " + tag, download_acts(d_out, out.size()), out, 1e-6, 1e-5);
+    auto dout = random_acts(rng, (size_t)N * I);
     auto dinp0 = random_floats(rng, (size_t)N * 2 * I);
     std::vector<float> dinp = dinp0;
     ref::geglu_backward(dinp.data(), dout.data(), inp.data(), N, I);
-    float *d_dout = upload(dout), *d_dinp = upload(dinp0);
+    cuda::act *d_dout = upload_acts(dout), *d_dinp = upload_acts(dinp0);
     cuda::geglu_backward(d_dinp, d_dout, d_inp, N, I);
-    check("geglu_backward " + tag, download(d_dinp, dinp.size()), dinp, 1e-6, 1e-5);
-    check_deterministic("geglu_backward " + tag, {{d_dinp, &dinp0}},
+    check_act("geglu_backward " + tag, download_acts(d_dinp, dinp.size()), dinp, 1e-6, 1e-5);
+    check_deterministic("geglu_backward " + tag, {{d_dinp, &dinp0, true}},
                         [&] { cuda::geglu_backward(d_dinp, d_dout, d_inp, N, I); });
     for (void* p : std::initializer_list<void*>{d_inp, d_out, d_dout, d_dinp}) cuda::free_buffer(p);
 }
@@ -588,14 +777,14 @@ static void test_rows(int T, int C, int n_rows) {
     for (int t = 0; t < T; t++) all[t] = t;
     for (int t = T - 1; t > 0; t--) std::swap(all[t], all[rng.below(t + 1)]);  // distinct rows, shuffled order
     std::vector<int> rows(all.begin(), all.begin() + n_rows);
-    auto inp = random_floats(rng, (size_t)T * C);
+    auto inp = random_acts(rng, (size_t)T * C);
     std::vector<float> out((size_t)n_rows * C);
     ref::gather_rows(out.data(), inp.data(), rows.data(), n_rows, C);
     int* d_rows = upload_ints(rows);
-    float* d_inp = upload(inp);
-    float* d_out = upload(std::vector<float>(out.size(), 7.0f));
+    cuda::act* d_inp = upload_acts(inp);
+    cuda::act* d_out = upload_acts(std::vector<float>(out.size(), 7.0f));
     cuda::gather_rows(d_out, d_inp, d_rows, n_rows, C);
-    check("gather_rows " + tag, download(d_out, out.size()), out, 0, 0);
+    check("gather_rows (bf16 bits) " + tag, download_acts(d_out, out.size()), out, 0, 0);
     auto dout = random_floats(rng, (size_t)n_rows * C);
     auto dinp0 = random_floats(rng, (size_t)T * C);
     std::vector<float> dinp = dinp0;
@@ -616,13 +805,13 @@ static void test_kv_blocks(int T, int Hl, int row0, int n, uint64_t seed) {
     const size_t GUARD = 16, W = (size_t)3 * Hl, KW = (size_t)2 * Hl;
     Rng rng(seed);
     std::string tag = fmt("T=%d Hl=%d row0=%d n=%d", T, Hl, row0, n);
-    auto qkv = random_floats(rng, T * W + GUARD);
+    auto qkv = random_acts(rng, T * W + GUARD);
     std::vector<float> kv0((size_t)n * KW + GUARD, 7.0f), kv = kv0;
     ref::kv_pack(kv.data(), qkv.data(), row0, n, Hl);
-    float *d_qkv = upload(qkv), *d_kv = upload(kv0);
+    cuda::act *d_qkv = upload_acts(qkv), *d_kv = upload_acts(kv0);
     cuda::kv_pack(d_kv, d_qkv, row0, n, Hl);
-    check("kv_pack " + tag, download(d_kv, kv.size()), kv, 0, 0);
-    check("kv_pack leaves qkv unchanged " + tag, download(d_qkv, qkv.size()), qkv, 0, 0);
+    check("kv_pack (bf16 bits) " + tag, download_acts(d_kv, kv.size()), kv, 0, 0);
+    check("kv_pack leaves qkv unchanged " + tag, download_acts(d_qkv, qkv.size()), qkv, 0, 0);
 
     auto dkv = random_floats(rng, (size_t)n * KW + GUARD);
     auto dqkv0 = random_floats(rng, T * W + GUARD);
@@ -660,9 +849,10 @@ static void test_crossentropy(int N, int V, int V_valid, int vocab_start, uint64
     Rng rng(seed);
     const bool sharded = V_valid < V || vocab_start > 0;
     std::string tag = fmt("N=%d V=%d V_valid=%d vocab_start=%d", N, V, V_valid, vocab_start);
-    auto logits = random_floats(rng, (size_t)N * V, 5.0f);
+    auto logits = random_acts(rng, (size_t)N * V, 5.0f);
     for (int n = 0; n < N; n++)
         for (int v = V_valid; v < V; v++) logits[(size_t)n * V + v] = 1e4f;
+    logits = bf16_rounded(logits);
     std::vector<int> targets(N);
     if (!sharded) {
         for (auto& t : targets) t = rng.below(V);
@@ -676,7 +866,7 @@ static void test_crossentropy(int N, int V, int V_valid, int vocab_start, uint64
     }
     targets[1] = -100;  // ignored rows
     targets[N - 1] = -100;
-    float* d_logits = upload(logits);
+    cuda::act* d_logits = upload_acts(logits);
     int* d_targets = upload_ints(targets);
 
     // row_max: exact
@@ -729,22 +919,22 @@ static void test_crossentropy(int N, int V, int V_valid, int vocab_start, uint64
     ref::crossentropy_backward(dlogits.data(), logits.data(), lse.data(), targets.data(), dloss, N, V, V_valid,
                                vocab_start);
     std::vector<float> garbage(dlogits.size(), 7.0f);
-    float* d_dlogits = upload(garbage);  // overwritten, not accumulated
+    cuda::act* d_dlogits = upload_acts(garbage);  // overwritten, not accumulated
     auto backward = [&] {
         cuda::crossentropy_backward(d_dlogits, d_logits, d_lse_ref, d_targets, dloss, N, V, V_valid, vocab_start);
     };
-    auto backward_in_place = [&](float* d) {
+    auto backward_in_place = [&](cuda::act* d) {
         cuda::crossentropy_backward(d, d, d_lse_ref, d_targets, dloss, N, V, V_valid, vocab_start);
     };
     backward();
-    check("crossentropy_backward " + tag, download(d_dlogits, dlogits.size()), dlogits, 1e-9, 1e-4);
+    check_act("crossentropy_backward (bf16) " + tag, download_acts(d_dlogits, dlogits.size()), dlogits, 1e-9, 1e-4);
     // in place: dlogits == logits
-    float* d_inplace = upload(logits);
+    cuda::act* d_inplace = upload_acts(logits);
     backward_in_place(d_inplace);
-    check("crossentropy_backward in place (dlogits == logits) " + tag, download(d_inplace, dlogits.size()), dlogits,
-          1e-9, 1e-4);
-    check_deterministic("crossentropy_backward " + tag, {{d_dlogits, &garbage}}, backward);
-    check_deterministic("crossentropy_backward in place " + tag, {{d_inplace, &logits}},
+    check_act("crossentropy_backward in place (dlogits == logits) " + tag, download_acts(d_inplace, dlogits.size()),
+              dlogits, 1e-9, 1e-4);
+    check_deterministic("crossentropy_backward " + tag, {{d_dlogits, &garbage, true}}, backward);
+    check_deterministic("crossentropy_backward in place " + tag, {{d_inplace, &logits, true}},
                         [&] { backward_in_place(d_inplace); });
     for (void* p : std::initializer_list<void*>{d_logits, d_targets, d_row_max, d_global_max, d_partial, d_reduced,
                                                 d_losses, d_lse, d_lse_ref, d_dlogits, d_inplace})
@@ -863,19 +1053,6 @@ static std::vector<T> download_array(const T* d, size_t n) {
     CUDA_CHECK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
     return h;
 }
-// the host's own round-to-nearest-even float → bf16 (NaN quieted), independent of kernels.cuh's
-static uint16_t host_bf16(float f) {
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40);
-    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1)) >> 16);
-}
-static float host_bf16_float(uint16_t h) {
-    uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
 
 // One warp: Q, K, V (16×16 bf16, row-major) → shared memory by cp.async; S = Q·Kᵀ (A = Q by
 // ldmatrix_x4, B = K rows by ldmatrix_x4: two n8 tiles); P = bf16(S) packed from S's accumulator
@@ -940,7 +1117,9 @@ static std::string flash_tag(const std::vector<int>& cu_seqlens, int T, int nh, 
 }
 // RoPE for the flash tests: positions restarting per document from `offset` (0 on padding; a large
 // offset reaches large angles), the table of every position, and q, k of qkv (T, 3H) turned by ref:
-// the kernels turn them with the same fp32 arithmetic as they load them, then round to bf16.
+// the kernels widen the stored bf16 q and k, turn them with the same fp32 arithmetic as they load
+// them, then round to bf16 again (a turned value is rounded twice: by the GEMM that stored it, and
+// after the turn; unturned values pass exactly).
 struct FlashRope {
     std::vector<int> positions;
     std::vector<float> table;
@@ -965,16 +1144,13 @@ static void turn_qk(std::vector<float>& qkv, const FlashRope& r, int T, int nh, 
     for (int part = 0; part < 2; part++)
         ref::rope_rotate(qkv.data() + part * H, 3 * H, T, r.positions.data(), nh, 64, r.table.data(), direction);
 }
-static std::vector<float> bf16_rounded(std::vector<float> x) {
-    for (float& e : x) e = host_bf16_float(host_bf16(e));
-    return x;
-}
-// The tensor-core flash forward against the block reference. The kernel turns q and k by RoPE (when
-// given a table) in fp32 as ref does, rounds q, k and v to bf16 (round to nearest even) and P to
-// bf16 before P·V; the reference runs without RoPE on the same turned, bf16-rounded inputs in
-// fp32/double, so what is left is P's rounding: bf16 keeps 8 significant bits, so each weight
+// The tensor-core flash forward against the block reference. qkv holds bf16 values (as stored); the
+// kernel turns q and k by RoPE (when given a table) in fp32 as ref does and rounds them to bf16 again,
+// and rounds P to bf16 before P·V; the reference runs without RoPE on the same turned, bf16-rounded
+// inputs in fp32/double, so what is left is P's rounding: bf16 keeps 8 significant bits, so each weight
 // p_j/Σp is off by at most 2⁻⁸ relative and |Δout| ≤ 2⁻⁸·max|v| (Σ p_j |v_j| / Σ p_j), plus fp32
-// accumulation (≪ 1e-4).
+// accumulation (≪ 1e-4). The whole-batch op stores out in bf16: that bound widened by the rounding
+// (check_act); the block op's out is fp32.
 // lse comes from fp32 sums of exact bf16 products either way: 1e-5 relative, 1e-4 absolute.
 // whole: the whole-batch op (attention_forward, q, k and v of all T rows) against ref's whole-batch
 // op, instead of the block op on [q0, q0 + Tq) × [k0, k0 + Tk). rope_offset < 0: no RoPE.
@@ -990,7 +1166,7 @@ static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int n
     const size_t H = (size_t)nh * hd;
     const int S = 3 * (int)H;
     const float v_max = 1.5f;
-    const auto qkv = random_floats(rng, (size_t)T * S, v_max);
+    const auto qkv = random_acts(rng, (size_t)T * S, v_max);
     const FlashRope rope = flash_rope(cu_seqlens, T, rope_offset);
     std::vector<float> turned = qkv;
     turn_qk(turned, rope, T, nh, 1.0f);
@@ -1004,29 +1180,38 @@ static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int n
                                      rounded.data() + (size_t)k0 * S + H, rounded.data() + (size_t)k0 * S + 2 * H, S, k0,
                                      Tk, cu_seqlens.data(), n_docs, nullptr, nullptr, nh, hd, window);
     int* d_cu = upload_ints(cu_seqlens);
-    float* d_qkv = upload(qkv);
+    cuda::act* d_qkv = upload_acts(qkv);
     const std::vector<float> init_out(out.size(), 7.0f), init_lse(lse.size(), 7.0f);
     float *d_out = upload(init_out), *d_lse = upload(init_lse);
+    cuda::act* d_out_act = upload_acts(init_out);  // the whole-batch op's
     auto run = [&]() {
         if (whole)
-            cuda::attention_forward(d_out, d_lse, d_qkv, d_cu, n_docs, rope.d_positions, rope.d_table, T, nh, hd, window);
+            cuda::attention_forward(d_out_act, d_lse, d_qkv, d_cu, n_docs, rope.d_positions, rope.d_table, T, nh, hd,
+                                    window);
         else
             cuda::attention_block_forward(d_out, d_lse, d_qkv + (size_t)q0 * S, S, q0, Tq, d_qkv + (size_t)k0 * S + H,
                                           d_qkv + (size_t)k0 * S + 2 * H, S, k0, Tk, d_cu, n_docs, rope.d_positions,
                                           rope.d_table, nh, hd, window);
     };
     run();
-    check("flash attention forward out (bf16, tol 2^-8·max|v|) " + tag, download(d_out, out.size()), out,
-          v_max / 256.0 + 1e-4, 0.0);
+    if (whole)
+        check_act("flash attention forward out in bf16 (tol 2^-8·max|v|, widened) " + tag,
+                  download_acts(d_out_act, out.size()), out, v_max / 256.0 + 1e-4, 0.0);
+    else
+        check("flash attention forward out (tol 2^-8·max|v|) " + tag, download(d_out, out.size()), out,
+              v_max / 256.0 + 1e-4, 0.0);
     check("flash attention forward lse " + tag, finite_or(download(d_lse, lse.size()), -1e30f), finite_or(lse, -1e30f),
           1e-4, 1e-5);
-    check_deterministic("flash attention forward " + tag, {{d_out, &init_out}, {d_lse, &init_lse}}, run);
-    for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_out, (void*)d_lse, (void*)rope.d_positions, (void*)rope.d_table})
+    const Output out_buffer = whole ? Output{d_out_act, &init_out, true} : Output{d_out, &init_out};
+    check_deterministic("flash attention forward " + tag, {out_buffer, {d_lse, &init_lse}}, run);
+    for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_out, (void*)d_out_act, (void*)d_lse, (void*)rope.d_positions,
+                    (void*)rope.d_table})
         CUDA_CHECK(cudaFree(p));
 }
 
 // The tensor-core flash backward against the block backward, both on the same turned (RoPE) and
-// bf16-rounded q, k, v and bf16 dout (out and lse from the reference forward). The kernels round P
+// bf16-rounded q, k, v, bf16 dout and bf16 out (out rounded from the reference forward's, lse that
+// forward's). The kernels round P
 // and dS to bf16 before their products (everything else is exact bf16 products summed in fp32), so
 // each output element is off by at most 2⁻⁸ (bf16's unit roundoff) × its sum of |terms|:
 // Σ_i p_ij |dO_i| for dV, scale·Σ |dS| |q| for dK, scale·Σ |dS| |k| for dQ, computed below from the
@@ -1036,8 +1221,9 @@ static void test_flash_forward(const std::vector<int>& doc_lengths, int T, int n
 // (c, c + 32): the bound of c becomes |cos|·bound(c) + |sin|·bound(c + 32) (and the other way for
 // c + 32), plus the turn's own fp32 rounding (2⁻²³ of the value). The op adds: dq, dk and dv start
 // from random values. null_dq / null_dkv: that side is skipped and must stay as it was.
-// whole: the whole-batch op (attention_backward), which writes dqkv (padding rows: zeros) over the
-// random values, against ref's whole-batch op. rope_offset < 0: no RoPE.
+// whole: the whole-batch op (attention_backward), which writes dqkv in bf16 (padding rows: zeros) over
+// the random values, against ref's whole-batch op; its bound widened by that rounding: b·(1 + u) + u·|want|
+// (check_act's argument). rope_offset < 0: no RoPE.
 static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int nh, int window, int q0, int Tq, int k0,
                                 int Tk, uint64_t seed, bool null_dq = false, bool null_dkv = false, bool whole = false,
                                 int rope_offset = 0) {
@@ -1052,8 +1238,8 @@ static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int 
     const size_t H = (size_t)nh * hd;
     const int S = 3 * (int)H;
     const float scale = 1.0f / sqrtf((float)hd);
-    const std::vector<float> input = bf16_rounded(random_floats(rng, (size_t)T * S, 1.5f));
-    const std::vector<float> dout = bf16_rounded(random_floats(rng, (size_t)Tq * H, 1.0f));
+    const std::vector<float> input = random_acts(rng, (size_t)T * S, 1.5f);
+    const std::vector<float> dout = random_acts(rng, (size_t)Tq * H, 1.0f);
     const std::vector<float> init = random_floats(rng, (size_t)T * S, 0.1f);
     const FlashRope rope = flash_rope(cu_seqlens, T, rope_offset);
     std::vector<float> qkv = input;  // what the kernels compute on: q, k turned, then rounded
@@ -1063,6 +1249,7 @@ static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int 
     std::vector<float> out((size_t)Tq * H), lse((size_t)Tq * nh);
     ref::attention_block_forward(out.data(), lse.data(), q, S, q0, Tq, k, v, S, k0, Tk, cu_seqlens.data(), n_docs,
                                  nullptr, nullptr, nh, hd, window);
+    out = bf16_rounded(out);  // as the whole-batch forward stores it
     std::vector<float> grad(init.size(), 0.0f);  // the reference's gradients of the turned q, k (and of v)
     if (whole)
         ref::attention_backward(grad.data(), dout.data(), out.data(), lse.data(), qkv.data(), cu_seqlens.data(), n_docs,
@@ -1122,12 +1309,17 @@ static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int 
     }
     std::vector<float> want(init.size());
     for (size_t e = 0; e < want.size(); e++) want[e] = whole ? grad[e] : init[e] + grad[e];
+    std::vector<double> tol(bound.size());  // the bound + 1e-6, widened for bf16 storage (whole)
+    for (size_t e = 0; e < tol.size(); e++)
+        tol[e] = whole ? (bound[e] + 1e-6) * (1 + BF16_U) + BF16_U * std::fabs(want[e]) + BF16_TINY : bound[e] + 1e-6;
     int* d_cu = upload_ints(cu_seqlens);
-    float *d_qkv = upload(input), *d_dout = upload(dout), *d_out = upload(out), *d_lse = upload(lse), *d_grad = upload(init);
+    cuda::act *d_qkv = upload_acts(input), *d_dout = upload_acts(dout), *d_out = upload_acts(out);
+    cuda::act* d_grad_act = upload_acts(init);  // the whole-batch op's dqkv
+    float *d_lse = upload(lse), *d_grad = upload(init);
     auto run = [&]() {
         if (whole)
-            cuda::attention_backward(d_grad, d_dout, d_out, d_lse, d_qkv, d_cu, n_docs, rope.d_positions, rope.d_table, T,
-                                     nh, hd, window);
+            cuda::attention_backward(d_grad_act, d_dout, d_out, d_lse, d_qkv, d_cu, n_docs, rope.d_positions,
+                                     rope.d_table, T, nh, hd, window);
         else
             cuda::attention_block_backward(null_dq ? nullptr : d_grad + (size_t)q0 * S,
                                            null_dkv ? nullptr : d_grad + (size_t)k0 * S + H,
@@ -1137,14 +1329,17 @@ static void test_flash_backward(const std::vector<int>& doc_lengths, int T, int 
                                            rope.d_table, nh, hd, window);
     };
     run();
-    const std::vector<float> got = download(d_grad, init.size());
+    const std::vector<float> got = whole ? download_acts(d_grad_act, init.size()) : download(d_grad, init.size());
+    record_digest("flash attention backward output " + tag, got.data(), got.size() * sizeof(float));
     std::vector<float> err_over_tol(got.size()), zeros(got.size(), 0.0f);
-    for (size_t e = 0; e < got.size(); e++) err_over_tol[e] = (float)(fabs((double)got[e] - want[e]) / (bound[e] + 1e-6));
-    check("flash attention backward dq dk dv, |error| / (2^-7·Σ|terms| + fp32 dot error + 1e-6) " + tag, err_over_tol,
-          zeros, 1.0, 0.0);
-    check_deterministic("flash attention backward " + tag, {{d_grad, &init}}, run);
+    for (size_t e = 0; e < got.size(); e++) err_over_tol[e] = (float)(fabs((double)got[e] - want[e]) / tol[e]);
+    check(std::string("flash attention backward dq dk dv, |error| / (2^-7·Σ|terms| + fp32 dot error + 1e-6") +
+              (whole ? ", widened for bf16) " : ") ") + tag,
+          err_over_tol, zeros, 1.0, 0.0);
+    const Output grad_buffer = whole ? Output{d_grad_act, &init, true} : Output{d_grad, &init};
+    check_deterministic("flash attention backward " + tag, {grad_buffer}, run);
     for (void* p : {(void*)d_cu, (void*)d_qkv, (void*)d_dout, (void*)d_out, (void*)d_lse, (void*)d_grad,
-                    (void*)rope.d_positions, (void*)rope.d_table})
+                    (void*)d_grad_act, (void*)rope.d_positions, (void*)rope.d_table})
         CUDA_CHECK(cudaFree(p));
 }
 static void test_tensor_core_tile(uint64_t seed) {
@@ -1297,6 +1492,7 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaSetDevice(0));
 
     test_memory();
+    test_to_act();
 
     // shard [50, 120) of a 200-id range, pad id inside the shard; a 0-based shard with the pad id last;
     // a shard that the pad id is outside of; a large run with H not a multiple of the 128-column tile
