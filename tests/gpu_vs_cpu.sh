@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make test-gpu, second half: the GPU build trains like the CPU build. Same data, seed and flags,
-# 5 steps; the GPU computes attention and the GEMMs in bf16 with fp32 accumulation, so every step's
+# 5 steps; the GPU stores activations in bf16 and accumulates in fp32, so every step's
 # loss must agree to 1e-3 relative and each weight tensor's RMS difference to 3e-2 of its RMS (the
 # bf16 tolerances of tests/emu_trainer.sh, explained there). Then data-, context- and
 # tensor-parallel layouts of the GPU build on one GPU (--comm mpi stages through host memory: NCCL
