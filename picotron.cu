@@ -3490,9 +3490,10 @@ int main(int argc, char** argv) {
 
     int start_step = 0;
     if (!c.resume_dir.empty()) start_step = load_checkpoint(c.resume_dir, &model, sync);  // every rank reads the same files
-    else  // replicas start identical whatever each rank computed: rank 0's weights win
+    else {  // replicas start identical whatever each rank computed: rank 0's weights win
         comm_broadcast(comm, grad_group, model.params, model.table.total, 0, "initial weights broadcast");
-    weights_changed(model);
+        weights_changed(model);
+    }
     if (!c.dump_dir.empty() && start_step > 0)
         fatal("--dump writes step 1's batch, but this run resumes after step %d", start_step);
 
